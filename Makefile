@@ -1,0 +1,41 @@
+# Two commands on a fresh Debian machine: `make run` and `make test`.
+VENV := .venv
+PY := $(VENV)/bin/python
+HOST ?= 127.0.0.1
+PORT ?= 8080
+
+.PHONY: setup run test lint services bench clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV) || (apt-get update -qq && apt-get install -y -qq python3-venv && python3 -m venv $(VENV))
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+public/node_modules/.installed: public/package.json public/package-lock.json
+	command -v npm >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq nodejs npm)
+	cd public && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+setup: $(VENV)/.installed public/node_modules/.installed
+
+run: setup
+	@echo "UVM Compute on the embedded default (SQLite + in-process queue, data in ./data)."
+	@echo "Open http://$(HOST):$(PORT)/ to volunteer, http://$(HOST):$(PORT)/dashboard to submit work."
+	$(VENV)/bin/uvm-compute serve --host $(HOST) --port $(PORT)
+
+services:
+	bash scripts/ensure-services.sh
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: setup services lint
+	$(VENV)/bin/pytest -q -p no:cacheprovider
+
+bench: setup services
+	$(PY) bench/dispatch.py
+
+clean:
+	rm -rf $(VENV) public/node_modules data

@@ -1,0 +1,196 @@
+"""The researchers' JSON API: thin handlers; domain errors become HTTP errors in one middleware."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from server import appkeys as K
+from server import export, jobspec
+from server.crypto import hash_token
+from server.jobspec import InvalidJob
+from server.storage import Conflict, NotFound, Researcher
+
+logger = logging.getLogger(__name__)
+SESSION_COOKIE = "uvm_session"
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def json_error(status: int, message: str, **extra: object) -> web.Response:
+    return web.json_response({"error": message, **extra}, status=status)
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error answers JSON with a message a person can act on; the server stays up."""
+    try:
+        return await handler(request)
+    except InvalidJob as exc:
+        return web.json_response(exc.as_dict(), status=400)
+    except NotFound as exc:
+        return json_error(404, str(exc))
+    except Conflict as exc:
+        return json_error(409, str(exc))
+    except web.HTTPRequestEntityTooLarge as exc:
+        return json_error(413, f"request body too large (limit {exc.max_size} bytes)")
+    except web.HTTPException as exc:
+        if exc.status >= 400 and request.path.startswith("/api/") and exc.content_type != "application/json":
+            return json_error(exc.status, exc.reason)
+        raise
+
+
+async def researcher(request: web.Request) -> Researcher:
+    """The caller: ``Authorization: Bearer TOKEN`` or the dashboard's session cookie."""
+    storage = request.app[K.storage]
+    header = request.headers.get("Authorization", "")
+    who: Researcher | None = None
+    if header:
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise web.HTTPUnauthorized(
+                text=json.dumps({"error": "use Authorization: Bearer TOKEN"}), content_type="application/json"
+            )
+        who = await storage.researcher_by_token(hash_token(token.strip()))
+    elif SESSION_COOKIE in request.cookies:
+        who = await storage.researcher_by_session(hash_token(request.cookies[SESSION_COOKIE]))
+    if who is None:
+        raise web.HTTPUnauthorized(
+            text=json.dumps({"error": "unknown or missing token"}), content_type="application/json"
+        )
+    if not who.approved:
+        raise web.HTTPForbidden(
+            text=json.dumps({"error": "this account is not approved"}), content_type="application/json"
+        )
+    return who
+
+
+async def read_json(request: web.Request) -> object:
+    raw = await request.read()  # raises 413 past client_max_size
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise web.HTTPBadRequest(
+            text=json.dumps({"error": f"malformed JSON: {exc}"}), content_type="application/json"
+        ) from None
+
+
+def job_id(request: web.Request) -> int:
+    raw = request.match_info["job_id"]
+    if not raw.isdigit() or len(raw) > 18:
+        raise NotFound(f"no job {raw[:40]}")
+    return int(raw)
+
+
+# -------------------------------------------------------------------------------- handlers
+async def create_job(request: web.Request) -> web.Response:
+    who = await researcher(request)
+    body = await read_json(request)
+    spec = jobspec.parse(body, request.app[K.config])
+    new_id = await request.app[K.dispatcher].submit(who.id, spec)
+    return web.json_response({"id": new_id, "n_tasks": spec.n_tasks}, status=201)
+
+
+async def list_jobs(request: web.Request) -> web.Response:
+    who = await researcher(request)
+    return web.json_response({"jobs": await request.app[K.dispatcher].list_jobs(who.id)})
+
+
+async def get_job(request: web.Request) -> web.Response:
+    who = await researcher(request)
+    return web.json_response(await request.app[K.dispatcher].job_status(who.id, job_id(request)))
+
+
+async def cancel_job(request: web.Request) -> web.Response:
+    who = await researcher(request)
+    jid = job_id(request)
+    changed = await request.app[K.dispatcher].cancel(who.id, jid)
+    status = await request.app[K.dispatcher].job_status(who.id, jid)
+    return web.json_response({"cancelled": changed, **status})
+
+
+async def retry_job(request: web.Request) -> web.Response:
+    who = await researcher(request)
+    n = await request.app[K.dispatcher].retry_failed(who.id, job_id(request))
+    return web.json_response({"retried": n})
+
+
+async def job_results(request: web.Request) -> web.StreamResponse:
+    who = await researcher(request)
+    jid = job_id(request)
+    fmt = request.query.get("format", "json")
+    if fmt not in export.FORMATS:
+        return json_error(400, f"unknown format {fmt[:20]!r}; use one of {', '.join(export.FORMATS)}")
+    storage = request.app[K.storage]
+    await storage.get_job(who.id, jid)  # 404 for another researcher's job
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": export.FORMATS[fmt],
+            "Content-Disposition": f'attachment; filename="job-{jid}-results.{fmt}"',
+            "Cache-Control": "no-store",
+        }
+    )
+    await response.prepare(request)
+    async for chunk in export.render(storage.iter_tasks(jid), fmt):
+        await response.write(chunk)
+    await response.write_eof()
+    return response
+
+
+async def job_errors(request: web.Request) -> web.Response:
+    who = await researcher(request)
+    jid = job_id(request)
+    storage = request.app[K.storage]
+    await storage.get_job(who.id, jid)
+    errors = []
+    groups: dict[str, dict] = {}
+    async for row in storage.iter_tasks(jid, only_errors=True):
+        entry = {
+            "index": row["index"],
+            "input": row["input"],
+            "state": row["state"],
+            "attempts": row["attempts"],
+            "error": row["error"],
+            "output": row["output"],
+        }
+        if len(errors) < 1000:
+            errors.append(entry)
+        lines = (row["error"] or "").strip().splitlines()
+        message = lines[-1] if lines else "error"
+        group = groups.setdefault(message, {"message": message, "count": 0, "indices": [], "traceback": row["error"]})
+        group["count"] += 1
+        if len(group["indices"]) < 100:
+            group["indices"].append(row["index"])
+    return web.json_response({"errors": errors, "groups": sorted(groups.values(), key=lambda g: -g["count"])})
+
+
+async def volunteer_stats(request: web.Request) -> web.Response:
+    vid = request.match_info["volunteer_id"]
+    return web.json_response(await request.app[K.storage].volunteer_stats(vid[:64]))
+
+
+async def health(request: web.Request) -> web.Response:
+    dispatcher = request.app[K.dispatcher]
+    return web.json_response(
+        {
+            "ok": True,
+            "instance": request.app[K.config].instance,
+            "volunteers": len(dispatcher.conns),
+            "ready": await dispatcher.queue.ready_count(),
+        }
+    )
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/api/jobs", create_job)
+    app.router.add_get("/api/jobs", list_jobs)
+    app.router.add_get("/api/jobs/{job_id}", get_job)
+    app.router.add_post("/api/jobs/{job_id}/cancel", cancel_job)
+    app.router.add_post("/api/jobs/{job_id}/retry", retry_job)
+    app.router.add_get("/api/jobs/{job_id}/results", job_results)
+    app.router.add_get("/api/jobs/{job_id}/errors", job_errors)
+    app.router.add_get("/api/volunteers/{volunteer_id}", volunteer_stats)
+    app.router.add_get("/api/health", health)

@@ -1,0 +1,75 @@
+"""The app factory: resources opened and closed in cleanup contexts, never at import time."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import importlib.util
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from aiohttp import web
+
+from server import api, openapi, ws
+from server import appkeys as K
+from server.config import Config
+from server.crypto import Box, load_or_create_key
+from server.db import make_engine, migrate
+from server.dispatch import Dispatcher
+from server.queue import Bus, MemoryQueue, RedisBus, RedisQueue
+from server.storage import Storage
+
+logger = logging.getLogger(__name__)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def make_box(config: Config) -> Box:
+    key = config.key or load_or_create_key(config.data_dir / "secret.key")
+    return Box({config.key_id: key}, config.key_id)
+
+
+async def _resources(app: web.Application) -> AsyncIterator[None]:
+    config = app[K.config]
+    if not config.database_url:
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(config.sqlalchemy_url)
+    await migrate(engine)
+    storage = Storage(engine, make_box(config))
+    redis = None
+    if config.redis_url:
+        import redis.asyncio as aioredis
+
+        redis = aioredis.from_url(config.redis_url)
+        queue, bus = RedisQueue(redis, config.instance, config.lease_grace), RedisBus(redis)
+    else:
+        queue, bus = MemoryQueue(config.lease_grace), Bus()
+    dispatcher = Dispatcher(config, storage, queue, bus)
+    app[K.storage] = storage
+    app[K.dispatcher] = dispatcher
+    background = asyncio.create_task(dispatcher.run())
+    try:
+        yield
+    finally:
+        background.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await background
+        await queue.close()
+        await engine.dispose()
+
+
+def create_app(config: Config | None = None) -> web.Application:
+    config = config or Config.from_env()
+    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[api.errors_middleware])
+    app[K.config] = config
+    app.cleanup_ctx.append(_resources)
+    api.add_routes(app)
+    ws.add_routes(app)
+    openapi.add_routes(app)
+    # The browser side (volunteer page, dashboard) registers its routes when it is installed.
+    if importlib.util.find_spec("server.static") is not None:
+        importlib.import_module("server.static").add_static_routes(app, ROOT / "public", ROOT)
+    if importlib.util.find_spec("server.dashboard") is not None:
+        importlib.import_module("server.dashboard").add_routes(app)
+    return app

@@ -1,0 +1,264 @@
+"""The dispatcher: intake queues, leasing, outcome recording, lease reaping and rebuilds.
+
+Handlers stay thin: they validate cheaply and call one method here. Submissions and outcomes go
+through in-process intake queues whose consumers verify, encrypt and save in batches; a caller
+awaits its future, so nothing is acknowledged before it is committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import secrets
+import time
+from typing import Any
+
+from server.config import Config
+from server.jobspec import InvalidJob, JobSpec, verify_code
+from server.protocol import AttemptOutcome, Cancel, Outcome, TaskSpec
+from server.queue import Bus, Lease, Queue
+from server.storage import Recorded, Storage
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(eq=False)
+class Conn:
+    """One connected volunteer socket on this instance and the attempts it holds."""
+
+    volunteer: str
+    send: Any  # async callable(message dataclass)
+    held: dict[str, int] = dataclasses.field(default_factory=dict)  # attempt -> job
+    capabilities: dict = dataclasses.field(default_factory=dict)
+    throttle: dict = dataclasses.field(default_factory=dict)
+    connected_at: float = dataclasses.field(default_factory=time.time)
+
+
+class Dispatcher:
+    def __init__(self, config: Config, storage: Storage, queue: Queue, bus: Bus) -> None:
+        self.config = config
+        self.storage = storage
+        self.queue = queue
+        self.bus = bus
+        self.conns: set[Conn] = set()
+        self._submissions: asyncio.Queue = asyncio.Queue()
+        self._outcomes: asyncio.Queue = asyncio.Queue()
+        self.leased_total = 0
+
+    # ------------------------------------------------------------------------ background
+    async def run(self) -> None:
+        """All background loops; cancelled at shutdown."""
+        await self.rebuild_if_needed()
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._run_submissions())
+            group.create_task(self._run_outcomes())
+            group.create_task(self._run_reaper())
+            group.create_task(self.bus.run())
+            group.create_task(self._run_events())
+
+    async def rebuild_if_needed(self) -> int:
+        """Refill the ready queue from the database after a start on an empty (or flushed) Redis."""
+        if not await self.queue.needs_rebuild():
+            return 0
+        n = 0
+        async for chunk in self.storage.ready_items():
+            n += await self.queue.push(chunk)
+        await self.queue.rebuilt()
+        logger.info("ready queue rebuilt from the database: %d tasks", n)
+        return n
+
+    async def _run_reaper(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.reaper_interval)
+            try:
+                await self.rebuild_if_needed()
+                expired = await self.queue.expire(time.time())
+                if expired:
+                    for conn in self.conns:
+                        for lease in expired:
+                            conn.held.pop(lease.attempt, None)
+                    rec = await self.storage.record_lost(expired, AttemptOutcome.EXPIRED)
+                    await self._apply(rec)
+            except Exception:  # the loop must survive a dropped database or Redis connection
+                logger.exception("lease reaper")
+
+    async def _run_events(self) -> None:
+        async for event in self.bus.listen():
+            if event.get("type") == "cancel":
+                await self._cancel_local(int(event["job"]))
+
+    # ----------------------------------------------------------------------- submissions
+    async def submit(self, researcher_id: int, spec: JobSpec) -> int:
+        future = asyncio.get_running_loop().create_future()
+        await self._submissions.put((researcher_id, spec, future))
+        return await future
+
+    async def _run_submissions(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            researcher_id, spec, future = await self._submissions.get()
+            try:
+                await loop.run_in_executor(None, verify_code, spec.code)
+                job_id = await asyncio.shield(self.storage.create_job(researcher_id, spec, self.config.max_input_bytes))
+                async for chunk in self.storage.ready_items([job_id]):
+                    await self.queue.push(chunk)
+                await self.publish_job(job_id, researcher_id)
+            except InvalidJob as exc:
+                _settle(future, exc=exc)
+            except Exception as exc:
+                logger.exception("job submission")
+                _settle(future, exc=exc)
+            else:
+                _settle(future, result=job_id)
+
+    # -------------------------------------------------------------------------- leasing
+    async def lease(self, conn: Conn, n: int) -> list[TaskSpec]:
+        attempts = [secrets.token_hex(8) for _ in range(n)]
+        leases = await self.queue.lease(conn.volunteer, attempts, time.time())
+        if not leases:
+            return []
+        for lease in leases:
+            conn.held[lease.attempt] = lease.job
+        self.leased_total += len(leases)
+        inputs = await self.storage.task_inputs([le.task for le in leases])
+        specs = []
+        for lease in leases:
+            info = await self.storage.job_info(lease.job)
+            if info is None:
+                continue
+            value = inputs[lease.task] if lease.task in inputs else info.input_at(lease.index)
+            specs.append(
+                TaskSpec(
+                    attempt=lease.attempt,
+                    task=lease.task,
+                    job=lease.job,
+                    index=lease.index,
+                    input=value,
+                    code_hash=info.code_hash,
+                    timeout=lease.timeout,
+                    deadline=lease.deadline,
+                    requirements=info.requirements,
+                )
+            )
+        return specs
+
+    async def heartbeat(self, conn: Conn, attempts: list[str]) -> int:
+        mine = [a for a in attempts if a in conn.held]
+        return await self.queue.extend(mine, time.time())
+
+    async def abandon(self, conn: Conn) -> None:
+        """The socket closed: its leases go back to the ready queue at once."""
+        self.conns.discard(conn)
+        held, conn.held = list(conn.held), {}
+        leases = await self.queue.requeue(held)
+        if leases:
+            await asyncio.shield(self.storage.record_lost(leases, AttemptOutcome.ABANDONED))
+
+    # -------------------------------------------------------------------------- outcomes
+    async def report(self, conn: Conn, outcomes: list[Outcome]) -> Recorded:
+        """Queue outcomes for the batch writer; returns once they are committed."""
+        future = asyncio.get_running_loop().create_future()
+        await self._outcomes.put((conn.volunteer, outcomes, future))
+        rec = await future
+        for attempt in rec.acked + rec.ignored:
+            conn.held.pop(attempt, None)
+        return rec
+
+    async def _run_outcomes(self) -> None:
+        while True:
+            batch = [await self._outcomes.get()]
+            while not self._outcomes.empty() and sum(len(b[1]) for b in batch) < self.config.intake_batch:
+                batch.append(self._outcomes.get_nowait())
+            items = [(volunteer, o) for volunteer, outcomes, _ in batch for o in outcomes]
+            try:
+                live = await self.queue.live([o.attempt for _, o in items])
+                rec = await asyncio.shield(self.storage.record(items, live))
+                await self._apply(rec)
+            except Exception as exc:
+                logger.exception("recording outcomes")
+                for _, _, future in batch:
+                    _settle(future, exc=exc)
+                continue
+            for _, outcomes, future in batch:
+                mine = {o.attempt for o in outcomes}
+                _settle(
+                    future,
+                    result=Recorded(
+                        acked=[a for a in rec.acked if a in mine],
+                        ignored=[a for a in rec.ignored if a in mine and a not in rec.acked],
+                    ),
+                )
+
+    async def _apply(self, rec: Recorded) -> None:
+        """After a commit: end or requeue leases, drop failed tasks, tell researchers."""
+        await self.queue.release(rec.release)
+        await self.queue.requeue(rec.requeue)
+        await self.queue.drop(rec.drop)
+        for job_id in rec.jobs:
+            info = await self.storage.job_info(job_id)
+            if info is not None:
+                await self.publish_job(job_id, info.researcher_id)
+
+    async def publish_job(self, job_id: int, researcher_id: int) -> None:
+        await self.bus.publish({"type": "job", "job": job_id, "researcher": researcher_id})
+
+    # ---------------------------------------------------------------------------- cancel
+    async def cancel(self, researcher_id: int, job_id: int) -> bool:
+        changed = await self.storage.cancel_job(researcher_id, job_id)
+        if changed:
+            await self.queue.cancel_job(job_id)
+            await self.bus.publish({"type": "cancel", "job": job_id})
+            await self.publish_job(job_id, researcher_id)
+        return changed
+
+    async def _cancel_local(self, job_id: int) -> None:
+        """Tell this instance's volunteers to stop the job's attempts, and end those leases."""
+        for conn in list(self.conns):
+            attempts = [a for a, j in conn.held.items() if j == job_id]
+            if not attempts:
+                continue
+            for a in attempts:
+                conn.held.pop(a, None)
+            await self.queue.release(attempts)
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await conn.send(Cancel(attempts=attempts, job=job_id))
+
+    async def retry_failed(self, researcher_id: int, job_id: int) -> int:
+        n = await self.storage.retry_failed(researcher_id, job_id)
+        if n:
+            async for chunk in self.storage.ready_items([job_id]):
+                await self.queue.push(chunk)
+            await self.publish_job(job_id, researcher_id)
+        return n
+
+    async def job_status(self, researcher_id: int | None, job_id: int) -> dict:
+        job = await self.storage.get_job(researcher_id, job_id)
+        await self._add_running([job])
+        return job
+
+    async def _add_running(self, jobs: list[dict]) -> None:
+        running = await self.queue.running([j["id"] for j in jobs if j["state"] == "running"])
+        for job in jobs:
+            n = min(running.get(job["id"], 0), job["counts"]["queued"])
+            job["counts"]["running"] = n
+            job["counts"]["queued"] -= n
+            job["volunteers"] = n  # live leases: an upper bound on volunteers working on it
+
+    async def list_jobs(self, researcher_id: int) -> list[dict]:
+        jobs = await self.storage.list_jobs(researcher_id)
+        await self._add_running(jobs)
+        return jobs
+
+
+def _settle(future: asyncio.Future, result: Any = None, exc: BaseException | None = None) -> None:
+    if future.done():
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(result)
+
+
+__all__ = ["Conn", "Dispatcher", "Lease"]

@@ -1,0 +1,71 @@
+"""Results export, streamed in constant memory: .txt, JSON, NDJSON and CSV, in input order."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import AsyncIterator
+
+FORMATS = {
+    "txt": "text/plain; charset=utf-8",
+    "json": "application/json",
+    "ndjson": "application/x-ndjson",
+    "csv": "text/csv; charset=utf-8",
+}
+
+
+def _dumps(value: object) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def _error_line(error: str | None) -> str:
+    last = (error or "").strip().splitlines()
+    return last[-1] if last else ""
+
+
+async def render(rows: AsyncIterator[dict], fmt: str) -> AsyncIterator[bytes]:
+    """Yield the export chunk by chunk. A failed task carries its error (txt: ``ERROR: ...``)."""
+    if fmt == "json":
+        yield b"["
+        first = True
+        async for row in rows:
+            yield (("" if first else ",") + "\n" + _dumps(_public(row))).encode()
+            first = False
+        yield b"\n]\n"
+    elif fmt == "ndjson":
+        async for row in rows:
+            yield (_dumps(_public(row)) + "\n").encode()
+    elif fmt == "csv":
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(["index", "input", "state", "result", "error"])
+        async for row in rows:
+            result = _dumps(row["result"]) if row["state"] == "done" else ""
+            writer.writerow([row["index"], _dumps(row["input"]), row["state"], result, _error_line(row["error"])])
+            if buf.tell() > 32768:
+                yield buf.getvalue().encode()
+                buf.seek(0)
+                buf.truncate()
+        yield buf.getvalue().encode()
+    else:  # txt: one result a line, as the original UVM Compute
+        async for row in rows:
+            if row["state"] == "done":
+                line = row["result"] if isinstance(row["result"], str) else _dumps(row["result"])
+                line = line.replace("\n", "\\n")
+            elif row["state"] == "failed":
+                line = "ERROR: " + _error_line(row["error"])
+            else:
+                line = f"({row['state']})"
+            yield (line + "\n").encode()
+
+
+def _public(row: dict) -> dict:
+    return {
+        "index": row["index"],
+        "input": row["input"],
+        "state": row["state"],
+        "result": row["result"],
+        "error": row["error"] if row["state"] != "done" else None,
+        "output": row["output"],
+    }

@@ -1,0 +1,12 @@
+"""Every Redis key and channel in one place. All of it can be rebuilt from the database."""
+
+PREFIX = "uvm:"
+READY = PREFIX + "ready"  # zset: "job:task:idx:timeout" scored by (-priority << 40) + task id
+LEASES = PREFIX + "leases"  # hash: attempt -> "score|member|volunteer|instance"
+LEASED_TASKS = PREFIX + "leased_tasks"  # hash: task id -> attempt (one live lease per task)
+DEADLINES = PREFIX + "deadlines"  # zset: attempt scored by its deadline (unix seconds)
+CANCELLED = PREFIX + "cancelled"  # set: cancelled job ids (ready members of these are skipped)
+RUNNING = PREFIX + "running"  # hash: job id -> live leases
+EPOCH = PREFIX + "epoch"  # present once the ready queue was rebuilt from the database
+REBUILD_LOCK = PREFIX + "rebuild_lock"
+EVENTS = PREFIX + "events"  # pub/sub channel between server instances

@@ -1,0 +1,105 @@
+"""The schema (SQLAlchemy Core). MySQL/MariaDB is the system of record; SQLite the embedded default.
+
+Changing a table here needs a new Alembic revision in ``server/migrations/versions``;
+``tests/test_migrations.py`` fails when the migrated schema and this module disagree.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import mysql
+
+metadata = sa.MetaData()
+
+# Ciphertext and long text: MySQL's plain BLOB/TEXT stop at 64 KiB.
+Blob = sa.LargeBinary().with_variant(mysql.LONGBLOB(), "mysql", "mariadb")
+LongText = sa.Text().with_variant(mysql.MEDIUMTEXT(), "mysql", "mariadb")
+Id = sa.BigInteger().with_variant(sa.Integer(), "sqlite")  # SQLite autoincrements INTEGER only
+
+researchers = sa.Table(
+    "researchers",
+    metadata,
+    sa.Column("id", Id, primary_key=True, autoincrement=True),
+    sa.Column("email", sa.String(254), nullable=False, unique=True),
+    sa.Column("password_hash", sa.String(200), nullable=False),
+    sa.Column("token_hash", sa.String(64), nullable=False, unique=True),
+    sa.Column("approved", sa.Boolean, nullable=False, default=True),
+    sa.Column("operator", sa.Boolean, nullable=False, default=False),
+    sa.Column("created_at", sa.Double, nullable=False),
+)
+
+sessions = sa.Table(
+    "sessions",
+    metadata,
+    sa.Column("id_hash", sa.String(64), primary_key=True),
+    sa.Column("researcher_id", Id, sa.ForeignKey("researchers.id"), nullable=False, index=True),
+    sa.Column("expires_at", sa.Double, nullable=False),
+)
+
+jobs = sa.Table(
+    "jobs",
+    metadata,
+    sa.Column("id", Id, primary_key=True, autoincrement=True),
+    sa.Column("researcher_id", Id, sa.ForeignKey("researchers.id"), nullable=False, index=True),
+    sa.Column("name", sa.String(200), nullable=False, default=""),
+    sa.Column("state", sa.String(16), nullable=False, index=True),
+    sa.Column("code_ct", Blob, nullable=False),
+    sa.Column("code_hash", sa.String(64), nullable=False),
+    sa.Column("inputs_kind", sa.String(8), nullable=False),  # list | range | none
+    sa.Column("range_start", sa.BigInteger),
+    sa.Column("range_step", sa.BigInteger),
+    sa.Column("n_tasks", sa.Integer, nullable=False),
+    sa.Column("n_done", sa.Integer, nullable=False, default=0),
+    sa.Column("n_failed", sa.Integer, nullable=False, default=0),
+    sa.Column("timeout", sa.Double, nullable=False),
+    sa.Column("max_attempts", sa.Integer, nullable=False),
+    sa.Column("priority", sa.Integer, nullable=False, default=0),
+    sa.Column("requirements", sa.Text, nullable=False, default="[]"),
+    sa.Column("replication", sa.Integer, nullable=False, default=1),
+    sa.Column("parent_job_id", Id, nullable=True),
+    sa.Column("created_at", sa.Double, nullable=False),
+    sa.Column("finished_at", sa.Double),
+)
+
+tasks = sa.Table(
+    "tasks",
+    metadata,
+    sa.Column("id", Id, primary_key=True, autoincrement=True),
+    sa.Column("job_id", Id, sa.ForeignKey("jobs.id"), nullable=False),
+    sa.Column("idx", sa.Integer, nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False, default=0),
+    sa.Column("input_ct", Blob),  # NULL for range sweeps (computed from idx) and for `none`
+    sa.Column("result_ct", Blob),
+    sa.Column("output_ct", Blob),
+    sa.Column("error_ct", Blob),
+    sa.Column("volunteer", sa.String(64)),
+    sa.Column("cpu", sa.Double),
+    sa.Column("finished_at", sa.Double),
+    sa.UniqueConstraint("job_id", "idx", name="uq_tasks_job_idx"),
+    sa.Index("ix_tasks_job_state", "job_id", "state"),
+)
+
+attempts = sa.Table(
+    "attempts",
+    metadata,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("task_id", Id, nullable=False, index=True),
+    sa.Column("job_id", Id, nullable=False),
+    sa.Column("volunteer", sa.String(64), nullable=False),
+    sa.Column("outcome", sa.String(16), nullable=False),
+    sa.Column("cpu", sa.Double),
+    sa.Column("finished_at", sa.Double, nullable=False),
+)
+
+volunteers = sa.Table(
+    "volunteers",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("first_seen", sa.Double, nullable=False),
+    sa.Column("last_seen", sa.Double, nullable=False),
+    sa.Column("capabilities", sa.Text, nullable=False, default="{}"),
+    sa.Column("throttle", sa.Text, nullable=False, default="{}"),
+    sa.Column("tasks_done", sa.Integer, nullable=False, default=0),
+    sa.Column("cpu_seconds", sa.Double, nullable=False, default=0.0),
+)

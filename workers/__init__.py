@@ -1,0 +1,1 @@
+"""The volunteer supervisor and the Pyodide worker side."""
