@@ -1,0 +1,53 @@
+// UVM Compute: one Pyodide web worker. Loads Pyodide once, then runs one task at a time.
+//
+// Started by the page as a module worker: /static/worker.js?pyodide=<url>&index=<url>.
+// Messages follow Pyodide's worker guide: {id, type, payload} in, {id, result | error} out.
+// It posts {type: "ready"} once Pyodide and the runner are loaded; the page sends work only
+// after that, and anything that arrives earlier is queued, never lost.
+// Served with its own Content-Security-Policy (see server/static.py): research code here can
+// reach the Pyodide files and the package index, not our API.
+
+const params = new URL(self.location.href).searchParams;
+const pyodideURL = params.get("pyodide");
+const packageIndexURL = params.get("index") || undefined;
+const early = [];
+let handle = (event) => early.push(event);
+self.onmessage = (event) => handle(event);
+
+async function boot() {
+  const started = performance.now();
+  const { loadPyodide } = await import(`${pyodideURL}pyodide.mjs`);
+  const pyodide = await loadPyodide({ indexURL: pyodideURL, packageBaseUrl: packageIndexURL });
+  const source = await (await fetch("/py/runner.py")).text();
+  pyodide.FS.writeFile("/home/pyodide/uvm_runner.py", source);
+  const runner = pyodide.pyimport("uvm_runner");
+  const loaded = new Set(); // requirements already loaded in this worker
+
+  async function run(id, payload) {
+    const requirements = (payload.requirements || []).filter((name) => !loaded.has(name));
+    if (requirements.length) {
+      await pyodide.loadPackage(requirements, { messageCallback: () => {} });
+      requirements.forEach((name) => loaded.add(name));
+    }
+    const begun = performance.now();
+    const answer = runner.handle(JSON.stringify(payload));
+    return { id, result: answer, wall: (performance.now() - begun) / 1000 };
+  }
+
+  handle = async (event) => {
+    const { id, type, payload } = event.data;
+    try {
+      if (type === "run") {
+        self.postMessage(await run(id, payload));
+      } else {
+        self.postMessage({ id, error: `unknown request ${type}` });
+      }
+    } catch (err) {
+      self.postMessage({ id, error: String(err && err.stack ? err.stack : err) });
+    }
+  };
+  self.postMessage({ type: "ready", boot: (performance.now() - started) / 1000 });
+  for (const event of early.splice(0)) handle(event);
+}
+
+boot().catch((err) => self.postMessage({ type: "fatal", error: String(err && err.stack ? err.stack : err) }));

@@ -1,0 +1,474 @@
+"""The volunteer page's main-thread Python (PyScript on Pyodide).
+
+Wires the pieces: the websocket (``volunteer_link``), the worker pool (``volunteer_pool``), the
+encrypted store (``public/vault.js``), the supervisor's decisions (``supervisor``) and the page
+(``volunteer_ui``). Nothing runs before the volunteer presses Start; the choice is remembered.
+
+Flow: ``hello`` -> ``welcome``; results not yet acknowledged are re-sent; cached tasks resume
+without being downloaded again; then ``ready {n}`` asks for what the plan allows. Each task runs
+on an idle worker; its outcome is stored, then sent; it is forgotten only on ``ack``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import time
+
+import js
+import protocol
+import supervisor
+import volunteer_ui as ui
+from pyodide.ffi import create_proxy
+from pyscript import document, window
+from volunteer_link import Link
+from volunteer_pool import Pool
+
+SETTINGS_KEY = "uvm.settings"
+TOTALS_KEY = "uvm.totals"
+VOLUNTEER_KEY = "uvm.volunteer"
+TICK_SECONDS = 1.0  # device state is re-read this often (events also trigger it)
+STALE_TASK_SECONDS = 3600  # a cached task this far past its deadline is dropped
+
+
+def _load(key: str, default):
+    try:
+        text = window.localStorage.getItem(key)
+        return json.loads(text) if text else default
+    except Exception:  # noqa: BLE001 -- corrupt or blocked storage: start afresh
+        return default
+
+
+def _save(key: str, value) -> None:
+    window.localStorage.setItem(key, json.dumps(value))
+
+
+def _volunteer_id() -> str:
+    known = window.localStorage.getItem(VOLUNTEER_KEY)
+    if known:
+        return str(known)
+    new = str(js.crypto.randomUUID()).replace("-", "")
+    window.localStorage.setItem(VOLUNTEER_KEY, new)
+    return new
+
+
+class App:
+    """The volunteer runtime of one page."""
+
+    def __init__(self, vault, worker_url: str, socket_url: str) -> None:
+        self.vault = vault
+        saved = _load(SETTINGS_KEY, {})
+        self.settings = supervisor.Settings(
+            cpu_cap=supervisor.clamp_cap(saved.get("cpu_cap", supervisor.DEFAULT_CPU_CAP)),
+            when_hidden=saved.get("when_hidden", "continue")
+            if saved.get("when_hidden") in supervisor.HIDDEN_POLICIES
+            else "continue",
+            paused=not saved.get("running", False),
+        )
+        self.volunteer = _volunteer_id()
+        self.totals = _load(TOTALS_KEY, {"tasks": 0, "cpu": 0.0})
+        self.session = {"tasks": 0, "cpu": 0.0, "errors": 0, "timeouts": 0}
+        self.pool = Pool(worker_url, self.pump)
+        self.link = Link(socket_url, self.on_message, self.on_open, self.on_close)
+        self.welcomed = False
+        self.heartbeat = 30.0
+        self.queue: list = []  # TaskSpecs waiting for a worker, in arrival order
+        self.codes: dict[str, protocol.Code] = {}
+        self.asked_code: set[str] = set()
+        self.cancelled: set[str] = set()
+        self.results: dict[str, dict] = {}  # attempt -> Outcome dict, not yet acknowledged
+        self.in_flight: set[str] = set()  # attempts sent, waiting for their ack
+        self.oldest_result: float | None = None
+        self.awaiting_tasks = False
+        self.empty_replies = 0
+        self.next_ask = 0.0
+        self.battery_api = None
+        self.device = supervisor.Device(cores=None)
+        self.plan = supervisor.plan(self.device, self.settings)
+        self.sent_throttle: dict | None = None
+        self.counts = {"tasks_messages": 0, "code_messages": 0}
+        self.first_result_at: float | None = None
+        self.opened_at = time.monotonic()
+        self.last_error = ""
+
+    # ------------------------------------------------------------------ lifecycle
+    async def restore(self) -> None:
+        """Load what the vault holds: job code, cached tasks, unacknowledged results."""
+        for _key, text in json.loads(await self.vault.all("code")):
+            code = protocol.from_dict(json.loads(text))
+            self.codes[code.code_hash] = code
+        now = time.time()
+        stale = []
+        for key, text in json.loads(await self.vault.all("tasks")):
+            spec = protocol.TaskSpec(**json.loads(text))
+            if spec.deadline + STALE_TASK_SECONDS < now:
+                stale.append(key)
+            else:
+                self.queue.append(spec)
+        self.queue.sort(key=lambda s: (s.job, s.index))
+        if stale:
+            await self.vault.remove("tasks", json.dumps(stale))
+        for key, text in json.loads(await self.vault.all("results")):
+            self.results[key] = json.loads(text)
+        if self.results:
+            self.oldest_result = time.monotonic()
+
+    @property
+    def running(self) -> bool:
+        return not self.settings.paused
+
+    def toggle(self, *_args) -> None:
+        self.set_running(not self.running)
+
+    def set_running(self, running: bool) -> None:
+        self.settings = supervisor.Settings(
+            cpu_cap=self.settings.cpu_cap,
+            when_hidden=self.settings.when_hidden,
+            paused=not running,
+        )
+        self.save_settings()
+        if running:
+            self.link.start()
+        self.pump()
+        if not running:
+            self.pool.stop_all()
+            self.link.stop()
+            self.welcomed = False
+            ui.render(self)
+
+    def save_settings(self) -> None:
+        _save(
+            SETTINGS_KEY,
+            {
+                "cpu_cap": self.settings.cpu_cap,
+                "when_hidden": self.settings.when_hidden,
+                "running": self.running,
+            },
+        )
+
+    def set_cap(self, value) -> None:
+        self.settings = supervisor.Settings(
+            cpu_cap=supervisor.clamp_cap(value),
+            when_hidden=self.settings.when_hidden,
+            paused=self.settings.paused,
+        )
+        self.save_settings()
+        self.pump()
+
+    def set_when_hidden(self, value: str) -> None:
+        if value in supervisor.HIDDEN_POLICIES:
+            self.settings = supervisor.Settings(
+                cpu_cap=self.settings.cpu_cap, when_hidden=value, paused=self.settings.paused
+            )
+            self.save_settings()
+            self.pump()
+
+    # ------------------------------------------------------------------ device
+    async def read_device(self) -> None:
+        nav = window.navigator
+        cores = getattr(nav, "hardwareConcurrency", None)
+        battery = None
+        if self.battery_api is None and hasattr(nav, "getBattery"):
+            try:
+                self.battery_api = await nav.getBattery()
+                for name in ("chargingchange", "levelchange"):
+                    if hasattr(self.battery_api, "addEventListener"):
+                        self.battery_api.addEventListener(name, create_proxy(lambda e: self.tick()))
+            except Exception:  # noqa: BLE001 -- refused or missing: treated as unknown
+                self.battery_api = False
+        if self.battery_api:
+            battery = supervisor.Battery(charging=bool(self.battery_api.charging), level=float(self.battery_api.level))
+        network = None
+        connection = getattr(nav, "connection", None)
+        if connection is not None:
+            downlink = getattr(connection, "downlink", None)
+            network = supervisor.Network(
+                effective_type=str(getattr(connection, "effectiveType", "") or ""),
+                save_data=bool(getattr(connection, "saveData", False)),
+                downlink=float(downlink) if isinstance(downlink, int | float) else None,
+            )
+        self.device = supervisor.Device(
+            cores=int(cores) if isinstance(cores, int | float) and cores else None,
+            battery=battery,
+            network=network,
+            hidden=str(document.visibilityState) == "hidden",
+        )
+
+    def tick(self) -> None:
+        asyncio.ensure_future(self._tick())
+
+    async def _tick(self) -> None:
+        await self.read_device()
+        self.pump()
+
+    async def ticker(self) -> None:
+        while True:
+            await self._tick()
+            await asyncio.sleep(TICK_SECONDS)
+
+    async def heartbeats(self) -> None:
+        while True:
+            await asyncio.sleep(max(1.0, self.heartbeat / 3))
+            held = self.held_attempts()
+            if self.welcomed and held:
+                self.link.send(protocol.Heartbeat(attempts=held))
+
+    # ------------------------------------------------------------------ the loop
+    def held_attempts(self) -> list[str]:
+        running = [s.attempt for s in self.pool.slots if s.attempt]
+        return running + [s.attempt for s in self.queue]
+
+    def pump(self) -> None:
+        """Bring everything in line with the plan; called after every event."""
+        self.plan = supervisor.plan(self.device, self.settings)
+        if self.running:
+            self.pool.resize(self.plan.workers)
+            self.report_throttle()
+            self.start_tasks()
+            self.ask_for_tasks()
+            self.flush_results()
+        ui.render(self)
+
+    def report_throttle(self) -> None:
+        state = self.throttle_state()
+        if self.welcomed and state != self.sent_throttle and self.link.send(protocol.Throttle(state)):
+            self.sent_throttle = state
+
+    def throttle_state(self) -> dict:
+        state = self.plan.state()
+        device = self.device
+        state["cores"] = device.cores
+        state["battery"] = (
+            None
+            if device.battery is None
+            else {"charging": device.battery.charging, "level": round(device.battery.level, 2)}
+        )
+        state["network"] = (
+            None
+            if device.network is None
+            else {"effective_type": device.network.effective_type, "save_data": device.network.save_data}
+        )
+        state["hidden"] = device.hidden
+        state["cpu_cap"] = self.settings.cpu_cap
+        return state
+
+    def start_tasks(self) -> None:
+        if self.plan.paused:
+            return
+        for slot in self.pool.idle():
+            spec = next((s for s in self.queue if s.code_hash in self.codes), None)
+            if spec is None:
+                break
+            self.queue.remove(spec)
+            asyncio.ensure_future(self.run_task(slot, spec))
+        for spec in self.queue:
+            missing = spec.code_hash not in self.codes and spec.code_hash not in self.asked_code
+            if missing and self.welcomed and self.link.send(protocol.NeedCode(spec.job, spec.code_hash)):
+                self.asked_code.add(spec.code_hash)
+
+    def ask_for_tasks(self) -> None:
+        if not self.welcomed or self.awaiting_tasks or time.monotonic() < self.next_ask:
+            return
+        if self.pool.target and not self.pool.slots:
+            return
+        want = min(self.plan.want(len(self.held_attempts())), protocol.MAX_TASKS_PER_MESSAGE)
+        if want > 0 and self.link.send(protocol.Ready(n=want)):
+            self.awaiting_tasks = True
+
+    def flush_results(self) -> None:
+        waiting = [a for a in self.results if a not in self.in_flight]
+        age = time.monotonic() - self.oldest_result if self.oldest_result else 0.0
+        if not self.welcomed or not supervisor.should_flush(len(waiting), age, self.plan.batch_results):
+            return
+        for start in range(0, len(waiting), protocol.MAX_TASKS_PER_MESSAGE):
+            chunk = waiting[start : start + protocol.MAX_TASKS_PER_MESSAGE]
+            outcomes = [protocol.Outcome(**self.results[a]) for a in chunk]
+            if not self.link.send(protocol.Results(results=outcomes)):
+                return
+            self.in_flight.update(chunk)
+        self.oldest_result = None
+
+    async def run_task(self, slot, spec) -> None:
+        answer = await self.pool.execute(slot, spec, self.codes[spec.code_hash])
+        if answer.get("stopped"):  # cancelled, or the volunteer pressed Stop: no outcome
+            if spec.attempt not in self.cancelled:
+                self.queue.insert(0, spec)  # runs again after Start, from the vault after a reload
+            self.pump()
+            return
+        outcome = {
+            "attempt": spec.attempt,
+            "task": spec.task,
+            "result": answer.get("result"),
+            "output": answer.get("output", ""),
+            "error": answer.get("error"),
+            "timeout": bool(answer.get("timeout", False)),
+            "cpu": float(answer.get("cpu", 0.0)),
+        }
+        self.results[spec.attempt] = outcome
+        await self.vault.put("results", spec.attempt, json.dumps(outcome))
+        await self.vault.remove("tasks", json.dumps([spec.attempt]))
+        self.count(outcome)
+        if self.oldest_result is None:
+            self.oldest_result = time.monotonic()
+        self.pump()
+
+    def count(self, outcome: dict) -> None:
+        if self.first_result_at is None:
+            self.first_result_at = time.monotonic() - self.opened_at
+        self.session["tasks"] += 1
+        self.session["cpu"] += outcome["cpu"]
+        self.session["errors"] += outcome["error"] is not None and not outcome["timeout"]
+        self.session["timeouts"] += outcome["timeout"]
+        self.totals["tasks"] += 1
+        self.totals["cpu"] += outcome["cpu"]
+        _save(TOTALS_KEY, self.totals)
+
+    # ------------------------------------------------------------------ the socket
+    def on_open(self) -> None:
+        capabilities = {
+            "cores": self.device.cores,
+            "workers": self.plan.workers,
+            "battery_api": self.device.battery is not None,
+            "network_api": self.device.network is not None,
+            "user_agent": str(window.navigator.userAgent)[:200],
+            "resume": self.held_attempts()[: protocol.MAX_TASKS_PER_MESSAGE],
+        }
+        self.link.send(protocol.Hello(volunteer=self.volunteer, capabilities=capabilities))
+
+    def on_close(self) -> None:
+        self.welcomed = False
+        self.awaiting_tasks = False
+        self.in_flight.clear()  # re-sent after the next welcome
+        self.asked_code.clear()
+        self.sent_throttle = None
+        ui.render(self)
+
+    def on_message(self, msg) -> None:
+        handler = getattr(self, "on_" + msg.TYPE, None)
+        if handler is not None:
+            result = handler(msg)
+            if asyncio.iscoroutine(result):
+                asyncio.ensure_future(self._then_pump(result))
+                return
+        self.pump()
+
+    async def _then_pump(self, coroutine) -> None:
+        await coroutine
+        self.pump()
+
+    def on_welcome(self, msg: protocol.Welcome) -> None:
+        self.welcomed = True
+        self.heartbeat = float(msg.heartbeat)
+        self.empty_replies = 0
+        self.next_ask = 0.0
+
+    async def on_tasks(self, msg: protocol.Tasks) -> None:
+        self.counts["tasks_messages"] += 1
+        self.awaiting_tasks = False
+        if not msg.tasks:
+            self.empty_replies += 1
+            delay = supervisor.poll_delay(self.empty_replies)
+            self.next_ask = time.monotonic() + delay
+            asyncio.get_event_loop().call_later(delay + 0.01, self.pump)
+            return
+        self.empty_replies = 0
+        held = set(self.held_attempts())
+        for spec in msg.tasks:
+            if spec.attempt not in held:
+                self.queue.append(spec)
+                await self.vault.put("tasks", spec.attempt, json.dumps(dataclasses.asdict(spec)))
+
+    async def on_code(self, msg: protocol.Code) -> None:
+        self.counts["code_messages"] += 1
+        self.codes[msg.code_hash] = msg
+        text = json.dumps(protocol.to_dict(msg))
+        await self.vault.put("code", msg.code_hash, text)
+
+    async def on_ack(self, msg: protocol.Ack) -> None:
+        done = [a for a in list(msg.attempts) + list(msg.ignored) if a in self.results]
+        for attempt in done:
+            self.results.pop(attempt, None)
+            self.in_flight.discard(attempt)
+        await self.vault.remove("results", json.dumps(done))
+
+    async def on_cancel(self, msg: protocol.Cancel) -> None:
+        attempts = set(msg.attempts)
+        self.cancelled.update(attempts)
+        dropped = [s.attempt for s in self.queue if s.attempt in attempts or s.job == msg.job]
+        self.queue = [s for s in self.queue if s.attempt not in dropped]
+        for slot in list(self.pool.slots):
+            if slot.attempt in attempts or (msg.job is not None and slot.job == msg.job):
+                dropped.append(slot.attempt)
+                self.cancelled.add(slot.attempt)
+                self.pool.replace(slot)
+        await self.vault.remove("tasks", json.dumps(dropped))
+
+    def on_error(self, msg: protocol.Error) -> None:
+        self.last_error = f"{msg.ref or 'message'}: {msg.message}"
+        js.console.warn(f"UVM: the server refused a {self.last_error}")
+        if msg.ref == "ready":
+            self.awaiting_tasks = False
+
+    def snapshot(self) -> dict:
+        """Everything the page shows, as plain data (also read by the tests)."""
+        now = time.monotonic()
+        return {
+            "running": self.running,
+            "connected": self.link.open,
+            "welcomed": self.welcomed,
+            "reconnect_in": self.link.next_try,
+            "plan": self.plan.state(),
+            "device": self.throttle_state(),
+            "workers": [
+                {
+                    "number": s.number,
+                    "ready": s.ready,
+                    "attempt": s.attempt,
+                    "job": s.job,
+                    "index": s.index,
+                    "elapsed": round(now - s.started, 1) if s.attempt else None,
+                    "boot": s.boot_seconds,
+                }
+                for s in self.pool.slots
+            ],
+            "queued": [s.attempt for s in self.queue],
+            "queued_tasks": [s.task for s in self.queue],
+            "unacked": list(self.results),
+            "session": dict(self.session),
+            "totals": dict(self.totals),
+            "replaced": self.pool.replaced,
+            "counts": dict(self.counts),
+            "first_result_at": self.first_result_at,
+            "settings": {
+                "cpu_cap": self.settings.cpu_cap,
+                "when_hidden": self.settings.when_hidden,
+            },
+            "last_error": self.last_error,
+        }
+
+
+async def main() -> None:
+    from pyscript.js_modules import vault as vault_module
+
+    config = document.getElementById("uvm-config").dataset
+    base = str(window.location.origin)
+    worker_url = (
+        f"{base}/static/worker.js?pyodide={js.encodeURIComponent(config.pyodide)}"
+        f"&index={js.encodeURIComponent(config.packageIndex)}"
+    )
+    socket_url = base.replace("http", "ws", 1) + "/ws/volunteer"
+    vault = await vault_module.openVault()
+    app = App(vault, worker_url, socket_url)
+    await app.restore()
+    await app.read_device()
+    ui.bind(app)
+    window.uvm_state = create_proxy(lambda: json.dumps(app.snapshot()))
+    asyncio.ensure_future(app.ticker())
+    asyncio.ensure_future(app.heartbeats())
+    if app.running:
+        app.link.start()
+    app.pump()
+
+
+asyncio.ensure_future(main())

@@ -1,0 +1,143 @@
+"""Runs research tasks inside a Pyodide web worker (and in CPython, for tests).
+
+The JS bootstrap (``public/worker.js``) loads Pyodide once, imports this module and hands it one
+request at a time as a JSON string; the answer is a JSON string too, so nothing but two strings
+crosses the JS/Python boundary per task.
+
+Each job's source is compiled once per worker and cached by its content hash; each task then
+runs the compiled module in a fresh namespace and calls ``main(input)``. stdout and stderr are
+captured together, capped; the result must be JSON (no NaN); a failure comes back as the
+traceback of the research code only, without this module's frames.
+"""
+
+from __future__ import annotations
+
+import builtins
+import json
+import sys
+import time
+import traceback
+from typing import Any
+
+MAX_OUTPUT_CHARS = 64 * 1024  # same cap as protocol.MAX_OUTPUT_CHARS; kept local: no import cost
+MAX_ERROR_CHARS = 16 * 1024
+TRUNCATED = "\n[output truncated]\n"
+
+
+class CappedWriter:
+    """A text stream that keeps the first ``limit`` characters written to it."""
+
+    def __init__(self, limit: int = MAX_OUTPUT_CHARS) -> None:
+        self.limit = limit
+        self.parts: list[str] = []
+        self.size = 0
+        self.truncated = False
+
+    def write(self, text: str) -> int:
+        room = self.limit - self.size
+        if room > 0:
+            piece = text[:room]
+            self.parts.append(piece)
+            self.size += len(piece)
+        if len(text) > max(room, 0):
+            self.truncated = True
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
+
+    def getvalue(self) -> str:
+        return "".join(self.parts) + (TRUNCATED if self.truncated else "")
+
+
+class Runner:
+    """Compiled job code by content hash, and the running of one task at a time."""
+
+    def __init__(self) -> None:
+        self.code: dict[str, Any] = {}
+
+    def has(self, code_hash: str) -> bool:
+        return code_hash in self.code
+
+    def load(self, code_hash: str, source: str, job: int | None = None) -> None:
+        """Compile a job's source once; a syntax error is raised when a task of it runs."""
+        if code_hash in self.code:
+            return
+        filename = f"<job {job}>" if job is not None else f"<job {code_hash[:12]}>"
+        try:
+            self.code[code_hash] = compile(source, filename, "exec")
+        except SyntaxError as exc:
+            self.code[code_hash] = exc
+
+    def run(self, code_hash: str, value: Any) -> dict:
+        """Run ``main(value)`` of a loaded job; returns ``{result, output, error, cpu}``."""
+        code = self.code.get(code_hash)
+        if code is None:
+            return _outcome(error=f"runtime error: job code {code_hash[:12]} was not loaded")
+        if isinstance(code, SyntaxError):
+            text = "".join(traceback.format_exception_only(type(code), code))
+            return _outcome(error=text[-MAX_ERROR_CHARS:])
+        out = CappedWriter()
+        saved = sys.stdout, sys.stderr
+        start = time.perf_counter()
+        sys.stdout = sys.stderr = out
+        try:
+            namespace = {"__name__": "__job__", "__builtins__": builtins}
+            exec(code, namespace)
+            main = namespace.get("main")
+            if not callable(main):
+                raise NameError("the job code defines no function main(x)")
+            result = main(value)
+        except BaseException as exc:  # research code may raise anything, SystemExit included
+            sys.stdout, sys.stderr = saved
+            return _outcome(
+                output=out.getvalue(),
+                error=_job_traceback(exc),
+                cpu=time.perf_counter() - start,
+            )
+        finally:
+            sys.stdout, sys.stderr = saved
+        cpu = time.perf_counter() - start
+        try:
+            encoded = json.dumps(result, allow_nan=False)
+        except (TypeError, ValueError, RecursionError) as exc:
+            error = f"the result of main() is not JSON-serialisable: {exc}"
+            return _outcome(output=out.getvalue(), error=error, cpu=cpu)
+        return _outcome(result=json.loads(encoded), output=out.getvalue(), cpu=cpu)
+
+
+def _outcome(result: Any = None, output: str = "", error: str | None = None, cpu: float = 0.0) -> dict:
+    return {"result": result, "output": output, "error": error, "cpu": round(cpu, 6)}
+
+
+def _job_traceback(exc: BaseException) -> str:
+    """The traceback from the research code's first frame on; ours is noise to a researcher."""
+    tb = exc.__traceback__
+    while tb is not None and not tb.tb_frame.f_code.co_filename.startswith("<job"):
+        tb = tb.tb_next
+    text = "".join(traceback.format_exception(type(exc), exc, tb))
+    return text[-MAX_ERROR_CHARS:]
+
+
+_RUNNER = Runner()
+
+
+def handle(request: str) -> str:
+    """One request from the JS bootstrap (a JSON string) -> the answer (a JSON string).
+
+    ``{"code_hash", "input", "job"?, "source"?}``: ``source`` is sent only the first time this
+    worker sees a job; later tasks of the job reuse the compiled code.
+    """
+    data = json.loads(request)
+    code_hash = data["code_hash"]
+    if data.get("source") is not None and not _RUNNER.has(code_hash):
+        _RUNNER.load(code_hash, data["source"], data.get("job"))
+    return json.dumps(_RUNNER.run(code_hash, data.get("input")), allow_nan=False)
+
+
+def has_code(code_hash: str) -> bool:
+    """Whether this worker has compiled the job with ``code_hash`` already."""
+    return _RUNNER.has(code_hash)
