@@ -1,0 +1,180 @@
+"""Shared fixtures: each backend pair (SQLite + in-process, MariaDB + Redis) as a factory.
+
+MariaDB and Redis are real services (``make test`` starts them). Each test gets a fresh MariaDB
+database and an empty Redis database number of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import pymysql
+import pytest
+import redis.asyncio as aioredis
+
+from server.app import create_app
+from server.config import Config
+from server.sim import SimVolunteer
+
+MYSQL = dict(host="127.0.0.1", port=3306, user="root", password="")
+REDIS_DB = int(os.environ.get("UVM_TEST_REDIS_DB", "9"))
+REDIS_URL = f"redis://127.0.0.1:6379/{REDIS_DB}"
+BACKENDS = ["sqlite", "mariadb"]
+
+
+def mysql_url(db: str) -> str:
+    return f"mysql+aiomysql://root@127.0.0.1:3306/{db}"
+
+
+@pytest.fixture
+def mariadb_database() -> AsyncIterator[str]:
+    name = "uvm_t_" + uuid.uuid4().hex[:10]
+    conn = pymysql.connect(**MYSQL)
+    with conn.cursor() as cur:
+        cur.execute(f"CREATE DATABASE `{name}`")
+    try:
+        yield name
+    finally:
+        with conn.cursor() as cur:
+            cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
+        conn.close()
+
+
+@pytest.fixture
+async def redis_client() -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.from_url(REDIS_URL)
+    await client.flushdb()
+    yield client
+    await client.flushdb()
+    await client.aclose()
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def make_config(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> Callable[..., Config]:
+    """Config for the test's backend; MariaDB gets a fresh database, Redis a flushed db."""
+    extra: dict = {}
+    if backend == "mariadb":
+        db = request.getfixturevalue("mariadb_database")
+        request.getfixturevalue("redis_client")
+        extra = {"UVM_DATABASE_URL": mysql_url(db), "UVM_REDIS_URL": REDIS_URL}
+
+    def make(**overrides: object) -> Config:
+        env = {"UVM_DATA_DIR": str(tmp_path / "data"), **extra}
+        return Config.from_env(env, **overrides)
+
+    return make
+
+
+@dataclass
+class Api:
+    """A researcher's view of a running server."""
+
+    url: str
+    session: aiohttp.ClientSession
+    token: str
+
+    def headers(self, token: str | None = None) -> dict:
+        return {"Authorization": f"Bearer {token or self.token}"}
+
+    async def submit(self, code: str, inputs: object = None, **options: object) -> int:
+        async with self.session.post(
+            f"{self.url}/api/jobs", json={"code": code, "inputs": inputs, **options}, headers=self.headers()
+        ) as resp:
+            body = await resp.json()
+            assert resp.status == 201, body
+            return body["id"]
+
+    async def job(self, job_id: int) -> dict:
+        async with self.session.get(f"{self.url}/api/jobs/{job_id}", headers=self.headers()) as resp:
+            assert resp.status == 200
+            return await resp.json()
+
+    async def wait(self, job_id: int, timeout: float = 60.0) -> dict:
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        while True:
+            job = await self.job(job_id)
+            if job["state"] in ("done", "failed", "cancelled"):
+                return job
+            if loop.time() > end:
+                raise AssertionError(f"job {job_id} did not finish: {job}")
+            await asyncio.sleep(0.1)
+
+    async def results(self, job_id: int, fmt: str = "json") -> str:
+        async with self.session.get(
+            f"{self.url}/api/jobs/{job_id}/results", params={"format": fmt}, headers=self.headers()
+        ) as resp:
+            assert resp.status == 200, await resp.text()
+            return await resp.text()
+
+
+async def add_researcher(app_or_storage: object, email: str, operator: bool = False) -> str:
+    from server import appkeys as K
+    from server.crypto import hash_password, hash_token, new_token
+
+    storage = app_or_storage[K.storage] if hasattr(app_or_storage, "router") else app_or_storage
+    token = new_token()
+    await storage.add_researcher(email, hash_password("correct horse"), hash_token(token), operator=operator)
+    return token
+
+
+@pytest.fixture
+async def serve(aiohttp_server, make_config) -> AsyncIterator[Callable]:
+    """``await serve(**config_overrides)`` -> (Api, app) on the test's backend."""
+    sessions: list[aiohttp.ClientSession] = []
+    servers: list = []
+
+    async def start(**overrides: object) -> tuple[Api, object]:
+        app = create_app(make_config(**overrides))
+        server = await aiohttp_server(app)
+        servers.append(server)
+        session = aiohttp.ClientSession()
+        sessions.append(session)
+        token = await add_researcher(app, f"r{len(sessions)}-{uuid.uuid4().hex[:6]}@example.org")
+        return Api(str(server.make_url("")).rstrip("/"), session, token), app
+
+    yield start
+    for session in sessions:
+        await session.close()
+    for server in servers:  # before the test's database is dropped
+        await server.close()
+
+
+@pytest.fixture
+async def volunteers() -> AsyncIterator[Callable]:
+    """``volunteers(url, n, **kw)`` starts simulated volunteers; all stop at the end of the test."""
+    stop = asyncio.Event()
+    runs: list[asyncio.Task] = []
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+
+    def start(url: str, n: int, **kwargs: object) -> list[SimVolunteer]:
+        sims = [SimVolunteer(url, **kwargs) for _ in range(n)]
+        for sim in sims:
+            runs.append(asyncio.create_task(_run_until(sim, session, stop)))
+        return sims
+
+    yield start
+    stop.set()
+    await asyncio.gather(*runs, return_exceptions=True)
+    await session.close()
+
+
+async def _run_until(sim: SimVolunteer, session: aiohttp.ClientSession, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        try:
+            await sim.run(session, stop)
+        except (aiohttp.ClientError, ConnectionError, OSError):
+            await asyncio.sleep(0.2)
+        if sim.crash_after is not None and sim.leased >= sim.crash_after:
+            return
