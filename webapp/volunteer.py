@@ -77,6 +77,11 @@ class App:
         self.codes: dict[str, protocol.Code] = {}
         self.asked_code: set[str] = set()
         self.cancelled: set[str] = set()
+        # Tasks restored from the vault after a reload. The server put them back in its ready
+        # queue when the old socket closed; finishing them before asking for more keeps it from
+        # handing the same tasks to this page again.
+        self.resumed: set[str] = set()
+        self.running_specs: dict[str, protocol.TaskSpec] = {}
         self.results: dict[str, dict] = {}  # attempt -> Outcome dict, not yet acknowledged
         self.in_flight: set[str] = set()  # attempts sent, waiting for their ack
         self.oldest_result: float | None = None
@@ -106,6 +111,7 @@ class App:
                 stale.append(key)
             else:
                 self.queue.append(spec)
+                self.resumed.add(spec.attempt)
         self.queue.sort(key=lambda s: (s.job, s.index))
         if stale:
             await self.vault.remove("tasks", json.dumps(stale))
@@ -216,8 +222,7 @@ class App:
 
     # ------------------------------------------------------------------ the loop
     def held_attempts(self) -> list[str]:
-        running = [s.attempt for s in self.pool.slots if s.attempt]
-        return running + [s.attempt for s in self.queue]
+        return list(self.running_specs) + [s.attempt for s in self.queue]
 
     def pump(self) -> None:
         """Bring everything in line with the plan; called after every event."""
@@ -226,8 +231,8 @@ class App:
             self.pool.resize(self.plan.workers)
             self.report_throttle()
             self.start_tasks()
+            self.flush_results()  # before asking: the server drops finished tasks from its queue
             self.ask_for_tasks()
-            self.flush_results()
         ui.render(self)
 
     def report_throttle(self) -> None:
@@ -261,6 +266,8 @@ class App:
             if spec is None:
                 break
             self.queue.remove(spec)
+            self.running_specs[spec.attempt] = spec  # held from now on, not only once it runs
+            slot.attempt = spec.attempt
             asyncio.ensure_future(self.run_task(slot, spec))
         for spec in self.queue:
             missing = spec.code_hash not in self.codes and spec.code_hash not in self.asked_code
@@ -271,6 +278,9 @@ class App:
         if not self.welcomed or self.awaiting_tasks or time.monotonic() < self.next_ask:
             return
         if self.pool.target and not self.pool.slots:
+            return
+        unsent = [a for a in self.results if a not in self.in_flight]
+        if self.resumed.intersection(self.held_attempts() + unsent):
             return
         want = min(self.plan.want(len(self.held_attempts())), protocol.MAX_TASKS_PER_MESSAGE)
         if want > 0 and self.link.send(protocol.Ready(n=want)):
@@ -290,7 +300,10 @@ class App:
         self.oldest_result = None
 
     async def run_task(self, slot, spec) -> None:
-        answer = await self.pool.execute(slot, spec, self.codes[spec.code_hash])
+        try:
+            answer = await self.pool.execute(slot, spec, self.codes[spec.code_hash])
+        finally:
+            self.running_specs.pop(spec.attempt, None)
         if answer.get("stopped"):  # cancelled, or the volunteer pressed Stop: no outcome
             if spec.attempt not in self.cancelled:
                 self.queue.insert(0, spec)  # runs again after Start, from the vault after a reload
@@ -404,11 +417,17 @@ class App:
                 self.pool.replace(slot)
         await self.vault.remove("tasks", json.dumps(dropped))
 
-    def on_error(self, msg: protocol.Error) -> None:
+    async def on_error(self, msg: protocol.Error) -> None:
         self.last_error = f"{msg.ref or 'message'}: {msg.message}"
         js.console.warn(f"UVM: the server refused a {self.last_error}")
         if msg.ref == "ready":
             self.awaiting_tasks = False
+        elif msg.ref == "need_code":  # the job is gone: drop its tasks rather than hold them
+            known = set(self.codes)
+            gone = [s.attempt for s in self.queue if s.code_hash not in known]
+            self.queue = [s for s in self.queue if s.code_hash in known]
+            self.resumed.difference_update(gone)
+            await self.vault.remove("tasks", json.dumps(gone))
 
     def snapshot(self) -> dict:
         """Everything the page shows, as plain data (also read by the tests)."""
@@ -434,6 +453,7 @@ class App:
             ],
             "queued": [s.attempt for s in self.queue],
             "queued_tasks": [s.task for s in self.queue],
+            "running_tasks": [s.task for s in self.running_specs.values()],
             "unacked": list(self.results),
             "session": dict(self.session),
             "totals": dict(self.totals),

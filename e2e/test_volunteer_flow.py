@@ -1,0 +1,131 @@
+"""The volunteer page against the real server (SQLite default): work flows, timeouts, refresh."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from e2e.conftest import fake_device, native_results, open_volunteer_page, state, wait_state
+
+SQUARES = """
+def main(x):
+    total = 0
+    for i in range(x % 97):
+        total += i * i
+    print("x =", x)
+    return {"x": x, "total": total, "half": x / 2}
+"""
+
+RUNAWAY = """
+def main(x):
+    if x == 1:
+        while True:
+            pass
+    if x == 2:
+        while True:
+            try:
+                while True:
+                    pass
+            except BaseException:
+                pass
+    return x * 10
+"""
+
+SLOW = """
+import time
+
+def main(x):
+    end = time.time() + 0.4
+    while time.time() < end:
+        pass
+    return x + 1000
+"""
+
+
+@pytest.fixture(scope="module")
+def server(live_server):
+    return live_server()
+
+
+def start(page) -> None:  # noqa: ANN001
+    page.get_by_role("button", name="Start").click()
+    wait_state(page, lambda s: s["running"])
+
+
+def test_two_pages_complete_a_200_task_job_like_native(browser, server) -> None:
+    inputs = list(range(200))
+    job = server.submit(SQUARES, inputs, name="squares", timeout=30, max_attempts=2)
+    pages = []
+    for _ in range(2):
+        context = browser.new_context()
+        context.add_init_script(fake_device(cores=2))
+        pages.append(open_volunteer_page(context, server))
+    for page in pages:
+        start(page)
+    done = server.wait(job, timeout=90, page=pages[0])
+    assert done["state"] == "done", done
+    results = server.results(job)
+    assert [r["index"] for r in results] == inputs
+    assert [r["result"] for r in results] == native_results(SQUARES, inputs)
+    assert all(r["error"] is None and r["state"] == "done" for r in results)
+    assert results[3]["output"] == "x = 3\n"
+    worked = [wait_state(p, lambda s: not s["unacked"])["session"]["tasks"] for p in pages]
+    assert sum(worked) >= 200 and all(n > 0 for n in worked), worked  # both pages computed
+    for page in pages:
+        page.context.close()
+
+
+def test_runaway_tasks_are_stopped_at_their_timeout_and_reported(browser, server) -> None:
+    context = browser.new_context()
+    context.add_init_script(fake_device(cores=2))
+    page = open_volunteer_page(context, server)
+    start(page)
+    job = server.submit(RUNAWAY, [0, 1, 2, 3, 4, 5], name="runaway", timeout=2, max_attempts=1)
+    done = server.wait(job, timeout=60, page=page)
+    assert done["state"] == "failed", done
+    results = {r["index"]: r for r in server.results(job)}
+    for index in (0, 3, 4, 5):  # tasks after the runaways ran on the replacement worker
+        assert results[index]["result"] == index * 10 and results[index]["state"] == "done"
+    for index in (1, 2):
+        assert results[index]["state"] == "failed"
+        assert "timed out after 2 s" in results[index]["error"]
+    errors = json.dumps(server.errors(job))
+    assert "timed out after 2 s" in errors
+    snap = state(page)
+    assert snap["replaced"] >= 2 and snap["session"]["timeouts"] == 2
+    assert page.get_by_role("button", name="Stop").is_enabled()  # the page stayed responsive
+    context.close()
+
+
+def test_refresh_resumes_cached_tasks_without_downloading_them_again(browser, server) -> None:
+    context = browser.new_context()
+    context.add_init_script(fake_device(cores=2))
+    page = open_volunteer_page(context, server)
+    inputs = list(range(10))
+    job = server.submit(SLOW, inputs, name="slow", timeout=20, max_attempts=2)
+    start(page)
+    # Wait until it holds a running task and a prefetched one, and some results are in.
+    before = wait_state(
+        page, lambda s: len(s["queued"]) >= 1 and any(w["attempt"] for w in s["workers"]) and s["session"]["tasks"] >= 2
+    )
+    held_tasks = set(before["queued_tasks"]) | set(before["running_tasks"])
+    frames: list[dict] = []
+
+    def watch(ws) -> None:  # noqa: ANN001
+        ws.on("framereceived", lambda payload: frames.append(json.loads(payload)))
+
+    page.on("websocket", watch)
+    page.reload()
+    page.wait_for_function("() => window.uvm_state", timeout=60_000)
+    after = wait_state(page, lambda s: s["running"])
+    assert set(after["queued_tasks"]) >= set(before["queued_tasks"])  # restored from the vault
+    done = server.wait(job, timeout=60, page=page)
+    assert done["state"] == "done", done
+    received = [t["task"] for f in frames if f["type"] == "tasks" for t in f["tasks"]]
+    assert not held_tasks & set(received), (held_tasks, received)  # not downloaded again
+    assert not [f for f in frames if f["type"] == "code"]  # job code came from the vault
+    results = server.results(job)
+    assert [r["result"] for r in results] == native_results(SLOW, inputs)
+    assert done["counts"]["done"] == len(inputs)  # each recorded once
+    context.close()
