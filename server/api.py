@@ -35,8 +35,9 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return json_error(404, str(exc))
     except Conflict as exc:
         return json_error(409, str(exc))
-    except web.HTTPRequestEntityTooLarge as exc:
-        return json_error(413, f"request body too large (limit {exc.max_size} bytes)")
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.app[K.config].max_body_bytes
+        return json_error(413, f"request body too large (limit {limit} bytes)")
     except web.HTTPException as exc:
         if exc.status >= 400 and request.path.startswith("/api/") and exc.content_type != "application/json":
             return json_error(exc.status, exc.reason)

@@ -52,9 +52,10 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        bus.stop()
         background.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await background
+        with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError, Exception):
+            await asyncio.wait_for(background, 5.0)
         await queue.close()
         await engine.dispose()
 

@@ -20,6 +20,7 @@ class Config:
     key_id: str = "k1"
     allowed_origins: tuple[str, ...] = ()  # extra websocket origins (embedding sites)
     max_body_bytes: int = 16 * 1024 * 1024
+    max_ws_message_bytes: int = 4 * 1024 * 1024  # a larger message closes the socket with 1009
     max_code_bytes: int = 256 * 1024
     max_tasks_per_job: int = 1_000_000
     max_input_bytes: int = 1024 * 1024  # one input, JSON-encoded
@@ -47,6 +48,7 @@ class Config:
             "UVM_KEY_ID": ("key_id", _key_id),
             "UVM_ALLOWED_ORIGINS": ("allowed_origins", _origins),
             "UVM_MAX_BODY_BYTES": ("max_body_bytes", _positive_int),
+            "UVM_MAX_WS_MESSAGE_BYTES": ("max_ws_message_bytes", _positive_int),
             "UVM_MAX_TASKS_PER_JOB": ("max_tasks_per_job", _positive_int),
             "UVM_LEASE_GRACE": ("lease_grace", _positive_float),
             "UVM_HEARTBEAT": ("heartbeat", _positive_float),

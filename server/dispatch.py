@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 import secrets
 import time
@@ -50,13 +51,23 @@ class Dispatcher:
     # ------------------------------------------------------------------------ background
     async def run(self) -> None:
         """All background loops; cancelled at shutdown."""
-        await self.rebuild_if_needed()
-        async with asyncio.TaskGroup() as group:
-            group.create_task(self._run_submissions())
-            group.create_task(self._run_outcomes())
-            group.create_task(self._run_reaper())
-            group.create_task(self.bus.run())
-            group.create_task(self._run_events())
+        loops = [
+            asyncio.create_task(coro)
+            for coro in (
+                self._run_submissions(),
+                self._run_outcomes(),
+                self._run_reaper(),
+                self.bus.run(),
+                self._run_events(),
+            )
+        ]
+        try:
+            await self.rebuild_if_needed()
+            await asyncio.gather(*loops)
+        finally:
+            for task in loops:
+                task.cancel()
+            await asyncio.gather(*loops, return_exceptions=True)
 
     async def rebuild_if_needed(self) -> int:
         """Refill the ready queue from the database after a start on an empty (or flushed) Redis."""
@@ -159,6 +170,8 @@ class Dispatcher:
     # -------------------------------------------------------------------------- outcomes
     async def report(self, conn: Conn, outcomes: list[Outcome]) -> Recorded:
         """Queue outcomes for the batch writer; returns once they are committed."""
+        for outcome in outcomes:
+            check_result(outcome, self.config.max_result_bytes)
         future = asyncio.get_running_loop().create_future()
         await self._outcomes.put((conn.volunteer, outcomes, future))
         rec = await future
@@ -250,6 +263,21 @@ class Dispatcher:
         jobs = await self.storage.list_jobs(researcher_id)
         await self._add_running(jobs)
         return jobs
+
+
+def check_result(outcome: Outcome, limit: int) -> None:
+    """A result that is not strict JSON, or too large, becomes the attempt's error."""
+    if outcome.error is not None:
+        outcome.result = None
+        return
+    try:
+        size = len(json.dumps(outcome.result, allow_nan=False, separators=(",", ":")))
+    except ValueError as exc:
+        outcome.result, outcome.error = None, f"ValueError: the result of main() is not JSON-serialisable: {exc}"
+        return
+    if size > limit:
+        outcome.result = None
+        outcome.error = f"ValueError: the result of main() is {size} bytes of JSON; the limit is {limit}"
 
 
 def _settle(future: asyncio.Future, result: Any = None, exc: BaseException | None = None) -> None:

@@ -416,6 +416,11 @@ class Bus:
 
     def __init__(self) -> None:
         self._listeners: set[asyncio.Queue] = set()
+        self._stop = asyncio.Event()
+
+    def stop(self) -> None:
+        """Ask ``run`` to return (redis-py's pub/sub read may swallow a cancellation)."""
+        self._stop.set()
 
     async def publish(self, event: dict) -> None:
         self._deliver(event)
@@ -436,7 +441,7 @@ class Bus:
 
     async def run(self) -> None:
         """Background task: relay events from other instances (nothing to do in-process)."""
-        await asyncio.Event().wait()
+        await self._stop.wait()
 
 
 class RedisBus(Bus):
@@ -451,8 +456,9 @@ class RedisBus(Bus):
         pubsub = self.redis.pubsub()
         await pubsub.subscribe(keys.EVENTS)
         try:
-            async for message in pubsub.listen():
-                if message.get("type") == "message":
+            while not self._stop.is_set():
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.2)
+                if message is not None and message.get("type") == "message":
                     self._deliver(json.loads(message["data"]))
         finally:
             await pubsub.aclose()

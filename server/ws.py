@@ -37,7 +37,7 @@ def origin_allowed(request: web.Request) -> bool:
 async def _open(request: web.Request) -> web.WebSocketResponse:
     if not origin_allowed(request):
         raise web.HTTPForbidden(text="websocket origin not allowed")
-    ws = web.WebSocketResponse(max_msg_size=P.MAX_MESSAGE_BYTES, heartbeat=30.0)
+    ws = web.WebSocketResponse(max_msg_size=request.app[K.config].max_ws_message_bytes, heartbeat=30.0)
     await ws.prepare(request)
     request.app[SOCKETS].add(ws)
     return ws
