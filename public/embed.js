@@ -4,7 +4,7 @@
 // opt-in button; everything runs inside an iframe served by the UVM Compute server, so the
 // host page shares no cookies, storage or workers with it. Attributes on the tag:
 //   data-target="#some-id"  put the card inside that element instead of after the tag
-//   data-height="260"       the iframe's height in CSS pixels
+//   data-height="330"       the iframe's height before its page reports its own
 (function () {
   const script = document.currentScript;
   if (!script) return;
@@ -15,8 +15,13 @@
   frame.loading = "lazy";
   frame.setAttribute("allow", "");
   frame.style.cssText =
-    "display:block;width:100%;max-width:560px;border:1px solid #e3e8e5;border-radius:14px;background:#f4f6f5;" +
-    `height:${parseInt(script.dataset.height || "260", 10)}px`;
+    "display:block;width:100%;max-width:560px;border:0;background:transparent;color-scheme:light;" +
+    `height:${parseInt(script.dataset.height || "330", 10)}px`;
+  addEventListener("message", (event) => {
+    if (event.source === frame.contentWindow && event.origin === origin && event.data?.type === "uvm-height") {
+      frame.style.height = `${Math.min(800, Math.max(120, Number(event.data.height) || 0))}px`;
+    }
+  });
   const target = script.dataset.target && document.querySelector(script.dataset.target);
   if (target) target.appendChild(frame);
   else script.insertAdjacentElement("afterend", frame);

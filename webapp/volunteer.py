@@ -436,7 +436,8 @@ class App:
             "running": self.running,
             "connected": self.link.open,
             "welcomed": self.welcomed,
-            "reconnect_in": self.link.next_try,
+            "reconnect_in": self.link.retry_in(),
+            "failures": self.link.failures,
             "plan": self.plan.state(),
             "device": self.throttle_state(),
             "workers": [

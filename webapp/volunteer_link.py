@@ -25,7 +25,7 @@ class Link:
         self.socket = None
         self.failures = 0
         self.wanted = False
-        self.next_try: float | None = None  # seconds until the next reconnect, for the page
+        self.next_try: float | None = None  # loop time of the next reconnect, for the page
         self._proxies: list = []
         self._retry: asyncio.Task | None = None
 
@@ -40,6 +40,8 @@ class Link:
 
     def stop(self) -> None:
         self.wanted = False
+        self.failures = 0
+        self.next_try = None
         if self._retry is not None:
             self._retry.cancel()
             self._retry = None
@@ -48,6 +50,12 @@ class Link:
             socket.onopen = socket.onmessage = socket.onclose = None
             socket.close(1000, "volunteer stopped")
             self._drop_proxies()
+
+    def retry_in(self) -> float | None:
+        """Seconds until the next reconnect attempt, or None when none is scheduled."""
+        if self.next_try is None:
+            return None
+        return max(0.0, self.next_try - asyncio.get_event_loop().time())
 
     def send(self, msg) -> bool:
         """Send one message; False when the socket is not open (the caller keeps what it sent)."""
@@ -98,7 +106,7 @@ class Link:
         if self.wanted:
             delay = backoff(self.failures)
             self.failures += 1
-            self.next_try = delay
+            self.next_try = asyncio.get_event_loop().time() + delay
             self._retry = asyncio.ensure_future(self._reconnect(delay))
 
     async def _reconnect(self, delay: float) -> None:

@@ -31,7 +31,7 @@ def page_state(snap: dict) -> str:
     if snap["plan"]["paused"]:
         return "paused"
     if not snap["welcomed"]:
-        return "offline" if snap["reconnect_in"] is not None else "connecting"
+        return "offline" if snap["failures"] else "connecting"
     workers = snap["workers"]
     if any(w["attempt"] for w in workers):
         return "running"
@@ -48,9 +48,13 @@ def detail(state: str, snap: dict) -> str:
             "sends back the answers. Nothing starts until you press Start."
         )
     if state == "paused":
-        return plan["pause_reason"] or "Paused."
+        busy = sum(1 for w in snap["workers"] if w["attempt"])
+        finishing = f" Finishing {busy} task(s) already started." if busy else ""
+        return (plan["pause_reason"] or "Paused.") + finishing
     if state == "offline":
-        return f"Trying again in {snap['reconnect_in']:.0f} s. Work in progress is kept safe."
+        retry = snap["reconnect_in"]
+        when = f"Trying again in {retry:.0f} s." if retry is not None and retry >= 1 else "Trying again now."
+        return f"{when} Work in progress is kept safe in this browser."
     if state == "connecting":
         return "Opening a connection to the server…"
     if state == "starting":
@@ -142,9 +146,9 @@ def render(app) -> None:
         button.textContent = label
     button.setAttribute("aria-pressed", "true" if snap["running"] else "false")
     plan = snap["plan"]
-    live = len(snap["workers"])
-    _set("stat-workers", f"{live} / {plan['max_workers']}")
-    _set("stat-workers-label", "workers (running / allowed)")
+    _set("stat-workers", str(len(snap["workers"])))
+    _set("stat-workers-label", "workers")
+    _set("stat-workers-sub", f"{plan['workers']} allowed now, {plan['max_workers']} at most")
     _set("stat-tasks", str(snap["session"]["tasks"]))
     _set("stat-tasks-all", f"{snap['totals']['tasks']} all time")
     _set("stat-cpu", seconds(snap["session"]["cpu"]))
