@@ -1,0 +1,219 @@
+"""Protocol, encryption, configuration, migrations, OpenAPI and the CLI."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+
+from server import protocol as P
+from server.app import create_app
+from server.config import Config, ConfigError
+from server.crypto import Box, DecryptError, check_password, hash_password
+from server.db import make_engine, migrate
+from server.sim import run_task
+from server.tables import metadata
+from tests.conftest import mysql_url
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# ------------------------------------------------------------------------------- protocol
+def test_protocol_round_trip_every_message():
+    samples = [
+        P.Hello("v1", {"cores": 4}),
+        P.Welcome("v1", 10.0, "i1"),
+        P.Ready(3),
+        P.Tasks([P.TaskSpec("a", 1, 2, 0, {"x": [1]}, "h", 5.0, 99.5, ["numpy"])]),
+        P.NeedCode(2, "h"),
+        P.Code(2, "h", "def main(x): pass", []),
+        P.Heartbeat(["a"]),
+        P.Progress("a", 0.5),
+        P.Results([P.Outcome("a", 1, result=[1, 2], output="hi", cpu=0.1)]),
+        P.Ack(["a"], ["b"]),
+        P.Throttle({"battery": "low"}),
+        P.Cancel(["a"], 2),
+        P.Error("nope", "ready"),
+    ]
+    assert {m.TYPE for m in samples} == set(P.MESSAGES)
+    for msg in samples:
+        assert P.decode(P.encode(msg)) == msg
+
+
+def test_protocol_module_is_stdlib_only_for_pyodide():
+    tree = ast.parse((ROOT / "server" / "protocol.py").read_text())
+    imported = {
+        (n.module or "").split(".")[0] if isinstance(n, ast.ImportFrom) else a.name.split(".")[0]
+        for n in ast.walk(tree)
+        if isinstance(n, (ast.Import, ast.ImportFrom))
+        for a in n.names
+    }
+    assert imported <= {"__future__", "dataclasses", "json", "enum", "typing"}
+
+
+def test_protocol_caps_output_and_rejects_unserialisable():
+    long = P.decode(P.encode(P.Results([P.Outcome("a", 1, output="x" * (P.MAX_OUTPUT_CHARS + 5))])))
+    assert len(long.results[0].output) == P.MAX_OUTPUT_CHARS
+    with pytest.raises(P.ProtocolError, match="not JSON-serialisable"):
+        P.encode(P.Results([P.Outcome("a", 1, result={1, 2})]))
+    with pytest.raises(P.ProtocolError, match="too large"):
+        P.decode("x" * (P.MAX_MESSAGE_BYTES + 1))
+    with pytest.raises(P.ProtocolError, match="at most"):
+        P.decode(json.dumps({"type": "results", "results": [{"attempt": "a", "task": 1}] * 65}))
+
+
+def test_state_enums_have_terminal_sets():
+    assert P.JOB_TERMINAL == {P.JobState.DONE, P.JobState.FAILED, P.JobState.CANCELLED}
+    assert P.TaskState.QUEUED not in P.TASK_TERMINAL
+    assert P.JobState("done") == "done"
+
+
+def test_sim_runner_reports_errors_and_unserialisable_results():
+    ok = run_task("def main(x):\n    print('hi')\n    return x * 2\n", 21)
+    assert (ok.result, ok.error, ok.output) == (42, None, "hi\n")
+    bad = run_task("def main(x):\n    return {1, 2}\n", None)
+    assert bad.result is None and "not JSON-serialisable" in bad.error
+    boom = run_task("def main(x):\n    raise KeyError('k')\n", None)
+    assert "Traceback" in boom.error and "KeyError: 'k'" in boom.error
+
+
+# ------------------------------------------------------------------------------ encryption
+def test_box_binds_ciphertext_to_its_row_and_rotates_keys():
+    old = Box({"k1": b"\x01" * 32}, "k1")
+    blob = old.seal(b"secret", "task:1:result")
+    assert b"secret" not in blob and blob.startswith(b"k1\x00")
+    assert old.open(blob, "task:1:result") == b"secret"
+    with pytest.raises(DecryptError, match="does not match"):
+        old.open(blob, "task:2:result")  # copied to another row
+    tampered = blob[:-1] + bytes([blob[-1] ^ 1])
+    with pytest.raises(DecryptError):
+        old.open(tampered, "task:1:result")
+    new = Box({"k1": b"\x01" * 32, "k2": b"\x02" * 32}, "k2")
+    assert new.open(blob, "task:1:result") == b"secret"  # old rows still readable
+    assert new.seal(b"x", "a").startswith(b"k2\x00")
+    with pytest.raises(DecryptError, match="unknown key id"):
+        old.open(new.seal(b"x", "a"), "a")
+
+
+def test_passwords_hashed_with_salt():
+    h1, h2 = hash_password("pw-123456"), hash_password("pw-123456")
+    assert h1 != h2 and "pw-123456" not in h1
+    assert check_password("pw-123456", h1) and not check_password("pw-654321", h1)
+    assert not check_password("x", "garbage")
+
+
+# -------------------------------------------------------------------------- configuration
+@pytest.mark.parametrize(
+    ("env", "needle"),
+    [
+        ({"UVM_DATABSE_URL": "x"}, "unknown setting UVM_DATABSE_URL"),
+        ({"UVM_DATABASE_URL": "postgres://x"}, "mysql+aiomysql://"),
+        ({"UVM_REDIS_URL": "localhost:6379"}, "redis://"),
+        ({"UVM_KEY": "abcd"}, "64 hex digits"),
+        ({"UVM_KEY": "zz" * 32}, "UVM_KEY"),
+        ({"UVM_HEARTBEAT": "-1"}, "positive"),
+        ({"UVM_MAX_BODY_BYTES": "lots"}, "UVM_MAX_BODY_BYTES"),
+        ({"UVM_ALLOWED_ORIGINS": "evil.example"}, "http://"),
+    ],
+)
+def test_config_fails_loudly(env, needle):
+    with pytest.raises(ConfigError, match=needle.replace("+", r"\+").replace(".", r"\.")):
+        Config.from_env(env)
+
+
+def test_config_defaults_are_the_embedded_backend(tmp_path):
+    config = Config.from_env({"UVM_DATA_DIR": str(tmp_path)})
+    assert config.sqlalchemy_url == f"sqlite+aiosqlite:///{tmp_path / 'uvm.sqlite3'}"
+    assert config.redis_url == ""
+
+
+def test_serve_refuses_bad_config():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("UVM_")} | {"UVM_PORT": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "server.cli", "serve"], env=env, capture_output=True, text=True, cwd=ROOT
+    )
+    assert proc.returncode == 2 and "unknown setting UVM_PORT" in proc.stderr
+
+
+# ----------------------------------------------------------------------------- migrations
+@pytest.mark.parametrize("backend", ["sqlite", "mariadb"])
+async def test_migrations_match_the_declared_schema(backend, tmp_path, request):
+    if backend == "mariadb":
+        url = mysql_url(request.getfixturevalue("mariadb_database"))
+    else:
+        url = f"sqlite+aiosqlite:///{tmp_path / 'm.sqlite3'}"
+    engine = make_engine(url)
+    try:
+        await migrate(engine)
+        await migrate(engine)  # idempotent
+        async with engine.connect() as conn:
+            diff = await conn.run_sync(lambda c: compare_metadata(MigrationContext.configure(c), metadata))
+            version = (await conn.execute(sa.text("SELECT version_num FROM alembic_version"))).scalar()
+        assert diff == []
+        assert version == "0001"
+    finally:
+        await engine.dispose()
+
+
+# -------------------------------------------------------------------------------- OpenAPI
+def test_openapi_documents_every_route_and_nothing_else(tmp_path):
+    from server.openapi import document
+
+    app = create_app(Config.from_env({"UVM_DATA_DIR": str(tmp_path)}))
+    routes = {
+        (r.resource.canonical, r.method.lower())
+        for r in app.router.routes()
+        if r.resource is not None and r.resource.canonical.startswith("/api/") and r.method != "HEAD"
+    }
+    doc = document()
+    documented = {(path, method) for path, ops in doc["paths"].items() for method in ops}
+    assert routes == documented
+
+
+async def test_openapi_served(serve):
+    api, _ = await serve()
+    async with api.session.get(f"{api.url}/api/openapi.json") as resp:
+        doc = await resp.json()
+    assert doc["openapi"].startswith("3.") and "/api/jobs" in doc["paths"]
+
+
+# ------------------------------------------------------------------------------------ CLI
+def test_cli_researcher_add(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("UVM_")} | {"UVM_DATA_DIR": str(tmp_path)}
+
+    def add(email: str, password: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "server.cli", "researcher", "add", email, "--password-stdin"],
+            input=password + "\n",
+            env=env,
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
+
+    ok = add("ada@example.org", "a fine password")
+    assert ok.returncode == 0, ok.stderr
+    token = ok.stdout.strip().splitlines()[-1]
+    assert token.startswith("uvm_") and len(token) > 40
+    db = (tmp_path / "uvm.sqlite3").read_bytes()
+    assert token.encode() not in db and b"a fine password" not in db  # stored hashed
+    dup = add("ada@example.org", "a fine password")
+    assert dup.returncode == 1 and "exists" in dup.stderr
+    assert add("not-an-email", "a fine password").returncode == 2
+    short = add("bob@example.org", "short")
+    assert short.returncode == 2 and "8 characters" in short.stderr
+
+
+def test_volunteer_sim_help_says_trusted_only():
+    out = subprocess.run(
+        [sys.executable, "-m", "server.cli", "volunteer-sim", "--help"], capture_output=True, text=True, cwd=ROOT
+    ).stdout
+    assert "trusted jobs only" in out
