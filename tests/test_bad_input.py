@@ -203,7 +203,8 @@ async def test_results_unknown_duplicate_late_and_unserialisable(serve):
         reply = await _ask(ws, P.encode(P.Results([fake, wrong_task])))
         assert reply["attempts"] == [] and sorted(reply["ignored"]) == sorted(["deadbeef", t1["attempt"]])
         # NaN is not JSON: the attempt becomes an error the researcher sees (max_attempts=3 -> requeued)
-        nan = '{"type":"results","results":[{"attempt":"%s","task":%d,"result":NaN}]}' % (t1["attempt"], t1["task"])
+        nan = json.dumps({"type": "results", "results": [{"attempt": t1["attempt"], "task": t1["task"]}]})
+        nan = nan.replace("}]}", ', "result": NaN}]}')
         assert (await _ask(ws, nan))["attempts"] == [t1["attempt"]]
         big = P.Outcome(attempt=t2["attempt"], task=t2["task"], result="x" * (1024 * 1024 + 1))
         assert (await _ask(ws, P.encode(P.Results([big]))))["attempts"] == [t2["attempt"]]

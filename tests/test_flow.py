@@ -135,7 +135,10 @@ async def test_cancel_stops_hand_out(serve, volunteers):
 
 async def test_retry_failed_tasks(serve, volunteers):
     api, _ = await serve()
-    code = "import os\ndef main(x):\n    if x == 1 and not os.environ.get('UVM_RETRY_OK'):\n        raise RuntimeError('flaky')\n    return x\n"
+    code = (
+        "import os\ndef main(x):\n    if x == 1 and not os.environ.get('UVM_RETRY_OK'):\n"
+        "        raise RuntimeError('flaky')\n    return x\n"
+    )
     job_id = await api.submit(code, [0, 1, 2], max_attempts=1)
     volunteers(api.url, 1)
     assert (await api.wait(job_id))["state"] == "failed"

@@ -71,7 +71,7 @@ def test_protocol_caps_output_and_rejects_unserialisable():
 
 
 def test_state_enums_have_terminal_sets():
-    assert P.JOB_TERMINAL == {P.JobState.DONE, P.JobState.FAILED, P.JobState.CANCELLED}
+    assert {P.JobState.DONE, P.JobState.FAILED, P.JobState.CANCELLED} == P.JOB_TERMINAL
     assert P.TaskState.QUEUED not in P.TASK_TERMINAL
     assert P.JobState("done") == "done"
 
