@@ -1,0 +1,378 @@
+"""The researchers' dashboard: the page at ``/dashboard``, sign-in sessions and operator endpoints.
+
+``add_routes`` is called by the app factory when this module exists. The page itself
+(``public/dashboard.html`` + ``webapp/dashboard*.py``) talks to the same JSON API as scripts; it
+authenticates with the ``uvm_session`` cookie (HttpOnly, SameSite=Strict) set by ``/api/login``.
+Every ``/api/...`` route here is documented in ``DASHBOARD_PATHS``, merged into the OpenAPI
+document by ``server/openapi.py``.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import time
+from pathlib import Path
+
+import sqlalchemy as sa
+from aiohttp import web
+
+from server import appkeys as K
+from server import static
+from server.api import SESSION_COOKIE, json_error, read_json, researcher
+from server.crypto import check_password, hash_token, new_token
+from server.storage import Researcher
+from server.tables import tasks, volunteers
+
+ROOT = Path(__file__).resolve().parent.parent
+PUBLIC = ROOT / "public"
+SESSION_TTL = 7 * 24 * 3600.0
+LOGIN_LIMIT = 10  # attempts per email and client address ...
+LOGIN_WINDOW = 60.0  # ... in this many seconds
+RECENT_VOLUNTEER_SECONDS = 600.0  # the operator sees volunteers seen this recently
+THROUGHPUT_WINDOW = 30.0
+
+
+class LoginLimiter:
+    """A sliding window of sign-in attempts per (email, address): slows password guessing."""
+
+    def __init__(self, limit: int = LOGIN_LIMIT, window: float = LOGIN_WINDOW) -> None:
+        self.limit = limit
+        self.window = window
+        self._hits: dict[tuple[str, str], collections.deque] = {}
+
+    def allow(self, email: str, address: str, now: float | None = None) -> bool:
+        now = time.monotonic() if now is None else now
+        if len(self._hits) > 50_000:  # bounded memory under a spray of addresses
+            self._hits.clear()
+        hits = self._hits.setdefault((email, address), collections.deque())
+        while hits and hits[0] <= now - self.window:
+            hits.popleft()
+        if len(hits) >= self.limit:
+            return False
+        hits.append(now)
+        return True
+
+    def retry_after(self, email: str, address: str, now: float | None = None) -> int:
+        now = time.monotonic() if now is None else now
+        hits = self._hits.get((email, address))
+        return max(1, int(hits[0] + self.window - now) + 1) if hits else 1
+
+
+LIMITER = web.AppKey("login_limiter", LoginLimiter)
+
+
+# ---------------------------------------------------------------------------------- the page
+def package_index_url(app: web.Application) -> str:
+    """Where the Try worker loads requirements from: the configured index or the pinned CDN."""
+    config = app[K.config]
+    default = static.DEFAULT_PACKAGE_INDEX_URL.format(version=static.pinned_versions(PUBLIC)["pyodide"])
+    configured = config.package_index_url
+    builtin = type(config).__dataclass_fields__["package_index_url"].default
+    return configured if configured and configured != builtin else default
+
+
+def codemirror_modules(public_dir: Path = PUBLIC) -> dict[str, str]:
+    """File names of the CodeMirror bundles that ship inside the pinned ``@pyscript/core``.
+
+    PyScript's own editor is built from them; their names carry a content hash, so they are
+    looked up here rather than written into the page.
+    """
+    dist = public_dir / "node_modules" / "@pyscript" / "core" / "dist"
+    found = {}
+    for key, pattern in (("%CODEMIRROR%", "codemirror-*.js"), ("%CODEMIRROR_PYTHON%", "codemirror_lang-python-*.js")):
+        names = sorted(p.name for p in dist.glob(pattern))
+        found[key] = names[0] if names else "missing-codemirror.js"
+    return found
+
+
+def render_dashboard(app: web.Application) -> str:
+    urls = static.vendor_urls(PUBLIC)
+    page_vars = {
+        "%PYODIDE_URL%": urls["pyodide"],
+        "%PYSCRIPT_URL%": urls["pyscript"],
+        "%PACKAGE_INDEX_URL%": package_index_url(app),
+        **codemirror_modules(),
+    }
+    text = (PUBLIC / "dashboard.html").read_text()
+    for key, value in page_vars.items():
+        text = text.replace(key, value)
+    return text
+
+
+async def page(request: web.Request) -> web.Response:
+    return web.Response(
+        text=render_dashboard(request.app),
+        content_type="text/html",
+        headers={"Cache-Control": static.REVALIDATE, "X-Frame-Options": "DENY"},
+    )
+
+
+# ------------------------------------------------------------------------------- sessions
+def _client_address(request: web.Request) -> str:
+    return request.remote or "?"
+
+
+async def login(request: web.Request) -> web.Response:
+    body = await read_json(request)
+    if not isinstance(body, dict):
+        return json_error(400, "send a JSON object {email, password}")
+    email, password = body.get("email"), body.get("password")
+    if not isinstance(email, str) or not isinstance(password, str) or not email.strip() or not password:
+        return json_error(400, "email and password are required", field="email" if not email else "password")
+    email = email.strip().lower()[:254]
+    limiter = request.app[LIMITER]
+    address = _client_address(request)
+    if not limiter.allow(email, address):
+        wait = limiter.retry_after(email, address)
+        response = json_error(429, f"too many sign-in attempts; try again in {wait} s")
+        response.headers["Retry-After"] = str(wait)
+        return response
+    storage = request.app[K.storage]
+    found = await storage.researcher_by_email(email)
+    if found is None and email != body["email"].strip():
+        found = await storage.researcher_by_email(body["email"].strip())  # stored with capitals
+    if found is None or not check_password(password, found[1]):
+        return json_error(401, "wrong email or password")
+    who, _ = found
+    if not who.approved:
+        return json_error(403, "this account is not approved yet; ask an operator")
+    token = new_token()
+    await storage.add_session(hash_token(token), who.id, SESSION_TTL)
+    response = web.json_response(_me(who))
+    response.set_cookie(
+        SESSION_COOKIE,
+        token,
+        max_age=int(SESSION_TTL),
+        path="/",
+        httponly=True,
+        samesite="Strict",
+        secure=request.secure,
+    )
+    return response
+
+
+async def logout(request: web.Request) -> web.Response:
+    token = request.cookies.get(SESSION_COOKIE)
+    if token:
+        await request.app[K.storage].drop_session(hash_token(token))
+    response = web.json_response({"ok": True})
+    response.del_cookie(SESSION_COOKIE, path="/")
+    return response
+
+
+def _me(who: Researcher) -> dict:
+    return {"id": who.id, "email": who.email, "approved": who.approved, "operator": who.operator}
+
+
+async def me(request: web.Request) -> web.Response:
+    return web.json_response(_me(await researcher(request)))
+
+
+# ------------------------------------------------------------------------------- operators
+async def operator(request: web.Request) -> Researcher:
+    who = await researcher(request)
+    if not who.operator:
+        raise web.HTTPForbidden(text=json.dumps({"error": "operators only"}), content_type="application/json")
+    return who
+
+
+async def admin_researchers(request: web.Request) -> web.Response:
+    await operator(request)
+    return web.json_response({"researchers": await request.app[K.storage].list_researchers()})
+
+
+def _researcher_id(request: web.Request) -> int:
+    raw = request.match_info["researcher_id"]
+    if not raw.isdigit() or len(raw) > 18:
+        raise web.HTTPNotFound(text=json.dumps({"error": f"no researcher {raw[:40]}"}), content_type="application/json")
+    return int(raw)
+
+
+async def _set_approved(request: web.Request, approved: bool) -> web.Response:
+    who = await operator(request)
+    target = _researcher_id(request)
+    if target == who.id and not approved:
+        return json_error(409, "you cannot revoke your own account")
+    await request.app[K.storage].set_approved(target, approved)  # NotFound -> 404
+    return web.json_response({"id": target, "approved": approved})
+
+
+async def approve(request: web.Request) -> web.Response:
+    return await _set_approved(request, True)
+
+
+async def revoke(request: web.Request) -> web.Response:
+    return await _set_approved(request, False)
+
+
+def _loads(text: str | None) -> dict:
+    try:
+        value = json.loads(text or "{}")
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+async def _volunteer_rows(engine, since: float) -> tuple[list[dict], float]:  # noqa: ANN001
+    """Volunteers seen since ``since``, and tasks finished over the last 30 s (all jobs).
+
+    Read-only queries kept here until the storage layer grows an operator section.
+    """
+    now = time.time()
+    async with engine.connect() as conn:
+        rows = (
+            await conn.execute(
+                sa.select(volunteers)
+                .where(volunteers.c.last_seen > since)
+                .order_by(volunteers.c.last_seen.desc())
+                .limit(500)
+            )
+        ).all()
+        recent = (
+            await conn.execute(
+                sa.select(sa.func.count()).select_from(tasks).where(tasks.c.finished_at > now - THROUGHPUT_WINDOW)
+            )
+        ).scalar()
+    seen = [
+        {
+            "id": r.id,
+            "first_seen": r.first_seen,
+            "last_seen": r.last_seen,
+            "capabilities": _loads(r.capabilities),
+            "throttle": _loads(r.throttle),
+            "tasks_done": r.tasks_done,
+            "cpu_seconds": round(r.cpu_seconds, 3),
+        }
+        for r in rows
+    ]
+    return seen, round((recent or 0) / THROUGHPUT_WINDOW, 3)
+
+
+async def admin_volunteers(request: web.Request) -> web.Response:
+    await operator(request)
+    dispatcher = request.app[K.dispatcher]
+    connected = [
+        {
+            "id": c.volunteer,
+            "capabilities": c.capabilities,
+            "throttle": c.throttle,
+            "held": len(c.held),
+            "connected_at": c.connected_at,
+        }
+        for c in sorted(dispatcher.conns, key=lambda c: c.connected_at)
+    ]
+    seen, throughput = await _volunteer_rows(request.app[K.storage].engine, time.time() - RECENT_VOLUNTEER_SECONDS)
+    return web.json_response(
+        {
+            "instance": request.app[K.config].instance,
+            "connected": connected,
+            "recent": seen,
+            "throughput": throughput,
+            "ready": await dispatcher.queue.ready_count(),
+        }
+    )
+
+
+def add_routes(app: web.Application) -> None:
+    app[LIMITER] = LoginLimiter()
+    app.router.add_get("/dashboard", page)
+    app.router.add_post("/api/login", login)
+    app.router.add_post("/api/logout", logout)
+    app.router.add_get("/api/me", me)
+    app.router.add_get("/api/admin/researchers", admin_researchers)
+    app.router.add_post("/api/admin/researchers/{researcher_id}/approve", approve)
+    app.router.add_post("/api/admin/researchers/{researcher_id}/revoke", revoke)
+    app.router.add_get("/api/admin/volunteers", admin_volunteers)
+
+
+# ---------------------------------------------------------------------------------- OpenAPI
+def _resp(description: str, schema: dict | None = None) -> dict:
+    out: dict = {"description": description}
+    if schema is not None:
+        out["content"] = {"application/json": {"schema": schema}}
+    return out
+
+
+_ERR = {
+    "description": "error",
+    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+}
+_ME = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "integer"},
+        "email": {"type": "string"},
+        "approved": {"type": "boolean"},
+        "operator": {"type": "boolean"},
+    },
+}
+_RID = {"name": "researcher_id", "in": "path", "required": True, "schema": {"type": "integer"}}
+
+
+def _errs(*codes: int) -> dict:
+    return {str(code): _ERR for code in codes}
+
+
+DASHBOARD_PATHS: dict = {
+    "/api/login": {
+        "post": {
+            "summary": "Sign in: sets the uvm_session cookie (HttpOnly, SameSite=Strict)",
+            "security": [],
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            "type": "object",
+                            "required": ["email", "password"],
+                            "properties": {"email": {"type": "string"}, "password": {"type": "string"}},
+                        }
+                    }
+                },
+            },
+            "responses": {"200": _resp("signed in", _ME), **_errs(400, 401, 403, 429)},
+        }
+    },
+    "/api/logout": {
+        "post": {
+            "summary": "Sign out: ends the session and clears the cookie",
+            "security": [],
+            "responses": {"200": _resp("signed out", {"type": "object"})},
+        }
+    },
+    "/api/me": {
+        "get": {"summary": "The signed-in researcher", "responses": {"200": _resp("me", _ME), **_errs(401, 403)}}
+    },
+    "/api/admin/researchers": {
+        "get": {
+            "summary": "Operators: every researcher account",
+            "responses": {
+                "200": _resp(
+                    "researchers", {"type": "object", "properties": {"researchers": {"type": "array", "items": _ME}}}
+                ),
+                **_errs(401, 403),
+            },
+        }
+    },
+    "/api/admin/researchers/{researcher_id}/approve": {
+        "post": {
+            "summary": "Operators: approve a researcher",
+            "parameters": [_RID],
+            "responses": {"200": _resp("approved", {"type": "object"}), **_errs(401, 403, 404)},
+        }
+    },
+    "/api/admin/researchers/{researcher_id}/revoke": {
+        "post": {
+            "summary": "Operators: revoke a researcher (their token and sessions stop working)",
+            "parameters": [_RID],
+            "responses": {"200": _resp("revoked", {"type": "object"}), **_errs(401, 403, 404, 409)},
+        }
+    },
+    "/api/admin/volunteers": {
+        "get": {
+            "summary": "Operators: connected volunteers (this instance) with throttle states, recent ones, throughput",
+            "responses": {"200": _resp("volunteers", {"type": "object"}), **_errs(401, 403)},
+        }
+    },
+}

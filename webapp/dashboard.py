@@ -1,0 +1,640 @@
+"""The researchers' dashboard: main-thread Python of ``/dashboard`` (PyScript on Pyodide).
+
+Views are chosen by the URL's hash (``#/jobs``, ``#/new``, ``#/job/12``, ``#/admin``); each is a
+``<section>`` of ``public/dashboard.html`` filled from the JSON API with ``dashboard_views``.
+The session is the ``uvm_session`` cookie (HttpOnly: this code never sees it). Live job status
+comes over the events websocket. **Try** runs ``main`` on the first input in a Pyodide web
+worker of this browser -- the volunteers' own ``public/worker.js`` and ``workers/runner.py``.
+Every failure ends as a message on the page, never only in the console.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+
+import dashboard_inputs as inputs
+import dashboard_views as views
+import js
+from pyodide.ffi import create_proxy
+from pyscript import document, window
+
+EXAMPLE = '''"""A small working example: edit it, press Try, then Submit."""
+import math
+
+
+def main(x):
+    # Called once per input; return anything JSON can hold.
+    print("working on", x)
+    return {"x": x, "square": x * x, "sqrt": round(math.sqrt(abs(x)), 6)}
+'''
+ADMIN_REFRESH = 3.0
+RECONNECT = 2.0
+_proxies: list = []  # event handlers, kept alive for the page's lifetime
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, body: object = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = body if isinstance(body, dict) else {}
+
+
+def _el(element_id: str):
+    return document.getElementById(element_id)
+
+
+def _on(element, name: str, handler) -> None:
+    proxy = create_proxy(handler)
+    _proxies.append(proxy)
+    element.addEventListener(name, proxy)
+
+
+def _show(element_id: str, text: str | None) -> None:
+    """Show ``text`` in a message element, or hide the element when ``text`` is empty."""
+    el = _el(element_id)
+    el.textContent = text or ""
+    el.hidden = not text
+
+
+def _js(value: object):
+    """A plain JS object/array from JSON-able Python (None -> null, not undefined)."""
+    return js.JSON.parse(json.dumps(value))
+
+
+async def api(method: str, path: str, body: object = None) -> object:
+    """Call the JSON API with the session cookie; non-2xx raises ``ApiError`` with the server's message."""
+    options: dict = {"method": method, "credentials": "same-origin", "headers": {"Accept": "application/json"}}
+    if body is not None:
+        options["body"] = json.dumps(body)
+        options["headers"]["Content-Type"] = "application/json"
+    try:
+        response = await js.fetch(path, _js(options))
+        text = await response.text()
+    except Exception:  # noqa: BLE001 -- a network error in fetch is a JS TypeError
+        raise ApiError(0, "the server cannot be reached; check your connection and try again") from None
+    try:
+        data = json.loads(text) if text else None
+    except ValueError:
+        data = None
+    if not response.ok:
+        message = data.get("error") if isinstance(data, dict) else None
+        raise ApiError(int(response.status), message or f"the server answered {response.status}", data)
+    return data
+
+
+async def fetch_text(path: str) -> str:
+    response = await js.fetch(path, _js({"credentials": "same-origin"}))
+    if not response.ok:
+        raise ApiError(int(response.status), f"the server answered {response.status}")
+    return str(await response.text())
+
+
+class TryWorker:
+    """One Pyodide worker for Try, started on first use and kept warm; replaced after a timeout."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.worker = None
+        self.ready: asyncio.Future | None = None
+        self.pending: dict[int, asyncio.Future] = {}
+        self.next_id = 1
+        self._proxy = None
+
+    def start(self) -> asyncio.Future:
+        if self.worker is None:
+            loop = asyncio.get_event_loop()
+            self.ready = loop.create_future()
+            self.worker = js.Worker.new(self.url, _js({"type": "module"}))
+            self._proxy = create_proxy(self._message)
+            self.worker.onmessage = self._proxy
+        return self.ready
+
+    def _message(self, event) -> None:
+        data = event.data
+        kind = getattr(data, "type", None)
+        if kind == "ready":
+            if not self.ready.done():
+                self.ready.set_result(True)
+        elif kind == "fatal":
+            if not self.ready.done():
+                self.ready.set_exception(RuntimeError(f"Python could not start in a worker: {data.error}"))
+        else:
+            future = self.pending.pop(int(data.id), None)
+            if future is None or future.done():
+                return
+            error = getattr(data, "error", None)
+            if error is not None and str(error) != "undefined":
+                future.set_result({"error": f"worker error: {error}"})
+            else:
+                future.set_result(json.loads(str(data.result)))
+
+    async def run(self, source: str, value: object, seconds: float) -> dict:
+        await asyncio.wait_for(asyncio.shield(self.start()), 120)
+        request_id, self.next_id = self.next_id, self.next_id + 1
+        future = asyncio.get_event_loop().create_future()
+        self.pending[request_id] = future
+        code_hash = hashlib.sha256(source.encode()).hexdigest()
+        payload = {"code_hash": code_hash, "input": value, "source": source, "job": None}
+        self.worker.postMessage(_js({"id": request_id, "type": "run", "payload": payload}))
+        try:
+            return await asyncio.wait_for(future, seconds)
+        except TimeoutError:
+            self.stop()  # Worker.terminate() is the only sure stop
+            return {"error": f"TimeoutError: main did not return within {seconds:g} s (the job's timeout)"}
+
+    def stop(self) -> None:
+        if self.worker is not None:
+            self.worker.terminate()
+            self.worker.onmessage = None
+            self.worker = None
+        for future in self.pending.values():
+            if not future.done():
+                future.cancel()
+        self.pending.clear()
+
+
+class Dashboard:
+    def __init__(self, worker_url: str) -> None:
+        self.me: dict | None = None
+        self.view = "loading"
+        self.jobs: dict[int, dict] = {}
+        self.job_id: int | None = None
+        self.job: dict | None = None
+        self.editor = None
+        self.mode = "json"
+        self.chain_preset: tuple[str, int] | None = None
+        self.events = None
+        self.try_worker = TryWorker(worker_url)
+        self.results_loaded_at = 0.0
+        self.results_done = -1
+        self.errors_failed = -1
+        self.admin_task: asyncio.Task | None = None
+        self.busy = False
+
+    # ----------------------------------------------------------------------- plumbing
+    def flash(self, message: str | None) -> None:
+        _show("flash", message)
+
+    def run(self, coroutine) -> None:
+        """Run a handler's coroutine; any error it raises ends as a message on the page."""
+        asyncio.ensure_future(self._guard(coroutine))
+
+    async def _guard(self, coroutine) -> None:
+        try:
+            await coroutine
+        except ApiError as exc:
+            if exc.status == 401 and self.me is not None:
+                self.signed_out("Your session has ended; please sign in again.")
+            else:
+                self.flash(str(exc))
+        except Exception as exc:  # noqa: BLE001 -- never a blank page or a console-only error
+            self.flash(f"Something went wrong in the page: {type(exc).__name__}: {exc}")
+            js.console.error(str(exc))
+
+    def show(self, view: str) -> None:
+        self.view = view
+        document.body.dataset.view = view
+        for section in document.querySelectorAll("section.view"):
+            section.hidden = section.dataset["for"] != view
+        for link in document.querySelectorAll("[data-nav]"):
+            link.classList.toggle("active", link.dataset.nav == view)
+        _el("nav").hidden = self.me is None
+        if view != "admin" and self.admin_task is not None:
+            self.admin_task.cancel()
+            self.admin_task = None
+
+    # ------------------------------------------------------------------------- start
+    async def start(self) -> None:
+        self.bind()
+        try:
+            self.me = await api("GET", "/api/me")
+        except ApiError as exc:
+            self.me = None
+            if exc.status not in (401, 403):
+                self.flash(str(exc))
+        _el("login-button").disabled = False
+        document.body.dataset.ready = "1"
+        if self.me is not None:
+            self.signed_in()
+        await self.route()
+
+    def bind(self) -> None:
+        _on(_el("login-form"), "submit", lambda e: self.run(self.login()))
+        _on(document.body, "click", self.click)
+        _on(window, "hashchange", lambda e: self.run(self.route()))
+        for tab in document.querySelectorAll("#input-tabs [data-mode]"):
+            _on(tab, "click", lambda e: self.set_mode(e.currentTarget.dataset.mode))
+        for mode in ("json", "csv", "lines"):
+            _on(_el(f"file-{mode}"), "change", lambda e, m=mode: self.run(self.load_file(m, e.target)))
+
+    def click(self, event) -> None:
+        target = event.target.closest("[data-action]")
+        if target is None:
+            return
+        action = target.dataset.action
+        handlers = {
+            "logout": self.logout,
+            "try": self.try_code,
+            "submit": self.submit,
+            "cancel": self.cancel,
+            "retry": self.retry,
+            "chain-results": lambda: self.chain("results_of"),
+            "chain-after": lambda: self.chain("after"),
+            "approve": lambda: self.set_approved(target.dataset.id, True),
+            "revoke": lambda: self.set_approved(target.dataset.id, False),
+        }
+        if action in handlers:
+            event.preventDefault()
+            self.run(handlers[action]())
+
+    async def route(self) -> None:
+        self.flash(None)
+        if self.me is None:
+            self.show("login")
+            _el("login-email").focus()
+            return
+        parts = [p for p in str(window.location.hash).lstrip("#").split("/") if p]
+        name = parts[0] if parts else "jobs"
+        if name == "job" and len(parts) > 1 and parts[1].isdigit():
+            await self.open_job(int(parts[1]))
+        elif name == "new":
+            await self.open_new()
+        elif name == "admin" and self.me.get("operator"):
+            self.open_admin()
+        else:
+            await self.open_jobs()
+
+    # ------------------------------------------------------------------------ session
+    async def login(self) -> None:
+        email = str(_el("login-email").value).strip()
+        password = str(_el("login-password").value)
+        if not email or not password:
+            _show("login-error", "Enter your email and password.")
+            return
+        button = _el("login-button")
+        button.disabled = True
+        try:
+            self.me = await api("POST", "/api/login", {"email": email, "password": password})
+        except ApiError as exc:
+            _show("login-error", str(exc)[:1].upper() + str(exc)[1:] + ".")
+            return
+        finally:
+            button.disabled = False
+        _show("login-error", None)
+        _el("login-password").value = ""
+        self.signed_in()
+        await self.route()
+
+    def signed_in(self) -> None:
+        _el("who").textContent = self.me["email"]
+        _el("nav-admin").hidden = not self.me.get("operator")
+        self.connect_events()
+
+    async def logout(self) -> None:
+        await api("POST", "/api/logout")
+        self.signed_out(None)
+
+    def signed_out(self, message: str | None) -> None:
+        self.me = None
+        self.jobs.clear()
+        if self.events is not None:
+            events, self.events = self.events, None
+            events.onclose = None
+            events.close()
+        window.location.hash = "#/jobs"
+        self.show("login")
+        _show("login-error", message)
+
+    # ------------------------------------------------------------------------- events
+    def connect_events(self) -> None:
+        if self.events is not None or self.me is None:
+            return
+        url = str(window.location.origin).replace("http", "ws", 1) + "/api/events"
+        socket = js.WebSocket.new(url)
+        socket.onmessage = create_proxy(self.on_event)
+        socket.onclose = create_proxy(self.on_events_closed)
+        self.events = socket
+
+    def on_events_closed(self, _event) -> None:
+        self.events = None
+        if self.me is not None:
+            asyncio.get_event_loop().call_later(RECONNECT, self.connect_events)
+
+    def on_event(self, event) -> None:
+        try:
+            data = json.loads(str(event.data))
+        except ValueError:
+            return
+        if data.get("type") != "job":
+            return
+        data.pop("type")
+        self.jobs[data["id"]] = data
+        if self.view == "jobs":
+            self.render_jobs()
+        elif self.view == "job" and data["id"] == self.job_id:
+            self.run(self.update_job(data))
+
+    # --------------------------------------------------------------------------- jobs
+    async def open_jobs(self) -> None:
+        self.show("jobs")
+        listed = (await api("GET", "/api/jobs"))["jobs"]
+        self.jobs = {job["id"]: {**self.jobs.get(job["id"], {}), **job} for job in listed}
+        self.render_jobs()
+        running = [job["id"] for job in listed if job["state"] == "running"][:20]
+        for job_id in running:  # the list has no throughput; the status has
+            self.jobs[job_id] = await api("GET", f"/api/jobs/{job_id}")
+        if running:
+            self.render_jobs()
+
+    def render_jobs(self) -> None:
+        ordered = sorted(self.jobs.values(), key=lambda j: -j["id"])
+        _el("jobs-table").innerHTML = views.jobs_table(ordered)
+
+    async def open_job(self, job_id: int) -> None:
+        if self.job_id != job_id:
+            self.job_id, self.job = job_id, None
+            self.results_done, self.errors_failed, self.results_loaded_at = -1, -1, 0.0
+            _el("job-title").textContent = f"Job {job_id}"
+            _el("job-results").innerHTML = '<p class="muted">No results yet.</p>'
+            _el("job-errors-card").hidden = True
+        self.show("job")
+        try:
+            job = await api("GET", f"/api/jobs/{job_id}")
+        except ApiError as exc:
+            if exc.status == 404:
+                self.flash(f"There is no job {job_id} of yours.")
+                _el("job-stats").innerHTML = ""
+                return
+            raise
+        await self.update_job(job, force=True)
+
+    async def update_job(self, job: dict, force: bool = False) -> None:
+        self.job = job
+        self.jobs[job["id"]] = job
+        _el("job-title").textContent = views.job_name(job)
+        state = _el("job-state")
+        state.textContent = job["state"]
+        state.className = f"state state-{job['state']}"
+        done, failed = views.progress(job)
+        _el("job-bar-done").style.width = f"{done * 100:.2f}%"
+        _el("job-bar-failed").style.width = f"{failed * 100:.2f}%"
+        _el("job-stats").innerHTML = (
+            f'<p class="muted subtitle">{views.esc(views.job_subtitle(job))}</p>' + views.job_stats(job)
+        )
+        terminal = job["state"] in views.TERMINAL
+        _el("cancel-button").hidden = terminal
+        _el("retry-button").hidden = job["counts"]["failed"] == 0
+        _el("chain-results-button").hidden = job["state"] not in ("done", "failed")
+        _el("chain-after-button").hidden = job["state"] == "cancelled"
+        _el("downloads").innerHTML = views.downloads(job["id"])
+        if job["counts"]["failed"] != self.errors_failed:
+            self.errors_failed = job["counts"]["failed"]
+            await self.load_errors(job["id"])
+        now = time.monotonic()
+        changed = job["counts"]["done"] + job["counts"]["failed"] != self.results_done
+        if changed and (force or terminal or now - self.results_loaded_at > 2.0):
+            self.results_done = job["counts"]["done"] + job["counts"]["failed"]
+            self.results_loaded_at = now
+            await self.load_results(job)
+
+    async def load_errors(self, job_id: int) -> None:
+        body = await api("GET", f"/api/jobs/{job_id}/errors")
+        _el("job-errors-card").hidden = not body.get("groups")
+        _el("job-errors").innerHTML = views.errors_html(body)
+
+    async def load_results(self, job: dict) -> None:
+        if job["counts"]["done"] + job["counts"]["failed"] == 0:
+            return
+        text = await fetch_text(f"/api/jobs/{job['id']}/results?format=ndjson")
+        rows = []
+        for line in text.splitlines():
+            if len(rows) >= views.PREVIEW_ROWS:
+                break
+            if line.strip():
+                rows.append(json.loads(line))
+        _el("job-results").innerHTML = views.results_table(rows, job["n_tasks"])
+
+    async def cancel(self) -> None:
+        job = await api("POST", f"/api/jobs/{self.job_id}/cancel")
+        job.pop("cancelled", None)
+        await self.update_job(job, force=True)
+
+    async def retry(self) -> None:
+        body = await api("POST", f"/api/jobs/{self.job_id}/retry")
+        self.flash(None if body["retried"] else "No failed tasks to retry.")
+        await self.update_job(await api("GET", f"/api/jobs/{self.job_id}"), force=True)
+
+    async def chain(self, kind: str) -> None:
+        self.chain_preset = (kind, self.job_id)
+        window.location.hash = "#/new"
+
+    # ------------------------------------------------------------------------ new job
+    async def open_new(self) -> None:
+        self.show("new")
+        await self.ensure_editor()
+        self.try_worker.start()  # warm Python up while the researcher types
+        listed = (await api("GET", "/api/jobs"))["jobs"]
+        for job in listed:
+            self.jobs[job["id"]] = {**self.jobs.get(job["id"], {}), **job}
+        select = _el("chain-job")
+        select.innerHTML = (
+            "".join(
+                f'<option value="{job["id"]}">#{job["id"]} {views.esc(views.job_name(job))} ({job["state"]})</option>'
+                for job in listed
+                if job["state"] != "cancelled"
+            )
+            or '<option value="">(no jobs yet)</option>'
+        )
+        if self.chain_preset is not None:
+            kind, job_id = self.chain_preset
+            self.chain_preset = None
+            select.value = str(job_id)
+            _el("chain-kind").value = kind
+            self.set_mode("chain")
+            name = views.job_name(self.jobs.get(job_id, {"id": job_id}))
+            note = _el("chain-note")
+            note.textContent = ("Pipeline stage after " if kind == "after" else "Inputs: results of ") + name
+            note.hidden = False
+        else:
+            _el("chain-note").hidden = True
+
+    async def ensure_editor(self) -> None:
+        if self.editor is not None:
+            return
+        for _ in range(200):
+            if getattr(window, "uvmMakeEditor", None) is not None:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise RuntimeError("the code editor did not load")
+        self.editor = window.uvmMakeEditor(_el("editor"), EXAMPLE)
+
+    def set_mode(self, mode: str) -> None:
+        self.mode = mode
+        for tab in document.querySelectorAll("#input-tabs [data-mode]"):
+            tab.setAttribute("aria-selected", "true" if tab.dataset.mode == mode else "false")
+        for panel in document.querySelectorAll("[data-mode-panel]"):
+            panel.hidden = panel.dataset.modePanel != mode
+        _show("inputs-error", None)
+
+    async def load_file(self, mode: str, field) -> None:
+        files = field.files
+        if not files or files.length == 0:
+            return
+        file = files.item(0)
+        if file.size > 64 * 1024 * 1024:
+            _show("inputs-error", f"{file.name} is larger than 64 MB; use the Python client for big inputs.")
+            return
+        _el(f"inputs-{mode}").value = await file.text()
+        _show("inputs-error", None)
+
+    def read_inputs(self) -> object:
+        fields = {
+            "json": _el("inputs-json").value,
+            "csv": _el("inputs-csv").value,
+            "lines": _el("inputs-lines").value,
+            "start": _el("range-start").value,
+            "stop": _el("range-stop").value,
+            "step": _el("range-step").value,
+            "job": _el("chain-job").value,
+            "kind": _el("chain-kind").value,
+        }
+        return inputs.parse(self.mode, {k: str(v) for k, v in fields.items()})
+
+    def read_options(self) -> dict:
+        def number(element_id: str, label: str, kind=int):
+            raw = str(_el(element_id).value).strip()
+            try:
+                return kind(raw)
+            except ValueError:
+                raise inputs.InputError(f"{label} must be a number") from None
+
+        requirements = [r.strip() for r in str(_el("opt-requirements").value).replace(",", " ").split() if r.strip()]
+        return {
+            "name": str(_el("opt-name").value).strip(),
+            "timeout": number("opt-timeout", "the timeout", float),
+            "max_attempts": number("opt-attempts", "attempts per task"),
+            "priority": number("opt-priority", "the priority"),
+            "requirements": requirements,
+        }
+
+    async def first_input(self, value: object) -> object:
+        """The input Try uses; for chained inputs, the first result of that job."""
+        if isinstance(value, dict) and ("results_of" in value or "after" in value):
+            job_id = value.get("results_of", value.get("after"))
+            text = await fetch_text(f"/api/jobs/{job_id}/results?format=ndjson")
+            for line in text.splitlines():
+                row = json.loads(line) if line.strip() else {}
+                if row.get("state") == "done":
+                    return row["result"]
+            raise inputs.InputError(f"job {job_id} has no result yet to try on")
+        return inputs.first(value)
+
+    async def try_code(self) -> None:
+        _show("code-error", None)
+        status, out = _el("try-status"), _el("try-output")
+        try:
+            parsed = self.read_inputs()
+            options = self.read_options()
+            value = await self.first_input(parsed)
+        except inputs.InputError as exc:
+            _show("inputs-error", str(exc))
+            return
+        button = _el("try-button")
+        button.disabled = True
+        booted = self.try_worker.start().done()
+        status.textContent = "Running…" if booted else "Starting Python in a worker…"
+        try:
+            started = time.monotonic()
+            answer = await self.try_worker.run(str(self.editor.get()), value, options["timeout"])
+            seconds = time.monotonic() - started
+        finally:
+            button.disabled = False
+        status.textContent = f"main({views._short(value, 40)}) ran in this browser."
+        out.innerHTML = views.try_html(answer, seconds)
+        out.hidden = False
+        out.dataset.outcome = "error" if answer.get("error") else "ok"
+
+    async def submit(self) -> None:
+        if self.busy:
+            return
+        for element_id in ("code-error", "inputs-error", "submit-error"):
+            _show(element_id, None)
+        try:
+            parsed = self.read_inputs()
+        except inputs.InputError as exc:
+            _show("inputs-error", str(exc))
+            return
+        try:
+            options = self.read_options()
+        except inputs.InputError as exc:
+            _show("submit-error", str(exc))
+            return
+        body = {"code": str(self.editor.get()), "inputs": parsed, **options}
+        self.busy = True
+        _el("submit-button").disabled = True
+        try:
+            created = await api("POST", "/api/jobs", body)
+        except ApiError as exc:
+            self.show_submit_error(exc)
+            return
+        finally:
+            self.busy = False
+            _el("submit-button").disabled = False
+        window.location.hash = f"#/job/{created['id']}"
+
+    def show_submit_error(self, exc: ApiError) -> None:
+        field, line = exc.body.get("field"), exc.body.get("line")
+        if line is not None:
+            _show("code-error", f"{exc} — see line {line}")
+            self.editor.markLine(int(line))
+        elif field == "code":
+            _show("code-error", str(exc))
+        elif field == "inputs":
+            _show("inputs-error", str(exc))
+        else:
+            _show("submit-error", str(exc))
+
+    # -------------------------------------------------------------------------- admin
+    def open_admin(self) -> None:
+        self.show("admin")
+        if self.admin_task is None:
+            self.admin_task = asyncio.ensure_future(self._admin_loop())
+
+    async def _admin_loop(self) -> None:
+        while self.view == "admin":
+            await self._guard(self.load_admin())
+            await asyncio.sleep(ADMIN_REFRESH)
+
+    async def load_admin(self) -> None:
+        people = (await api("GET", "/api/admin/researchers"))["researchers"]
+        vols = await api("GET", "/api/admin/volunteers")
+        _el("admin-researchers").innerHTML = views.researchers_table(people, self.me["id"])
+        _el("admin-volunteers").innerHTML = views.volunteers_table(vols)
+        _el("admin-stats").innerHTML = views.admin_stats(vols)
+
+    async def set_approved(self, researcher_id: str, approved: bool) -> None:
+        await api("POST", f"/api/admin/researchers/{researcher_id}/{'approve' if approved else 'revoke'}")
+        await self.load_admin()
+
+
+async def main() -> None:
+    config = _el("uvm-config").dataset
+    base = str(window.location.origin)
+    worker_url = (
+        f"{base}/static/worker.js?pyodide={js.encodeURIComponent(config.pyodide)}"
+        f"&index={js.encodeURIComponent(config.packageIndex)}"
+    )
+    app = Dashboard(worker_url)
+    window.uvm_dashboard = create_proxy(lambda: json.dumps({"view": app.view, "me": app.me, "job": app.job}))
+    try:
+        await app.start()
+    except Exception as exc:  # noqa: BLE001
+        app.flash(f"The dashboard could not start: {type(exc).__name__}: {exc}")
+        raise
+
+
+asyncio.ensure_future(main())

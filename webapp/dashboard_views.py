@@ -1,0 +1,286 @@
+"""What the dashboard shows: HTML fragments drawn from the API's JSON.
+
+Pure functions (plain dicts in, strings out; every value escaped), so they run in the page and
+in CPython tests alike. ``webapp/dashboard.py`` puts them into the DOM.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from html import escape
+from typing import Any
+
+TERMINAL = ("done", "failed", "cancelled")
+PREVIEW_ROWS = 50
+FORMATS = (("txt", ".txt"), ("json", "JSON"), ("ndjson", "NDJSON"), ("csv", "CSV"))
+
+
+def esc(value: Any) -> str:
+    return escape(str(value), quote=True)
+
+
+def when(ts: float | None, now: float | None = None) -> str:
+    """A timestamp as "12 s ago", "3 min ago", "2 h ago" or a date."""
+    if not ts:
+        return "—"
+    now = time.time() if now is None else now
+    ago = max(0.0, now - ts)
+    if ago < 60:
+        return f"{ago:.0f} s ago"
+    if ago < 3600:
+        return f"{ago / 60:.0f} min ago"
+    if ago < 86400:
+        return f"{ago / 3600:.0f} h ago"
+    return time.strftime("%Y-%m-%d", time.gmtime(ts))
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None or seconds != seconds or seconds < 0:
+        return "—"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def rate(value: float | None) -> str:
+    if not value:
+        return "—"
+    return f"{value:.1f}/s" if value >= 1 else f"{value * 60:.1f}/min"
+
+
+def progress(job: dict) -> tuple[float, float]:
+    """Fractions of the job done and failed (0..1)."""
+    n = max(1, job.get("n_tasks") or 0)
+    counts = job.get("counts") or {}
+    return counts.get("done", 0) / n, counts.get("failed", 0) / n
+
+
+def eta(job: dict) -> float | None:
+    """Seconds left at the current throughput, or None when it cannot be told."""
+    if job.get("state") in TERMINAL:
+        return 0.0
+    counts = job.get("counts") or {}
+    left = counts.get("queued", 0) + counts.get("running", 0)
+    speed = job.get("throughput") or 0
+    return left / speed if speed > 0 else None
+
+
+def job_name(job: dict) -> str:
+    return job.get("name") or f"Job {job['id']}"
+
+
+def state_badge(state: str) -> str:
+    return f'<span class="state state-{esc(state)}">{esc(state)}</span>'
+
+
+def jobs_table(jobs: list[dict], now: float | None = None) -> str:
+    if not jobs:
+        return '<p class="empty">No jobs yet. <a href="#/new">Write your first one.</a></p>'
+    rows = []
+    for job in jobs:
+        done, failed = progress(job)
+        counts = job.get("counts") or {}
+        finished = counts.get("done", 0) + counts.get("failed", 0)
+        rows.append(
+            f'<tr data-job="{job["id"]}">'
+            f'<td class="num">{job["id"]}</td>'
+            f'<td><a href="#/job/{job["id"]}">{esc(job_name(job))}</a>{_chain_note(job)}</td>'
+            f"<td>{state_badge(job['state'])}</td>"
+            f'<td><div class="mini-progress" title="{finished} of {job["n_tasks"]}">'
+            f'<div class="bar done" style="width:{done * 100:.1f}%"></div>'
+            f'<div class="bar failed" style="width:{failed * 100:.1f}%"></div></div>'
+            f'<span class="muted small">{finished}/{job["n_tasks"]}</span></td>'
+            f'<td class="hide-phone">{esc(when(job.get("created_at"), now))}</td>'
+            f'<td class="hide-phone">{esc(rate(job.get("throughput")))}</td>'
+            "</tr>"
+        )
+    head = (
+        "<thead><tr><th>#</th><th>Name</th><th>State</th><th>Progress</th>"
+        '<th class="hide-phone">Created</th><th class="hide-phone">Throughput</th></tr></thead>'
+    )
+    return f'<table class="table jobs">{head}<tbody>{"".join(rows)}</tbody></table>'
+
+
+def _chain_note(job: dict) -> str:
+    parent = job.get("parent_job_id")
+    if not parent:
+        return ""
+    kind = "after" if job.get("inputs_kind") == "after" else "results of"
+    return f' <span class="muted small">({kind} #{esc(parent)})</span>'
+
+
+def job_stats(job: dict) -> str:
+    counts = job.get("counts") or {}
+    items = [
+        ("queued", counts.get("queued", 0)),
+        ("running", counts.get("running", 0)),
+        ("done", counts.get("done", 0)),
+        ("failed", counts.get("failed", 0)),
+        ("cancelled", counts.get("cancelled", 0)),
+        ("throughput", rate(job.get("throughput"))),
+        ("time left", "—" if job.get("state") in TERMINAL else duration(eta(job))),
+        ("volunteers", job.get("volunteers", 0)),
+    ]
+    return "".join(
+        f'<div class="stat" data-stat="{esc(label.replace(" ", "-"))}">'
+        f'<span class="stat-value">{esc(value)}</span><span class="stat-label">{esc(label)}</span></div>'
+        for label, value in items
+    )
+
+
+def job_subtitle(job: dict) -> str:
+    parts = [f"{job['n_tasks']} task{'s' if job['n_tasks'] != 1 else ''}", f"created {when(job.get('created_at'))}"]
+    if job.get("finished_at"):
+        parts.append(f"finished {when(job['finished_at'])}")
+    if job.get("parent_job_id"):
+        parts.append(f"inputs from job {job['parent_job_id']}")
+    return " · ".join(parts)
+
+
+def downloads(job_id: int) -> str:
+    return "".join(
+        f'<a class="button small" href="/api/jobs/{job_id}/results?format={fmt}" download '
+        f'data-format="{fmt}">{label}</a>'
+        for fmt, label in FORMATS
+    )
+
+
+def errors_html(body: dict) -> str:
+    groups = body.get("groups") or []
+    if not groups:
+        return '<p class="muted">No errors.</p>'
+    out = []
+    for group in groups:
+        indices = ", ".join(str(i) for i in group.get("indices", [])[:20])
+        more = "…" if group.get("count", 0) > 20 else ""
+        out.append(
+            '<details class="error-group">'
+            f'<summary><span class="count">{group.get("count", 0)}×</span> <code>{esc(group.get("message"))}</code>'
+            f'<span class="muted small"> inputs #{esc(indices)}{more}</span></summary>'
+            f'<pre class="traceback">{esc(group.get("traceback") or "")}</pre></details>'
+        )
+    return "".join(out)
+
+
+def _short(value: Any, limit: int = 120) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def results_table(rows: list[dict], total: int | None = None) -> str:
+    if not rows:
+        return '<p class="muted">No results yet.</p>'
+    body = []
+    for row in rows[:PREVIEW_ROWS]:
+        if row.get("state") == "done":
+            result = f"<code>{esc(_short(row.get('result')))}</code>"
+        elif row.get("state") == "failed":
+            last = (row.get("error") or "").strip().splitlines()
+            result = f'<span class="bad">{esc(_short(last[-1] if last else "failed"))}</span>'
+        else:
+            result = f'<span class="muted">({esc(row.get("state"))})</span>'
+        body.append(
+            f'<tr><td class="num">{row.get("index")}</td><td><code>{esc(_short(row.get("input"), 60))}</code></td>'
+            f"<td>{result}</td></tr>"
+        )
+    total = len(rows) if total is None else total
+    more = (
+        f'<p class="muted small">Showing {min(len(rows), PREVIEW_ROWS)} of {total}; download for all.</p>'
+        if total > PREVIEW_ROWS
+        else ""
+    )
+    return (
+        '<table class="table results"><thead><tr><th>#</th><th>Input</th><th>Result</th></tr></thead>'
+        f"<tbody>{''.join(body)}</tbody></table>{more}"
+    )
+
+
+def try_html(answer: dict, seconds: float) -> str:
+    """What Try shows: the result and captured output, or the traceback."""
+    parts = []
+    if answer.get("error"):
+        parts.append(f'<p class="bad"><strong>main raised an error</strong> ({seconds:.2f} s)</p>')
+        parts.append(f'<pre class="traceback">{esc(answer["error"])}</pre>')
+    else:
+        parts.append(f'<p class="good"><strong>Result</strong> ({seconds:.2f} s)</p>')
+        parts.append(f'<pre class="result">{esc(json.dumps(answer.get("result"), indent=2, ensure_ascii=False))}</pre>')
+    if answer.get("output"):
+        parts.append(f'<p class="muted small">Printed output</p><pre class="output">{esc(answer["output"])}</pre>')
+    return "".join(parts)
+
+
+def admin_stats(volunteers: dict) -> str:
+    connected = volunteers.get("connected") or []
+    paused = sum(1 for v in connected if (v.get("throttle") or {}).get("paused"))
+    items = [
+        ("connected", len(connected)),
+        ("paused", paused),
+        ("seen in 10 min", len(volunteers.get("recent") or [])),
+        ("tasks held", sum(v.get("held", 0) for v in connected)),
+        ("ready tasks", volunteers.get("ready", 0)),
+        ("throughput", rate(volunteers.get("throughput"))),
+    ]
+    return "".join(
+        f'<div class="stat" data-stat="{esc(label.replace(" ", "-"))}"><span class="stat-value">{esc(value)}</span>'
+        f'<span class="stat-label">{esc(label)}</span></div>'
+        for label, value in items
+    )
+
+
+def researchers_table(people: list[dict], me: int) -> str:
+    rows = []
+    for person in people:
+        if person["id"] == me:
+            action = '<span class="muted small">you</span>'
+        elif person["approved"]:
+            action = (
+                f'<button type="button" class="small" data-action="revoke" data-id="{person["id"]}">Revoke</button>'
+            )
+        else:
+            action = (
+                f'<button type="button" class="small primary" data-action="approve" data-id="{person["id"]}">'
+                "Approve</button>"
+            )
+        role = "operator" if person.get("operator") else "researcher"
+        status = "approved" if person["approved"] else "not approved"
+        rows.append(
+            f'<tr data-researcher="{person["id"]}"><td>{esc(person["email"])}</td><td class="hide-phone">{role}</td>'
+            f'<td><span class="state state-{"done" if person["approved"] else "failed"}">{status}</span></td>'
+            f"<td>{action}</td></tr>"
+        )
+    return (
+        '<table class="table"><thead><tr><th>Email</th><th class="hide-phone">Role</th><th>Status</th><th></th>'
+        f"</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+    )
+
+
+def throttle_text(throttle: dict) -> str:
+    if not throttle:
+        return "running"
+    if throttle.get("paused"):
+        return "paused" + (f": {throttle['reason']}" if throttle.get("reason") else "")
+    bits = [f"{k} {v}" for k, v in sorted(throttle.items()) if k not in ("paused", "reason") and v not in (None, "")]
+    return ", ".join(bits[:4]) or "running"
+
+
+def volunteers_table(volunteers: dict, now: float | None = None) -> str:
+    connected = volunteers.get("connected") or []
+    if not connected:
+        return '<p class="muted">No volunteer is connected to this server right now.</p>'
+    rows = []
+    for v in connected:
+        caps = v.get("capabilities") or {}
+        device = ", ".join(f"{k} {caps[k]}" for k in ("cores", "workers") if k in caps) or "—"
+        rows.append(
+            f'<tr data-volunteer="{esc(v["id"])}"><td><code>{esc(v["id"][:12])}</code></td>'
+            f'<td class="hide-phone">{esc(device)}</td><td>{esc(throttle_text(v.get("throttle") or {}))}</td>'
+            f'<td class="num">{v.get("held", 0)}</td>'
+            f'<td class="hide-phone">{esc(when(v.get("connected_at"), now))}</td></tr>'
+        )
+    return (
+        '<table class="table"><thead><tr><th>Volunteer</th><th class="hide-phone">Device</th><th>Throttle</th>'
+        f'<th>Tasks held</th><th class="hide-phone">Connected</th></tr></thead><tbody>{"".join(rows)}</tbody></table>'
+    )
