@@ -6,6 +6,8 @@ Values that hold research data (code, inputs, results, output, errors) are seale
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import dataclasses
 import json
 import time
@@ -13,7 +15,9 @@ from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.dialects.mysql import insert as mysql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from server.crypto import Box, code_hash
@@ -23,6 +27,7 @@ from server.queue import ReadyItem
 from server.tables import attempts, jobs, researchers, sessions, tasks, volunteers
 
 INSERT_CHUNK = 1000
+_TaskRow = collections.namedtuple("_TaskRow", "id job_id idx state attempts")
 
 
 class NotFound(Exception):
@@ -340,116 +345,146 @@ class Storage:
         is accepted only if its attempt was handed to this volunteer (recorded when it expired
         or was abandoned); otherwise it is ignored.
         """
+        return await self._retry(lambda conn: self._record(conn, items, live))
+
+    async def _record(  # noqa: C901 - one pass deciding each outcome, then batched writes
+        self, conn: AsyncConnection, items: list[tuple[str, Outcome]], live: dict[str, Any]
+    ) -> Recorded:
         rec = Recorded()
         now = _now()
-        attempt_ids = [o.attempt for _, o in items]
-        async with self.engine.begin() as conn:
-            known = {
-                r.id: r
-                for r in (
-                    await conn.execute(
-                        sa.select(attempts.c.id, attempts.c.task_id, attempts.c.volunteer, attempts.c.outcome).where(
-                            attempts.c.id.in_(attempt_ids)
-                        )
-                    )
-                ).all()
-            }
-            done_by_job: dict[int, int] = {}
-            per_volunteer: dict[str, list[float]] = {}  # volunteer -> [tasks done, cpu seconds]
-            for volunteer, o in items:
-                lease = live.get(o.attempt)
-                prior = known.get(o.attempt)
-                if lease is None and (
-                    prior is None
-                    or prior.task_id != o.task
-                    or prior.volunteer != volunteer
-                    or prior.outcome not in (AttemptOutcome.EXPIRED.value, AttemptOutcome.ABANDONED.value)
-                ):
-                    rec.ignored.append(o.attempt)  # unknown, duplicate, or not this volunteer's
-                    continue
-                if lease is not None and (lease.task != o.task or lease.volunteer != volunteer):
-                    rec.ignored.append(o.attempt)
-                    continue
-                task = (
-                    await conn.execute(
-                        sa.select(tasks.c.id, tasks.c.job_id, tasks.c.idx, tasks.c.state, tasks.c.attempts).where(
-                            tasks.c.id == o.task
-                        )
-                    )
-                ).first()
-                if task is None:
-                    rec.ignored.append(o.attempt)
-                    continue
-                outcome = await self._record_one(conn, rec, task, o, volunteer, now, lease is not None)
-                values = {
-                    "id": o.attempt,
-                    "task_id": task.id,
-                    "job_id": task.job_id,
-                    "volunteer": volunteer,
-                    "outcome": outcome.value,
-                    "cpu": o.cpu,
-                    "finished_at": now,
-                }
-                if prior is None:
-                    await conn.execute(attempts.insert().values(**values))
-                else:
-                    await conn.execute(attempts.update().where(attempts.c.id == o.attempt).values(**values))
-                stats = per_volunteer.setdefault(volunteer, [0, 0.0])
-                if outcome is AttemptOutcome.DONE:
-                    done_by_job[task.job_id] = done_by_job.get(task.job_id, 0) + 1
-                    stats[0] += 1
-                stats[1] += max(0.0, float(o.cpu))
-            for job_id, n in done_by_job.items():
-                await conn.execute(jobs.update().where(jobs.c.id == job_id).values(n_done=jobs.c.n_done + n))
-            await self._finish_jobs(conn, rec.jobs)
-            for volunteer, (n_done, cpu) in per_volunteer.items():
+        known = {
+            r.id: r
+            for r in (
                 await conn.execute(
-                    volunteers.update()
-                    .where(volunteers.c.id == volunteer)
-                    .values(
-                        tasks_done=volunteers.c.tasks_done + int(n_done),
-                        cpu_seconds=volunteers.c.cpu_seconds + cpu,
-                        last_seen=now,
+                    sa.select(attempts.c.id, attempts.c.task_id, attempts.c.volunteer, attempts.c.outcome).where(
+                        attempts.c.id.in_([o.attempt for _, o in items])
                     )
                 )
-        return rec
-
-    async def _record_one(
-        self, conn: AsyncConnection, rec: Recorded, task: Any, o: Outcome, volunteer: str, now: float, live: bool
-    ) -> AttemptOutcome:
-        rec.jobs.add(task.job_id)
-        aad = f"task:{task.id}"
-        if task.state != TaskState.QUEUED.value:
-            rec.ignored.append(o.attempt)
-            if live:
-                rec.release.append(o.attempt)
-            return AttemptOutcome.LATE
-        if o.error is None:
-            result = await conn.execute(
+            ).all()
+        }
+        accepted: list[tuple[str, Outcome, bool]] = []
+        for volunteer, o in items:
+            lease = live.get(o.attempt)
+            prior = known.get(o.attempt)
+            if lease is not None:
+                ok = lease.task == o.task and lease.volunteer == volunteer
+            else:  # lease gone: accept only an attempt that expired or was abandoned by this volunteer
+                ok = (
+                    prior is not None
+                    and prior.task_id == o.task
+                    and prior.volunteer == volunteer
+                    and prior.outcome in (AttemptOutcome.EXPIRED.value, AttemptOutcome.ABANDONED.value)
+                )
+            if ok:
+                accepted.append((volunteer, o, lease is not None))
+            else:
+                rec.ignored.append(o.attempt)  # unknown, duplicate, or not this volunteer's
+        if not accepted:
+            return rec
+        # Lock the tasks (one statement), decide, then write in a few executemany statements.
+        rows = {
+            r.id: _TaskRow(*r)
+            for r in (
+                await conn.execute(
+                    sa.select(tasks.c.id, tasks.c.job_id, tasks.c.idx, tasks.c.state, tasks.c.attempts)
+                    .where(tasks.c.id.in_([o.task for _, o, _ in accepted]))
+                    .with_for_update()
+                )
+            ).all()
+        }
+        done_rows: list[dict] = []
+        attempt_rows: list[dict] = []
+        updated_attempts: list[dict] = []
+        done_by_job: dict[int, int] = {}
+        per_volunteer: dict[str, list[float]] = {}
+        for volunteer, o, is_live in accepted:
+            task = rows.get(o.task)
+            if task is None:
+                rec.ignored.append(o.attempt)
+                continue
+            rec.jobs.add(task.job_id)
+            if task.state != TaskState.QUEUED.value:
+                outcome = AttemptOutcome.LATE
+                rec.ignored.append(o.attempt)
+                if is_live:
+                    rec.release.append(o.attempt)
+            elif o.error is None:
+                outcome = AttemptOutcome.DONE
+                aad = f"task:{task.id}"
+                done_rows.append(
+                    {
+                        "tid": task.id,
+                        "result_ct": self.box.seal_json(o.result, aad + ":result"),
+                        "output_ct": self.box.seal_text(o.output, aad + ":output") if o.output else None,
+                        "volunteer": volunteer,
+                        "cpu": o.cpu,
+                    }
+                )
+                rows[o.task] = task._replace(state=TaskState.DONE.value)  # a second outcome in this batch is late
+                rec.acked.append(o.attempt)
+                done_by_job[task.job_id] = done_by_job.get(task.job_id, 0) + 1
+                if is_live:
+                    rec.release.append(o.attempt)
+                else:  # its lease had expired: the task may be waiting in the ready queue again
+                    info = await self.job_info(task.job_id)
+                    if info is not None:
+                        rec.drop.append(ReadyItem(task.job_id, task.id, task.idx, info.timeout, info.priority))
+            else:
+                outcome = await self._record_error(conn, rec, task, o, volunteer, now, is_live)
+                rows[o.task] = task._replace(attempts=task.attempts + 1)
+            stats = per_volunteer.setdefault(volunteer, [0, 0.0])
+            stats[0] += outcome is AttemptOutcome.DONE
+            stats[1] += max(0.0, float(o.cpu))
+            row = {
+                "id": o.attempt,
+                "task_id": task.id,
+                "job_id": task.job_id,
+                "volunteer": volunteer,
+                "outcome": outcome.value,
+                "cpu": o.cpu,
+                "finished_at": now,
+            }
+            (updated_attempts if o.attempt in known else attempt_rows).append(row)
+        if done_rows:
+            await conn.execute(
                 tasks.update()
-                .where(tasks.c.id == task.id, tasks.c.state == TaskState.QUEUED.value)
+                .where(tasks.c.id == sa.bindparam("tid"), tasks.c.state == TaskState.QUEUED.value)
                 .values(
                     state=TaskState.DONE.value,
-                    result_ct=self.box.seal_json(o.result, aad + ":result"),
-                    output_ct=self.box.seal_text(o.output, aad + ":output") if o.output else None,
+                    result_ct=sa.bindparam("result_ct"),
+                    output_ct=sa.bindparam("output_ct"),
                     error_ct=None,
-                    volunteer=volunteer,
-                    cpu=o.cpu,
+                    volunteer=sa.bindparam("volunteer"),
+                    cpu=sa.bindparam("cpu"),
                     finished_at=now,
-                )
+                ),
+                done_rows,
             )
-            if result.rowcount != 1:
-                rec.ignored.append(o.attempt)
-                return AttemptOutcome.LATE
-            rec.acked.append(o.attempt)
-            if live:
-                rec.release.append(o.attempt)
-            else:  # its lease had expired: the task may be waiting in the ready queue again
-                info = await self.job_info(task.job_id)
-                if info is not None:
-                    rec.drop.append(ReadyItem(task.job_id, task.id, task.idx, info.timeout, info.priority))
-            return AttemptOutcome.DONE
-        # The task raised (or timed out): count the attempt; fail the task after max_attempts.
+        if attempt_rows:
+            await conn.execute(attempts.insert(), attempt_rows)
+        for row in updated_attempts:
+            await conn.execute(attempts.update().where(attempts.c.id == row["id"]).values(**row))
+        for job_id, n in done_by_job.items():
+            await conn.execute(jobs.update().where(jobs.c.id == job_id).values(n_done=jobs.c.n_done + n))
+        await self._finish_jobs(conn, rec.jobs)
+        if per_volunteer:
+            await conn.execute(
+                volunteers.update()
+                .where(volunteers.c.id == sa.bindparam("vid"))
+                .values(
+                    tasks_done=volunteers.c.tasks_done + sa.bindparam("n", type_=sa.Integer),
+                    cpu_seconds=volunteers.c.cpu_seconds + sa.bindparam("cpu_s", type_=sa.Double),
+                    last_seen=now,
+                ),
+                [{"vid": v, "n": int(n), "cpu_s": c} for v, (n, c) in per_volunteer.items()],
+            )
+        return rec
+
+    async def _record_error(
+        self, conn: AsyncConnection, rec: Recorded, task: Any, o: Outcome, volunteer: str, now: float, live: bool
+    ) -> AttemptOutcome:
+        """The task raised (or timed out): count the attempt; fail the task after max_attempts."""
+        aad = f"task:{task.id}"
         info = await self.job_info(task.job_id)
         max_attempts = info.max_attempts if info else 1
         failed = task.attempts + 1 >= max_attempts
@@ -616,28 +651,38 @@ class Storage:
 
     # -------------------------------------------------------------------------- volunteers
     async def volunteer_seen(self, volunteer: str, capabilities: dict) -> None:
+        """Insert or update a volunteer in one statement (a read-then-insert deadlocks on MySQL)."""
         now = _now()
         caps = json.dumps(capabilities)[:4000]
-        async with self.engine.begin() as conn:
-            result = await conn.execute(
-                volunteers.update().where(volunteers.c.id == volunteer).values(last_seen=now, capabilities=caps)
-            )
-            if result.rowcount == 0:
-                try:
-                    async with conn.begin_nested():
-                        await conn.execute(
-                            volunteers.insert().values(
-                                id=volunteer,
-                                first_seen=now,
-                                last_seen=now,
-                                capabilities=caps,
-                                throttle="{}",
-                                tasks_done=0,
-                                cpu_seconds=0.0,
-                            )
-                        )
-                except IntegrityError:
-                    pass  # the same volunteer connected twice at once
+        row = {
+            "id": volunteer,
+            "first_seen": now,
+            "last_seen": now,
+            "capabilities": caps,
+            "throttle": "{}",
+            "tasks_done": 0,
+            "cpu_seconds": 0.0,
+        }
+        if self.engine.dialect.name in ("mysql", "mariadb"):
+            stmt = mysql_insert(volunteers).values(**row)
+            stmt = stmt.on_duplicate_key_update(last_seen=now, capabilities=caps)
+        else:
+            stmt = sqlite_insert(volunteers).values(**row)
+            stmt = stmt.on_conflict_do_update(index_elements=["id"], set_={"last_seen": now, "capabilities": caps})
+        await self._retry(lambda conn: conn.execute(stmt))
+
+    async def _retry(self, work: Any, attempts: int = 5) -> Any:
+        """Run ``work(conn)`` in a transaction, again if the database chose it as a deadlock victim."""
+        for attempt in range(attempts):
+            try:
+                async with self.engine.begin() as conn:
+                    return await work(conn)
+            except OperationalError as exc:
+                code = getattr(exc.orig, "args", [None])[0]
+                if code not in (1213, 1205) or attempt == attempts - 1:  # deadlock, lock wait timeout
+                    raise
+                await asyncio.sleep(0.01 * (attempt + 1))
+        return None
 
     async def volunteer_throttle(self, volunteer: str, state: dict) -> None:
         async with self.engine.begin() as conn:

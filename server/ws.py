@@ -90,7 +90,11 @@ async def _handle(msg: object, conn: Conn, dispatcher, storage, send) -> None:  
     if isinstance(msg, P.Ready):
         await send(P.Tasks(await dispatcher.lease(conn, msg.n)))
     elif isinstance(msg, P.Results):
-        rec = await dispatcher.report(conn, msg.results)
+        try:
+            rec = await dispatcher.report(conn, msg.results)
+        except Exception:  # the database is away: nothing was committed, nothing acknowledged
+            logger.exception("results from %s not recorded", conn.volunteer)
+            raise P.ProtocolError("the server could not commit these results now; send them again") from None
         await send(P.Ack(rec.acked, rec.ignored))
     elif isinstance(msg, P.Heartbeat):
         await dispatcher.heartbeat(conn, msg.attempts)

@@ -1,0 +1,130 @@
+"""Benchmark: N simulated volunteers against one server on MariaDB + Redis (or the embedded default).
+
+Prints end-to-end tasks/s (submission to the last committed result) and the p50/p99 latency
+from a volunteer's ``ready`` to its ``tasks``. Not a test: it asserts nothing, it measures.
+
+    .venv/bin/python bench/dispatch.py --volunteers 500 --tasks 60000
+    .venv/bin/python bench/dispatch.py --backend sqlite
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.procs import ServerProcess, add_researcher  # noqa: E402
+
+REDIS_URL = "redis://127.0.0.1:6379/12"
+DATABASE = "uvm_bench"
+
+
+def _volunteers(url: str, count: int, prefetch: int, done, out: multiprocessing.Queue) -> None:  # noqa: ANN001
+    from server.sim import run_volunteers
+
+    async def go() -> dict:
+        stop = asyncio.Event()
+
+        async def watch() -> None:
+            while not done.is_set():
+                await asyncio.sleep(0.1)
+            stop.set()
+
+        watcher = asyncio.create_task(watch())
+        stats = await run_volunteers(url, count, prefetch=prefetch, quiet=True, stop=stop)
+        await watcher
+        return stats
+
+    out.put(asyncio.run(go()))
+
+
+def _get(url: str, token: str) -> dict:
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return json.loads(resp.read())
+
+
+def _post(url: str, token: str, body: dict) -> dict:
+    req = urllib.request.Request(
+        url,
+        data=json.dumps(body).encode(),
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=300) as resp:
+        return json.loads(resp.read())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--backend", choices=["mariadb", "sqlite"], default="mariadb")
+    p.add_argument("--volunteers", type=int, default=500)
+    p.add_argument("--tasks", type=int, default=60_000)
+    p.add_argument("--prefetch", type=int, default=4)
+    p.add_argument("--procs", type=int, default=2, help="processes the volunteers are spread over")
+    p.add_argument("--seconds", type=float, default=120.0, help="upper bound on the run")
+    args = p.parse_args()
+
+    data = Path("/tmp/uvm-bench")
+    subprocess.run(["rm", "-rf", str(data)], check=True)
+    env = {"UVM_DATA_DIR": str(data)}
+    if args.backend == "mariadb":
+        subprocess.run(
+            ["mariadb", "-h127.0.0.1", "-uroot", "-e", f"DROP DATABASE IF EXISTS {DATABASE}; CREATE DATABASE {DATABASE}"],
+            check=True,
+        )
+        subprocess.run(["redis-cli", "-n", REDIS_URL.rsplit("/", 1)[1], "flushdb"], check=True, capture_output=True)
+        env |= {"UVM_DATABASE_URL": f"mysql+aiomysql://root@127.0.0.1:3306/{DATABASE}", "UVM_REDIS_URL": REDIS_URL}
+    token = add_researcher(env, "bench@example.org")
+    server = ServerProcess(env).start()
+    try:
+        t0 = time.perf_counter()
+        job = _post(f"{server.url}/api/jobs", token, {"code": "def main(x):\n    return x\n", "inputs": {"range": [args.tasks]}})
+        t_submit = time.perf_counter() - t0
+        out: multiprocessing.Queue = multiprocessing.Queue()
+        finished = multiprocessing.Event()
+        per = [args.volunteers // args.procs + (i < args.volunteers % args.procs) for i in range(args.procs)]
+        procs = [
+            multiprocessing.Process(target=_volunteers, args=(server.url, n, args.prefetch, finished, out))
+            for n in per
+        ]
+        for proc in procs:
+            proc.start()
+        start = time.perf_counter()
+        status = {}
+        while time.perf_counter() - start < args.seconds:
+            status = _get(f"{server.url}/api/jobs/{job['id']}", token)
+            if status["state"] in ("done", "failed", "cancelled"):
+                break
+            time.sleep(0.25)
+        elapsed = time.perf_counter() - start
+        finished.set()
+        stats = [out.get(timeout=60) for _ in procs]
+        for proc in procs:
+            proc.join(timeout=10)
+    finally:
+        server.stop()
+    latencies = sorted(x for s in stats for x in s["latencies"])
+    done = status.get("counts", {}).get("done", 0)
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {platform.platform()}, Python {platform.python_version()}")
+    print(f"backend: {args.backend}; volunteers: {args.volunteers} in {args.procs} processes, prefetch {args.prefetch}")
+    print(f"submit {args.tasks} tasks (range): {t_submit:.2f} s")
+    print(f"completed: {done}/{args.tasks} tasks in {elapsed:.2f} s -> {done / elapsed:.0f} tasks/s end to end")
+    if latencies:
+        q = statistics.quantiles(latencies, n=100)
+        print(f"ready->tasks latency: p50 {q[49] * 1000:.1f} ms, p99 {q[98] * 1000:.1f} ms ({len(latencies)} samples)")
+
+
+if __name__ == "__main__":
+    main()
