@@ -52,6 +52,11 @@ def _on(element, name: str, handler) -> None:
     element.addEventListener(name, proxy)
 
 
+def _absent(value: object) -> bool:
+    """JS ``null`` arrives as ``JsNull`` in recent Pyodide, ``undefined`` as ``None``."""
+    return value is None or type(value).__name__ in ("JsNull", "JsUndefined")
+
+
 def _show(element_id: str, text: str | None) -> None:
     """Show ``text`` in a message element, or hide the element when ``text`` is empty."""
     el = _el(element_id)
@@ -198,7 +203,7 @@ class Dashboard:
         self.view = view
         document.body.dataset.view = view
         for section in document.querySelectorAll("section.view"):
-            section.hidden = section.dataset["for"] != view
+            section.hidden = section.getAttribute("data-for") != view
         for link in document.querySelectorAll("[data-nav]"):
             link.classList.toggle("active", link.dataset.nav == view)
         _el("nav").hidden = self.me is None
@@ -231,8 +236,8 @@ class Dashboard:
             _on(_el(f"file-{mode}"), "change", lambda e, m=mode: self.run(self.load_file(m, e.target)))
 
     def click(self, event) -> None:
-        target = event.target.closest("[data-action]")
-        if target is None:
+        target = event.target.closest("[data-action]") if hasattr(event.target, "closest") else None
+        if _absent(target):
             return
         action = target.dataset.action
         handlers = {

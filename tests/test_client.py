@@ -1,0 +1,191 @@
+"""The Python client against a live server with simulated volunteers (SQLite + in-process queue).
+
+The client is synchronous (urllib); it runs in a thread while the server and the simulated
+volunteers run on the test's event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import json
+import math
+
+import pytest
+
+from tests.test_dashboard_api import make_config, redis_client  # noqa: F401 -- Redis db 5 for these tests
+from uvm_compute import ApiError, Client, TaskError, UnsendableFunction, function_source
+
+SCALE = 3
+
+
+@pytest.fixture
+def backend() -> str:
+    """The client speaks HTTP only; the backend pair is covered by the server's own tests."""
+    return "sqlite"
+
+
+def cube(x):
+    return {"x": x, "cube": x**3}
+
+
+def fragile(x):
+    if x == 3:
+        raise ValueError(f"bad input {x}")
+    return x * 2
+
+
+def slow(x):
+    import time
+
+    time.sleep(0.05)
+    return x
+
+
+def stage_one(x):
+    return x + 1
+
+
+def stage_two(x):
+    return x * 10
+
+
+def uses_module_global(x):
+    return math.sqrt(x)
+
+
+def uses_constant(x):
+    return x * SCALE
+
+
+def imports_inside(x):
+    import math
+
+    return [math.isqrt(i) for i in range(x)] + [abs(-x), sorted([3, 1])]
+
+
+async def coroutine(x):
+    return x
+
+
+def decorated(fn):
+    return fn
+
+
+@decorated
+def wrapped(x):
+    return x
+
+
+async def wait_for(predicate, timeout: float = 20.0) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not predicate():
+        assert loop.time() < end, "timed out"
+        await asyncio.sleep(0.05)
+
+
+async def test_map_progress_order_and_remote_traceback(serve, volunteers, capsys):
+    api, _ = await serve()
+    client = Client(api.url, api.token)
+    volunteers(api.url, 3)
+
+    job = await asyncio.to_thread(client.map, cube, list(range(40)), timeout=30)
+    assert job.n_tasks == 40
+    status = await asyncio.to_thread(job.wait)
+    assert status["state"] == "done"
+    progress = capsys.readouterr().err
+    assert f"job {job.id}" in progress and "40/40" in progress  # the tqdm bar
+    results = await asyncio.to_thread(job.results, progress=False)
+    assert results == [{"x": x, "cube": x**3} for x in range(40)]
+    assert (await api.job(job.id))["name"] == "cube"
+
+    seen = await asyncio.to_thread(lambda: dict(job.as_completed()))
+    assert seen == {i: {"x": i, "cube": i**3} for i in range(40)}
+    table = list(csv.DictReader(io.StringIO(await asyncio.to_thread(job.download, "csv"))))
+    assert [json.loads(r["result"])["cube"] for r in table] == [x**3 for x in range(40)]
+
+    failing = await asyncio.to_thread(client.map, fragile, range(6), max_attempts=1)
+    with pytest.raises(TaskError) as info:
+        await asyncio.to_thread(failing.results, progress=False)
+    err = info.value
+    assert err.index == 3 and err.input == 3
+    assert "ValueError: bad input 3" in err.remote_traceback
+    assert "in fragile" in err.remote_traceback and "Traceback" in err.remote_traceback
+    assert "Remote traceback" in str(err)
+    partial = await asyncio.to_thread(failing.results, raise_errors=False, progress=False)
+    assert partial[:3] == [0, 2, 4] and isinstance(partial[3], TaskError) and partial[4:] == [8, 10]
+    with pytest.raises(TaskError):
+        await asyncio.to_thread(lambda: list(failing.as_completed()))
+
+
+async def test_cancel_and_job_handles(serve, volunteers):
+    api, _ = await serve()
+    client = Client(api.url, api.token)
+    job = await asyncio.to_thread(client.map, slow, list(range(300)))
+    volunteers(api.url, 1)
+    assert await asyncio.to_thread(job.cancel) is True
+    status = await asyncio.to_thread(job.wait, 30, False)
+    assert status["state"] == "cancelled"
+    again = await asyncio.to_thread(client.job, job.id)
+    assert again.id == job.id and again.n_tasks == 300
+    assert job.id in [j["id"] for j in await asyncio.to_thread(client.jobs)]
+
+
+async def test_bad_code_and_inputs_raise_api_errors(serve):
+    api, _ = await serve()
+    client = Client(api.url, api.token)
+    with pytest.raises(ApiError) as info:
+        await asyncio.to_thread(client.map, "def main(x):\n    return x +\n", [1])
+    assert info.value.status == 400 and info.value.line == 2 and "SyntaxError" in str(info.value)
+    with pytest.raises(ApiError) as info:
+        await asyncio.to_thread(client.map, cube, [], timeout=5)
+    assert info.value.field == "inputs"
+    with pytest.raises(TypeError, match="not a dict"):
+        client.map(cube, {"a": 1})
+    with pytest.raises(ApiError) as info:
+        await asyncio.to_thread(Client(api.url, "uvm_wrong").jobs)
+    assert info.value.status == 401
+
+
+def test_unsendable_functions_are_refused():
+    def nested(x):
+        return x
+
+    offset = 3
+
+    def closure(x):
+        return x + offset
+
+    cases = [
+        (lambda x: x, "lambda"),
+        (nested, "inside another function"),
+        (closure, "closure over offset"),
+        (uses_module_global, "module globals that are not in its source: math"),
+        (uses_constant, "SCALE"),
+        (wrapped, "decorated"),
+        (coroutine, "is async"),
+        (print, "not a plain Python function"),
+    ]
+    for fn, message in cases:
+        with pytest.raises(UnsendableFunction, match=message):
+            function_source(fn)
+    assert "import math` in its body" in _message(uses_module_global)
+
+
+def _message(fn) -> str:
+    try:
+        function_source(fn)
+    except UnsendableFunction as exc:
+        return str(exc)
+    raise AssertionError("not refused")
+
+
+def test_sendable_source_is_aliased_as_main():
+    source = function_source(imports_inside)
+    assert source.startswith("def imports_inside(x):") and source.rstrip().endswith("main = imports_inside")
+    namespace: dict = {}
+    exec(compile(source, "<sent>", "exec"), namespace)  # noqa: S102 -- our own function
+    assert namespace["main"](4) == [0, 1, 1, 1, 4, [1, 3]]
+    assert function_source("def main(x):\n    return x\n") == "def main(x):\n    return x\n"
