@@ -133,10 +133,12 @@ class Dispatcher:
         for lease in leases:
             conn.held[lease.attempt] = lease.job
         self.leased_total += len(leases)
-        inputs = await self.storage.task_inputs([le.task for le in leases])
+        infos = {job: await self.storage.job_info(job) for job in {le.job for le in leases}}
+        stored = [le.task for le in leases if infos[le.job] is not None and infos[le.job].inputs_kind == "list"]
+        inputs = await self.storage.task_inputs(stored)  # range and none inputs are computed, not read
         specs = []
         for lease in leases:
-            info = await self.storage.job_info(lease.job)
+            info = infos[lease.job]
             if info is None:
                 continue
             value = inputs[lease.task] if lease.task in inputs else info.input_at(lease.index)
