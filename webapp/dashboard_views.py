@@ -247,12 +247,15 @@ def researchers_table(people: list[dict], me: int) -> str:
         role = "operator" if person.get("operator") else "researcher"
         status = "approved" if person["approved"] else "not approved"
         rows.append(
-            f'<tr data-researcher="{person["id"]}"><td>{esc(person["email"])}</td><td class="hide-phone">{role}</td>'
-            f'<td><span class="state state-{"done" if person["approved"] else "failed"}">{status}</span></td>'
-            f"<td>{action}</td></tr>"
+            f'<tr data-researcher="{person["id"]}"><td class="email">{esc(person["email"])}'
+            f'<span class="only-phone muted small">{role} · {status}</span></td><td class="hide-phone">{role}</td>'
+            f'<td class="hide-phone"><span class="state state-{"done" if person["approved"] else "failed"}">'
+            f"{status}</span></td>"
+            f'<td class="num">{action}</td></tr>'
         )
     return (
-        '<table class="table"><thead><tr><th>Email</th><th class="hide-phone">Role</th><th>Status</th><th></th>'
+        '<table class="table"><thead><tr><th>Email</th><th class="hide-phone">Role</th>'
+        '<th class="hide-phone">Status</th><th></th>'
         f"</tr></thead><tbody>{''.join(rows)}</tbody></table>"
     )
 
