@@ -4,7 +4,7 @@
   a free port with its own temporary ``UVM_DATA_DIR`` (and, for "mariadb", a fresh MariaDB
   database and a flushed Redis db of its own) and returns a ``LiveServer`` with a researcher
   token and small blocking API helpers. Module-scoped: start one per module, reuse it.
-- ``browser``: one headless Chromium per session (Playwright for Python, never
+- ``browser``: one headless Chromium per module (Playwright for Python, never
   ``playwright install``: ``/usr/bin/chromium`` is used).
 - ``volunteer_page(context, server)``: open the volunteer page and wait until its Python runs.
 - ``fake_device(...)``: an init script that fakes hardwareConcurrency, Battery and Network.
@@ -39,7 +39,7 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 MARIADB = {"host": "127.0.0.1", "port": 3306, "user": "root", "password": ""}
-E2E_REDIS_DBS = (12, 13, 14, 15)  # the backend's own tests use db 9; each live server gets one of these
+E2E_REDIS_DBS = (13, 14, 15)  # backend tests use db 9, bench/dispatch.py db 12; one each per live server
 PAGE_READY_TIMEOUT_MS = 60_000
 
 
@@ -243,8 +243,10 @@ def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[.
     mariadb.drop_all()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[object]:
+    """Headless Chromium, one per module: Playwright's sync API holds an event loop while open,
+    which would break pytest-asyncio tests run in between if it lived for the whole session."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
