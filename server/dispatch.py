@@ -16,6 +16,7 @@ import secrets
 import time
 from typing import Any
 
+from server import pipelines
 from server.config import Config
 from server.jobspec import InvalidJob, JobSpec, verify_code
 from server.protocol import AttemptOutcome, Cancel, Outcome, TaskSpec
@@ -23,6 +24,7 @@ from server.queue import Bus, Lease, Queue
 from server.storage import Recorded, Storage
 
 logger = logging.getLogger(__name__)
+STORED_INPUTS = frozenset({"list", "after"})  # range and none inputs are computed from the index
 
 
 @dataclasses.dataclass(eq=False)
@@ -81,10 +83,14 @@ class Dispatcher:
         return n
 
     async def _run_reaper(self) -> None:
+        ticks = 0
         while True:
             await asyncio.sleep(self.config.reaper_interval)
             try:
                 await self.rebuild_if_needed()
+                ticks += 1
+                if ticks % 2 == 0:  # pipeline stages: feed anything a race left behind
+                    await self._apply(await pipelines.sweep(self.storage))
                 expired = await self.queue.expire(time.time())
                 if expired:
                     for conn in self.conns:
@@ -112,6 +118,8 @@ class Dispatcher:
             researcher_id, spec, future = await self._submissions.get()
             try:
                 await loop.run_in_executor(None, verify_code, spec.code)
+                if spec.results_of is not None:
+                    await self._resolve_results_of(researcher_id, spec)
                 job_id = await asyncio.shield(self.storage.create_job(researcher_id, spec, self.config.max_input_bytes))
                 async for chunk in self.storage.ready_items([job_id]):
                     await self.queue.push(chunk)
@@ -124,6 +132,23 @@ class Dispatcher:
             else:
                 _settle(future, result=job_id)
 
+    async def _resolve_results_of(self, researcher_id: int, spec: JobSpec) -> None:
+        """``{"results_of": A}``: A's results (its done tasks, in order) become the inputs."""
+        upstream = await self.storage.get_job(researcher_id, spec.results_of)
+        if upstream["state"] not in ("done", "failed"):
+            raise InvalidJob(
+                f'job {spec.results_of} has not finished; use {{"after": {spec.results_of}}} '
+                "to start on its results as they complete",
+                field="inputs",
+            )
+        spec.inputs = [
+            row["result"] async for row in self.storage.iter_tasks(spec.results_of) if row["state"] == "done"
+        ]
+        if not spec.inputs:
+            raise InvalidJob(f"job {spec.results_of} has no results", field="inputs")
+        if len(spec.inputs) > self.config.max_tasks_per_job:
+            raise InvalidJob(f"at most {self.config.max_tasks_per_job} tasks per job", field="inputs")
+
     # -------------------------------------------------------------------------- leasing
     async def lease(self, conn: Conn, n: int) -> list[TaskSpec]:
         attempts = [secrets.token_hex(8) for _ in range(n)]
@@ -134,7 +159,7 @@ class Dispatcher:
             conn.held[lease.attempt] = lease.job
         self.leased_total += len(leases)
         infos = {job: await self.storage.job_info(job) for job in {le.job for le in leases}}
-        stored = [le.task for le in leases if infos[le.job] is not None and infos[le.job].inputs_kind == "list"]
+        stored = [le.task for le in leases if infos[le.job] is not None and infos[le.job].inputs_kind in STORED_INPUTS]
         inputs = await self.storage.task_inputs(stored)  # range and none inputs are computed, not read
         specs = []
         for lease in leases:
@@ -211,6 +236,7 @@ class Dispatcher:
         await self.queue.release(rec.release)
         await self.queue.requeue(rec.requeue)
         await self.queue.drop(rec.drop)
+        await self.queue.push(rec.push)
         for job_id in rec.jobs:
             info = await self.storage.job_info(job_id)
             if info is not None:
@@ -226,6 +252,8 @@ class Dispatcher:
             await self.queue.cancel_job(job_id)
             await self.bus.publish({"type": "cancel", "job": job_id})
             await self.publish_job(job_id, researcher_id)
+            for downstream in await pipelines.downstream_of(self.storage, job_id):
+                await self.cancel(researcher_id, downstream)  # a pipeline stage cannot outlive its source
         return changed
 
     async def _cancel_local(self, job_id: int) -> None:

@@ -41,7 +41,7 @@ class InvalidJob(ValueError):
 @dataclasses.dataclass
 class JobSpec:
     code: str
-    inputs_kind: str  # list | range | none
+    inputs_kind: str  # list | range | none | after (results_of becomes a list when resolved)
     inputs: list | None = None
     range_start: int = 0
     range_stop: int = 0
@@ -53,9 +53,12 @@ class JobSpec:
     requirements: list[str] = dataclasses.field(default_factory=list)
     replication: int = 1
     parent_job_id: int | None = None
+    results_of: int | None = None  # resolved into a list of that job's results before saving
 
     @property
     def n_tasks(self) -> int:
+        if self.inputs_kind == "after":
+            return 0  # known once the upstream job is read
         if self.inputs_kind == "list":
             return len(self.inputs or [])
         if self.inputs_kind == "range":
@@ -133,27 +136,48 @@ def _parse_inputs(spec: JobSpec, inputs: Any, config: Config) -> None:
         spec.inputs = inputs
         if not inputs:
             raise InvalidJob("'inputs' is an empty list; use null for a single run", field="inputs")
+    elif isinstance(inputs, dict) and set(inputs) in ({"after"}, {"results_of"}):
+        _parse_upstream(spec, inputs)
     elif isinstance(inputs, dict) and set(inputs) == {"range"}:
-        bounds = inputs["range"]
-        if (
-            not isinstance(bounds, list)
-            or not 1 <= len(bounds) <= 3
-            or not all(isinstance(b, int) and not isinstance(b, bool) for b in bounds)
-        ):
-            raise InvalidJob("'range' must be [stop], [start, stop] or [start, stop, step] integers", field="inputs")
-        start, stop, step = (
-            (0, bounds[0], 1) if len(bounds) == 1 else (bounds[0], bounds[1], bounds[2] if len(bounds) == 3 else 1)
-        )
-        if step == 0:
-            raise InvalidJob("'range' step must not be zero", field="inputs")
-        spec.inputs_kind = "range"
-        spec.range_start, spec.range_stop, spec.range_step = start, stop, step
-        if spec.n_tasks == 0:
-            raise InvalidJob("'range' is empty", field="inputs")
+        _parse_range(spec, inputs["range"])
     else:
-        raise InvalidJob("'inputs' must be a JSON list, {\"range\": [start, stop, step]} or null", field="inputs")
+        raise InvalidJob(
+            '\'inputs\' must be a JSON list, {"range": [start, stop, step]}, {"results_of": job},'
+            ' {"after": job} or null',
+            field="inputs",
+        )
     if spec.n_tasks > config.max_tasks_per_job:
         raise InvalidJob(f"at most {config.max_tasks_per_job} tasks per job", field="inputs")
+
+
+def _parse_upstream(spec: JobSpec, inputs: dict) -> None:
+    """``{"results_of": A}``: A's results as a list. ``{"after": A}``: a pipeline stage fed as A runs."""
+    ((key, upstream),) = inputs.items()
+    if not isinstance(upstream, int) or isinstance(upstream, bool) or upstream <= 0:
+        raise InvalidJob(f"'{key}' must be a job id", field="inputs")
+    spec.parent_job_id = upstream
+    if key == "after":
+        spec.inputs_kind = "after"
+    else:
+        spec.inputs_kind, spec.results_of, spec.inputs = "list", upstream, []
+
+
+def _parse_range(spec: JobSpec, bounds: Any) -> None:
+    if (
+        not isinstance(bounds, list)
+        or not 1 <= len(bounds) <= 3
+        or not all(isinstance(b, int) and not isinstance(b, bool) for b in bounds)
+    ):
+        raise InvalidJob("'range' must be [stop], [start, stop] or [start, stop, step] integers", field="inputs")
+    start, stop, step = (0, bounds[0], 1) if len(bounds) == 1 else (bounds[0], bounds[1], 1)
+    if len(bounds) == 3:
+        step = bounds[2]
+    if step == 0:
+        raise InvalidJob("'range' step must not be zero", field="inputs")
+    spec.inputs_kind = "range"
+    spec.range_start, spec.range_stop, spec.range_step = start, stop, step
+    if spec.n_tasks == 0:
+        raise InvalidJob("'range' is empty", field="inputs")
 
 
 def verify_code(code: str) -> None:

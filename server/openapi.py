@@ -59,6 +59,14 @@ def document() -> dict:
                                 {"type": "array", "items": {}},
                                 {
                                     "type": "object",
+                                    "description": "job B's inputs are job A's results: all at once once A has "
+                                    "finished (results_of), or each as soon as it completes (after: a pipeline)",
+                                    "properties": {"results_of": {"type": "integer"}, "after": {"type": "integer"}},
+                                    "minProperties": 1,
+                                    "maxProperties": 1,
+                                },
+                                {
+                                    "type": "object",
                                     "required": ["range"],
                                     "properties": {
                                         "range": {

@@ -32,8 +32,10 @@ def run_task(source: str, value: Any) -> P.Outcome:
         P.encode(P.Results([outcome]))  # the result must be JSON-serialisable
     except P.ProtocolError as exc:
         outcome.result, outcome.error = None, f"TypeError: the result of main() is not JSON-serialisable: {exc}"
-    except BaseException:  # noqa: BLE001 - the traceback is the researcher's
-        outcome.result, outcome.error = None, traceback.format_exc(limit=-20)
+    except BaseException as exc:  # noqa: BLE001 - the traceback is the researcher's
+        # Drop this runner's own frame: the researcher's traceback starts in their code.
+        tb = exc.__traceback__.tb_next if exc.__traceback__ is not None else None
+        outcome.result, outcome.error = None, "".join(traceback.format_exception(type(exc), exc, tb))
     outcome.output = out.getvalue()[: P.MAX_OUTPUT_CHARS]
     outcome.cpu = time.process_time() - start
     return outcome

@@ -20,6 +20,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from server import pipelines
 from server.crypto import Box, code_hash
 from server.jobspec import InvalidJob, JobSpec, encode_input
 from server.protocol import JOB_TERMINAL, AttemptOutcome, JobState, Outcome, TaskState
@@ -76,6 +77,8 @@ class Recorded:
     requeue: list[str] = dataclasses.field(default_factory=list)  # end and make ready again
     drop: list[ReadyItem] = dataclasses.field(default_factory=list)  # failed: out of the queue
     jobs: set[int] = dataclasses.field(default_factory=set)  # jobs whose counts changed
+    push: list[ReadyItem] = dataclasses.field(default_factory=list)  # new tasks to make ready
+    upstream: list[tuple] = dataclasses.field(default_factory=list)  # (job, task, idx, state, result) finished
 
 
 def _now() -> float:
@@ -161,6 +164,9 @@ class Storage:
     async def create_job(self, researcher_id: int, spec: JobSpec, limit: int) -> int:
         """Insert the job and its tasks (streamed in chunks) in one transaction; state running."""
         async with self.engine.begin() as conn:
+            n_tasks = spec.n_tasks
+            if spec.inputs_kind == "after":
+                n_tasks = await self._upstream_size(conn, researcher_id, spec.parent_job_id)
             result = await conn.execute(
                 jobs.insert().values(
                     researcher_id=researcher_id,
@@ -171,7 +177,7 @@ class Storage:
                     inputs_kind=spec.inputs_kind,
                     range_start=spec.range_start,
                     range_step=spec.range_step,
-                    n_tasks=spec.n_tasks,
+                    n_tasks=n_tasks,
                     n_done=0,
                     n_failed=0,
                     timeout=spec.timeout,
@@ -204,7 +210,27 @@ class Storage:
                     rows.append(row)
                 await conn.execute(tasks.insert(), rows)
             await conn.execute(jobs.update().where(jobs.c.id == job_id).values(state=JobState.RUNNING.value))
+            if spec.inputs_kind == "after":
+                rec = Recorded()
+                while await pipelines.backfill(self, conn, job_id, rec):
+                    pass
+                await self.finish_jobs(conn, {job_id})
         return job_id
+
+    async def _upstream_size(self, conn: AsyncConnection, researcher_id: int, upstream: int | None) -> int:
+        """Lock the upstream job of a pipeline stage (so no result slips between read and feed)."""
+        row = (
+            await conn.execute(
+                sa.select(jobs.c.n_tasks, jobs.c.state)
+                .where(jobs.c.id == upstream, jobs.c.researcher_id == researcher_id)
+                .with_for_update()
+            )
+        ).first()
+        if row is None:
+            raise InvalidJob(f"'after': no job {upstream} of yours", field="inputs")
+        if row.state == JobState.CANCELLED.value:
+            raise InvalidJob(f"'after': job {upstream} was cancelled", field="inputs")
+        return row.n_tasks
 
     async def job_info(self, job_id: int) -> JobInfo | None:
         info = self._jobs.get(job_id)
@@ -422,6 +448,7 @@ class Storage:
                 )
                 rows[o.task] = task._replace(state=TaskState.DONE.value)  # a second outcome in this batch is late
                 rec.acked.append(o.attempt)
+                rec.upstream.append((task.job_id, task.id, task.idx, TaskState.DONE.value, o.result))
                 done_by_job[task.job_id] = done_by_job.get(task.job_id, 0) + 1
                 if is_live:
                     rec.release.append(o.attempt)
@@ -466,7 +493,8 @@ class Storage:
             await conn.execute(attempts.update().where(attempts.c.id == row["id"]).values(**row))
         for job_id, n in done_by_job.items():
             await conn.execute(jobs.update().where(jobs.c.id == job_id).values(n_done=jobs.c.n_done + n))
-        await self._finish_jobs(conn, rec.jobs)
+        await pipelines.feed(self, conn, rec)
+        await self.finish_jobs(conn, rec.jobs)
         if per_volunteer:
             await conn.execute(
                 volunteers.update()
@@ -501,6 +529,7 @@ class Storage:
         )
         rec.acked.append(o.attempt)
         if failed:
+            rec.upstream.append((task.job_id, task.id, task.idx, TaskState.FAILED.value, None))
             await conn.execute(jobs.update().where(jobs.c.id == task.job_id).values(n_failed=jobs.c.n_failed + 1))
             if live:
                 rec.release.append(o.attempt)
@@ -549,16 +578,18 @@ class Storage:
                     )
                     rec.drop.append(ReadyItem(lease.job, lease.task, lease.index, lease.timeout))
                     rec.jobs.add(lease.job)
+                    rec.upstream.append((lease.job, lease.task, lease.index, TaskState.FAILED.value, None))
                     await conn.execute(jobs.update().where(jobs.c.id == lease.job).values(n_failed=jobs.c.n_failed + 1))
                 await conn.execute(
                     tasks.update()
                     .where(tasks.c.id == lease.task, tasks.c.state == TaskState.QUEUED.value)
                     .values(**values)
                 )
-            await self._finish_jobs(conn, rec.jobs)
+            await pipelines.feed(self, conn, rec)
+            await self.finish_jobs(conn, rec.jobs)
         return rec
 
-    async def _finish_jobs(self, conn: AsyncConnection, job_ids: set[int]) -> None:
+    async def finish_jobs(self, conn: AsyncConnection, job_ids: set[int]) -> None:
         if not job_ids:
             return
         await conn.execute(

@@ -45,7 +45,7 @@ jobs = sa.Table(
     sa.Column("state", sa.String(16), nullable=False, index=True),
     sa.Column("code_ct", Blob, nullable=False),
     sa.Column("code_hash", sa.String(64), nullable=False),
-    sa.Column("inputs_kind", sa.String(8), nullable=False),  # list | range | none
+    sa.Column("inputs_kind", sa.String(8), nullable=False),  # list | range | none | after
     sa.Column("range_start", sa.BigInteger),
     sa.Column("range_step", sa.BigInteger),
     sa.Column("n_tasks", sa.Integer, nullable=False),
@@ -56,7 +56,7 @@ jobs = sa.Table(
     sa.Column("priority", sa.Integer, nullable=False, default=0),
     sa.Column("requirements", sa.Text, nullable=False, default="[]"),
     sa.Column("replication", sa.Integer, nullable=False, default=1),
-    sa.Column("parent_job_id", Id, nullable=True),
+    sa.Column("parent_job_id", Id, nullable=True, index=True),  # results_of / after (pipelines)
     sa.Column("created_at", sa.Double, nullable=False),
     sa.Column("finished_at", sa.Double),
 )
