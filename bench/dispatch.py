@@ -81,7 +81,13 @@ def main() -> None:
     env = {"UVM_DATA_DIR": str(data)}
     if args.backend == "mariadb":
         subprocess.run(
-            ["mariadb", "-h127.0.0.1", "-uroot", "-e", f"DROP DATABASE IF EXISTS {DATABASE}; CREATE DATABASE {DATABASE}"],
+            [
+                "mariadb",
+                "-h127.0.0.1",
+                "-uroot",
+                "-e",
+                f"DROP DATABASE IF EXISTS {DATABASE}; CREATE DATABASE {DATABASE}",
+            ],
             check=True,
         )
         subprocess.run(["redis-cli", "-n", REDIS_URL.rsplit("/", 1)[1], "flushdb"], check=True, capture_output=True)
@@ -90,14 +96,15 @@ def main() -> None:
     server = ServerProcess(env).start()
     try:
         t0 = time.perf_counter()
-        job = _post(f"{server.url}/api/jobs", token, {"code": "def main(x):\n    return x\n", "inputs": {"range": [args.tasks]}})
+        job = _post(
+            f"{server.url}/api/jobs", token, {"code": "def main(x):\n    return x\n", "inputs": {"range": [args.tasks]}}
+        )
         t_submit = time.perf_counter() - t0
         out: multiprocessing.Queue = multiprocessing.Queue()
         finished = multiprocessing.Event()
         per = [args.volunteers // args.procs + (i < args.volunteers % args.procs) for i in range(args.procs)]
         procs = [
-            multiprocessing.Process(target=_volunteers, args=(server.url, n, args.prefetch, finished, out))
-            for n in per
+            multiprocessing.Process(target=_volunteers, args=(server.url, n, args.prefetch, finished, out)) for n in per
         ]
         for proc in procs:
             proc.start()
@@ -117,7 +124,8 @@ def main() -> None:
         server.stop()
     latencies = sorted(x for s in stats for x in s["latencies"])
     done = status.get("counts", {}).get("done", 0)
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {platform.platform()}, Python {platform.python_version()}")
+    python = platform.python_version()
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {platform.platform()}, Python {python}")
     print(f"backend: {args.backend}; volunteers: {args.volunteers} in {args.procs} processes, prefetch {args.prefetch}")
     print(f"submit {args.tasks} tasks (range): {t_submit:.2f} s")
     print(f"completed: {done}/{args.tasks} tasks in {elapsed:.2f} s -> {done / elapsed:.0f} tasks/s end to end")
