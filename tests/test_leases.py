@@ -1,0 +1,108 @@
+"""Leases over the real websocket: heartbeats extend them, silence expires them, and live events."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from server import protocol as P
+
+CODE = "def main(x):\n    return x\n"
+
+
+async def _hello(ws, volunteer: str) -> None:
+    await ws.send_str(P.encode(P.Hello(volunteer, {"cores": 2})))
+    assert json.loads((await ws.receive()).data)["type"] == "welcome"
+
+
+async def _lease(ws, n: int) -> list[dict]:
+    await ws.send_str(P.encode(P.Ready(n)))
+    return json.loads((await ws.receive(timeout=10)).data)["tasks"]
+
+
+async def test_heartbeat_keeps_a_lease_and_silence_expires_it(serve):
+    api, _ = await serve(lease_grace=0.4, reaper_interval=0.1)
+    job = await api.submit(CODE, [1, 2], timeout=0.3, max_attempts=2)
+    url = api.url.replace("http", "ws") + "/ws/volunteer"
+    async with api.session.ws_connect(url) as ws:
+        await _hello(ws, "steady")
+        a, b = await _lease(ws, 2)
+        assert a["deadline"] > 0
+        for _ in range(12):  # 1.2 s, well past the 0.7 s deadline: only `a` is kept alive
+            await ws.send_str(P.encode(P.Heartbeat([a["attempt"]])))
+            await asyncio.sleep(0.1)
+        status = await api.job(job)
+        assert status["counts"]["running"] == 1 and status["counts"]["queued"] == 1  # b expired, requeued
+        ack = P.Outcome(a["attempt"], a["task"], result=a["input"])
+        await ws.send_str(P.encode(P.Results([ack])))
+        assert json.loads((await ws.receive()).data)["attempts"] == [a["attempt"]]
+        # b's task: leased again (attempt 2 of 2) and left to expire again -> failed
+        (again,) = await _lease(ws, 1)
+        assert again["task"] == b["task"] and again["attempt"] != b["attempt"]
+        final = await api.wait(job, timeout=10)
+    assert final["state"] == "failed" and final["counts"]["done"] == 1 and final["counts"]["failed"] == 1
+    async with api.session.get(f"{api.url}/api/jobs/{job}/errors", headers=api.headers()) as resp:
+        (err,) = (await resp.json())["errors"]
+    assert "lease expired" in err["error"] and err["attempts"] == 2
+
+
+async def test_late_result_after_expiry_is_accepted_once(serve):
+    api, _ = await serve(lease_grace=0.2, reaper_interval=0.1)
+    job = await api.submit(CODE, [5], timeout=0.2, max_attempts=3)
+    url = api.url.replace("http", "ws") + "/ws/volunteer"
+    async with api.session.ws_connect(url) as ws:
+        await _hello(ws, "slowpoke")
+        (t,) = await _lease(ws, 1)
+        await asyncio.sleep(0.8)  # the lease expires; the task is ready again
+        late = P.Outcome(t["attempt"], t["task"], result=99)
+        await ws.send_str(P.encode(P.Results([late])))
+        assert json.loads((await ws.receive()).data)["attempts"] == [t["attempt"]]  # still useful work
+        await ws.send_str(P.encode(P.Results([late])))
+        assert json.loads((await ws.receive()).data)["ignored"] == [t["attempt"]]  # but only once
+        assert await _lease(ws, 1) == []  # and the task is no longer handed out
+    assert (await api.wait(job))["state"] == "done"
+    assert json.loads(await api.results(job))[0]["result"] == 99
+
+
+async def test_throttle_and_capabilities_are_recorded(serve):
+    api, _ = await serve()
+    url = api.url.replace("http", "ws") + "/ws/volunteer"
+    async with api.session.ws_connect(url) as ws:
+        await _hello(ws, "phone-1")
+        await ws.send_str(P.encode(P.Throttle({"battery": "discharging", "workers": 1, "reason": "battery"})))
+        await ws.send_str(P.encode(P.Ready(0)))  # answered after the throttle was handled
+        assert json.loads((await ws.receive()).data) == {"type": "tasks", "tasks": []}
+    async with api.session.get(f"{api.url}/api/volunteers/phone-1") as resp:
+        stats = await resp.json()
+    assert stats["throttle"] == {"battery": "discharging", "workers": 1, "reason": "battery"}
+    async with api.session.get(f"{api.url}/api/volunteers/nobody") as resp:
+        assert resp.status == 404
+
+
+async def test_events_websocket_streams_my_jobs_only(serve, volunteers):
+    api, app = await serve()
+    from tests.conftest import add_researcher
+
+    other = await add_researcher(app, "watcher@example.org")
+    events_url = api.url.replace("http", "ws") + "/api/events"
+    async with (
+        api.session.ws_connect(events_url, headers=api.headers()) as mine,
+        api.session.ws_connect(events_url, headers=api.headers(other)) as theirs,
+    ):
+        job = await api.submit(CODE, list(range(50)))
+        volunteers(api.url, 2)
+        seen = []
+        while not seen or seen[-1]["state"] != "done":
+            event = json.loads((await mine.receive(timeout=20)).data)
+            assert event["type"] == "job" and event["id"] == job
+            seen.append(event)
+        assert seen[-1]["counts"]["done"] == 50
+        done_counts = [e["counts"]["done"] for e in seen]
+        assert done_counts == sorted(done_counts)
+        try:
+            leaked = await theirs.receive(timeout=0.5)
+        except TimeoutError:
+            leaked = None
+        assert leaked is None  # another researcher hears nothing of my job
+    async with api.session.get(events_url.replace("ws", "http", 1)) as resp:  # no credentials
+        assert resp.status == 401
