@@ -179,6 +179,84 @@ def test_write_try_submit_watch_with_volunteer_tab_and_download(a_page, server, 
     shot(page, screenshots, "jobs-desktop")
 
 
+def results_of(page, job_id: int) -> list:  # noqa: ANN001
+    """The job's results through the page's own session (same-origin fetch with the cookie)."""
+    rows = page.evaluate(f"fetch('/api/jobs/{job_id}/results?format=json').then(r => r.json())")
+    return [row["result"] for row in rows]
+
+
+def wait_done(page, timeout_ms: int = READY_MS) -> None:  # noqa: ANN001
+    page.wait_for_function(
+        "document.getElementById('job-state').textContent === 'done'", timeout=timeout_ms, polling=200
+    )
+
+
+def test_pipeline_and_chained_job_from_the_dashboard(a_page, server, screenshots) -> None:
+    page = a_page
+    go(page, "#/jobs", "jobs")
+    page.wait_for_selector("#jobs-table tr[data-job]")
+    squares = int(page.get_attribute("#jobs-table tr[data-job]", "data-job"))  # from the test above
+
+    # A declared pipeline: stage B exists before stage A has run anything (no volunteer yet).
+    go(page, "#/new", "new")
+    write_code(page, "def main(x):\n    return x * 3\n")
+    page.click("#input-tabs [data-mode=range]")
+    page.fill("#range-start", "0")
+    page.fill("#range-stop", "20")
+    page.fill("#opt-name", "stage A")
+    page.click("#submit-button")
+    page.wait_for_function("location.hash.startsWith('#/job/')")
+    stage_a = int(page.evaluate("location.hash").rsplit("/", 1)[1])
+    page.wait_for_selector("#chain-after-button:not([hidden])")
+    page.click("#chain-after-button")
+    page.wait_for_selector("#view-new:not([hidden])")
+    assert page.inner_text("#chain-note") == "Pipeline stage after stage A"
+    assert page.input_value("#chain-kind") == "after" and page.input_value("#chain-job") == str(stage_a)
+    write_code(page, "def main(x):\n    return x + 1\n")
+    page.click("#try-button")
+    page.wait_for_selector("#inputs-error:not([hidden])")
+    assert f"Job {stage_a} has no result yet" in page.inner_text("#inputs-error")
+    page.fill("#opt-name", "stage B")
+    shot(page, screenshots, "new-job-pipeline-desktop")
+    page.click("#submit-button")
+    page.wait_for_function(f"location.hash.startsWith('#/job/') && location.hash !== '#/job/{stage_a}'")
+    stage_b = int(page.evaluate("location.hash").rsplit("/", 1)[1])
+    page.wait_for_function("document.getElementById('job-stats').textContent.includes('20 tasks')")
+
+    sims = subprocess.Popen(
+        [sys.executable, "-m", "server.cli", "volunteer-sim", "--server", server.url, "--count", "2", "--quiet"],
+        cwd=ROOT,
+        env=server.env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_done(page)
+        assert results_of(page, stage_b) == [x * 3 + 1 for x in range(20)]
+        assert "inputs from job" in page.inner_text("#job-stats")
+        shot(page, screenshots, "job-pipeline-desktop")
+
+        # "New job from these results" of the finished squares job.
+        go(page, f"#/job/{squares}", "job")
+        page.wait_for_selector("#chain-results-button:not([hidden])")
+        page.click("#chain-results-button")
+        page.wait_for_selector("#view-new:not([hidden])")
+        assert page.input_value("#chain-kind") == "results_of"
+        write_code(page, "def main(r):\n    return r['sq'] + 1\n")
+        page.click("#try-button")
+        page.wait_for_selector("#try-output:not([hidden])", timeout=READY_MS)
+        page.wait_for_function("document.getElementById('try-status').textContent.includes('sq')")
+        assert "2" in page.inner_text("#try-output .result")
+        page.click("#submit-button")
+        page.wait_for_function(f"location.hash.startsWith('#/job/') && location.hash !== '#/job/{squares}'")
+        chained = int(page.evaluate("location.hash").rsplit("/", 1)[1])
+        wait_done(page)
+        assert results_of(page, chained) == [x * x + 1 for x in range(1, 13)]
+    finally:
+        sims.terminate()
+        sims.wait(10)
+
+
 def test_bad_code_and_bad_inputs_get_messages(b_page, accounts, screenshots) -> None:
     page = b_page
     ensure_signed_in(page, accounts["b"])

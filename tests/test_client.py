@@ -189,3 +189,20 @@ def test_sendable_source_is_aliased_as_main():
     exec(compile(source, "<sent>", "exec"), namespace)  # noqa: S102 -- our own function
     assert namespace["main"](4) == [0, 1, 1, 1, 4, [1, 3]]
     assert function_source("def main(x):\n    return x\n") == "def main(x):\n    return x\n"
+
+
+async def test_chained_job_and_declared_pipeline(serve, volunteers):
+    api, _ = await serve()
+    client = Client(api.url, api.token)
+    first = await asyncio.to_thread(client.map, stage_one, range(6))
+    piped = await asyncio.to_thread(first.then, stage_two)  # declared before anything ran
+    assert (await asyncio.to_thread(piped.status))["n_tasks"] == 6
+    volunteers(api.url, 2)
+    assert await asyncio.to_thread(piped.results, progress=False) == [(x + 1) * 10 for x in range(6)]
+    assert await asyncio.to_thread(first.results, progress=False) == [x + 1 for x in range(6)]
+    chained = await asyncio.to_thread(client.map, stage_two, first)  # a finished job's results
+    again = await asyncio.to_thread(first.map, stage_one)
+    assert await asyncio.to_thread(chained.results, progress=False) == [(x + 1) * 10 for x in range(6)]
+    assert await asyncio.to_thread(again.results, progress=False) == [x + 2 for x in range(6)]
+    status = await asyncio.to_thread(chained.status)
+    assert status["parent_job_id"] == first.id

@@ -238,7 +238,8 @@ class Client:
             "replication": replication,
         }
         created = self.request("POST", "/api/jobs", body)
-        return Job(self, created["id"], created.get("n_tasks"))
+        chained = isinstance(body["inputs"], dict) and not body["inputs"].keys() & {"range"}
+        return Job(self, created["id"], None if chained else created.get("n_tasks"))
 
     def submit(self, fn: Callable | str, *args: Any, **kwargs: Any) -> Job:
         """Alias of ``map`` (Dask's name for one call is ``submit``; here every job is a map)."""

@@ -60,7 +60,7 @@ def _absent(value: object) -> bool:
 def _show(element_id: str, text: str | None) -> None:
     """Show ``text`` in a message element, or hide the element when ``text`` is empty."""
     el = _el(element_id)
-    el.textContent = text or ""
+    el.textContent = (text[:1].upper() + text[1:]) if text else ""
     el.hidden = not text
 
 
@@ -363,6 +363,9 @@ class Dashboard:
             self.job_id, self.job = job_id, None
             self.results_done, self.errors_failed, self.results_loaded_at = -1, -1, 0.0
             _el("job-title").textContent = f"Job {job_id}"
+            _el("job-state").textContent = "…"
+            _el("job-state").className = "state"
+            _el("job-stats").innerHTML = ""
             _el("job-results").innerHTML = '<p class="muted">No results yet.</p>'
             _el("job-errors-card").hidden = True
         self.show("job")
@@ -439,6 +442,10 @@ class Dashboard:
     # ------------------------------------------------------------------------ new job
     async def open_new(self) -> None:
         self.show("new")
+        for element_id in ("code-error", "inputs-error", "submit-error"):
+            _show(element_id, None)
+        _el("try-output").hidden = True
+        _el("try-status").textContent = "Runs here, in a Python worker in this browser."
         await self.ensure_editor()
         self.try_worker.start()  # warm Python up while the researcher types
         listed = (await api("GET", "/api/jobs"))["jobs"]
@@ -535,7 +542,7 @@ class Dashboard:
                 row = json.loads(line) if line.strip() else {}
                 if row.get("state") == "done":
                     return row["result"]
-            raise inputs.InputError(f"job {job_id} has no result yet to try on")
+            raise inputs.InputError(f"job {job_id} has no result yet to try on; press Try again once one is done")
         return inputs.first(value)
 
     async def try_code(self) -> None:
