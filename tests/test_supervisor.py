@@ -16,6 +16,7 @@ from workers.supervisor import (
     max_workers,
     plan,
     poll_delay,
+    prefetch_per_worker,
     should_flush,
 )
 
@@ -112,3 +113,10 @@ def test_should_flush() -> None:
     assert not should_flush(1, 0.0, batch=True)
     assert should_flush(BATCH_RESULTS, 0.0, batch=True)
     assert should_flush(1, BATCH_SECONDS, batch=True)
+
+
+def test_prefetch_grows_for_short_tasks_only() -> None:
+    assert [prefetch_per_worker(t) for t in (None, 2.0, 0.5, 0.2, 0.1, 0.001, 0.0)] == [1, 1, 1, 4, 8, 8, 8]
+    assert plan(Device(cores=3), Settings(), task_seconds=0.1).want(0) == 2 + 2 * 8
+    slow = plan(Device(cores=3, network=Network(effective_type="2g")), Settings(), task_seconds=0.01)
+    assert slow.prefetch == 0  # a slow connection still gets no prefetch

@@ -82,6 +82,7 @@ class App:
         # handing the same tasks to this page again.
         self.resumed: set[str] = set()
         self.running_specs: dict[str, protocol.TaskSpec] = {}
+        self.task_seconds: float | None = None  # moving average of one task's time here
         self.results: dict[str, dict] = {}  # attempt -> Outcome dict, not yet acknowledged
         self.in_flight: set[str] = set()  # attempts sent, waiting for their ack
         self.oldest_result: float | None = None
@@ -138,6 +139,7 @@ class App:
             self.link.start()
         self.pump()
         if not running:
+            self.pool.discard_prewarmed()
             self.pool.stop_all()
             self.link.stop()
             self.welcomed = False
@@ -226,7 +228,7 @@ class App:
 
     def pump(self) -> None:
         """Bring everything in line with the plan; called after every event."""
-        self.plan = supervisor.plan(self.device, self.settings)
+        self.plan = supervisor.plan(self.device, self.settings, self.task_seconds)
         if self.running:
             self.pool.resize(self.plan.workers)
             self.report_throttle()
@@ -327,6 +329,8 @@ class App:
         self.pump()
 
     def count(self, outcome: dict) -> None:
+        cpu = outcome["cpu"]
+        self.task_seconds = cpu if self.task_seconds is None else 0.8 * self.task_seconds + 0.2 * cpu
         if self.first_result_at is None:
             self.first_result_at = time.monotonic() - self.opened_at
         self.session["tasks"] += 1
@@ -490,6 +494,8 @@ async def main() -> None:
     if app.running:
         app.link.start()
     app.pump()
+    if not app.running or app.plan.paused:
+        app.pool.discard_prewarmed()
 
 
 asyncio.ensure_future(main())

@@ -26,7 +26,7 @@ def _js_object(value: dict):
 class Slot:
     """One worker and what it is doing."""
 
-    def __init__(self, pool: Pool, number: int) -> None:
+    def __init__(self, pool: Pool, number: int, prewarmed=None) -> None:
         self.pool = pool
         self.number = number
         self.ready = False
@@ -41,9 +41,16 @@ class Slot:
         self.boot_seconds: float | None = None
         self._on_message = create_proxy(self._message)
         self._on_error = create_proxy(self._error)
-        self.worker = js.Worker.new(pool.worker_url, _js_object({"type": "module"}))
+        if prewarmed is None:
+            self.worker = js.Worker.new(pool.worker_url, _js_object({"type": "module"}))
+        else:  # started by the page's inline script before this thread's Python was up
+            self.worker = prewarmed.worker
+            if prewarmed.ready:
+                self.ready, self.boot_seconds = True, float(prewarmed.boot)
         self.worker.onmessage = self._on_message
         self.worker.onerror = self._on_error
+        if prewarmed is not None and prewarmed.fatal:
+            self._fail(f"worker failed to start: {prewarmed.fatal}")
 
     @property
     def busy(self) -> bool:
@@ -126,7 +133,18 @@ class Pool:
                 slot.retiring = False
                 live.append(slot)
         while len([s for s in self.slots if not s.retiring]) < target:
-            self.slots.append(Slot(self, next(self._numbers)))
+            self.slots.append(Slot(self, next(self._numbers), self._prewarmed()))
+
+    def _prewarmed(self):
+        """A worker the page's inline script already started, if any (see public/index.html)."""
+        boot = getattr(js.window, "uvmBoot", None)
+        record = boot.take() if boot is not None else None
+        return record if record else None
+
+    def discard_prewarmed(self) -> None:
+        """Terminate workers started early that the plan does not want (paused, say)."""
+        while (record := self._prewarmed()) is not None:
+            record.worker.terminate()
 
     def _remove(self, slot: Slot) -> None:
         if slot in self.slots:

@@ -10,11 +10,14 @@ Every decision carries its reasons in words, shown on the page and sent to the s
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 
 LOW_BATTERY = 0.20  # discharging below this: pause
 SLOW_CONNECTIONS = frozenset({"slow-2g", "2g"})
-PREFETCH_PER_WORKER = 1  # one task waiting per busy worker hides the round trip
+PREFETCH_PER_WORKER = 1  # one task waiting per busy worker hides the round trip...
+PREFETCH_COVER_SECONDS = 0.5  # ...unless tasks are short: then hold enough to cover this long
+MAX_PREFETCH_PER_WORKER = 8
 BATCH_RESULTS = 8  # on a slow connection results go in batches of this many...
 BATCH_SECONDS = 20.0  # ...or after this long, whichever comes first
 HIDDEN_POLICIES = ("continue", "one", "pause")
@@ -109,8 +112,21 @@ def max_workers(cores: int | None, cpu_cap: int) -> int:
     return min(by_cores, by_cap)
 
 
-def plan(device: Device, settings: Settings) -> Plan:
-    """Decide the worker count, prefetch and batching from the device and the settings."""
+def prefetch_per_worker(task_seconds: float | None) -> int:
+    """Tasks to hold per worker beyond the running one: more when tasks are short, so that a
+    round trip to the server (tens of ms) does not leave a worker idle between tiny tasks."""
+    if task_seconds is None or task_seconds >= PREFETCH_COVER_SECONDS:
+        return PREFETCH_PER_WORKER
+    wanted = math.ceil(PREFETCH_COVER_SECONDS / max(task_seconds, 0.001))
+    step = 1 << (wanted - 1).bit_length()  # powers of two: the plan does not flap with the average
+    return max(PREFETCH_PER_WORKER, min(MAX_PREFETCH_PER_WORKER, step))
+
+
+def plan(device: Device, settings: Settings, task_seconds: float | None = None) -> Plan:
+    """Decide the worker count, prefetch and batching from the device and the settings.
+
+    ``task_seconds`` is the recent average time of one task here (None before the first).
+    """
     top = max_workers(device.cores, settings.cpu_cap)
     cores_text = f"{device.cores} cores" if device.cores else "core count unknown (assumed 2)"
     reasons = [f"{cores_text}, CPU cap {clamp_cap(settings.cpu_cap)} % → at most {top}"]
@@ -129,7 +145,7 @@ def plan(device: Device, settings: Settings) -> Plan:
     else:
         workers = max(1, top // 2)
         reasons.append(f"on battery ({battery.level:.0%}): {workers} worker(s)")
-    prefetch, batch = PREFETCH_PER_WORKER, False
+    prefetch, batch = prefetch_per_worker(task_seconds), False
     network = device.network
     if network is None:
         reasons.append("network: not reported by this browser")
