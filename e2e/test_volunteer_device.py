@@ -112,3 +112,23 @@ def test_missing_apis_are_said_on_the_page(browser, server) -> None:
     assert "battery: not reported by this browser" in chips
     assert "network: not reported by this browser" in chips
     context.close()
+
+
+def test_hidden_tab_follows_the_volunteers_choice(browser, server) -> None:
+    context = browser.new_context()
+    context.add_init_script(
+        fake_device(cores=4) + "\nObject.defineProperty(Document.prototype, 'visibilityState',"
+        " {get: () => (window.__hidden ? 'hidden' : 'visible')});"
+    )
+    page = open_volunteer_page(context, server)
+    start(page)
+    wait_state(page, lambda s: n_workers(s) == 3)
+    page.locator("#when-hidden").select_option("one")
+    page.evaluate("window.__hidden = true; document.dispatchEvent(new Event('visibilitychange'))")
+    wait_state(page, lambda s: n_workers(s) == 1 and s["device"]["hidden"])
+    page.locator("#when-hidden").select_option("pause")
+    wait_state(page, lambda s: n_workers(s) == 0 and s["plan"]["paused"])
+    server_throttle(server, page, lambda t: t["hidden"] is True and t["paused"] is True)
+    page.evaluate("window.__hidden = false; document.dispatchEvent(new Event('visibilitychange'))")
+    wait_state(page, lambda s: n_workers(s) == 3 and not s["plan"]["paused"])
+    context.close()

@@ -129,3 +129,31 @@ def test_refresh_resumes_cached_tasks_without_downloading_them_again(browser, se
     assert [r["result"] for r in results] == native_results(SLOW, inputs)
     assert done["counts"]["done"] == len(inputs)  # each recorded once
     context.close()
+
+
+LONG = """
+import time
+
+def main(x):
+    end = time.time() + 30
+    while time.time() < end:
+        pass
+    return x
+"""
+
+
+def test_cancelled_job_stops_on_the_page(browser, server) -> None:
+    context = browser.new_context()
+    context.add_init_script(fake_device(cores=2))
+    page = open_volunteer_page(context, server)
+    start(page)
+    job = server.submit(LONG, [0, 1, 2], name="long", timeout=60)
+    wait_state(page, lambda s: s["running_tasks"] and s["queued"])
+    status, body = server.request("POST", f"/api/jobs/{job}/cancel")
+    assert status in (200, 202), body
+    # The running attempt is stopped (its worker replaced) and the held one dropped, long
+    # before the 30 s task could have finished; nothing is reported for them.
+    snap = wait_state(page, lambda s: not s["running_tasks"] and not s["queued"], timeout=15)
+    assert snap["replaced"] >= 1 and snap["session"]["tasks"] == 0 and not snap["unacked"]
+    assert server.job(job)["state"] == "cancelled"
+    context.close()

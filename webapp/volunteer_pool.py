@@ -70,7 +70,9 @@ class Slot:
             if future is not None and not future.done():
                 error = getattr(data, "error", None)
                 if error is not None and str(error) != "undefined":
-                    future.set_result({"error": f"worker error: {error}"})
+                    # Pyodide itself failed (a fatal error, a trap): this worker cannot be trusted
+                    # with another task, so it is replaced like a crashed one.
+                    future.set_result({"error": f"worker error: {error}", "crashed": True})
                 else:
                     future.set_result(json.loads(data.result))
 
