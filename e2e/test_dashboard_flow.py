@@ -210,6 +210,7 @@ def test_pipeline_and_chained_job_from_the_dashboard(a_page, server, screenshots
     page.wait_for_selector("#chain-after-button:not([hidden])")
     page.click("#chain-after-button")
     page.wait_for_selector("#view-new:not([hidden])")
+    page.wait_for_function(f"document.getElementById('chain-job').value === '{stage_a}'")
     assert page.inner_text("#chain-note") == "Pipeline stage after stage A"
     assert page.input_value("#chain-kind") == "after" and page.input_value("#chain-job") == str(stage_a)
     write_code(page, "def main(x):\n    return x + 1\n")
@@ -233,7 +234,7 @@ def test_pipeline_and_chained_job_from_the_dashboard(a_page, server, screenshots
     try:
         wait_done(page)
         assert results_of(page, stage_b) == [x * 3 + 1 for x in range(20)]
-        assert "inputs from job" in page.inner_text("#job-stats")
+        assert f"pipeline stage after job {stage_a}" in page.inner_text("#job-stats")
         shot(page, screenshots, "job-pipeline-desktop")
 
         # "New job from these results" of the finished squares job.
@@ -242,6 +243,8 @@ def test_pipeline_and_chained_job_from_the_dashboard(a_page, server, screenshots
         page.click("#chain-results-button")
         page.wait_for_selector("#view-new:not([hidden])")
         assert page.input_value("#chain-kind") == "results_of"
+        assert page.inner_text("#chain-note") == "Inputs: results of squares from the dashboard"
+        page.wait_for_function(f"document.getElementById('chain-job').value === '{squares}'")
         write_code(page, "def main(r):\n    return r['sq'] + 1\n")
         page.click("#try-button")
         page.wait_for_selector("#try-output:not([hidden])", timeout=READY_MS)
@@ -349,6 +352,73 @@ def test_operator_page_approves_revokes_and_sees_volunteers(browser, server, acc
         b.wait_for_selector("#view-jobs:not([hidden])")
         assert not b.is_visible("#nav-admin")  # not an operator
         page.context.close()
+    finally:
+        sims.terminate()
+        sims.wait(10)
+
+
+FLAKY = """import time
+
+
+def main(x):
+    time.sleep(0.3)
+    if x == 3:
+        raise ValueError(f"bad input {x}")
+    return x
+"""
+
+
+def test_live_view_errors_retry_and_cancel(b_page, server, accounts, screenshots) -> None:
+    page = b_page
+    ensure_signed_in(page, accounts["b"])
+    go(page, "#/new", "new")
+    write_code(page, FLAKY)
+    page.click("#input-tabs [data-mode=json]")
+    page.fill("#inputs-json", json.dumps(list(range(8))))
+    page.fill("#opt-name", "flaky")
+    page.fill("#opt-attempts", "1")
+    page.click("#submit-button")
+    page.wait_for_function("location.hash.startsWith('#/job/')")
+    page.wait_for_function("document.getElementById('job-state').textContent === 'running'")
+    assert page.locator("[data-stat=queued] .stat-value").inner_text() == "8"
+    sims = subprocess.Popen(
+        [sys.executable, "-m", "server.cli", "volunteer-sim", "--server", server.url, "--count", "1", "--quiet"],
+        cwd=ROOT,
+        env=server.env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        page.wait_for_function(
+            "+document.querySelector('[data-stat=done] .stat-value').textContent >= 2", timeout=READY_MS, polling=100
+        )
+        shot(page, screenshots, "job-running-phone")
+        page.wait_for_function("document.getElementById('job-state').textContent === 'failed'", timeout=READY_MS)
+        page.wait_for_selector("#job-errors-card:not([hidden]) details.error-group")
+        group = page.locator("details.error-group").first
+        assert "ValueError: bad input 3" in group.inner_text() and "1×" in group.inner_text()
+        group.locator("summary").click()
+        assert "line 7, in main" in page.inner_text("details.error-group pre.traceback")
+        assert "ERROR" not in page.inner_text("#job-results") and "bad input 3" in page.inner_text("#job-results")
+        shot(page, screenshots, "job-failed-phone")
+        page.set_viewport_size(DESKTOP)
+        shot(page, screenshots, "job-failed-desktop")
+        page.set_viewport_size(PHONE)
+
+        page.click("#retry-button")  # the same input fails again: the job ends failed again
+        page.wait_for_function("document.getElementById('job-state').textContent === 'running'")
+        page.wait_for_function("document.getElementById('job-state').textContent === 'failed'", timeout=READY_MS)
+        assert page.is_hidden("#flash")
+
+        go(page, "#/new", "new")
+        page.fill("#inputs-json", json.dumps(list(range(300))))
+        page.fill("#opt-name", "to cancel")
+        page.click("#submit-button")
+        page.wait_for_function("document.getElementById('job-title').textContent === 'to cancel'")
+        page.click("#cancel-button")
+        page.wait_for_function("document.getElementById('job-state').textContent === 'cancelled'")
+        assert int(page.locator("[data-stat=cancelled] .stat-value").inner_text()) > 250
+        assert page.is_hidden("#cancel-button")
     finally:
         sims.terminate()
         sims.wait(10)

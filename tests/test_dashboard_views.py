@@ -71,6 +71,7 @@ def test_job_views_escape_and_compute():
     assert "4/10" in table and "30 s ago" in table and "30.0/min" in table and "(after #2)" in table
     assert views.progress(JOB) == (0.3, 0.1)
     assert views.eta(JOB) == 12.0 and views.eta({**JOB, "throughput": 0}) is None
+    assert views.speed(JOB, now=1010.0) == 1.5 and views.eta(JOB, now=1010.0) == 4.0  # a 10 s old job
     stats = views.job_stats(JOB)
     assert 'data-stat="time-left"><span class="stat-value">12 s' in stats
     assert views.duration(4000) == "67 min" and views.duration(None) == "—"

@@ -32,6 +32,7 @@ def main(x):
 '''
 ADMIN_REFRESH = 3.0
 RECONNECT = 2.0
+RESULTS_REFRESH = 2.0  # the results preview is fetched at most this often while a job runs
 _proxies: list = []  # event handlers, kept alive for the page's lifetime
 
 
@@ -175,6 +176,7 @@ class Dashboard:
         self.try_worker = TryWorker(worker_url)
         self.results_loaded_at = 0.0
         self.results_done = -1
+        self.results_pending = False
         self.errors_failed = -1
         self.admin_task: asyncio.Task | None = None
         self.busy = False
@@ -389,9 +391,7 @@ class Dashboard:
         done, failed = views.progress(job)
         _el("job-bar-done").style.width = f"{done * 100:.2f}%"
         _el("job-bar-failed").style.width = f"{failed * 100:.2f}%"
-        _el("job-stats").innerHTML = (
-            f'<p class="muted subtitle">{views.esc(views.job_subtitle(job))}</p>' + views.job_stats(job)
-        )
+        _el("job-stats").innerHTML = f'<p class="muted subtitle">{views.job_subtitle(job)}</p>' + views.job_stats(job)
         terminal = job["state"] in views.TERMINAL
         _el("cancel-button").hidden = terminal
         _el("retry-button").hidden = job["counts"]["failed"] == 0
@@ -403,10 +403,19 @@ class Dashboard:
             await self.load_errors(job["id"])
         now = time.monotonic()
         changed = job["counts"]["done"] + job["counts"]["failed"] != self.results_done
-        if changed and (force or terminal or now - self.results_loaded_at > 2.0):
+        if changed and (force or terminal or now - self.results_loaded_at > RESULTS_REFRESH):
             self.results_done = job["counts"]["done"] + job["counts"]["failed"]
             self.results_loaded_at = now
             await self.load_results(job)
+        elif changed and not self.results_pending:
+            # Throttled: look again when the interval is up, even if no further event comes.
+            self.results_pending = True
+            asyncio.get_event_loop().call_later(RESULTS_REFRESH, self._refresh_results, job["id"])
+
+    def _refresh_results(self, job_id: int) -> None:
+        self.results_pending = False
+        if self.view == "job" and self.job_id == job_id and self.job is not None:
+            self.run(self.update_job(self.job))
 
     async def load_errors(self, job_id: int) -> None:
         body = await api("GET", f"/api/jobs/{job_id}/errors")
@@ -446,12 +455,22 @@ class Dashboard:
             _show(element_id, None)
         _el("try-output").hidden = True
         _el("try-status").textContent = "Runs here, in a Python worker in this browser."
+        preset, self.chain_preset = self.chain_preset, None
+        note = _el("chain-note")
+        note.hidden = preset is None
+        if preset is not None:  # before any await: the form never shows a stale choice
+            kind, job_id = preset
+            _el("chain-kind").value = kind
+            self.set_mode("chain")
+            name = views.job_name(self.jobs.get(job_id, {"id": job_id}))
+            note.textContent = ("Pipeline stage after " if kind == "after" else "Inputs: results of ") + name
         await self.ensure_editor()
         self.try_worker.start()  # warm Python up while the researcher types
         listed = (await api("GET", "/api/jobs"))["jobs"]
         for job in listed:
             self.jobs[job["id"]] = {**self.jobs.get(job["id"], {}), **job}
         select = _el("chain-job")
+        chosen = str(preset[1]) if preset is not None else str(select.value)
         select.innerHTML = (
             "".join(
                 f'<option value="{job["id"]}">#{job["id"]} {views.esc(views.job_name(job))} ({job["state"]})</option>'
@@ -460,18 +479,9 @@ class Dashboard:
             )
             or '<option value="">(no jobs yet)</option>'
         )
-        if self.chain_preset is not None:
-            kind, job_id = self.chain_preset
-            self.chain_preset = None
-            select.value = str(job_id)
-            _el("chain-kind").value = kind
-            self.set_mode("chain")
-            name = views.job_name(self.jobs.get(job_id, {"id": job_id}))
-            note = _el("chain-note")
-            note.textContent = ("Pipeline stage after " if kind == "after" else "Inputs: results of ") + name
-            note.hidden = False
-        else:
-            _el("chain-note").hidden = True
+        if chosen:
+            select.value = chosen
+        select.dataset.loaded = "1"
 
     async def ensure_editor(self) -> None:
         if self.editor is not None:

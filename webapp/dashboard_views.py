@@ -13,6 +13,7 @@ from typing import Any
 
 TERMINAL = ("done", "failed", "cancelled")
 PREVIEW_ROWS = 50
+WINDOW = 30.0  # seconds the server's throughput is averaged over
 FORMATS = (("txt", ".txt"), ("json", "JSON"), ("ndjson", "NDJSON"), ("csv", "CSV"))
 
 
@@ -58,14 +59,25 @@ def progress(job: dict) -> tuple[float, float]:
     return counts.get("done", 0) / n, counts.get("failed", 0) / n
 
 
-def eta(job: dict) -> float | None:
+def speed(job: dict, now: float | None = None) -> float:
+    """Tasks per second. The server averages over the last 30 s; a younger job has run for less."""
+    value = job.get("throughput") or 0.0
+    created = job.get("created_at")
+    if value and created and job.get("state") not in TERMINAL:
+        age = (time.time() if now is None else now) - created
+        if 0 < age < WINDOW:
+            value *= WINDOW / max(age, 1.0)
+    return value
+
+
+def eta(job: dict, now: float | None = None) -> float | None:
     """Seconds left at the current throughput, or None when it cannot be told."""
     if job.get("state") in TERMINAL:
         return 0.0
     counts = job.get("counts") or {}
     left = counts.get("queued", 0) + counts.get("running", 0)
-    speed = job.get("throughput") or 0
-    return left / speed if speed > 0 else None
+    rate_now = speed(job, now)
+    return left / rate_now if rate_now > 0 else None
 
 
 def job_name(job: dict) -> str:
@@ -94,7 +106,7 @@ def jobs_table(jobs: list[dict], now: float | None = None) -> str:
             f'<div class="bar failed" style="width:{failed * 100:.1f}%"></div></div>'
             f'<span class="muted small">{finished}/{job["n_tasks"]}</span></td>'
             f'<td class="hide-phone">{esc(when(job.get("created_at"), now))}</td>'
-            f'<td class="hide-phone">{esc(rate(job.get("throughput")))}</td>'
+            f'<td class="hide-phone">{esc(rate(speed(job, now)))}</td>'
             "</tr>"
         )
     head = (
@@ -112,7 +124,7 @@ def _chain_note(job: dict) -> str:
     return f' <span class="muted small">({kind} #{esc(parent)})</span>'
 
 
-def job_stats(job: dict) -> str:
+def job_stats(job: dict, now: float | None = None) -> str:
     counts = job.get("counts") or {}
     items = [
         ("queued", counts.get("queued", 0)),
@@ -120,8 +132,8 @@ def job_stats(job: dict) -> str:
         ("done", counts.get("done", 0)),
         ("failed", counts.get("failed", 0)),
         ("cancelled", counts.get("cancelled", 0)),
-        ("throughput", rate(job.get("throughput"))),
-        ("time left", "—" if job.get("state") in TERMINAL else duration(eta(job))),
+        ("throughput", rate(speed(job, now))),
+        ("time left", "—" if job.get("state") in TERMINAL else duration(eta(job, now))),
         ("volunteers", job.get("volunteers", 0)),
     ]
     return "".join(
@@ -132,11 +144,15 @@ def job_stats(job: dict) -> str:
 
 
 def job_subtitle(job: dict) -> str:
-    parts = [f"{job['n_tasks']} task{'s' if job['n_tasks'] != 1 else ''}", f"created {when(job.get('created_at'))}"]
+    """One line under the job's title (HTML): tasks, times, and the job its inputs come from."""
+    n = job["n_tasks"]
+    parts = [f"{n} task{'s' if n != 1 else ''}", f"created {esc(when(job.get('created_at')))}"]
     if job.get("finished_at"):
-        parts.append(f"finished {when(job['finished_at'])}")
-    if job.get("parent_job_id"):
-        parts.append(f"inputs from job {job['parent_job_id']}")
+        parts.append(f"finished {esc(when(job['finished_at']))}")
+    parent = job.get("parent_job_id")
+    if parent:
+        how = "pipeline stage after" if job.get("inputs_kind") == "after" else "inputs: results of"
+        parts.append(f'{how} <a href="#/job/{int(parent)}">job {int(parent)}</a>')
     return " · ".join(parts)
 
 
