@@ -301,6 +301,17 @@ def test_bad_code_and_bad_inputs_get_messages(b_page, accounts, screenshots) -> 
     assert page.is_visible("#view-new")  # nothing was submitted
     page.fill("#opt-timeout", "60")
 
+    # An uploaded CSV file: one task per row, each a dict of the columns; Try gets the first row.
+    page.click("#input-tabs [data-mode=csv]")
+    csv_file = {"name": "rows.csv", "mimeType": "text/csv", "buffer": b"a,b,label\n1,2,first\n3,4.5,second\n"}
+    page.set_input_files("#file-csv", csv_file)
+    page.wait_for_function("document.getElementById('inputs-summary').textContent.startsWith('2 tasks')")
+    assert page.inner_text("#inputs-summary") == '2 tasks; the first input is {"a": 1, "b": 2, "label": "first"}'
+    write_code(page, "def main(row):\n    return f\"{row['label']}: {row['a'] + row['b']}\"\n")
+    page.click("#try-button")
+    page.wait_for_selector("#try-output[data-outcome=ok]", timeout=READY_MS)
+    assert '"first: 3"' in page.inner_text("#try-output .result")
+
 
 def test_researchers_see_only_their_own_jobs(a_page, b_page, accounts) -> None:
     go(a_page, "#/jobs", "jobs")

@@ -32,6 +32,7 @@ def main(x):
 '''
 ADMIN_REFRESH = 3.0
 RECONNECT = 2.0
+SUMMARY_LIMIT = 200_000  # characters of pasted inputs summarised as they are typed
 RESULTS_REFRESH = 2.0  # the results preview is fetched at most this often while a job runs
 _proxies: list = []  # event handlers, kept alive for the page's lifetime
 
@@ -236,6 +237,10 @@ class Dashboard:
             _on(tab, "click", lambda e: self.set_mode(e.currentTarget.dataset.mode))
         for mode in ("json", "csv", "lines"):
             _on(_el(f"file-{mode}"), "change", lambda e, m=mode: self.run(self.load_file(m, e.target)))
+        for element_id in ("inputs-json", "inputs-csv", "inputs-lines", "range-start", "range-stop", "range-step"):
+            _on(_el(element_id), "input", lambda e: self.summarise_inputs())
+        for element_id in ("chain-job", "chain-kind"):
+            _on(_el(element_id), "change", lambda e: self.summarise_inputs())
 
     def click(self, event) -> None:
         target = event.target.closest("[data-action]") if hasattr(event.target, "closest") else None
@@ -482,6 +487,7 @@ class Dashboard:
         if chosen:
             select.value = chosen
         select.dataset.loaded = "1"
+        self.summarise_inputs()
 
     async def ensure_editor(self) -> None:
         if self.editor is not None:
@@ -501,6 +507,19 @@ class Dashboard:
         for panel in document.querySelectorAll("[data-mode-panel]"):
             panel.hidden = panel.dataset.modePanel != mode
         _show("inputs-error", None)
+        self.summarise_inputs()
+
+    def summarise_inputs(self) -> None:
+        """How many tasks the inputs make, as the researcher edits them (big pastes: on submit)."""
+        summary = _el("inputs-summary")
+        if self.mode in ("json", "csv", "lines") and len(str(_el(f"inputs-{self.mode}").value)) > SUMMARY_LIMIT:
+            summary.textContent = ""
+            return
+        try:
+            text = inputs.summary(self.read_inputs())
+            summary.textContent = text[:1].upper() + text[1:]
+        except inputs.InputError:
+            summary.textContent = ""
 
     async def load_file(self, mode: str, field) -> None:
         files = field.files
@@ -512,6 +531,7 @@ class Dashboard:
             return
         _el(f"inputs-{mode}").value = await file.text()
         _show("inputs-error", None)
+        self.summarise_inputs()
 
     def read_inputs(self) -> object:
         fields = {
