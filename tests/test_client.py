@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import inspect
 import io
 import json
 import math
+from typing import Annotated
 
 import pytest
 
@@ -43,7 +45,7 @@ def slow(x):
     return x
 
 
-def stage_one(x):
+def stage_one(x: Annotated[int, "not importable remotely"]) -> int:
     return x + 1
 
 
@@ -112,7 +114,9 @@ async def test_map_progress_order_and_remote_traceback(serve, volunteers, capsys
     err = info.value
     assert err.index == 3 and err.input == 3
     assert "ValueError: bad input 3" in err.remote_traceback
-    assert "in fragile" in err.remote_traceback and "Traceback" in err.remote_traceback
+    raise_line = inspect.getsourcelines(fragile)[1] + 2
+    assert f"line {raise_line}, in fragile" in err.remote_traceback  # the line in this file
+    assert "Traceback" in err.remote_traceback
     assert "Remote traceback" in str(err)
     partial = await asyncio.to_thread(failing.results, raise_errors=False, progress=False)
     assert partial[:3] == [0, 2, 4] and isinstance(partial[3], TaskError) and partial[4:] == [8, 10]
@@ -184,7 +188,10 @@ def _message(fn) -> str:
 
 def test_sendable_source_is_aliased_as_main():
     source = function_source(imports_inside)
-    assert source.startswith("def imports_inside(x):") and source.rstrip().endswith("main = imports_inside")
+    first = inspect.getsourcelines(imports_inside)[1]
+    assert source.splitlines()[first - 1] == "def imports_inside(x):"
+    assert source.startswith("from __future__ import annotations\n")
+    assert source.rstrip().endswith("main = imports_inside")
     namespace: dict = {}
     exec(compile(source, "<sent>", "exec"), namespace)  # noqa: S102 -- our own function
     assert namespace["main"](4) == [0, 1, 1, 1, 4, [1, 3]]

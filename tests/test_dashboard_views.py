@@ -74,6 +74,8 @@ def test_job_views_escape_and_compute():
     assert views.speed(JOB, now=1010.0) == 1.5 and views.eta(JOB, now=1010.0) == 4.0  # a 10 s old job
     stats = views.job_stats(JOB)
     assert 'data-stat="time-left"><span class="stat-value">12 s' in stats
+    ended = {**JOB, "state": "done", "finished_at": 1020.0, "counts": {**JOB["counts"], "done": 9}}
+    assert views.speed(ended) == 0.5 and views.eta(ended) == 0.0
     assert views.duration(4000) == "67 min" and views.duration(None) == "—"
     assert views.rate(2.0) == "2.0/s" and views.rate(0) == "—"
     assert views.jobs_table([]).startswith('<p class="empty">')

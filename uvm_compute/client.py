@@ -83,7 +83,8 @@ def _short(value: Any, limit: int = 60) -> str:
 
 # ------------------------------------------------------------------------- function -> source
 def function_source(fn: Callable) -> str:
-    """The source to send for ``fn``: its own ``def``, plus ``main = <name>`` when it is not ``main``.
+    """The source to send for ``fn``: its own ``def``, plus ``main = <name>`` when it is not ``main``,
+    placed at its line number in its file so that remote tracebacks point at your lines.
 
     Raises ``UnsendableFunction`` for what cannot run from its source alone: lambdas, nested
     functions, closures, decorated or async functions, and functions that use module globals
@@ -109,7 +110,8 @@ def function_source(fn: Callable) -> str:
     if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
         raise UnsendableFunction(f"{name}() is async; volunteers call main(x) synchronously")
     try:
-        source = textwrap.dedent(inspect.getsource(fn))
+        lines, first_line = inspect.getsourcelines(fn)
+        source = textwrap.dedent("".join(lines))
     except (OSError, TypeError):
         raise UnsendableFunction(
             f"the source of {name}() is not available (defined at an interactive prompt?); "
@@ -135,7 +137,10 @@ def function_source(fn: Callable) -> str:
         )
     if name != "main":
         source = source.rstrip("\n") + f"\n\n\nmain = {name}\n"
-    return source
+    # Annotations are never evaluated remotely (they may name types only imported here), and
+    # blank lines put the def on its own line number, so remote tracebacks match your file.
+    header = "from __future__ import annotations\n"
+    return header + "\n" * max(0, first_line - 2) + source if first_line >= 2 else source
 
 
 def _global_names(code: types.CodeType) -> set[str]:

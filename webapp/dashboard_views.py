@@ -60,9 +60,14 @@ def progress(job: dict) -> tuple[float, float]:
 
 
 def speed(job: dict, now: float | None = None) -> float:
-    """Tasks per second. The server averages over the last 30 s; a younger job has run for less."""
+    """Tasks per second. The server averages over the last 30 s; a younger job has run for less,
+    and an ended job is best described by its average over the whole run."""
     value = job.get("throughput") or 0.0
     created = job.get("created_at")
+    if job.get("state") in TERMINAL:  # an ended job: its average over the whole run
+        counts = job.get("counts") or {}
+        ran = (job.get("finished_at") or 0) - (created or 0)
+        return (counts.get("done", 0) + counts.get("failed", 0)) / ran if ran > 0 and created else 0.0
     if value and created and job.get("state") not in TERMINAL:
         age = (time.time() if now is None else now) - created
         if 0 < age < WINDOW:
