@@ -114,3 +114,27 @@ def test_errors_results_try_and_admin_views():
     assert "paused: battery" in views.volunteers_table(vols) and "cores 4" in views.volunteers_table(vols)
     stats = views.admin_stats(vols)
     assert 'data-stat="paused"><span class="stat-value">1' in stats and "1.5/s" in stats
+
+
+def test_throttle_text_reads_the_volunteer_page_state():
+    state = {
+        "workers": 1,
+        "max_workers": 3,
+        "prefetch": 1,
+        "batch_results": False,
+        "paused": False,
+        "reasons": ["on battery: one worker"],
+        "pause_reason": None,
+        "cores": 4,
+        "battery": {"charging": False, "level": 0.42},
+        "network": {"effective_type": "3g", "save_data": False},
+        "hidden": True,
+        "cpu_cap": 50,
+    }
+    assert views.throttle_text(state) == (
+        "1/3 workers, battery 42%, 3g network, CPU cap 50%, tab hidden, on battery: one worker"
+    )
+    assert views.throttle_text({**state, "paused": True, "pause_reason": "battery below 20%"}) == (
+        "paused: battery below 20%"
+    )
+    assert views.throttle_text({}) == "running"

@@ -282,12 +282,29 @@ def researchers_table(people: list[dict], me: int) -> str:
 
 
 def throttle_text(throttle: dict) -> str:
+    """A volunteer's throttle state (``workers/supervisor.py`` plus device facts) in a few words."""
     if not throttle:
         return "running"
     if throttle.get("paused"):
-        return "paused" + (f": {throttle['reason']}" if throttle.get("reason") else "")
-    bits = [f"{k} {v}" for k, v in sorted(throttle.items()) if k not in ("paused", "reason") and v not in (None, "")]
-    return ", ".join(bits[:4]) or "running"
+        reason = throttle.get("pause_reason") or throttle.get("reason")
+        return "paused" + (f": {reason}" if reason else "")
+    bits = []
+    if "workers" in throttle:
+        bits.append(f"{throttle['workers']}/{throttle.get('max_workers', throttle['workers'])} workers")
+    battery = throttle.get("battery")
+    if isinstance(battery, dict) and "level" in battery:
+        bits.append(f"battery {battery['level'] * 100:.0f}%" + (" charging" if battery.get("charging") else ""))
+    network = throttle.get("network")
+    if isinstance(network, dict) and (network.get("save_data") or network.get("effective_type") not in (None, "4g")):
+        bits.append("data saver" if network.get("save_data") else f"{network.get('effective_type')} network")
+    if throttle.get("cpu_cap") not in (None, 100):
+        bits.append(f"CPU cap {throttle['cpu_cap']}%")
+    if throttle.get("hidden"):
+        bits.append("tab hidden")
+    reasons = throttle.get("reasons") or []
+    if reasons:
+        bits.append(str(reasons[0]))
+    return ", ".join(bits) or "running"
 
 
 def volunteers_table(volunteers: dict, now: float | None = None) -> str:
