@@ -32,6 +32,7 @@ def main(x):
 '''
 ADMIN_REFRESH = 3.0
 RECONNECT = 2.0
+OFFLINE = "Lost the connection to the server; trying again…"
 SUMMARY_LIMIT = 200_000  # characters of pasted inputs summarised as they are typed
 RESULTS_REFRESH = 2.0  # the results preview is fetched at most this often while a job runs
 _proxies: list = []  # event handlers, kept alive for the page's lifetime
@@ -181,6 +182,7 @@ class Dashboard:
         self.errors_failed = -1
         self.admin_task: asyncio.Task | None = None
         self.busy = False
+        self.offline = False
 
     # ----------------------------------------------------------------------- plumbing
     def flash(self, message: str | None) -> None:
@@ -333,7 +335,25 @@ class Dashboard:
     def on_events_closed(self, _event) -> None:
         self.events = None
         if self.me is not None:
-            asyncio.get_event_loop().call_later(RECONNECT, self.connect_events)
+            asyncio.get_event_loop().call_later(RECONNECT, lambda: self.run(self.reconnect_events()))
+
+    async def reconnect_events(self) -> None:
+        """Reconnect if the session still holds (an ended session shows the sign-in form)."""
+        if self.me is None or self.events is not None:
+            return
+        try:
+            await api("GET", "/api/me")  # 401 -> signed out, with a message
+        except ApiError as exc:
+            if exc.status not in (0, 502, 503, 504):
+                raise
+            self.offline = True
+            self.flash(OFFLINE)
+            asyncio.get_event_loop().call_later(RECONNECT * 2, lambda: self.run(self.reconnect_events()))
+            return
+        if self.offline:
+            self.offline = False
+            self.flash(None)
+        self.connect_events()
 
     def on_event(self, event) -> None:
         try:
