@@ -105,6 +105,12 @@ def write_code(page, code: str) -> None:  # noqa: ANN001
     page.keyboard.insert_text(code)
 
 
+HIGHLIGHTED = """(word) => {
+  const span = [...document.querySelectorAll('#editor .cm-line span')].find((s) => s.textContent === word);
+  return !!span && getComputedStyle(span).color !== getComputedStyle(span.closest('.cm-line')).color;
+}"""
+
+
 def shot(page, screenshots: Path, name: str) -> None:  # noqa: ANN001
     page.wait_for_timeout(150)
     page.screenshot(path=str(screenshots / f"dashboard-{name}.png"), full_page=True)
@@ -130,6 +136,7 @@ def test_write_try_submit_watch_with_volunteer_tab_and_download(a_page, server, 
     page = a_page
     go(page, "#/new", "new")
     write_code(page, JOB)
+    assert page.evaluate(HIGHLIGHTED, "def") and page.evaluate(HIGHLIGHTED, '"squaring"')  # Python highlighting
     page.fill("#inputs-json", json.dumps(list(range(1, 13))))
     page.fill("#opt-name", "squares from the dashboard")
     page.click("#try-button")
@@ -202,7 +209,7 @@ def test_pipeline_and_chained_job_from_the_dashboard(a_page, server, screenshots
     write_code(page, "def main(x):\n    return x * 3\n")
     page.click("#input-tabs [data-mode=range]")
     page.fill("#range-start", "0")
-    page.fill("#range-stop", "20")
+    page.fill("#range-stop", "120")
     page.fill("#opt-name", "stage A")
     page.click("#submit-button")
     page.wait_for_function("location.hash.startsWith('#/job/')")
@@ -222,7 +229,7 @@ def test_pipeline_and_chained_job_from_the_dashboard(a_page, server, screenshots
     page.click("#submit-button")
     page.wait_for_function(f"location.hash.startsWith('#/job/') && location.hash !== '#/job/{stage_a}'")
     stage_b = int(page.evaluate("location.hash").rsplit("/", 1)[1])
-    page.wait_for_function("document.getElementById('job-stats').textContent.includes('20 tasks')")
+    page.wait_for_function("document.getElementById('job-stats').textContent.includes('120 tasks')")
 
     sims = subprocess.Popen(
         [sys.executable, "-m", "server.cli", "volunteer-sim", "--server", server.url, "--count", "2", "--quiet"],
@@ -233,7 +240,9 @@ def test_pipeline_and_chained_job_from_the_dashboard(a_page, server, screenshots
     )
     try:
         wait_done(page)
-        assert results_of(page, stage_b) == [x * 3 + 1 for x in range(20)]
+        assert results_of(page, stage_b) == [x * 3 + 1 for x in range(120)]
+        page.wait_for_function("document.getElementById('job-results').textContent.includes('Showing 50 of 120')")
+        assert page.locator("#job-results tbody tr").count() == 50
         assert f"pipeline stage after job {stage_a}" in page.inner_text("#job-stats")
         shot(page, screenshots, "job-pipeline-desktop")
 

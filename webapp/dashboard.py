@@ -93,11 +93,35 @@ async def api(method: str, path: str, body: object = None) -> object:
     return data
 
 
-async def fetch_text(path: str) -> str:
+async def ndjson_rows(path: str, want=None, limit: int = 50) -> list[dict]:
+    """Rows of an NDJSON download, read as it streams; stops after ``limit`` rows that ``want``.
+
+    The preview of a million-task job reads the first kilobytes and cancels the rest.
+    """
     response = await js.fetch(path, _js({"credentials": "same-origin"}))
     if not response.ok:
         raise ApiError(int(response.status), f"the server answered {response.status}")
-    return str(await response.text())
+    reader = response.body.getReader()
+    decoder = js.TextDecoder.new()
+    rows: list[dict] = []
+    pending, finished = "", False
+    try:
+        while len(rows) < limit and not finished:
+            chunk = await reader.read()
+            if chunk.done:
+                finished = True
+                lines, pending = [pending], ""
+            else:
+                pending += str(decoder.decode(chunk.value, _js({"stream": True})))
+                *lines, pending = pending.split("\n")
+            for line in lines:
+                if line.strip():
+                    row = json.loads(line)
+                    if want is None or want(row):
+                        rows.append(row)
+        return rows[:limit]
+    finally:
+        await reader.cancel()
 
 
 class TryWorker:
@@ -450,13 +474,7 @@ class Dashboard:
     async def load_results(self, job: dict) -> None:
         if job["counts"]["done"] + job["counts"]["failed"] == 0:
             return
-        text = await fetch_text(f"/api/jobs/{job['id']}/results?format=ndjson")
-        rows = []
-        for line in text.splitlines():
-            if len(rows) >= views.PREVIEW_ROWS:
-                break
-            if line.strip():
-                rows.append(json.loads(line))
+        rows = await ndjson_rows(f"/api/jobs/{job['id']}/results?format=ndjson", limit=views.PREVIEW_ROWS)
         _el("job-results").innerHTML = views.results_table(rows, job["n_tasks"])
 
     async def cancel(self) -> None:
@@ -587,11 +605,10 @@ class Dashboard:
         """The input Try uses; for chained inputs, the first result of that job."""
         if isinstance(value, dict) and ("results_of" in value or "after" in value):
             job_id = value.get("results_of", value.get("after"))
-            text = await fetch_text(f"/api/jobs/{job_id}/results?format=ndjson")
-            for line in text.splitlines():
-                row = json.loads(line) if line.strip() else {}
-                if row.get("state") == "done":
-                    return row["result"]
+            path = f"/api/jobs/{job_id}/results?format=ndjson"
+            done = await ndjson_rows(path, want=lambda row: row.get("state") == "done", limit=1)
+            if done:
+                return done[0]["result"]
             raise inputs.InputError(f"job {job_id} has no result yet to try on; press Try again once one is done")
         return inputs.first(value)
 
