@@ -29,6 +29,7 @@ SETTINGS_KEY = "uvm.settings"
 TOTALS_KEY = "uvm.totals"
 VOLUNTEER_KEY = "uvm.volunteer"
 TICK_SECONDS = 1.0  # device state is re-read this often (events also trigger it)
+RENDER_SECONDS = 0.25  # the page is redrawn at most this often between ticks
 STALE_TASK_SECONDS = 3600  # a cached task this far past its deadline is dropped
 
 
@@ -97,6 +98,7 @@ class App:
         self.first_result_at: float | None = None
         self.opened_at = time.monotonic()
         self.last_error = ""
+        self.rendered_at = 0.0
 
     # ------------------------------------------------------------------ lifecycle
     async def restore(self) -> None:
@@ -135,6 +137,7 @@ class App:
             paused=not running,
         )
         self.save_settings()
+        self.rendered_at = 0.0
         if running:
             self.link.start()
         self.pump()
@@ -162,6 +165,7 @@ class App:
             paused=self.settings.paused,
         )
         self.save_settings()
+        self.rendered_at = 0.0  # the volunteer's own action: show it at once
         self.pump()
 
     def set_when_hidden(self, value: str) -> None:
@@ -170,6 +174,7 @@ class App:
                 cpu_cap=self.settings.cpu_cap, when_hidden=value, paused=self.settings.paused
             )
             self.save_settings()
+            self.rendered_at = 0.0
             self.pump()
 
     # ------------------------------------------------------------------ device
@@ -208,6 +213,7 @@ class App:
 
     async def _tick(self) -> None:
         await self.read_device()
+        self.rendered_at = 0.0  # always draw on a tick
         self.pump()
 
     async def ticker(self) -> None:
@@ -235,7 +241,10 @@ class App:
             self.start_tasks()
             self.flush_results()  # before asking: the server drops finished tasks from its queue
             self.ask_for_tasks()
-        ui.render(self)
+        now = time.monotonic()
+        if now - self.rendered_at >= RENDER_SECONDS:  # the ticker draws what this skips
+            self.rendered_at = now
+            ui.render(self)
 
     def report_throttle(self) -> None:
         state = self.throttle_state()
@@ -321,12 +330,14 @@ class App:
             "cpu": float(answer.get("cpu", 0.0)),
         }
         self.results[spec.attempt] = outcome
-        await self.vault.put("results", spec.attempt, json.dumps(outcome))
-        await self.vault.remove("tasks", json.dumps([spec.attempt]))
         self.count(outcome)
         if self.oldest_result is None:
             self.oldest_result = time.monotonic()
-        self.pump()
+        self.pump()  # the next task starts and this result goes out before the vault writes
+        # Until these land the vault still holds the task, so a reload would run it again:
+        # at worst twice, never lost (the server records one result per task).
+        await self.vault.put("results", spec.attempt, json.dumps(outcome))
+        await self.vault.remove("tasks", json.dumps([spec.attempt]))
 
     def count(self, outcome: dict) -> None:
         cpu = outcome["cpu"]
