@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import getpass
 import logging
 import sys
@@ -22,6 +23,11 @@ def _serve(args: argparse.Namespace, config: Config) -> int:
         else ("MySQL + in-process queue" if config.database_url else f"SQLite in {config.data_dir} + in-process queue")
     )
     print(f"UVM Compute on {backend}: http://{args.host}:{args.port}/ (dashboard: /dashboard)", flush=True)
+    if config.event_loop == "uvloop":
+        with contextlib.suppress(ImportError):
+            import uvloop
+
+            asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     web.run_app(create_app(config), host=args.host, port=args.port, print=None, access_log=None)
     return 0
 

@@ -29,6 +29,7 @@ class Config:
     heartbeat: float = 10.0  # seconds between volunteer heartbeats
     reaper_interval: float = 1.0
     intake_batch: int = 256
+    event_loop: str = "uvloop"  # uvloop when installed (faster websockets), or asyncio
     package_index_url: str = "https://cdn.jsdelivr.net/pyodide/v0.29.0/full/"
     instance: str = dataclasses.field(default_factory=lambda: os.urandom(4).hex())
 
@@ -53,6 +54,7 @@ class Config:
             "UVM_LEASE_GRACE": ("lease_grace", _positive_float),
             "UVM_HEARTBEAT": ("heartbeat", _positive_float),
             "UVM_PACKAGE_INDEX_URL": ("package_index_url", str),
+            "UVM_EVENT_LOOP": ("event_loop", _event_loop),
         }
         values: dict[str, object] = {}
         for name, raw in env.items():
@@ -102,6 +104,12 @@ def _origins(raw: str) -> tuple[str, ...]:
         if not origin.startswith(("http://", "https://")):
             raise ValueError(f"origin {origin!r} must start with http:// or https://")
     return origins
+
+
+def _event_loop(raw: str) -> str:
+    if raw not in ("uvloop", "asyncio"):
+        raise ValueError("expected uvloop or asyncio")
+    return raw
 
 
 def _positive_int(raw: str) -> int:
