@@ -1,8 +1,5 @@
-"""What the volunteer sees: the page's text and controls, drawn from ``App.snapshot()``.
-
-``page_state`` and the text helpers are pure (plain dicts in, strings out); ``render`` writes them
-into the DOM of ``public/index.html`` and ``bind`` hooks the controls to the app.
-"""
+"""The page's DOM: ``render`` writes ``volunteer_view``'s text into ``public/index.html`` and
+``bind`` hooks the controls to the app."""
 
 from __future__ import annotations
 
@@ -10,112 +7,9 @@ import html
 
 from pyodide.ffi import create_proxy
 from pyscript import document
+from volunteer_view import HEADLINES, detail, device_chips, page_state, seconds, worker_rows
 
 _bound: list = []  # proxies kept alive for the page's lifetime
-
-HEADLINES = {
-    "stopped": ("Not running", "Lend this tab to research"),
-    "connecting": ("Connecting…", "Connecting to the server"),
-    "offline": ("Connection lost", "Waiting for the server"),
-    "starting": ("Starting", "Starting Python in your browser"),
-    "waiting": ("Waiting for work", "Ready — waiting for tasks"),
-    "running": ("Computing", "Thank you — computing for research"),
-    "paused": ("Paused", "Paused to spare your device"),
-}
-
-
-def page_state(snap: dict) -> str:
-    """One word for the page's state (also the ``data-state`` of ``<body>``)."""
-    if not snap["running"]:
-        return "stopped"
-    if snap["plan"]["paused"]:
-        return "paused"
-    if not snap["welcomed"]:
-        return "offline" if snap["failures"] else "connecting"
-    workers = snap["workers"]
-    if any(w["attempt"] for w in workers):
-        return "running"
-    if not any(w["ready"] for w in workers):
-        return "starting"
-    return "waiting"
-
-
-def detail(state: str, snap: dict) -> str:
-    plan = snap["plan"]
-    if state == "stopped":
-        return (
-            "Researchers send small Python tasks; your browser runs them in the background and "
-            "sends back the answers. Nothing starts until you press Start."
-        )
-    if state == "paused":
-        busy = sum(1 for w in snap["workers"] if w["attempt"])
-        finishing = f" Finishing {busy} task(s) already started." if busy else ""
-        return (plan["pause_reason"] or "Paused.") + finishing
-    if state == "offline":
-        retry = snap["reconnect_in"]
-        when = f"Trying again in {retry:.0f} s." if retry is not None and retry >= 1 else "Trying again now."
-        return f"{when} Work in progress is kept safe in this browser."
-    if state == "connecting":
-        return "Opening a connection to the server…"
-    if state == "starting":
-        return f"Loading Python into {plan['workers']} worker(s); this takes a few seconds."
-    if state == "waiting":
-        return "No task is waiting right now; we will ask again shortly. You can leave this tab open."
-    busy = sum(1 for w in snap["workers"] if w["attempt"])
-    return f"{busy} task(s) running in the background. You can keep using your device."
-
-
-def seconds(value: float) -> str:
-    """CPU time for people: 4.2 s, 3 min 5 s, 2 h 10 min."""
-    value = max(0.0, float(value))
-    if value < 60:
-        return f"{value:.1f} s" if value < 10 else f"{value:.0f} s"
-    if value < 3600:
-        return f"{int(value // 60)} min {int(value % 60)} s"
-    return f"{int(value // 3600)} h {int(value % 3600 // 60)} min"
-
-
-def device_chips(snap: dict) -> list[tuple[str, bool]]:
-    """(text, is_warning) chips describing the device as the browser reports it."""
-    device = snap["device"]
-    chips = [(f"{device['cores']} cores" if device["cores"] else "cores: unknown", False)]
-    battery = device["battery"]
-    if battery is None:
-        chips.append(("battery: not reported by this browser", False))
-    else:
-        level = f"{battery['level']:.0%}"
-        chips.append(
-            (f"charging · {level}" if battery["charging"] else f"on battery · {level}", not battery["charging"])
-        )
-    network = device["network"]
-    if network is None:
-        chips.append(("network: not reported by this browser", False))
-    else:
-        slow = network["save_data"] or network["effective_type"] in ("slow-2g", "2g")
-        text = "data saver" if network["save_data"] else f"network {network['effective_type'] or 'unknown'}"
-        chips.append((text, slow))
-    chips.append(("tab hidden" if device["hidden"] else "tab visible", device["hidden"]))
-    return chips
-
-
-def worker_rows(snap: dict) -> str:
-    rows = []
-    for w in snap["workers"]:
-        if w["attempt"]:
-            cls, badge = "busy", f"Worker {w['number']}"
-            what = f"job {w['job']} · task #{w['index']}"
-            time = f"{w['elapsed']:.1f} s"
-        elif not w["ready"]:
-            cls, badge, what, time = "boot", f"Worker {w['number']}", "starting Python…", ""
-        else:
-            cls, badge, what, time = "idle", f"Worker {w['number']}", "idle", ""
-        rows.append(
-            f'<li class="{cls}"><span class="badge">{badge}</span>'
-            f'<span class="what">{html.escape(what)}</span><span class="time">{time}</span></li>'
-        )
-    if not rows:
-        return '<li class="empty">No workers running.</li>'
-    return "".join(rows)
 
 
 def _set(element_id: str, text: str) -> None:

@@ -1,0 +1,89 @@
+"""The volunteer page's words, from snapshots: states, details, device chips, worker rows."""
+
+from __future__ import annotations
+
+import pytest
+
+from webapp.volunteer_view import HEADLINES, detail, device_chips, page_state, seconds, worker_rows
+
+
+def snapshot(**changes: object) -> dict:
+    snap = {
+        "running": True,
+        "welcomed": True,
+        "failures": 0,
+        "reconnect_in": None,
+        "plan": {"paused": False, "pause_reason": "", "workers": 2, "max_workers": 3, "reasons": []},
+        "device": {"cores": 4, "battery": None, "network": None, "hidden": False},
+        "workers": [{"number": 1, "ready": True, "attempt": None, "job": None, "index": None, "elapsed": None}],
+    }
+    snap.update(changes)
+    return snap
+
+
+def busy(number: int = 1) -> dict:
+    return {"number": number, "ready": True, "attempt": "a", "job": 7, "index": 3, "elapsed": 1.25}
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({"running": False}, "stopped"),
+        ({"plan": {"paused": True, "pause_reason": "Battery low", "workers": 0, "max_workers": 3}}, "paused"),
+        ({"welcomed": False}, "connecting"),
+        ({"welcomed": False, "failures": 2, "reconnect_in": 3.0}, "offline"),
+        ({"workers": []}, "starting"),
+        ({"workers": [{"number": 1, "ready": False, "attempt": None}]}, "starting"),
+        ({}, "waiting"),
+        ({"workers": [busy()]}, "running"),
+    ],
+)
+def test_page_state(changes: dict, expected: str) -> None:
+    state = page_state(snapshot(**changes))
+    assert state == expected and state in HEADLINES
+
+
+def test_details_say_why() -> None:
+    paused = snapshot(
+        plan={"paused": True, "pause_reason": "Battery low (9%).", "workers": 0, "max_workers": 3},
+        workers=[busy(1), busy(2)],
+    )
+    assert detail("paused", paused) == "Battery low (9%). Finishing 2 task(s) already started."
+    assert "Trying again in 3 s" in detail("offline", snapshot(reconnect_in=3.2))
+    assert "Trying again now" in detail("offline", snapshot(reconnect_in=0.2))
+    assert "2 worker(s)" in detail("starting", snapshot())
+    assert "Nothing starts until you press Start" in detail("stopped", snapshot())
+
+
+@pytest.mark.parametrize(
+    ("value", "text"), [(0, "0.0 s"), (4.25, "4.2 s"), (42, "42 s"), (185, "3 min 5 s"), (7800, "2 h 10 min")]
+)
+def test_seconds(value: float, text: str) -> None:
+    assert seconds(value) == text
+
+
+def test_device_chips_name_missing_apis_and_warn() -> None:
+    assert device_chips(snapshot()) == [
+        ("4 cores", False),
+        ("battery: not reported by this browser", False),
+        ("network: not reported by this browser", False),
+        ("tab visible", False),
+    ]
+    device = {
+        "cores": None,
+        "battery": {"charging": False, "level": 0.42},
+        "network": {"effective_type": "2g", "save_data": False},
+        "hidden": True,
+    }
+    assert device_chips(snapshot(device=device)) == [
+        ("cores: unknown", False),
+        ("on battery · 42%", True),
+        ("network 2g", True),
+        ("tab hidden", True),
+    ]
+
+
+def test_worker_rows_escape_and_describe() -> None:
+    rows = worker_rows(snapshot(workers=[busy(1), {"number": 2, "ready": False, "attempt": None}]))
+    assert "job 7 · task #3" in rows and "1.2 s" in rows and "starting Python…" in rows
+    assert worker_rows(snapshot(workers=[])) == '<li class="empty">No workers running.</li>'
