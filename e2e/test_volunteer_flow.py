@@ -157,3 +157,34 @@ def test_cancelled_job_stops_on_the_page(browser, server) -> None:
     assert snap["replaced"] >= 1 and snap["session"]["tasks"] == 0 and not snap["unacked"]
     assert server.job(job)["state"] == "cancelled"
     context.close()
+
+
+PROBE = """
+import js
+
+def main(x):
+    seen = {"indexedDB": str(getattr(js, "indexedDB", None)), "caches": str(getattr(js, "caches", None))}
+    for name, url in (("api", "/api/health"), ("page", "/"), ("other", "http://example.org/")):
+        try:
+            request = js.XMLHttpRequest.new()
+            request.open("GET", url, False)
+            request.send()
+            seen[name] = request.status
+        except Exception as exc:
+            seen[name] = "blocked: " + type(exc).__name__
+    return seen
+"""
+
+
+def test_research_code_cannot_reach_the_api_or_the_vault(browser, server) -> None:
+    context = browser.new_context()
+    context.add_init_script(fake_device(cores=2))
+    page = open_volunteer_page(context, server)
+    start(page)
+    job = server.submit(PROBE, [0], name="probe", timeout=20)
+    assert server.wait(job, timeout=60, page=page)["state"] == "done"
+    seen = server.results(job)[0]["result"]
+    assert seen["indexedDB"] == "None" and seen["caches"] == "None", seen
+    for name in ("api", "page", "other"):  # connect-src; nested workers are refused by worker-src
+        assert str(seen[name]).startswith("blocked"), seen
+    context.close()

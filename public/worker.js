@@ -14,11 +14,27 @@ const early = [];
 let handle = (event) => early.push(event);
 self.onmessage = (event) => handle(event);
 
+// CSP cannot fence off storage: take the origin's IndexedDB (where the page keeps its vault and
+// key) and Cache Storage away from this global before any research code runs here.
+function shutStorage() {
+  for (const name of ["indexedDB", "caches"]) {
+    for (const owner of [self, Object.getPrototypeOf(self), WorkerGlobalScope.prototype]) {
+      try {
+        delete owner[name];
+      } catch (err) {
+        /* not configurable there: shadowed below */
+      }
+    }
+    Object.defineProperty(self, name, { value: undefined, writable: false, configurable: false });
+  }
+}
+
 async function boot() {
   const started = performance.now();
   const { loadPyodide } = await import(`${pyodideURL}pyodide.mjs`);
   const pyodide = await loadPyodide({ indexURL: pyodideURL, packageBaseUrl: packageIndexURL });
   const source = await (await fetch("/py/runner.py")).text();
+  shutStorage();
   pyodide.FS.writeFile("/home/pyodide/uvm_runner.py", source);
   const runner = pyodide.pyimport("uvm_runner");
   const loaded = new Set(); // requirements already loaded in this worker

@@ -84,6 +84,7 @@ def worker_csp(origin: str, pyodide_url: str, package_index_url: str) -> str:
     return "; ".join(
         [
             "default-src 'none'",
+            "worker-src 'none'",
             f"script-src {pyodide} {index} 'wasm-unsafe-eval'",
             f"connect-src {pyodide} {runner} {index}",
             "base-uri 'none'",

@@ -82,7 +82,8 @@ async def test_worker_script_has_a_restrictive_csp(client) -> None:
     assert f"{host}/vendor/pyodide/314.0.7/" in connect
     assert f"{host}/py/runner.py" in connect
     assert "'self'" not in connect and f"{host} " not in connect + " " and "/api" not in connect
-    assert "default-src 'none'" in csp
+    assert "default-src 'none'" in csp and "worker-src 'none'" in csp
+    assert "'unsafe-eval'" not in csp and "'wasm-unsafe-eval'" in csp
     assert "Content-Security-Policy" not in (await client.get("/static/vault.js")).headers
 
 
