@@ -42,7 +42,14 @@ async function boot() {
   async function run(id, payload) {
     const requirements = (payload.requirements || []).filter((name) => !loaded.has(name));
     if (requirements.length) {
-      await pyodide.loadPackage(requirements, { messageCallback: () => {} });
+      const problems = [];
+      await pyodide.loadPackage(requirements, {
+        messageCallback: () => {},
+        errorCallback: (message) => problems.push(message),
+      });
+      if (problems.length) {
+        return { id, result: JSON.stringify({ error: `could not load requirements ${requirements.join(", ")} from ${packageIndexURL}: ${problems.join("; ")}`, output: "", result: null, cpu: 0 }) };
+      }
       requirements.forEach((name) => loaded.add(name));
     }
     const begun = performance.now();
