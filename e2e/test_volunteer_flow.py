@@ -188,3 +188,17 @@ def test_research_code_cannot_reach_the_api_or_the_vault(browser, server) -> Non
     for name in ("api", "page", "other"):  # connect-src; nested workers are refused by worker-src
         assert str(seen[name]).startswith("blocked"), seen
     context.close()
+
+
+def test_start_pressed_before_the_pages_python_is_up(browser, server) -> None:
+    job = server.submit(SQUARES, [5, 6, 7], name="early-start", timeout=30)
+    context = browser.new_context()
+    context.add_init_script(fake_device(cores=2))
+    page = context.new_page()
+    page.goto(server.url + "/")
+    page.get_by_role("button", name="Start").click()  # the inline script takes it, starts a worker
+    page.get_by_role("button", name="Stop").wait_for(timeout=5_000)
+    page.wait_for_function("() => window.uvm_state", timeout=60_000)
+    assert state(page)["running"]  # Python picked up the choice
+    assert server.wait(job, timeout=60, page=page)["state"] == "done"
+    context.close()
