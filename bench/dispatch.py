@@ -50,6 +50,19 @@ def _volunteers(url: str, count: int, prefetch: int, done, out: multiprocessing.
     out.put(asyncio.run(go()))
 
 
+def _cpu(pid: int | None) -> float:
+    """CPU seconds (user + system) a process has used: a cost that contention does not inflate."""
+    if not pid:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _mariadb_cpu() -> float:
+    pids = subprocess.run(["pgrep", "-x", "mariadbd"], capture_output=True, text=True).stdout.split()
+    return sum(_cpu(int(p)) for p in pids)
+
+
 def _get(url: str, token: str) -> dict:
     req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
     with urllib.request.urlopen(req, timeout=30) as resp:
@@ -109,6 +122,7 @@ def main() -> None:
         for proc in procs:
             proc.start()
         start = time.perf_counter()
+        cpu0 = _cpu(server.proc.pid), _mariadb_cpu()
         status = {}
         while time.perf_counter() - start < args.seconds:
             status = _get(f"{server.url}/api/jobs/{job['id']}", token)
@@ -116,6 +130,7 @@ def main() -> None:
                 break
             time.sleep(0.25)
         elapsed = time.perf_counter() - start
+        cpu1 = _cpu(server.proc.pid), _mariadb_cpu()
         finished.set()
         stats = [out.get(timeout=60) for _ in procs]
         for proc in procs:
@@ -129,6 +144,13 @@ def main() -> None:
     print(f"backend: {args.backend}; volunteers: {args.volunteers} in {args.procs} processes, prefetch {args.prefetch}")
     print(f"submit {args.tasks} tasks (range): {t_submit:.2f} s")
     print(f"completed: {done}/{args.tasks} tasks in {elapsed:.2f} s -> {done / elapsed:.0f} tasks/s end to end")
+    if done:
+        server_ms = (cpu1[0] - cpu0[0]) * 1000 / done
+        db_ms = (cpu1[1] - cpu0[1]) * 1000 / done if args.backend == "mariadb" else 0.0
+        print(
+            f"CPU per task: server {server_ms:.3f} ms, MariaDB {db_ms:.3f} ms "
+            f"(one core could serve ~{1000 / server_ms:.0f} tasks/s in the server process)"
+        )
     if latencies:
         q = statistics.quantiles(latencies, n=100)
         print(f"ready->tasks latency: p50 {q[49] * 1000:.1f} ms, p99 {q[98] * 1000:.1f} ms ({len(latencies)} samples)")

@@ -439,11 +439,17 @@ class Storage:
                 aad = f"task:{task.id}"
                 done_rows.append(
                     {
-                        "tid": task.id,
+                        "id": task.id,
+                        "job_id": task.job_id,
+                        "idx": task.idx,
+                        "state": TaskState.DONE.value,
+                        "attempts": task.attempts,
                         "result_ct": self.box.seal_json(o.result, aad + ":result"),
                         "output_ct": self.box.seal_text(o.output, aad + ":output") if o.output else None,
+                        "error_ct": None,
                         "volunteer": volunteer,
                         "cpu": o.cpu,
+                        "finished_at": now,
                     }
                 )
                 rows[o.task] = task._replace(state=TaskState.DONE.value)  # a second outcome in this batch is late
@@ -473,20 +479,7 @@ class Storage:
             }
             (updated_attempts if o.attempt in known else attempt_rows).append(row)
         if done_rows:
-            await conn.execute(
-                tasks.update()
-                .where(tasks.c.id == sa.bindparam("tid"), tasks.c.state == TaskState.QUEUED.value)
-                .values(
-                    state=TaskState.DONE.value,
-                    result_ct=sa.bindparam("result_ct"),
-                    output_ct=sa.bindparam("output_ct"),
-                    error_ct=None,
-                    volunteer=sa.bindparam("volunteer"),
-                    cpu=sa.bindparam("cpu"),
-                    finished_at=now,
-                ),
-                done_rows,
-            )
+            await self._mark_done(conn, done_rows, done_by_job)
         if attempt_rows:
             await conn.execute(attempts.insert(), attempt_rows)
         for row in updated_attempts:
@@ -496,17 +489,68 @@ class Storage:
         await pipelines.feed(self, conn, rec)
         await self.finish_jobs(conn, rec.jobs)
         if per_volunteer:
+            rows = [
+                {
+                    "id": v,
+                    "first_seen": now,
+                    "last_seen": now,
+                    "capabilities": "{}",
+                    "throttle": "{}",
+                    "tasks_done": int(n),
+                    "cpu_seconds": c,
+                }
+                for v, (n, c) in per_volunteer.items()
+            ]
             await conn.execute(
-                volunteers.update()
-                .where(volunteers.c.id == sa.bindparam("vid"))
-                .values(
-                    tasks_done=volunteers.c.tasks_done + sa.bindparam("n", type_=sa.Integer),
-                    cpu_seconds=volunteers.c.cpu_seconds + sa.bindparam("cpu_s", type_=sa.Double),
-                    last_seen=now,
-                ),
-                [{"vid": v, "n": int(n), "cpu_s": c} for v, (n, c) in per_volunteer.items()],
+                self._bulk_update(volunteers, ["id"], rows, replace=["last_seen"], add=["tasks_done", "cpu_seconds"])
             )
         return rec
+
+    async def _mark_done(self, conn: AsyncConnection, rows: list[dict], done_by_job: dict[int, int]) -> None:
+        if self.engine.dialect.name in ("mysql", "mariadb"):
+            # One multi-row statement: the rows are locked (FOR UPDATE) and known to be queued, so
+            # this "upsert" only ever updates (aiomysql runs an UPDATE executemany row by row).
+            await conn.execute(self._bulk_update(tasks, ["id"], rows, replace=list(rows[0])))
+            return
+        # SQLite: the driver starts the transaction at the first write, so the state read above
+        # was not locked: keep the guard in the statement (in-process, executemany is cheap).
+        result = await conn.execute(
+            tasks.update()
+            .where(tasks.c.id == sa.bindparam("tid"), tasks.c.state == TaskState.QUEUED.value)
+            .values({c: sa.bindparam(f"v_{c}") for c in rows[0] if c not in ("id", "job_id", "idx", "attempts")}),
+            [{"tid": r["id"], **{f"v_{c}": v for c, v in r.items()}} for r in rows],
+        )
+        if result.rowcount != len(rows):  # a task finished otherwise meanwhile: count from the table
+            for job_id in done_by_job:
+                done_by_job[job_id] = 0
+                n = (
+                    await conn.execute(
+                        sa.select(sa.func.count()).where(
+                            tasks.c.job_id == job_id, tasks.c.state == TaskState.DONE.value
+                        )
+                    )
+                ).scalar()
+                await conn.execute(jobs.update().where(jobs.c.id == job_id).values(n_done=n))
+
+    def _bulk_update(
+        self, table: sa.Table, key: list[str], rows: list[dict], replace: list[str], add: list[str] = ()
+    ) -> Any:
+        """INSERT ... ON DUPLICATE KEY / ON CONFLICT UPDATE of many rows in one statement.
+
+        ``replace`` columns take the new value, ``add`` columns are incremented by it.
+        """
+        if self.engine.dialect.name in ("mysql", "mariadb"):
+            stmt = mysql_insert(table).values(rows)
+            new = stmt.inserted
+            return stmt.on_duplicate_key_update(
+                {c: new[c] for c in replace if c not in key} | {c: table.c[c] + new[c] for c in add}
+            )
+        stmt = sqlite_insert(table).values(rows)
+        new = stmt.excluded
+        return stmt.on_conflict_do_update(
+            index_elements=key,
+            set_={c: new[c] for c in replace if c not in key} | {c: table.c[c] + new[c] for c in add},
+        )
 
     async def _record_error(
         self, conn: AsyncConnection, rec: Recorded, task: Any, o: Outcome, volunteer: str, now: float, live: bool
