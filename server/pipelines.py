@@ -18,12 +18,13 @@ from sqlalchemy.dialects.mysql import insert as mysql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from server.models import Recorded
 from server.protocol import JobState, TaskState
 from server.queue import ReadyItem
 from server.tables import jobs, tasks
 
 if TYPE_CHECKING:
-    from server.storage import Recorded, Storage
+    from server.storage import Storage
 
 UPSTREAM_FAILED = "upstream task {idx} of job {job} failed; this task has no input"
 
@@ -119,8 +120,6 @@ async def backfill(storage: Storage, conn: AsyncConnection, job_id: int, rec: Re
 
 async def sweep(storage: Storage) -> Recorded:
     """Fill the gaps of every running pipeline job (run periodically by the dispatcher)."""
-    from server.storage import Recorded
-
     rec = Recorded()
     async with storage.engine.connect() as conn:
         ids = (

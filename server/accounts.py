@@ -1,0 +1,133 @@
+"""Researchers, their sessions, and volunteers: the accounts half of the storage layer."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.mysql import insert as mysql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from server.models import Conflict, NotFound, Researcher
+from server.models import now as _now
+from server.tables import researchers, sessions, volunteers
+
+
+class Accounts:
+    """Mixed into ``Storage``; uses its ``engine`` and ``_retry``."""
+
+    engine: AsyncEngine
+
+    async def add_researcher(self, email: str, password_hash: str, token_hash: str, operator: bool = False) -> int:
+        try:
+            async with self.engine.begin() as conn:
+                result = await conn.execute(
+                    researchers.insert().values(
+                        email=email,
+                        password_hash=password_hash,
+                        token_hash=token_hash,
+                        approved=True,
+                        operator=operator,
+                        created_at=_now(),
+                    )
+                )
+                return int(result.inserted_primary_key[0])
+        except IntegrityError:
+            raise Conflict(f"a researcher with email {email} exists") from None
+
+    async def researcher_by_token(self, token_hash: str) -> Researcher | None:
+        return await self._researcher(researchers.c.token_hash == token_hash)
+
+    async def researcher_by_email(self, email: str) -> tuple[Researcher, str] | None:
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(sa.select(researchers).where(researchers.c.email == email))).first()
+        if row is None:
+            return None
+        return Researcher(row.id, row.email, row.approved, row.operator), row.password_hash
+
+    async def researcher_by_session(self, id_hash: str) -> Researcher | None:
+        query = (
+            sa.select(researchers)
+            .join(sessions, sessions.c.researcher_id == researchers.c.id)
+            .where(sessions.c.id_hash == id_hash, sessions.c.expires_at > _now())
+        )
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(query)).first()
+        return None if row is None else Researcher(row.id, row.email, row.approved, row.operator)
+
+    async def _researcher(self, where: Any) -> Researcher | None:
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(sa.select(researchers).where(where))).first()
+        return None if row is None else Researcher(row.id, row.email, row.approved, row.operator)
+
+    async def add_session(self, id_hash: str, researcher_id: int, ttl: float) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                sessions.insert().values(id_hash=id_hash, researcher_id=researcher_id, expires_at=_now() + ttl)
+            )
+
+    async def drop_session(self, id_hash: str) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(sessions.delete().where(sessions.c.id_hash == id_hash))
+
+    async def set_approved(self, researcher_id: int, approved: bool) -> None:
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                researchers.update().where(researchers.c.id == researcher_id).values(approved=approved)
+            )
+        if result.rowcount == 0:
+            raise NotFound(f"no researcher {researcher_id}")
+
+    async def list_researchers(self) -> list[dict]:
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(sa.select(researchers).order_by(researchers.c.id))).all()
+        return [
+            {"id": r.id, "email": r.email, "approved": r.approved, "operator": r.operator, "created_at": r.created_at}
+            for r in rows
+        ]
+
+    async def volunteer_seen(self, volunteer: str, capabilities: dict) -> None:
+        """Insert or update a volunteer in one statement (a read-then-insert deadlocks on MySQL)."""
+        now = _now()
+        caps = json.dumps(capabilities)[:4000]
+        row = {
+            "id": volunteer,
+            "first_seen": now,
+            "last_seen": now,
+            "capabilities": caps,
+            "throttle": "{}",
+            "tasks_done": 0,
+            "cpu_seconds": 0.0,
+        }
+        if self.engine.dialect.name in ("mysql", "mariadb"):
+            stmt = mysql_insert(volunteers).values(**row)
+            stmt = stmt.on_duplicate_key_update(last_seen=now, capabilities=caps)
+        else:
+            stmt = sqlite_insert(volunteers).values(**row)
+            stmt = stmt.on_conflict_do_update(index_elements=["id"], set_={"last_seen": now, "capabilities": caps})
+        await self._retry(lambda conn: conn.execute(stmt))
+
+    async def volunteer_throttle(self, volunteer: str, state: dict) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                volunteers.update()
+                .where(volunteers.c.id == volunteer)
+                .values(throttle=json.dumps(state)[:4000], last_seen=_now())
+            )
+
+    async def volunteer_stats(self, volunteer: str) -> dict:
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(sa.select(volunteers).where(volunteers.c.id == volunteer))).first()
+        if row is None:
+            raise NotFound(f"no volunteer {volunteer}")
+        return {
+            "id": row.id,
+            "tasks_done": row.tasks_done,
+            "cpu_seconds": row.cpu_seconds,
+            "throttle": json.loads(row.throttle),
+            "first_seen": row.first_seen,
+            "last_seen": row.last_seen,
+        }
