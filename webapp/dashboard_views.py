@@ -180,7 +180,8 @@ def errors_html(body: dict) -> str:
         out.append(
             '<details class="error-group">'
             f'<summary><span class="count">{group.get("count", 0)}×</span> <code>{esc(group.get("message"))}</code>'
-            f'<span class="muted small"> inputs #{esc(indices)}{more}</span></summary>'
+            f'<span class="muted small"> input{"s" if group.get("count", 0) > 1 else ""} #{esc(indices)}{more}</span>'
+            "</summary>"
             f'<pre class="traceback">{esc(group.get("traceback") or "")}</pre></details>'
         )
     return "".join(out)
