@@ -179,13 +179,7 @@ class Storage(Accounts, Outcomes):
     async def cancel_job(self, researcher_id: int, job_id: int) -> bool:
         """Cancel a running job: its unfinished tasks become cancelled. False if it had ended."""
         async with self.engine.begin() as conn:
-            row = (
-                await conn.execute(
-                    sa.select(jobs.c.state).where(jobs.c.id == job_id, jobs.c.researcher_id == researcher_id)
-                )
-            ).first()
-            if row is None:
-                raise NotFound(f"no job {job_id}")
+            row = await _owned_job(conn, researcher_id, job_id)
             if row.state in {s.value for s in JOB_TERMINAL}:
                 return False
             await conn.execute(
@@ -244,13 +238,7 @@ class Storage(Accounts, Outcomes):
     async def retry_failed(self, researcher_id: int, job_id: int) -> int:
         """Failed tasks become queued again with fresh attempts; the job runs again."""
         async with self.engine.begin() as conn:
-            row = (
-                await conn.execute(
-                    sa.select(jobs.c.state).where(jobs.c.id == job_id, jobs.c.researcher_id == researcher_id)
-                )
-            ).first()
-            if row is None:
-                raise NotFound(f"no job {job_id}")
+            row = await _owned_job(conn, researcher_id, job_id)
             if row.state == JobState.CANCELLED.value:
                 raise Conflict("a cancelled job cannot be retried")
             result = await conn.execute(
@@ -373,6 +361,18 @@ def _job_dict(row: Any) -> dict:
         "created_at": row.created_at,
         "finished_at": row.finished_at,
     }
+
+
+async def _owned_job(conn: AsyncConnection, researcher_id: int, job_id: int) -> Any:
+    """The caller's job row, locked for this transaction; ``NotFound`` if not theirs."""
+    row = (
+        await conn.execute(
+            sa.select(jobs.c.state).where(jobs.c.id == job_id, jobs.c.researcher_id == researcher_id).with_for_update()
+        )
+    ).first()
+    if row is None:
+        raise NotFound(f"no job {job_id}")
+    return row
 
 
 def _chunks(items: Iterable[int], size: int) -> Iterable[list[int]]:
