@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import io
 import time
 import traceback
@@ -19,6 +20,11 @@ import aiohttp
 from server import protocol as P
 
 
+@functools.lru_cache(maxsize=64)
+def _compiled(source: str) -> Any:
+    return compile(source, "<job>", "exec")
+
+
 def run_task(source: str, value: Any) -> P.Outcome:
     """Run ``main(value)`` of ``source`` in a fresh namespace, as the browser's runner does."""
     namespace: dict[str, Any] = {"__name__": "__uvm_job__"}
@@ -27,7 +33,7 @@ def run_task(source: str, value: Any) -> P.Outcome:
     outcome = P.Outcome(attempt="", task=0)
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-            exec(compile(source, "<job>", "exec"), namespace)  # noqa: S102 - trusted jobs only
+            exec(_compiled(source), namespace)  # noqa: S102 - trusted jobs only
             outcome.result = namespace["main"](value)
         P.encode(P.Results([outcome]))  # the result must be JSON-serialisable
     except P.ProtocolError as exc:
