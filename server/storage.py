@@ -303,14 +303,16 @@ class Storage(Accounts, Outcomes):
             last = rows[-1].idx
 
     async def _retry(self, work: Any, attempts: int = 5) -> Any:
-        """Run ``work(conn)`` in a transaction, again if the database chose it as a deadlock victim."""
+        """Run ``work(conn)`` in a transaction; again if it was a deadlock victim or its connection died
+        (a restarted database: SQLAlchemy then drops the stale pooled connections)."""
         for attempt in range(attempts):
             try:
                 async with self.engine.begin() as conn:
                     return await work(conn)
             except OperationalError as exc:
                 code = getattr(exc.orig, "args", [None])[0]
-                if code not in (1213, 1205) or attempt == attempts - 1:  # deadlock, lock wait timeout
+                again = code in (1213, 1205) or exc.connection_invalidated  # deadlock, lock wait, gone
+                if not again or attempt == attempts - 1:
                     raise
                 await asyncio.sleep(0.01 * (attempt + 1))
         return None

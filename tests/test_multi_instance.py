@@ -177,3 +177,33 @@ async def test_canary_not_in_sqlite_file(tmp_path: Path):
     conn.close()
     for path in files:
         assert CANARY.encode() not in path.read_bytes(), path
+
+
+async def test_database_connections_killed_mid_job(mariadb_env, mariadb_database, redis_client):
+    """MariaDB drops every connection (as in a restart): the job still completes, nothing lost."""
+    token = add_researcher(mariadb_env, "gone@example.org")
+    server = ServerProcess(mariadb_env).start()
+    stop = asyncio.Event()
+    try:
+        async with aiohttp.ClientSession() as session:
+            api = Api(server.url, session, token)
+            job = await api.submit(CODE, list(range(400)))
+            runs = await _run_sims([SimVolunteer(server.url, prefetch=2) for _ in range(3)], stop)
+            while (await api.job(job))["counts"]["done"] < 50:
+                await asyncio.sleep(0.02)
+            victims = _db_rows(
+                "information_schema",
+                f"SELECT id FROM processlist WHERE db = '{mariadb_database}' AND id <> CONNECTION_ID()",
+            )
+            assert victims  # the server's pooled connections
+            for (conn_id,) in victims:
+                _db_rows("information_schema", f"KILL {int(conn_id)}")
+            result = await api.wait(job, timeout=60)
+            assert result["state"] == "done"
+            rows = json.loads(await api.results(job))
+            assert [r["result"] for r in rows] == [[x, x * 7] for x in range(400)]
+            stop.set()
+            await asyncio.gather(*runs)
+    finally:
+        stop.set()
+        server.stop()
