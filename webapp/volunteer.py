@@ -99,6 +99,7 @@ class App:
         self.opened_at = time.monotonic()
         self.last_error = ""
         self.rendered_at = 0.0
+        self.flush_after = 0.0  # results are held until then after the server refused some
 
     # ------------------------------------------------------------------ lifecycle
     async def restore(self) -> None:
@@ -298,6 +299,8 @@ class App:
             self.awaiting_tasks = True
 
     def flush_results(self) -> None:
+        if self.in_flight or time.monotonic() < self.flush_after:
+            return  # one results message at a time: what finishes meanwhile goes in the next
         waiting = [a for a in self.results if a not in self.in_flight]
         age = time.monotonic() - self.oldest_result if self.oldest_result else 0.0
         if not self.welcomed or not supervisor.should_flush(len(waiting), age, self.plan.batch_results):
@@ -437,6 +440,9 @@ class App:
         js.console.warn(f"UVM: the server refused a {self.last_error}")
         if msg.ref == "ready":
             self.awaiting_tasks = False
+        elif msg.ref == "results":  # not acknowledged: keep them, try again a little later
+            self.in_flight.clear()
+            self.flush_after = time.monotonic() + 5.0
         elif msg.ref == "need_code":  # the job is gone: drop its tasks rather than hold them
             known = set(self.codes)
             gone = [s.attempt for s in self.queue if s.code_hash not in known]
