@@ -125,6 +125,19 @@ class LiveServer:
         assert status == 200, body
         return body
 
+    def restart(self) -> None:
+        """Stop the server and start it again on the same port, data and environment."""
+        self.stop()
+        port = self.url.rsplit(":", 1)[1]
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", port],
+            env=self.env,
+            cwd=ROOT,
+            stdout=self.log.open("a"),
+            stderr=subprocess.STDOUT,
+        )
+        _wait_healthy(self)
+
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.terminate()
