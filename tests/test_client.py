@@ -213,3 +213,47 @@ async def test_chained_job_and_declared_pipeline(serve, volunteers):
     assert await asyncio.to_thread(again.results, progress=False) == [x + 2 for x in range(6)]
     status = await asyncio.to_thread(chained.status)
     assert status["parent_job_id"] == first.id
+
+
+def test_wait_rides_out_an_unreachable_server_then_gives_up():
+    import socket
+    import time
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed again: nothing listens here
+    client = Client(f"http://127.0.0.1:{port}", "uvm_token", reconnect=0.6)
+    started = time.monotonic()
+    with pytest.raises(ApiError, match="cannot reach"):
+        client.job(1)  # a single request fails at once
+    assert time.monotonic() - started < 0.5
+    from uvm_compute import Job
+
+    with pytest.raises(ApiError, match="cannot reach"):
+        Job(client, 1).wait(progress=False)  # keeps trying for `reconnect` seconds
+    assert 0.6 <= time.monotonic() - started < 5
+
+
+async def test_wait_survives_a_server_restart(aiohttp_server, make_config, volunteers):  # noqa: F811
+    from server.app import create_app
+    from tests.conftest import add_researcher
+
+    config = make_config()
+    first = await aiohttp_server(create_app(config))
+    token = await add_researcher(first.app, "restart@example.org")
+    url, port = str(first.make_url("")).rstrip("/"), first.port
+    client = Client(url, token, reconnect=30)
+    job = await asyncio.to_thread(client.map, cube, list(range(10)))
+    waiting = asyncio.ensure_future(asyncio.to_thread(job.wait, 60, False))
+    await asyncio.sleep(0.3)
+    await first.close()  # the server goes away while the client waits
+    await asyncio.sleep(1.0)
+    assert not waiting.done()
+    second = await aiohttp_server(create_app(config), port=port)
+    try:
+        volunteers(url, 2)
+        status = await asyncio.wait_for(waiting, 30)
+        assert status["state"] == "done"
+        assert await asyncio.to_thread(job.results, progress=False) == [{"x": x, "cube": x**3} for x in range(10)]
+    finally:
+        await second.close()

@@ -33,6 +33,8 @@ from typing import Any
 TERMINAL = frozenset({"done", "failed", "cancelled"})
 POLL_SECONDS = 0.25
 MAX_POLL_SECONDS = 2.0
+RECONNECT_SECONDS = 300.0  # how long wait() and as_completed() ride out a server that is away
+TRANSIENT = frozenset({0, 502, 503, 504})  # 0: no connection
 
 
 class UVMError(Exception):
@@ -179,8 +181,16 @@ def _inputs(inputs: Any) -> Any:
 class Client:
     """A researcher's connection to a UVM Compute server (token from the argument or ``UVM_TOKEN``)."""
 
-    def __init__(self, url: str, token: str | None = None, *, request_timeout: float = 60.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        token: str | None = None,
+        *,
+        request_timeout: float = 60.0,
+        reconnect: float = RECONNECT_SECONDS,
+    ) -> None:
         self.url = url.rstrip("/")
+        self.reconnect = reconnect  # seconds wait() keeps trying while the server is unreachable
         self.token = token or os.environ.get("UVM_TOKEN", "")
         if not self.token:
             raise UVMError("no API token: pass Client(url, token) or set UVM_TOKEN")
@@ -274,6 +284,25 @@ class Job:
         return f"<Job {self.id} {state} n_tasks={self.n_tasks}>"
 
     # ---------------------------------------------------------------------------- status
+    def _poll_status(self, since: list) -> dict:
+        """``status()`` that rides out a restarting server for ``RECONNECT_SECONDS``.
+
+        ``since`` holds the monotonic time of the first failure in a row (or nothing).
+        """
+        while True:
+            try:
+                status = self.status()
+            except ApiError as exc:
+                if exc.status not in TRANSIENT:
+                    raise
+                since[:] = since or [time.monotonic()]
+                if time.monotonic() - since[0] > self.client.reconnect:
+                    raise
+                time.sleep(min(MAX_POLL_SECONDS * 2, max(POLL_SECONDS, time.monotonic() - since[0])))
+                continue
+            since.clear()
+            return status
+
     def status(self) -> dict:
         self._status = self.client.request("GET", f"/api/jobs/{self.id}")
         self.n_tasks = self._status["n_tasks"]
@@ -294,9 +323,10 @@ class Job:
         bar = None
         end = None if timeout is None else time.monotonic() + timeout
         delay = POLL_SECONDS
+        failing: list = []
         try:
             while True:
-                status = self.status()
+                status = self._poll_status(failing)
                 finished = status["counts"]["done"] + status["counts"]["failed"]
                 if progress:
                     bar = bar or _progress_bar(self.id, status)
@@ -356,8 +386,9 @@ class Job:
         end = None if timeout is None else time.monotonic() + timeout
         delay = POLL_SECONDS
         last_finished = -1
+        failing: list = []
         while True:
-            status = self.status()
+            status = self._poll_status(failing)
             finished = status["counts"]["done"] + status["counts"]["failed"]
             terminal = status["state"] in TERMINAL
             if finished != last_finished or terminal:
