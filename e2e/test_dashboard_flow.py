@@ -286,6 +286,15 @@ def test_bad_code_and_bad_inputs_get_messages(b_page, accounts, screenshots) -> 
     page.wait_for_selector("#try-output[data-outcome=error]", timeout=READY_MS)
     assert "ValueError: no 1" in page.inner_text("#try-output")
 
+    # A runaway main: Try stops it at the job's timeout (the worker is replaced), the page stays usable.
+    write_code(page, "def main(x):\n    while True:\n        pass\n")
+    page.fill("#opt-timeout", "1.5")
+    page.click("#try-button")
+    page.wait_for_function(
+        "document.getElementById('try-output').textContent.includes('did not return within 1.5 s')", timeout=READY_MS
+    )
+    page.fill("#opt-timeout", "60")
+
     write_code(page, JOB)
     page.fill("#inputs-json", "[1, 2,")
     page.click("#submit-button")
