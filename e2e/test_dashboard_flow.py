@@ -378,6 +378,16 @@ def test_operator_page_approves_revokes_and_sees_volunteers(browser, server, acc
         researcher.get_by_role("button", name="Revoke").wait_for()
         sign_in(b, accounts["b"])
         b.wait_for_selector("#view-jobs:not([hidden])")
+        # Revoked while signed in: the next request ends the session with a message.
+        researcher.get_by_role("button", name="Revoke").click()
+        researcher.get_by_role("button", name="Approve").wait_for()
+        go(b, "#/new", "new")
+        b.wait_for_selector("#view-login:not([hidden])")
+        assert b.inner_text("#login-error") == "This account is no longer approved; ask an operator."
+        researcher.get_by_role("button", name="Approve").click()
+        researcher.get_by_role("button", name="Revoke").wait_for()
+        sign_in(b, accounts["b"])
+        b.wait_for_selector("#view-jobs:not([hidden])")
         assert not b.is_visible("#nav-admin")  # not an operator
         page.context.close()
     finally:

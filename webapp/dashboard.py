@@ -222,6 +222,8 @@ class Dashboard:
         except ApiError as exc:
             if exc.status == 401 and self.me is not None:
                 self.signed_out("Your session has ended; please sign in again.")
+            elif exc.status == 403 and "not approved" in str(exc) and self.me is not None:
+                self.signed_out("This account is no longer approved; ask an operator.")
             else:
                 self.flash(str(exc))
         except Exception as exc:  # noqa: BLE001 -- never a blank page or a console-only error
@@ -247,7 +249,9 @@ class Dashboard:
             self.me = await api("GET", "/api/me")
         except ApiError as exc:
             self.me = None
-            if exc.status not in (401, 403):
+            if exc.status == 403:
+                _show("login-error", "This account is not approved yet; ask an operator.")
+            elif exc.status != 401:
                 self.flash(str(exc))
         _el("login-button").disabled = False
         document.body.dataset.ready = "1"
