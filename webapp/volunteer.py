@@ -99,6 +99,7 @@ class App:
         self.opened_at = time.monotonic()
         self.last_error = ""
         self.rendered_at = 0.0
+        self.heartbeat_at = 0.0
         self.flush_after = 0.0  # results are held until then after the server refused some
 
     # ------------------------------------------------------------------ lifecycle
@@ -217,17 +218,15 @@ class App:
         self.rendered_at = 0.0  # always draw on a tick
         self.pump()
 
-    async def ticker(self) -> None:
-        while True:
-            await self._tick()
-            await asyncio.sleep(TICK_SECONDS)
-
-    async def heartbeats(self) -> None:
-        while True:
-            await asyncio.sleep(max(1.0, self.heartbeat / 3))
+    def on_clock(self) -> None:
+        """Once a second, from ``public/clock.js``: re-read the device, heartbeat, redraw."""
+        now = time.monotonic()
+        if now - self.heartbeat_at >= max(1.0, self.heartbeat / 3):
+            self.heartbeat_at = now
             held = self.held_attempts()
             if self.welcomed and held:
                 self.link.send(protocol.Heartbeat(attempts=held))
+        self.tick()
 
     # ------------------------------------------------------------------ the loop
     def held_attempts(self) -> list[str]:
@@ -506,8 +505,10 @@ async def main() -> None:
     await app.read_device()
     ui.bind(app)
     window.uvm_state = create_proxy(lambda: json.dumps(app.snapshot()))
-    asyncio.ensure_future(app.ticker())
-    asyncio.ensure_future(app.heartbeats())
+    # Timers of a hidden tab are throttled; a worker's are not: it keeps the beat (heartbeats).
+    clock = js.Worker.new(f"{base}/static/clock.js?ms={int(TICK_SECONDS * 1000)}")
+    clock.onmessage = create_proxy(lambda event: app.on_clock())
+    window.uvm_clock = clock  # kept alive with the page
     if app.running:
         app.link.start()
     app.pump()
