@@ -109,6 +109,7 @@ def test_missing_apis_are_said_on_the_page(browser, server) -> None:
     snap = wait_state(page, lambda s: n_workers(s) == 1)
     assert snap["device"]["battery"] is None and snap["device"]["network"] is None
     chips = page.locator("#device").inner_text()
+    assert "work not kept" not in chips  # IndexedDB and WebCrypto are there
     assert "battery: not reported by this browser" in chips
     assert "network: not reported by this browser" in chips
     context.close()
@@ -131,4 +132,18 @@ def test_hidden_tab_follows_the_volunteers_choice(browser, server) -> None:
     server_throttle(server, page, lambda t: t["hidden"] is True and t["paused"] is True)
     page.evaluate("window.__hidden = false; document.dispatchEvent(new Event('visibilitychange'))")
     wait_state(page, lambda s: n_workers(s) == 3 and not s["plan"]["paused"])
+    context.close()
+
+
+def test_without_webcrypto_work_still_runs_and_the_page_says_so(browser, server) -> None:
+    # As on a page served over plain http to another machine: no crypto.subtle there.
+    context = browser.new_context()
+    context.add_init_script(
+        fake_device(cores=2) + "\nObject.defineProperty(Crypto.prototype, 'subtle', {get: () => undefined});"
+    )
+    page = open_volunteer_page(context, server)
+    start(page)
+    job = server.submit("def main(x):\n    return x + 1\n", [1, 2, 3], name="no-webcrypto", timeout=10)
+    assert server.wait(job, timeout=60, page=page)["state"] == "done"
+    assert "work not kept across reloads: WebCrypto needs https" in page.locator("#device").inner_text()
     context.close()

@@ -28,6 +28,8 @@ function openDB() {
 
 class Vault {
   constructor(db, key) {
+    this.persistent = true;
+    this.reason = "";
     this.db = db;
     this.key = key;
     this.encoder = new TextEncoder();
@@ -91,7 +93,43 @@ class Vault {
   }
 }
 
+// Where IndexedDB or WebCrypto is missing (a private window in some browsers; WebCrypto needs
+// https or localhost), work is kept in memory only: it still runs, but does not survive a reload.
+class MemoryVault {
+  constructor(reason) {
+    this.persistent = false;
+    this.reason = reason;
+    this.stores = Object.fromEntries(STORES.map((name) => [name, new Map()]));
+  }
+
+  async put(store, key, text) {
+    this.stores[store].set(String(key), text);
+  }
+
+  async get(store, key) {
+    return this.stores[store].get(String(key)) ?? null;
+  }
+
+  async all(store) {
+    return JSON.stringify([...this.stores[store].entries()]);
+  }
+
+  async remove(store, keysJSON) {
+    for (const key of JSON.parse(keysJSON)) this.stores[store].delete(String(key));
+  }
+}
+
 export async function openVault() {
+  if (!globalThis.indexedDB) return new MemoryVault("this browser offers no IndexedDB");
+  if (!globalThis.crypto?.subtle) return new MemoryVault("WebCrypto needs https (or localhost)");
+  try {
+    return await openEncryptedVault();
+  } catch (err) {
+    return new MemoryVault(`the browser refused storage (${err?.name || err})`);
+  }
+}
+
+async function openEncryptedVault() {
   const db = await openDB();
   let key = await request(db.transaction("meta", "readonly").objectStore("meta").get("key"));
   if (!key) {

@@ -87,3 +87,8 @@ def test_worker_rows_escape_and_describe() -> None:
     rows = worker_rows(snapshot(workers=[busy(1), {"number": 2, "ready": False, "attempt": None}]))
     assert "job 7 · task #3" in rows and "1.2 s" in rows and "starting Python…" in rows
     assert worker_rows(snapshot(workers=[])) == '<li class="empty">No workers running.</li>'
+
+
+def test_a_vault_in_memory_only_is_said() -> None:
+    chips = device_chips(snapshot(vault_note="WebCrypto needs https (or localhost)"))
+    assert chips[-1] == ("work not kept across reloads: WebCrypto needs https (or localhost)", True)

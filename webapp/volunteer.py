@@ -49,7 +49,8 @@ def _volunteer_id() -> str:
     known = window.localStorage.getItem(VOLUNTEER_KEY)
     if known:
         return str(known)
-    new = str(js.crypto.randomUUID()).replace("-", "")
+    # getRandomValues, not randomUUID: the page may be served over plain http on a LAN.
+    new = "".join(f"{b:02x}" for b in js.crypto.getRandomValues(js.Uint8Array.new(16)).to_py())
     window.localStorage.setItem(VOLUNTEER_KEY, new)
     return new
 
@@ -486,6 +487,7 @@ class App:
                 "when_hidden": self.settings.when_hidden,
             },
             "last_error": self.last_error,
+            "vault_note": "" if self.vault.persistent else str(self.vault.reason),
         }
 
 

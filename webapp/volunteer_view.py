@@ -90,6 +90,8 @@ def device_chips(snap: dict) -> list[tuple[str, bool]]:
         text = "data saver" if network["save_data"] else f"network {network['effective_type'] or 'unknown'}"
         chips.append((text, slow))
     chips.append(("tab hidden" if device["hidden"] else "tab visible", device["hidden"]))
+    if snap.get("vault_note"):
+        chips.append((f"work not kept across reloads: {snap['vault_note']}", True))
     return chips
 
 
