@@ -132,8 +132,8 @@ def plan(device: Device, settings: Settings, task_seconds: float | None = None) 
     reasons = [f"{cores_text}, CPU cap {clamp_cap(settings.cpu_cap)} % → at most {top}"]
     workers, pause_reasons = top, []
     if settings.paused:
-        pause_reasons.append("stopped by you")
-        reasons.append("stopped by you")
+        pause_reasons.append("not running: press Start to compute")
+        reasons.append("not running: press Start to compute")
     battery = device.battery
     if battery is None:
         reasons.append("battery: not reported by this browser")
