@@ -23,7 +23,8 @@ from e2e.conftest import ROOT, LiveServer, _cli, open_volunteer_page
 PASSWORD = "dashboard-pass-1"
 PHONE = {"width": 390, "height": 844}
 DESKTOP = {"width": 1280, "height": 900}
-READY_MS = 60_000
+READY_MS = 90_000  # Pyodide boots and volunteer work; generous: the machine may be shared
+STEP_MS = 45_000  # any other wait (Playwright's default is 30 s)
 
 JOB = """def main(x):
     print("squaring", x)
@@ -50,6 +51,7 @@ def accounts(server) -> dict[str, str]:
 
 def open_dashboard(browser, server: LiveServer, viewport: dict = DESKTOP, hash_: str = ""):  # noqa: ANN001, ANN201
     context = browser.new_context(viewport=viewport, accept_downloads=True)
+    context.set_default_timeout(STEP_MS)
     page = context.new_page()
     page.goto(f"{server.url}/dashboard{hash_}")
     page.wait_for_function("document.body.dataset.ready === '1'", timeout=READY_MS)
@@ -296,6 +298,7 @@ def test_bad_code_and_bad_inputs_get_messages(b_page, accounts, screenshots) -> 
     page.fill("#opt-timeout", "60")
 
     write_code(page, JOB)
+    assert "stale" in page.get_attribute("#try-output", "class")  # that run was of the old code
     page.fill("#inputs-json", "[1, 2,")
     page.click("#submit-button")
     page.wait_for_selector("#inputs-error:not([hidden])")

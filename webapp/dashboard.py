@@ -638,6 +638,7 @@ class Dashboard:
             button.disabled = False
         status.textContent = f"main({views._short(value, 40)}) ran in this browser."
         out.innerHTML = views.try_html(answer, seconds)
+        out.classList.remove("stale")
         out.hidden = False
         out.dataset.outcome = "error" if answer.get("error") else "ok"
 
