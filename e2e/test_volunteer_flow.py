@@ -202,3 +202,26 @@ def test_start_pressed_before_the_pages_python_is_up(browser, server) -> None:
     assert state(page)["running"]  # Python picked up the choice
     assert server.wait(job, timeout=60, page=page)["state"] == "done"
     context.close()
+
+
+def test_stop_stops_at_once_and_start_resumes_what_it_held(browser, server) -> None:
+    context = browser.new_context()
+    context.add_init_script(fake_device(cores=2))
+    page = open_volunteer_page(context, server)
+    inputs = list(range(8))
+    job = server.submit(SLOW, inputs, name="stop-start", timeout=20, max_attempts=2)
+    start(page)
+    before = wait_state(page, lambda s: s["running_tasks"] and s["queued"] and s["session"]["tasks"] >= 1)
+    held = set(before["queued_tasks"]) | set(before["running_tasks"])
+    frames: list[dict] = []
+    page.on("websocket", lambda ws: ws.on("framereceived", lambda payload: frames.append(json.loads(payload))))
+    page.get_by_role("button", name="Stop").click()
+    stopped = wait_state(page, lambda s: not s["running"] and not s["workers"], timeout=5)
+    assert page.locator("body").get_attribute("data-state") == "stopped"
+    assert held <= set(stopped["queued_tasks"])  # kept, not lost
+    page.get_by_role("button", name="Start").click()
+    assert server.wait(job, timeout=60, page=page)["state"] == "done"
+    received = [t["task"] for f in frames if f["type"] == "tasks" for t in f["tasks"]]
+    assert not held & set(received), (held, received)
+    assert [r["result"] for r in server.results(job)] == native_results(SLOW, inputs)
+    context.close()

@@ -79,9 +79,9 @@ class App:
         self.codes: dict[str, protocol.Code] = {}
         self.asked_code: set[str] = set()
         self.cancelled: set[str] = set()
-        # Tasks restored from the vault after a reload. The server put them back in its ready
-        # queue when the old socket closed; finishing them before asking for more keeps it from
-        # handing the same tasks to this page again.
+        # Tasks held across a closed socket (a reload, Stop, a dropped connection). The server put
+        # them back in its ready queue when the socket closed; finishing them before asking for
+        # more keeps it from handing the same tasks to this page again.
         self.resumed: set[str] = set()
         self.running_specs: dict[str, protocol.TaskSpec] = {}
         self.task_seconds: float | None = None  # moving average of one task's time here
@@ -145,6 +145,7 @@ class App:
             self.link.start()
         self.pump()
         if not running:
+            self.resumed.update(self.held_attempts())
             self.pool.discard_prewarmed()
             self.pool.stop_all()
             self.link.stop()
@@ -321,6 +322,7 @@ class App:
         if answer.get("stopped"):  # cancelled, or the volunteer pressed Stop: no outcome
             if spec.attempt not in self.cancelled:
                 self.queue.insert(0, spec)  # runs again after Start, from the vault after a reload
+                self.resumed.add(spec.attempt)
             self.pump()
             return
         outcome = {
@@ -368,6 +370,7 @@ class App:
         self.link.send(protocol.Hello(volunteer=self.volunteer, capabilities=capabilities))
 
     def on_close(self) -> None:
+        self.resumed.update(self.held_attempts())
         self.welcomed = False
         self.awaiting_tasks = False
         self.in_flight.clear()  # re-sent after the next welcome
