@@ -92,7 +92,10 @@ async def create_job(request: web.Request) -> web.Response:
     body = await read_json(request)
     spec = jobspec.parse(body, request.app[K.config])
     new_id = await request.app[K.dispatcher].submit(who.id, spec)
-    return web.json_response({"id": new_id, "n_tasks": spec.n_tasks}, status=201)
+    n_tasks = spec.n_tasks
+    if spec.inputs_kind in ("after", "list") and spec.parent_job_id is not None:  # known once saved
+        n_tasks = (await request.app[K.storage].get_job(who.id, new_id))["n_tasks"]
+    return web.json_response({"id": new_id, "n_tasks": n_tasks}, status=201)
 
 
 async def list_jobs(request: web.Request) -> web.Response:
@@ -125,6 +128,7 @@ async def job_results(request: web.Request) -> web.StreamResponse:
     fmt = request.query.get("format", "json")
     if fmt not in export.FORMATS:
         return json_error(400, f"unknown format {fmt[:20]!r}; use one of {', '.join(export.FORMATS)}")
+    start, limit = _int_param(request, "start", 0), _int_param(request, "limit", None)
     storage = request.app[K.storage]
     await storage.get_job(who.id, jid)  # 404 for another researcher's job
     response = web.StreamResponse(
@@ -135,10 +139,21 @@ async def job_results(request: web.Request) -> web.StreamResponse:
         }
     )
     await response.prepare(request)
-    async for chunk in export.render(storage.iter_tasks(jid), fmt):
+    async for chunk in export.render(storage.iter_tasks(jid, start=start, limit=limit), fmt):
         await response.write(chunk)
     await response.write_eof()
     return response
+
+
+def _int_param(request: web.Request, name: str, default: int | None) -> int | None:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit() or len(raw) > 9:
+        raise web.HTTPBadRequest(
+            text=json.dumps({"error": f"'{name}' must be a whole number"}), content_type="application/json"
+        )
+    return int(raw)
 
 
 async def job_errors(request: web.Request) -> web.Response:

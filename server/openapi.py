@@ -173,6 +173,18 @@ def document() -> dict:
                             "in": "query",
                             "schema": {"type": "string", "enum": ["txt", "json", "ndjson", "csv"], "default": "json"},
                         },
+                        {
+                            "name": "start",
+                            "in": "query",
+                            "description": "first input index (paging)",
+                            "schema": {"type": "integer", "minimum": 0, "default": 0},
+                        },
+                        {
+                            "name": "limit",
+                            "in": "query",
+                            "description": "at most this many tasks",
+                            "schema": {"type": "integer", "minimum": 0},
+                        },
                     ],
                     "responses": {"200": _ok("the results file"), **_errors(400, 401, 404)},
                 }

@@ -27,6 +27,7 @@ from server.queue import ReadyItem
 from server.tables import jobs, tasks
 
 INSERT_CHUNK = 1000
+THROUGHPUT_WINDOW = 30.0  # seconds
 __all__ = ["Conflict", "JobInfo", "NotFound", "Recorded", "Researcher", "Storage"]
 
 
@@ -155,15 +156,8 @@ class Storage(Accounts, Outcomes):
             if row is None:
                 raise NotFound(f"no job {job_id}")
             job = _job_dict(row)
-            since = _now() - 30.0
-            recent = (
-                await conn.execute(
-                    sa.select(sa.func.count())
-                    .select_from(tasks)
-                    .where(tasks.c.job_id == job_id, tasks.c.finished_at > since)
-                )
-            ).scalar()
-        job["throughput"] = round((recent or 0) / 30.0, 3)
+            recent = await _recent_counts(conn, [job_id])
+        job["throughput"] = round(recent.get(job_id, 0) / THROUGHPUT_WINDOW, 3)
         return job
 
     async def list_jobs(self, researcher_id: int, limit: int = 200) -> list[dict]:
@@ -174,11 +168,16 @@ class Storage(Accounts, Outcomes):
             .limit(limit)
         )
         async with self.engine.connect() as conn:
-            return [_job_dict(row) for row in (await conn.execute(query)).all()]
+            out = [_job_dict(row) for row in (await conn.execute(query)).all()]
+            recent = await _recent_counts(conn, [j["id"] for j in out if j["state"] == JobState.RUNNING.value])
+        for job in out:
+            job["throughput"] = round(recent.get(job["id"], 0) / THROUGHPUT_WINDOW, 3)
+        return out
 
     async def cancel_job(self, researcher_id: int, job_id: int) -> bool:
         """Cancel a running job: its unfinished tasks become cancelled. False if it had ended."""
-        async with self.engine.begin() as conn:
+
+        async def work(conn: AsyncConnection) -> bool:
             row = await _owned_job(conn, researcher_id, job_id)
             if row.state in {s.value for s in JOB_TERMINAL}:
                 return False
@@ -190,8 +189,11 @@ class Storage(Accounts, Outcomes):
             await conn.execute(
                 jobs.update().where(jobs.c.id == job_id).values(state=JobState.CANCELLED.value, finished_at=_now())
             )
+            return True
+
+        changed = await self._retry(work)  # it locks many task rows: a deadlock victim now and then
         self.forget_job(job_id)
-        return True
+        return changed
 
     async def ready_items(self, job_ids: Iterable[int] | None = None) -> AsyncIterator[list[ReadyItem]]:
         """The queued tasks of running jobs, in chunks: what the ready queue is rebuilt from."""
@@ -237,7 +239,8 @@ class Storage(Accounts, Outcomes):
 
     async def retry_failed(self, researcher_id: int, job_id: int) -> int:
         """Failed tasks become queued again with fresh attempts; the job runs again."""
-        async with self.engine.begin() as conn:
+
+        async def work(conn: AsyncConnection) -> int:
             row = await _owned_job(conn, researcher_id, job_id)
             if row.state == JobState.CANCELLED.value:
                 raise Conflict("a cancelled job cannot be retried")
@@ -246,24 +249,30 @@ class Storage(Accounts, Outcomes):
                 .where(tasks.c.job_id == job_id, tasks.c.state == TaskState.FAILED.value)
                 .values(state=TaskState.QUEUED.value, attempts=0, finished_at=None)
             )
-            n = result.rowcount
-            if n:
+            if result.rowcount:
                 await conn.execute(
                     jobs.update()
                     .where(jobs.c.id == job_id)
-                    .values(n_failed=jobs.c.n_failed - n, state=JobState.RUNNING.value, finished_at=None)
+                    .values(n_failed=jobs.c.n_failed - result.rowcount, state=JobState.RUNNING.value, finished_at=None)
                 )
+            return result.rowcount
+
+        n = await self._retry(work)
         self.forget_job(job_id)
         return n
 
     # ----------------------------------------------------------------------------- exports
-    async def iter_tasks(self, job_id: int, only_errors: bool = False) -> AsyncIterator[dict]:
-        """Every task of a job in input order, decrypted, fetched in pages (constant memory)."""
+    async def iter_tasks(
+        self, job_id: int, only_errors: bool = False, start: int = 0, limit: int | None = None
+    ) -> AsyncIterator[dict]:
+        """The tasks of a job from index ``start`` in input order, decrypted, fetched in pages
+        (constant memory); at most ``limit`` of them."""
         info = await self.job_info(job_id)
         if info is None:
             raise NotFound(f"no job {job_id}")
-        last = -1
-        while True:
+        last = start - 1
+        left = limit
+        while left is None or left > 0:
             query = (
                 sa.select(
                     tasks.c.id,
@@ -277,7 +286,7 @@ class Storage(Accounts, Outcomes):
                 )
                 .where(tasks.c.job_id == job_id, tasks.c.idx > last)
                 .order_by(tasks.c.idx)
-                .limit(500)
+                .limit(500 if left is None else min(500, left))
             )
             if only_errors:
                 query = query.where(tasks.c.error_ct.is_not(None))
@@ -301,6 +310,8 @@ class Storage(Accounts, Outcomes):
                     "attempts": r.attempts,
                 }
             last = rows[-1].idx
+            if left is not None:
+                left -= len(rows)
 
     async def _retry(self, work: Any, attempts: int = 5) -> Any:
         """Run ``work(conn)`` in a transaction; again if it was a deadlock victim or its connection died
@@ -365,8 +376,21 @@ def _job_dict(row: Any) -> dict:
     }
 
 
+async def _recent_counts(conn: AsyncConnection, job_ids: list[int]) -> dict[int, int]:
+    """Tasks finished per job in the last THROUGHPUT_WINDOW seconds (uses ix_tasks_job_finished)."""
+    if not job_ids:
+        return {}
+    rows = await conn.execute(
+        sa.select(tasks.c.job_id, sa.func.count())
+        .where(tasks.c.job_id.in_(job_ids), tasks.c.finished_at > _now() - THROUGHPUT_WINDOW)
+        .group_by(tasks.c.job_id)
+    )
+    return {job_id: n for job_id, n in rows.all()}
+
+
 async def _owned_job(conn: AsyncConnection, researcher_id: int, job_id: int) -> Any:
-    """The caller's job row, locked for this transaction; ``NotFound`` if not theirs."""
+    """The caller's job row; ``NotFound`` if not theirs. Not locked: the recorder locks tasks before
+    jobs, and taking them the other way round here would deadlock with it."""
     row = (
         await conn.execute(
             sa.select(jobs.c.state).where(jobs.c.id == job_id, jobs.c.researcher_id == researcher_id).with_for_update()

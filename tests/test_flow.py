@@ -153,3 +153,25 @@ async def test_retry_failed_tasks(serve, volunteers):
         del os.environ["UVM_RETRY_OK"]
     assert job["state"] == "done"
     assert [r["result"] for r in json.loads(await api.results(job_id))] == [0, 1, 2]
+
+
+async def test_results_paging_and_list_throughput(serve, volunteers):
+    api, _ = await serve()
+    job_id = await api.submit("def main(x):\n    return x * 2\n", list(range(30)))
+    volunteers(api.url, 2)
+    await api.wait(job_id)
+    async with api.session.get(
+        f"{api.url}/api/jobs/{job_id}/results", params={"start": "10", "limit": "5"}, headers=api.headers()
+    ) as resp:
+        page = await resp.json()
+    assert [(r["index"], r["result"]) for r in page] == [(i, i * 2) for i in range(10, 15)]
+    async with api.session.get(
+        f"{api.url}/api/jobs/{job_id}/results", params={"limit": "-1"}, headers=api.headers()
+    ) as resp:
+        assert resp.status == 400 and "whole number" in (await resp.json())["error"]
+    async with api.session.get(f"{api.url}/api/jobs", headers=api.headers()) as resp:
+        (listed,) = (await resp.json())["jobs"]
+    assert "throughput" in listed and listed["counts"]["done"] == 30
+    after = await api.submit("def main(x):\n    return x\n", {"after": job_id})
+    async with api.session.get(f"{api.url}/api/jobs/{after}", headers=api.headers()) as resp:
+        assert (await resp.json())["n_tasks"] == 30
