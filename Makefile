@@ -35,7 +35,9 @@ test: setup services lint
 	$(VENV)/bin/pytest -q -p no:cacheprovider
 
 bench: setup services
-	$(PY) bench/dispatch.py
+	$(PY) bench/dispatch.py --volunteers 500 --tasks 60000 --prefetch 8
+	$(PY) bench/dispatch.py --backend sqlite --volunteers 100 --tasks 30000
+	$(PY) bench/browser.py
 
 clean:
 	rm -rf $(VENV) public/node_modules data

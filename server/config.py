@@ -30,7 +30,7 @@ class Config:
     reaper_interval: float = 1.0
     intake_batch: int = 256
     event_loop: str = "uvloop"  # uvloop when installed (faster websockets), or asyncio
-    package_index_url: str = "https://cdn.jsdelivr.net/pyodide/v0.29.0/full/"
+    package_index_url: str = ""  # empty: Pyodide's CDN for the pinned Pyodide version (server/static.py)
     instance: str = dataclasses.field(default_factory=lambda: os.urandom(4).hex())
 
     @property

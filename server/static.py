@@ -106,14 +106,6 @@ def _inside(base: Path, relative: str) -> Path:
     return path
 
 
-def _config_default() -> str:
-    """Config's built-in index URL: not tied to the pinned Pyodide, so ours is used instead."""
-    from server.config import Config
-
-    field = Config.__dataclass_fields__.get("package_index_url")
-    return field.default if field is not None else ""
-
-
 def render_page(public_dir: Path, page_vars: dict[str, str]) -> str:
     """``public/index.html`` with the vendored URLs and the package index filled in."""
     text = (public_dir / "index.html").read_text()
@@ -136,7 +128,7 @@ def add_static_routes(
     """
     public_dir = Path(public_dir)
     config = app.get(K.config)
-    if package_index_url is None and config is not None and config.package_index_url != _config_default():
+    if package_index_url is None and config is not None:
         package_index_url = config.package_index_url or None  # set by UVM_PACKAGE_INDEX_URL
     versions = pinned_versions(public_dir)
     urls = vendor_urls(public_dir)
