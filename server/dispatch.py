@@ -24,6 +24,7 @@ from server.queue import Bus, Lease, Queue
 from server.storage import Recorded, Storage
 
 logger = logging.getLogger(__name__)
+P_MAX_RESUME = 64  # attempts a reconnecting volunteer may ask to keep
 STORED_INPUTS = frozenset({"list", "after"})  # range and none inputs are computed from the index
 
 
@@ -181,6 +182,21 @@ class Dispatcher:
                 )
             )
         return specs
+
+    async def resume(self, conn: Conn, attempts: list[str]) -> int:
+        """A volunteer reconnected still holding these attempts (a refresh, a dropped network):
+        give them back to it if nobody else has taken the tasks meanwhile, so no work is repeated."""
+        attempts = [a for a in attempts[:P_MAX_RESUME] if isinstance(a, str) and len(a) <= 32]
+        now = time.time()
+        for attempt, lease in (await self.queue.live(attempts)).items():
+            if lease.volunteer == conn.volunteer:  # the old socket's close was not handled yet
+                conn.held[attempt] = lease.job
+        for attempt, item in await self.storage.resumable(conn.volunteer, [a for a in attempts if a not in conn.held]):
+            lease = await self.queue.claim(conn.volunteer, attempt, item, now)
+            if lease is not None:
+                conn.held[attempt] = lease.job
+        await self.queue.extend(list(conn.held), now)
+        return len(conn.held)
 
     async def heartbeat(self, conn: Conn, attempts: list[str]) -> int:
         mine = [a for a in attempts if a in conn.held]

@@ -70,6 +70,11 @@ class Queue:
         """Move the deadlines of live leases to now + timeout + grace; returns how many."""
         raise NotImplementedError
 
+    async def claim(self, volunteer: str, attempt: str, item: ReadyItem, now: float) -> Lease | None:
+        """Lease one given task under a given attempt id if it is waiting in the ready queue
+        (a volunteer resuming, after a reconnect, a task it still holds); None if it is not."""
+        raise NotImplementedError
+
     async def live(self, attempts: list[str]) -> dict[str, Lease]:
         """The live leases among ``attempts``."""
         raise NotImplementedError
@@ -170,6 +175,16 @@ class MemoryQueue(Queue):
             self._running[int(job)] = self._running.get(int(job), 0) + 1
             out.append(self._lease_of(attempt, self._leases[attempt]))
         return out
+
+    async def claim(self, volunteer: str, attempt: str, item: ReadyItem, now: float) -> Lease | None:
+        if item.member not in self._ready or item.job in self._cancelled:
+            return None
+        self._ready.discard(item.member)  # its heap entry is skipped when popped
+        self._leases[attempt] = (item.score, item.member, volunteer)
+        self._leased_tasks[item.task] = attempt
+        self._deadlines[attempt] = now + item.timeout + self.grace
+        self._running[item.job] = self._running.get(item.job, 0) + 1
+        return self._lease_of(attempt, self._leases[attempt])
 
     async def extend(self, attempts: list[str], now: float) -> int:
         n = 0
@@ -282,6 +297,18 @@ _LUA_DUE = """
 return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
 """
 
+# KEYS: ready, leases, deadlines, cancelled, running, leased_tasks ; ARGV: member, score, attempt,
+# volunteer, instance, deadline, job, task
+_LUA_CLAIM = """
+if redis.call('SISMEMBER', KEYS[4], ARGV[7]) == 1 then return 0 end
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[2], ARGV[3], ARGV[2] .. '|' .. ARGV[1] .. '|' .. ARGV[4] .. '|' .. ARGV[5])
+redis.call('HSET', KEYS[6], ARGV[8], ARGV[3])
+redis.call('ZADD', KEYS[3], ARGV[6], ARGV[3])
+redis.call('HINCRBY', KEYS[5], ARGV[7], 1)
+return 1
+"""
+
 # KEYS: leases, deadlines ; ARGV: now, grace, attempts...
 _LUA_EXTEND = """
 local n = 0
@@ -321,6 +348,7 @@ class RedisQueue(Queue):
         self._due = redis.register_script(_LUA_DUE)
         self._extend = redis.register_script(_LUA_EXTEND)
         self._push = redis.register_script(_LUA_PUSH)
+        self._claim = redis.register_script(_LUA_CLAIM)
 
     @staticmethod
     def _leases(flat: list) -> list[Lease]:
@@ -340,6 +368,16 @@ class RedisQueue(Queue):
             args=[repr(now), repr(self.grace), volunteer, self.instance, *attempts],
         )
         return self._leases(flat)
+
+    async def claim(self, volunteer: str, attempt: str, item: ReadyItem, now: float) -> Lease | None:
+        deadline = now + item.timeout + self.grace
+        claimed = await self._claim(
+            keys=[keys.READY, keys.LEASES, keys.DEADLINES, keys.CANCELLED, keys.RUNNING, keys.LEASED_TASKS],
+            args=[item.member, item.score, attempt, volunteer, self.instance, repr(deadline), item.job, item.task],
+        )
+        if not int(claimed):
+            return None
+        return Lease(attempt, item.job, item.task, item.index, item.timeout, volunteer, deadline)
 
     async def extend(self, attempts: list[str], now: float) -> int:
         if not attempts:

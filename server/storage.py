@@ -22,9 +22,9 @@ from server.jobspec import InvalidJob, JobSpec, encode_input
 from server.models import Conflict, JobInfo, NotFound, Recorded, Researcher
 from server.models import now as _now
 from server.outcomes import Outcomes
-from server.protocol import JOB_TERMINAL, JobState, TaskState
+from server.protocol import JOB_TERMINAL, AttemptOutcome, JobState, TaskState
 from server.queue import ReadyItem
-from server.tables import jobs, tasks
+from server.tables import attempts, jobs, tasks
 
 INSERT_CHUNK = 1000
 THROUGHPUT_WINDOW = 30.0  # seconds
@@ -222,6 +222,30 @@ class Storage(Accounts, Outcomes):
                     break
                 last = rows[-1].idx
                 yield [ReadyItem(job.id, r.id, r.idx, job.timeout, job.priority) for r in rows]
+
+    async def resumable(self, volunteer: str, attempt_ids: list[str]) -> list[tuple[str, ReadyItem]]:
+        """This volunteer's abandoned attempts (its socket closed) whose tasks are still to do."""
+        if not attempt_ids:
+            return []
+        async with self.engine.connect() as conn:
+            rows = (
+                await conn.execute(
+                    sa.select(attempts.c.id, tasks.c.id.label("task"), tasks.c.job_id, tasks.c.idx)
+                    .join(tasks, tasks.c.id == attempts.c.task_id)
+                    .where(
+                        attempts.c.id.in_(attempt_ids),
+                        attempts.c.volunteer == volunteer,
+                        attempts.c.outcome == AttemptOutcome.ABANDONED.value,
+                        tasks.c.state == TaskState.QUEUED.value,
+                    )
+                )
+            ).all()
+        out = []
+        for r in rows:
+            info = await self.job_info(r.job_id)
+            if info is not None and info.state == JobState.RUNNING.value:
+                out.append((r.id, ReadyItem(r.job_id, r.task, r.idx, info.timeout, info.priority)))
+        return out
 
     async def task_inputs(self, task_ids: list[int]) -> dict[int, Any]:
         """Decrypted inputs of list-input tasks (other kinds have no stored input)."""

@@ -73,6 +73,9 @@ async def volunteer_socket(request: web.Request) -> web.WebSocketResponse:  # no
                     conn = Conn(msg.volunteer, send, capabilities=msg.capabilities)
                     dispatcher.conns.add(conn)
                     await storage.volunteer_seen(msg.volunteer, msg.capabilities)
+                    resume = msg.capabilities.get("resume")
+                    if isinstance(resume, list) and resume:  # attempts this browser still holds
+                        await dispatcher.resume(conn, resume)
                     await send(
                         P.Welcome(msg.volunteer, request.app[K.config].heartbeat, request.app[K.config].instance)
                     )

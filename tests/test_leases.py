@@ -106,3 +106,36 @@ async def test_events_websocket_streams_my_jobs_only(serve, volunteers):
         assert leaked is None  # another researcher hears nothing of my job
     async with api.session.get(events_url.replace("ws", "http", 1)) as resp:  # no credentials
         assert resp.status == 401
+
+
+async def test_reconnecting_volunteer_resumes_the_tasks_it_holds(serve):
+    api, app = await serve()
+    job = await api.submit(CODE, [10, 20, 30, 40])
+    url = api.url.replace("http", "ws") + "/ws/volunteer"
+    async with api.session.ws_connect(url) as ws:
+        await _hello(ws, "refresher")
+        held = await _lease(ws, 3)
+    # the socket closed (a refresh): the leases went back to the queue... and come back on hello
+    async with api.session.ws_connect(url) as ws:
+        await ws.send_str(P.encode(P.Hello("refresher", {"resume": [t["attempt"] for t in held] + ["bogus"]})))
+        assert json.loads((await ws.receive()).data)["type"] == "welcome"
+        async with api.session.ws_connect(url) as other:
+            await _hello(other, "someone-else")
+            got = await _lease(other, 4)
+        assert [t["input"] for t in got] == [40]  # only the task nobody holds
+        results = [P.Outcome(t["attempt"], t["task"], result=t["input"] + 1) for t in held]
+        await ws.send_str(P.encode(P.Results(results)))
+        ack = json.loads((await ws.receive()).data)
+        assert sorted(ack["attempts"]) == sorted(t["attempt"] for t in held) and ack["ignored"] == []
+    status = await api.job(job)
+    assert status["counts"]["done"] == 3 and status["counts"]["running"] == 0
+    import sqlalchemy as sa
+
+    from server import appkeys as K
+    from server.tables import attempts
+
+    async with app[K.storage].engine.connect() as conn:
+        rows = (
+            await conn.execute(sa.select(attempts.c.id, attempts.c.outcome).where(attempts.c.volunteer == "refresher"))
+        ).all()
+    assert sorted(o for _, o in rows) == ["done", "done", "done"]  # the abandoned rows became done

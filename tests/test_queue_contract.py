@@ -136,3 +136,15 @@ async def test_bus_delivers_events(kind, redis_client):
     assert got == [{"type": "job", "job": 7}]
     bus.stop()
     await asyncio.wait_for(runner, 5)
+
+
+async def test_claim_leases_a_ready_task_under_a_given_attempt(queue):
+    ready = items(1, 3)
+    await queue.push(ready)
+    lease = await queue.claim("v", "resumed-1", ready[1], now=10.0)
+    assert (lease.task, lease.attempt, lease.deadline) == (2, "resumed-1", 10.0 + 10.0 + 5.0)
+    assert await queue.claim("w", "other", ready[1], now=10.0) is None  # leased now: not ready
+    assert [le.task for le in await queue.lease("w", ["a", "b", "c"], now=10.0)] == [1, 3]
+    await queue.cancel_job(2)
+    await queue.push(items(2, 1, start=50))
+    assert await queue.claim("v", "x", items(2, 1, start=50)[0], now=0.0) is None  # cancelled job
