@@ -231,12 +231,15 @@ class Dispatcher:
             try:
                 live = await self.queue.live([o.attempt for _, o in items])
                 rec = await asyncio.shield(self.storage.record(items, live))
-                await self._apply(rec)
-            except Exception as exc:
+            except Exception as exc:  # nothing committed: the volunteers are told to send again
                 logger.exception("recording outcomes")
                 for _, _, future in batch:
                     _settle(future, exc=exc)
                 continue
+            try:
+                await self._apply(rec)
+            except Exception:  # committed: acknowledge anyway; the reaper tidies leases left behind
+                logger.exception("after recording outcomes")
             for _, outcomes, future in batch:
                 mine = {o.attempt for o in outcomes}
                 _settle(

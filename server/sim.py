@@ -122,11 +122,30 @@ class SimVolunteer:
                 outcome = run_task(source, spec.input)
                 outcome.attempt, outcome.task = spec.attempt, spec.task
                 outcomes.append(outcome)
-            await ws.send_str(P.encode(P.Results(outcomes)))
-            ack: P.Ack = await self._recv("ack")
+            ack = await self._send_results(ws, outcomes)
             self.done += len(ack.attempts)
             self.errors += sum(1 for o in outcomes if o.error is not None)
             self.task_ids += [o.task for o in outcomes if o.attempt in set(ack.attempts) and o.error is None]
+
+    async def _send_results(self, ws: aiohttp.ClientWebSocketResponse, outcomes: list[P.Outcome]) -> P.Ack:
+        """Send results until they are acknowledged: the server answers ``error`` when it could
+        not commit them (its database was away), and then they must be sent again."""
+        for attempt in range(20):
+            await ws.send_str(P.encode(P.Results(outcomes)))
+            ack_q, err_q = self._q("ack"), self._q("error")
+            get_ack, get_err = asyncio.ensure_future(ack_q.get()), asyncio.ensure_future(err_q.get())
+            closed = asyncio.ensure_future(self._closed.wait())
+            done, pending = await asyncio.wait({get_ack, get_err, closed}, return_when=asyncio.FIRST_COMPLETED)
+            for future in pending:
+                future.cancel()
+            if get_ack in done:
+                if get_err in done:
+                    err_q.put_nowait(get_err.result())
+                return get_ack.result()
+            if closed in done and get_err not in done:
+                raise ConnectionError("server closed the connection")
+            await asyncio.sleep(min(0.1 * 2**attempt, 2.0))
+        raise ConnectionError("results not acknowledged")
 
     async def _source(self, ws: aiohttp.ClientWebSocketResponse, spec: P.TaskSpec) -> str:
         if spec.job not in self._code:

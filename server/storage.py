@@ -346,7 +346,8 @@ class Storage(Accounts, Outcomes):
                     return await work(conn)
             except OperationalError as exc:
                 code = getattr(exc.orig, "args", [None])[0]
-                again = code in (1213, 1205) or exc.connection_invalidated  # deadlock, lock wait, gone
+                # deadlock, lock wait timeout, server gone away, connection lost
+                again = code in (1213, 1205, 2006, 2013) or exc.connection_invalidated
                 if not again or attempt == attempts - 1:
                     raise
                 await asyncio.sleep(0.01 * (attempt + 1))

@@ -189,15 +189,16 @@ async def test_database_connections_killed_mid_job(mariadb_env, mariadb_database
             api = Api(server.url, session, token)
             job = await api.submit(CODE, list(range(400)))
             runs = await _run_sims([SimVolunteer(server.url, prefetch=2) for _ in range(3)], stop)
-            while (await api.job(job))["counts"]["done"] < 50:
-                await asyncio.sleep(0.02)
-            victims = _db_rows(
-                "information_schema",
-                f"SELECT id FROM processlist WHERE db = '{mariadb_database}' AND id <> CONNECTION_ID()",
-            )
-            assert victims  # the server's pooled connections
-            for (conn_id,) in victims:
-                _db_rows("information_schema", f"KILL {int(conn_id)}")
+            for progress in (50, 150, 250):  # three times, so some kills land mid-query
+                while (await api.job(job))["counts"]["done"] < progress:
+                    await asyncio.sleep(0.01)
+                victims = _db_rows(
+                    "information_schema",
+                    f"SELECT id FROM processlist WHERE db = '{mariadb_database}' AND id <> CONNECTION_ID()",
+                )
+                assert victims  # the server's pooled connections
+                for (conn_id,) in victims:
+                    _db_rows("information_schema", f"KILL {int(conn_id)}")
             result = await api.wait(job, timeout=60)
             assert result["state"] == "done"
             rows = json.loads(await api.results(job))
