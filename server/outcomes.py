@@ -299,7 +299,7 @@ class Outcomes:
     async def finish_jobs(self, conn: AsyncConnection, job_ids: set[int]) -> None:
         if not job_ids:
             return
-        await conn.execute(
+        result = await conn.execute(
             jobs.update()
             .where(
                 jobs.c.id.in_(list(job_ids)),
@@ -311,5 +311,6 @@ class Outcomes:
                 finished_at=_now(),
             )
         )
-        for job_id in job_ids:
-            self.forget_job(job_id)
+        if result.rowcount:  # a job finished: its cached info (state) is stale; otherwise keep the cache
+            for job_id in job_ids:
+                self.forget_job(job_id)
