@@ -47,8 +47,14 @@ def mariadb_database() -> AsyncIterator[str]:
 
 
 @pytest.fixture
-async def redis_client() -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.from_url(REDIS_URL)
+def redis_url() -> str:
+    """The Redis database of this test; a module may override it to keep apart from others."""
+    return REDIS_URL
+
+
+@pytest.fixture
+async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.from_url(redis_url)
     await client.flushdb()
     yield client
     await client.flushdb()
@@ -67,7 +73,7 @@ def make_config(backend: str, tmp_path: Path, request: pytest.FixtureRequest) ->
     if backend == "mariadb":
         db = request.getfixturevalue("mariadb_database")
         request.getfixturevalue("redis_client")
-        extra = {"UVM_DATABASE_URL": mysql_url(db), "UVM_REDIS_URL": REDIS_URL}
+        extra = {"UVM_DATABASE_URL": mysql_url(db), "UVM_REDIS_URL": request.getfixturevalue("redis_url")}
 
     def make(**overrides: object) -> Config:
         env = {"UVM_DATA_DIR": str(tmp_path / "data"), **extra}

@@ -1,6 +1,6 @@
 """The dashboard's HTTP side: sign-in sessions, isolation between researchers, operator endpoints.
 
-Runs on both backends. Redis db 5 (the backend's own tests use 9) via the overrides below.
+Runs on both backends. Redis db 5 (the backend's own tests use 9) via the ``redis_url`` override below.
 """
 
 from __future__ import annotations
@@ -9,43 +9,23 @@ import asyncio
 import json
 import re
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 
 import aiohttp
 import pytest
-import redis.asyncio as aioredis
 
 from server import openapi
 from server import protocol as P
-from server.config import Config
 from server.dashboard import codemirror_modules
-from tests.conftest import add_researcher, mysql_url
+from tests.conftest import add_researcher
 
 REDIS_URL = "redis://127.0.0.1:6379/5"
 PASSWORD = "correct horse"  # what tests.conftest.add_researcher sets
 
 
 @pytest.fixture
-async def redis_client() -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.from_url(REDIS_URL)
-    await client.flushdb()
-    yield client
-    await client.flushdb()
-    await client.aclose()
-
-
-@pytest.fixture
-def make_config(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> Callable[..., Config]:
-    extra: dict = {}
-    if backend == "mariadb":
-        db = request.getfixturevalue("mariadb_database")
-        request.getfixturevalue("redis_client")
-        extra = {"UVM_DATABASE_URL": mysql_url(db), "UVM_REDIS_URL": REDIS_URL}
-
-    def make(**overrides: object) -> Config:
-        return Config.from_env({"UVM_DATA_DIR": str(tmp_path / "data"), **extra}, **overrides)
-
-    return make
+def redis_url() -> str:
+    """Overrides tests.conftest's: this module's Redis database."""
+    return REDIS_URL
 
 
 @pytest.fixture
