@@ -16,7 +16,7 @@ from typing import Annotated
 
 import pytest
 
-from tests.test_dashboard_api import make_config, redis_client  # noqa: F401 -- Redis db 5 for these tests
+from tests.test_dashboard_api import redis_url  # noqa: F401 -- Redis db 5 for these tests
 from uvm_compute import ApiError, Client, TaskError, UnsendableFunction, function_source
 
 SCALE = 3
