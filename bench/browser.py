@@ -135,7 +135,7 @@ def measure_mpy(mpy_dir: Path) -> dict:
     from aiohttp import web
     from playwright.sync_api import sync_playwright
 
-    from server.static import add_static_routes
+    from server.web.static import add_static_routes
 
     page_tpl = """<!doctype html><html><head>
 <script type="module" src="/vendor/pyscript/0.7.31/core.js"></script></head><body>

@@ -32,7 +32,7 @@ DATABASE = "uvm_bench"
 
 
 def _volunteers(url: str, count: int, prefetch: int, done, out: multiprocessing.Queue) -> None:  # noqa: ANN001
-    from server.sim import run_volunteers
+    from workers.sim import run_volunteers
 
     async def go() -> dict:
         stop = asyncio.Event()

@@ -39,6 +39,7 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 MARIADB = {"host": "127.0.0.1", "port": 3306, "user": "root", "password": ""}
+REDIS_PORT = int(os.environ.get("UVM_TEST_REDIS_PORT", "6379"))  # a Redis of its own per checkout
 E2E_REDIS_DBS = (13, 14, 15)  # backend tests use db 9, bench/dispatch.py db 12; one each per live server
 PAGE_READY_TIMEOUT_MS = 60_000
 
@@ -209,7 +210,7 @@ class _MariaDB:
 def _flush_redis(db: int) -> None:
     import redis
 
-    client = redis.Redis(host="127.0.0.1", port=6379, db=db)
+    client = redis.Redis(host="127.0.0.1", port=REDIS_PORT, db=db)
     client.flushdb()
     client.close()
 
@@ -229,7 +230,7 @@ def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[.
             db = redis_dbs.pop(0)
             _flush_redis(db)
             env["UVM_DATABASE_URL"] = f"mysql+aiomysql://root@127.0.0.1:3306/{mariadb.create()}"
-            env["UVM_REDIS_URL"] = f"redis://127.0.0.1:6379/{db}"
+            env["UVM_REDIS_URL"] = f"redis://127.0.0.1:{REDIS_PORT}/{db}"
         elif backend != "sqlite":
             raise ValueError(f"unknown backend {backend!r}")
         env.update(extra_env)

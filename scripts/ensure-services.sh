@@ -20,9 +20,10 @@ if ! mariadb -uroot -h127.0.0.1 -e 'select 1' >/dev/null 2>&1; then
   for _ in $(seq 60); do mariadb -uroot -h127.0.0.1 -e 'select 1' >/dev/null 2>&1 && break; sleep 0.5; done
 fi
 mariadb -uroot -h127.0.0.1 -e 'CREATE DATABASE IF NOT EXISTS test' 
-if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
-  echo "starting Redis"
-  redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no
-  for _ in $(seq 40); do redis-cli -h 127.0.0.1 ping >/dev/null 2>&1 && break; sleep 0.25; done
+redis_port=${UVM_TEST_REDIS_PORT:-6379}  # parallel checkouts may each use a Redis of their own
+if ! redis-cli -h 127.0.0.1 -p "$redis_port" ping >/dev/null 2>&1; then
+  echo "starting Redis on port $redis_port"
+  redis-server --daemonize yes --bind 127.0.0.1 --port "$redis_port" --save "" --appendonly no
+  for _ in $(seq 40); do redis-cli -h 127.0.0.1 -p "$redis_port" ping >/dev/null 2>&1 && break; sleep 0.25; done
 fi
-echo "services: MariaDB $(mariadb -uroot -h127.0.0.1 -N -e 'select version()'), Redis $(redis-cli -h 127.0.0.1 info server | grep redis_version | tr -d '\r'), $(/usr/bin/chromium --version 2>/dev/null || echo 'no chromium')"
+echo "services: MariaDB $(mariadb -uroot -h127.0.0.1 -N -e 'select version()'), Redis $(redis-cli -h 127.0.0.1 -p "$redis_port" info server | grep redis_version | tr -d '\r'), $(/usr/bin/chromium --version 2>/dev/null || echo 'no chromium')"

@@ -15,7 +15,7 @@ from server.config import Config, ConfigError
 def _serve(args: argparse.Namespace, config: Config) -> int:
     from aiohttp import web
 
-    from server.app import create_app
+    from server.web.app import create_app
 
     backend = (
         "MySQL + Redis"
@@ -33,10 +33,10 @@ def _serve(args: argparse.Namespace, config: Config) -> int:
 
 
 async def _researcher_add(config: Config, email: str, password: str, operator: bool) -> str:
-    from server.app import make_box
     from server.crypto import hash_password, hash_token, new_token
-    from server.db import make_engine, migrate
-    from server.storage import Storage
+    from server.store.engine import make_engine, migrate
+    from server.store.storage import Storage
+    from server.web.app import make_box
 
     if not config.database_url:
         config.data_dir.mkdir(parents=True, exist_ok=True)
@@ -53,7 +53,7 @@ async def _researcher_add(config: Config, email: str, password: str, operator: b
 
 
 def _researcher(args: argparse.Namespace, config: Config) -> int:
-    from server.storage import Conflict
+    from server.store.storage import Conflict
 
     email = args.email.strip()
     if "@" not in email or len(email) > 254 or any(c.isspace() for c in email):
@@ -80,7 +80,7 @@ def _researcher(args: argparse.Namespace, config: Config) -> int:
 
 
 def _sim(args: argparse.Namespace, config: Config) -> int:
-    from server.sim import run_volunteers
+    from workers.sim import run_volunteers
 
     stats = asyncio.run(
         run_volunteers(args.server, args.count, prefetch=args.prefetch, duration=args.duration, quiet=args.quiet)

@@ -30,7 +30,8 @@ class Config:
     reaper_interval: float = 1.0
     intake_batch: int = 256
     event_loop: str = "uvloop"  # uvloop when installed (faster websockets), or asyncio
-    package_index_url: str = ""  # empty: Pyodide's CDN for the pinned Pyodide version (server/static.py)
+    package_index_url: str = ""  # empty: Pyodide's CDN for the pinned Pyodide version (server/web/static.py)
+    public_url: str = ""  # the origin people reach us at (https://compute.example.edu); empty: the listen address
     instance: str = dataclasses.field(default_factory=lambda: os.urandom(4).hex())
 
     @property
@@ -55,6 +56,7 @@ class Config:
             "UVM_HEARTBEAT": ("heartbeat", _positive_float),
             "UVM_PACKAGE_INDEX_URL": ("package_index_url", str),
             "UVM_EVENT_LOOP": ("event_loop", _event_loop),
+            "UVM_PUBLIC_URL": ("public_url", _public_url),
         }
         values: dict[str, object] = {}
         for name, raw in env.items():
@@ -104,6 +106,13 @@ def _origins(raw: str) -> tuple[str, ...]:
         if not origin.startswith(("http://", "https://")):
             raise ValueError(f"origin {origin!r} must start with http:// or https://")
     return origins
+
+
+def _public_url(raw: str) -> str:
+    url = raw.strip().rstrip("/")
+    if url and (not url.startswith(("http://", "https://")) or "/" in url.split("://", 1)[1]):
+        raise ValueError("expected an origin such as https://compute.example.edu (scheme and host, no path)")
+    return url
 
 
 def _event_loop(raw: str) -> str:

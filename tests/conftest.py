@@ -18,13 +18,15 @@ import pymysql
 import pytest
 import redis.asyncio as aioredis
 
-from server.app import create_app
 from server.config import Config
-from server.sim import SimVolunteer
+from server.web.app import create_app
+from workers.sim import SimVolunteer
 
 MYSQL = dict(host="127.0.0.1", port=3306, user="root", password="")
 REDIS_DB = int(os.environ.get("UVM_TEST_REDIS_DB", "9"))
-REDIS_URL = f"redis://127.0.0.1:6379/{REDIS_DB}"
+# UVM_TEST_REDIS_PORT lets parallel checkouts each run the suite against a Redis of their own.
+REDIS_PORT = int(os.environ.get("UVM_TEST_REDIS_PORT", "6379"))
+REDIS_URL = f"redis://127.0.0.1:{REDIS_PORT}/{REDIS_DB}"
 BACKENDS = ["sqlite", "mariadb"]
 
 
@@ -126,8 +128,8 @@ class Api:
 
 
 async def add_researcher(app_or_storage: object, email: str, operator: bool = False) -> str:
-    from server import appkeys as K
     from server.crypto import hash_password, hash_token, new_token
+    from server.web import appkeys as K
 
     storage = app_or_storage[K.storage] if hasattr(app_or_storage, "router") else app_or_storage
     token = new_token()

@@ -235,7 +235,7 @@ def test_wait_rides_out_an_unreachable_server_then_gives_up():
 
 
 async def test_wait_survives_a_server_restart(aiohttp_server, make_config, volunteers):  # noqa: F811
-    from server.app import create_app
+    from server.web.app import create_app
     from tests.conftest import add_researcher
 
     config = make_config()

@@ -13,12 +13,12 @@ from collections.abc import AsyncIterator, Callable
 import aiohttp
 import pytest
 
-from server import openapi
 from server import protocol as P
-from server.dashboard import codemirror_modules
-from tests.conftest import add_researcher
+from server.web import openapi
+from server.web.dashboard import codemirror_modules
+from tests.conftest import REDIS_PORT, add_researcher
 
-REDIS_URL = "redis://127.0.0.1:6379/5"
+REDIS_URL = f"redis://127.0.0.1:{REDIS_PORT}/5"
 PASSWORD = "correct horse"  # what tests.conftest.add_researcher sets
 
 

@@ -8,8 +8,8 @@ import json
 
 import sqlalchemy as sa
 
-from server import appkeys as K
-from server.tables import attempts, tasks
+from server.store.tables import attempts, tasks
+from server.web import appkeys as K
 
 SQUARE = "def main(x):\n    print('got', x)\n    return {'x': x, 'sq': x * x}\n"
 

@@ -131,8 +131,8 @@ async def test_reconnecting_volunteer_resumes_the_tasks_it_holds(serve):
     assert status["counts"]["done"] == 3 and status["counts"]["running"] == 0
     import sqlalchemy as sa
 
-    from server import appkeys as K
-    from server.tables import attempts
+    from server.store.tables import attempts
+    from server.web import appkeys as K
 
     async with app[K.storage].engine.connect() as conn:
         rows = (

@@ -15,9 +15,9 @@ import aiohttp
 import pymysql
 import pytest
 
-from server.sim import SimVolunteer
 from tests.conftest import REDIS_URL, Api, mysql_url
 from tests.procs import ServerProcess, add_researcher
+from workers.sim import SimVolunteer
 
 CODE = "def main(x):\n    return [x, x * 7]\n"
 

@@ -8,8 +8,8 @@ import sys
 
 import sqlalchemy as sa
 
-from server import appkeys as K
-from server.tables import tasks
+from server.store.tables import tasks
+from server.web import appkeys as K
 
 STAGE1 = (
     "import time\ndef main(x):\n    time.sleep(0.01)\n    if x == 5:\n        raise ValueError('five')\n"

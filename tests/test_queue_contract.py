@@ -7,8 +7,8 @@ import asyncio
 import pytest
 import redis.asyncio as aioredis
 
-from server import keys
 from server.queue import Bus, MemoryQueue, ReadyItem, RedisBus, RedisQueue
+from server.queue import redis_keys as keys
 from tests.conftest import REDIS_URL
 
 

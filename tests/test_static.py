@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from server.static import IMMUTABLE, add_static_routes, pinned_versions
+from server.web.static import IMMUTABLE, add_static_routes, pinned_versions
 
 ROOT = Path(__file__).resolve().parent.parent
 PUBLIC = ROOT / "public"

@@ -15,13 +15,13 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
 from server import protocol as P
-from server.app import create_app
 from server.config import Config, ConfigError
 from server.crypto import Box, DecryptError, check_password, hash_password
-from server.db import make_engine, migrate
-from server.sim import run_task
-from server.tables import metadata
+from server.store.engine import make_engine, migrate
+from server.store.tables import metadata
+from server.web.app import create_app
 from tests.conftest import mysql_url
+from workers.sim import run_task
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -165,7 +165,7 @@ async def test_migrations_match_the_declared_schema(backend, tmp_path, request):
 
 # -------------------------------------------------------------------------------- OpenAPI
 def test_openapi_documents_every_route_and_nothing_else(tmp_path):
-    from server.openapi import document
+    from server.web.openapi import document
 
     app = create_app(Config.from_env({"UVM_DATA_DIR": str(tmp_path)}))
     routes = {

@@ -16,12 +16,12 @@ import secrets
 import time
 from typing import Any
 
-from server import pipelines
 from server.config import Config
-from server.jobspec import InvalidJob, JobSpec, verify_code
 from server.protocol import AttemptOutcome, Cancel, Outcome, TaskSpec
 from server.queue import Bus, Lease, Queue
-from server.storage import Recorded, Storage
+from server.spec import InvalidJob, JobSpec, verify_code
+from server.store import pipelines
+from server.store.storage import Recorded, Storage
 
 logger = logging.getLogger(__name__)
 P_MAX_RESUME = 64  # attempts a reconnecting volunteer may ask to keep

@@ -11,9 +11,9 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from server.models import Conflict, NotFound, Researcher
-from server.models import now as _now
-from server.tables import researchers, sessions, volunteers
+from server.store.models import Conflict, NotFound, Researcher
+from server.store.models import now as _now
+from server.store.tables import researchers, sessions, volunteers
 
 
 class Accounts:

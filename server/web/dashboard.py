@@ -4,7 +4,7 @@
 (``public/dashboard.html`` + ``webapp/dashboard*.py``) talks to the same JSON API as scripts; it
 authenticates with the ``uvm_session`` cookie (HttpOnly, SameSite=Strict) set by ``/api/login``.
 Every ``/api/...`` route here is documented in ``DASHBOARD_PATHS``, merged into the OpenAPI
-document by ``server/openapi.py``.
+document by ``server/web/openapi.py``.
 """
 
 from __future__ import annotations
@@ -17,14 +17,14 @@ from pathlib import Path
 import sqlalchemy as sa
 from aiohttp import web
 
-from server import appkeys as K
-from server import static
-from server.api import SESSION_COOKIE, json_error, read_json, researcher
 from server.crypto import check_password, hash_token, new_token
-from server.storage import Researcher
-from server.tables import tasks, volunteers
+from server.store.storage import Researcher
+from server.store.tables import tasks, volunteers
+from server.web import appkeys as K
+from server.web import static
+from server.web.api import SESSION_COOKIE, json_error, read_json, researcher
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PUBLIC = ROOT / "public"
 SESSION_TTL = 7 * 24 * 3600.0
 LOGIN_LIMIT = 10  # attempts per email and client address ...

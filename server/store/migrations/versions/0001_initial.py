@@ -6,7 +6,7 @@ Revises:
 
 from alembic import op
 
-from server.tables import metadata
+from server.store.tables import metadata
 
 revision = "0001"
 down_revision = None

@@ -18,13 +18,13 @@ from sqlalchemy.dialects.mysql import insert as mysql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from server.models import Recorded
 from server.protocol import JobState, TaskState
 from server.queue import ReadyItem
-from server.tables import jobs, tasks
+from server.store.models import Recorded
+from server.store.tables import jobs, tasks
 
 if TYPE_CHECKING:
-    from server.storage import Storage
+    from server.store.storage import Storage
 
 UPSTREAM_FAILED = "upstream task {idx} of job {job} failed; this task has no input"
 

@@ -14,11 +14,11 @@ import weakref
 
 from aiohttp import WSMsgType, web
 
-from server import appkeys as K
 from server import protocol as P
-from server.api import researcher
-from server.dispatch import Conn
-from server.storage import NotFound
+from server.jobs.dispatch import Conn
+from server.store.storage import NotFound
+from server.web import appkeys as K
+from server.web.api import researcher
 
 logger = logging.getLogger(__name__)
 VOLUNTEER_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")

@@ -8,11 +8,12 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from server import appkeys as K
-from server import export, jobspec
+from server import spec as job_spec
 from server.crypto import hash_token
-from server.jobspec import InvalidJob
-from server.storage import Conflict, NotFound, Researcher
+from server.spec import InvalidJob
+from server.store.storage import Conflict, NotFound, Researcher
+from server.web import appkeys as K
+from server.web import export
 
 logger = logging.getLogger(__name__)
 SESSION_COOKIE = "uvm_session"
@@ -90,10 +91,10 @@ def job_id(request: web.Request) -> int:
 async def create_job(request: web.Request) -> web.Response:
     who = await researcher(request)
     body = await read_json(request)
-    spec = jobspec.parse(body, request.app[K.config])
-    new_id = await request.app[K.dispatcher].submit(who.id, spec)
-    n_tasks = spec.n_tasks
-    if spec.inputs_kind in ("after", "list") and spec.parent_job_id is not None:  # known once saved
+    parsed = job_spec.parse(body, request.app[K.config])
+    new_id = await request.app[K.dispatcher].submit(who.id, parsed)
+    n_tasks = parsed.n_tasks
+    if parsed.inputs_kind in ("after", "list") and parsed.parent_job_id is not None:  # known once saved
         n_tasks = (await request.app[K.storage].get_job(who.id, new_id))["n_tasks"]
     return web.json_response({"id": new_id, "n_tasks": n_tasks}, status=201)
 

@@ -10,13 +10,13 @@ from sqlalchemy.dialects.mysql import insert as mysql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from server import pipelines
 from server.crypto import Box
-from server.models import Recorded
-from server.models import now as _now
 from server.protocol import AttemptOutcome, JobState, Outcome, TaskState
 from server.queue import ReadyItem
-from server.tables import attempts, jobs, tasks, volunteers
+from server.store import pipelines
+from server.store.models import Recorded
+from server.store.models import now as _now
+from server.store.tables import attempts, jobs, tasks, volunteers
 
 _TaskRow = collections.namedtuple("_TaskRow", "id job_id idx state attempts")
 

@@ -15,16 +15,16 @@ import sqlalchemy as sa
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from server import pipelines
-from server.accounts import Accounts
 from server.crypto import Box, code_hash
-from server.jobspec import InvalidJob, JobSpec, encode_input
-from server.models import Conflict, JobInfo, NotFound, Recorded, Researcher
-from server.models import now as _now
-from server.outcomes import Outcomes
 from server.protocol import JOB_TERMINAL, AttemptOutcome, JobState, TaskState
 from server.queue import ReadyItem
-from server.tables import attempts, jobs, tasks
+from server.spec import InvalidJob, JobSpec, encode_input
+from server.store import pipelines
+from server.store.accounts import Accounts
+from server.store.models import Conflict, JobInfo, NotFound, Recorded, Researcher
+from server.store.models import now as _now
+from server.store.outcomes import Outcomes
+from server.store.tables import attempts, jobs, tasks
 
 INSERT_CHUNK = 1000
 THROUGHPUT_WINDOW = 30.0  # seconds

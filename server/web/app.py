@@ -12,17 +12,17 @@ from pathlib import Path
 
 from aiohttp import web
 
-from server import api, openapi, ws
-from server import appkeys as K
 from server.config import Config
 from server.crypto import Box, load_or_create_key
-from server.db import make_engine, migrate
-from server.dispatch import Dispatcher
+from server.jobs.dispatch import Dispatcher
 from server.queue import Bus, MemoryQueue, RedisBus, RedisQueue
-from server.storage import Storage
+from server.store.engine import make_engine, migrate
+from server.store.storage import Storage
+from server.web import api, openapi, ws
+from server.web import appkeys as K
 
 logger = logging.getLogger(__name__)
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def make_box(config: Config) -> Box:
@@ -69,8 +69,8 @@ def create_app(config: Config | None = None) -> web.Application:
     ws.add_routes(app)
     openapi.add_routes(app)
     # The browser side (volunteer page, dashboard) registers its routes when it is installed.
-    if importlib.util.find_spec("server.static") is not None:
-        importlib.import_module("server.static").add_static_routes(app, ROOT / "public", ROOT)
-    if importlib.util.find_spec("server.dashboard") is not None:
-        importlib.import_module("server.dashboard").add_routes(app)
+    if importlib.util.find_spec("server.web.static") is not None:
+        importlib.import_module("server.web.static").add_static_routes(app, ROOT / "public", ROOT)
+    if importlib.util.find_spec("server.web.dashboard") is not None:
+        importlib.import_module("server.web.dashboard").add_routes(app)
     return app

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from server import appkeys as K
+from server.web import appkeys as K
 
 DEFAULT_PACKAGE_INDEX_URL = "https://cdn.jsdelivr.net/pyodide/v{version}/full/"
 IMMUTABLE = "public, max-age=31536000, immutable"
@@ -58,7 +58,7 @@ def python_sources(root: Path) -> dict[str, Path]:
     sources = {"protocol.py": root / "server" / "protocol.py"}
     for folder in ("workers", "webapp"):
         for path in sorted((root / folder).glob("*.py")):
-            if path.name != "__init__.py":
+            if path.name not in ("__init__.py", "sim.py"):  # sim.py is the headless volunteer, not browser code
                 sources[path.name] = path
     return sources
 

@@ -239,14 +239,14 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/api/openapi.json", serve)
 
 
-# ---- BEGIN dashboard block (owned by server/dashboard.py; additive: merges DASHBOARD_PATHS) ----
+# ---- BEGIN dashboard block (owned by server/web/dashboard.py; additive: merges DASHBOARD_PATHS) ----
 _core_document = document
 
 
 def document() -> dict:  # noqa: F811 -- extends the core document with the dashboard's routes
     doc = _core_document()
     try:
-        from server.dashboard import DASHBOARD_PATHS
+        from server.web.dashboard import DASHBOARD_PATHS
     except ImportError:
         return doc
     doc["paths"].update(DASHBOARD_PATHS)

@@ -1,1 +1,0 @@
-"""Alembic migrations, run programmatically at server start (``server.db.migrate``)."""

@@ -1,0 +1,147 @@
+"""The ready queue's contract: the values it holds, the ``Queue`` and ``Bus`` base classes.
+
+``tests/test_queue_contract.py`` runs one suite against every implementation (``memory``, ``redis``).
+Every state change is atomic: a Lua script in Redis, a method with no ``await`` in-process.
+Nothing here is the system of record; after a Redis flush ``rebuild`` refills it from the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator, Iterable
+
+PRIORITY_SHIFT = 2**40
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadyItem:
+    job: int
+    task: int
+    index: int
+    timeout: float
+    priority: int = 0
+
+    @property
+    def member(self) -> str:
+        return f"{self.job}:{self.task}:{self.index}:{self.timeout:g}"
+
+    @property
+    def score(self) -> int:
+        return -self.priority * PRIORITY_SHIFT + self.task
+
+
+@dataclasses.dataclass(frozen=True)
+class Lease:
+    attempt: str
+    job: int
+    task: int
+    index: int
+    timeout: float
+    volunteer: str
+    deadline: float = 0.0
+
+    @classmethod
+    def parse(cls, attempt: str, value: str, deadline: float = 0.0) -> Lease:
+        _score, member, volunteer, _instance = value.split("|", 3)
+        job, task, index, timeout = member.split(":")
+        return cls(attempt, int(job), int(task), int(index), float(timeout), volunteer, deadline)
+
+
+class Queue:
+    """What dispatch needs: push ready tasks, lease them atomically, extend, release, requeue."""
+
+    grace: float = 30.0
+
+    async def push(self, items: Iterable[ReadyItem]) -> int:
+        """Make tasks ready unless already ready or leased; returns how many were added."""
+        raise NotImplementedError
+
+    async def lease(self, volunteer: str, attempts: list[str], now: float) -> list[Lease]:
+        """Lease up to ``len(attempts)`` tasks, naming the attempts with the given ids."""
+        raise NotImplementedError
+
+    async def extend(self, attempts: list[str], now: float) -> int:
+        """Move the deadlines of live leases to now + timeout + grace; returns how many."""
+        raise NotImplementedError
+
+    async def claim(self, volunteer: str, attempt: str, item: ReadyItem, now: float) -> Lease | None:
+        """Lease one given task under a given attempt id if it is waiting in the ready queue
+        (a volunteer resuming, after a reconnect, a task it still holds); None if it is not."""
+        raise NotImplementedError
+
+    async def live(self, attempts: list[str]) -> dict[str, Lease]:
+        """The live leases among ``attempts``."""
+        raise NotImplementedError
+
+    async def release(self, attempts: list[str]) -> list[Lease]:
+        """End leases (a result was committed, or the task finished); returns those that were live."""
+        raise NotImplementedError
+
+    async def requeue(self, attempts: list[str]) -> list[Lease]:
+        """End leases and make their tasks ready again; returns those that were live."""
+        raise NotImplementedError
+
+    async def expire(self, now: float, limit: int = 1000) -> list[Lease]:
+        """Requeue the leases whose deadline passed; returns them (each to exactly one caller)."""
+        raise NotImplementedError
+
+    async def drop(self, items: Iterable[ReadyItem]) -> None:
+        """Remove tasks from the ready queue (they failed or finished)."""
+        raise NotImplementedError
+
+    async def cancel_job(self, job: int) -> None:
+        """Stop handing out a job's tasks (ready entries are skipped from now on)."""
+        raise NotImplementedError
+
+    async def running(self, jobs: list[int]) -> dict[int, int]:
+        """Live leases per job."""
+        raise NotImplementedError
+
+    async def ready_count(self) -> int:
+        raise NotImplementedError
+
+    async def needs_rebuild(self) -> bool:
+        """True when the queue state is missing (a new or flushed Redis) and nobody rebuilds it."""
+        raise NotImplementedError
+
+    async def rebuilt(self) -> None:
+        """Mark the queue state as rebuilt from the database."""
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        return None
+
+
+# -------------------------------------------------------------------------------- events bus
+class Bus:
+    """Events between server instances (job progress, cancellations). Fan-out to local listeners."""
+
+    def __init__(self) -> None:
+        self._listeners: set[asyncio.Queue] = set()
+        self._stop = asyncio.Event()
+
+    def stop(self) -> None:
+        """Ask ``run`` to return (redis-py's pub/sub read may swallow a cancellation)."""
+        self._stop.set()
+
+    async def publish(self, event: dict) -> None:
+        self._deliver(event)
+
+    def _deliver(self, event: dict) -> None:
+        for q in list(self._listeners):
+            if q.qsize() < 1000:  # a slow listener loses events rather than memory
+                q.put_nowait(event)
+
+    async def listen(self) -> AsyncIterator[dict]:
+        q: asyncio.Queue = asyncio.Queue()
+        self._listeners.add(q)
+        try:
+            while True:
+                yield await q.get()
+        finally:
+            self._listeners.discard(q)
+
+    async def run(self) -> None:
+        """Background task: relay events from other instances (nothing to do in-process)."""
+        await self._stop.wait()

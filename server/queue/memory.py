@@ -1,0 +1,131 @@
+"""The in-process queue of the embedded default: one process, so a method with no ``await`` is atomic."""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterable
+
+from server.queue.base import Lease, Queue, ReadyItem
+
+
+class MemoryQueue(Queue):
+    """In-process implementation for the embedded default: one process, so no await = atomic."""
+
+    def __init__(self, grace: float = 30.0) -> None:
+        self.grace = grace
+        self._heap: list[tuple[int, str]] = []
+        self._ready: set[str] = set()
+        self._leases: dict[str, tuple[int, str, str]] = {}  # attempt -> (score, member, volunteer)
+        self._leased_tasks: dict[int, str] = {}
+        self._deadlines: dict[str, float] = {}
+        self._cancelled: set[int] = set()
+        self._running: dict[int, int] = {}
+        self._epoch = False
+
+    def _add(self, score: int, member: str) -> bool:
+        task = int(member.split(":")[1])
+        if member in self._ready or task in self._leased_tasks:
+            return False
+        self._ready.add(member)
+        heapq.heappush(self._heap, (score, member))
+        return True
+
+    def _end(self, attempt: str) -> tuple[int, str, str] | None:
+        value = self._leases.pop(attempt, None)
+        if value is None:
+            return None
+        self._deadlines.pop(attempt, None)
+        job, task = (int(p) for p in value[1].split(":")[:2])
+        if self._leased_tasks.get(task) == attempt:
+            del self._leased_tasks[task]
+        self._running[job] = self._running.get(job, 1) - 1
+        return value
+
+    def _lease_of(self, attempt: str, value: tuple[int, str, str]) -> Lease:
+        score, member, volunteer = value
+        return Lease.parse(attempt, f"{score}|{member}|{volunteer}|", self._deadlines.get(attempt, 0.0))
+
+    async def push(self, items: Iterable[ReadyItem]) -> int:
+        return sum(self._add(item.score, item.member) for item in items)
+
+    async def lease(self, volunteer: str, attempts: list[str], now: float) -> list[Lease]:
+        out: list[Lease] = []
+        while self._heap and len(out) < len(attempts):
+            score, member = heapq.heappop(self._heap)
+            if member not in self._ready:
+                continue  # dropped
+            self._ready.discard(member)
+            job, task, _index, timeout = member.split(":")
+            if int(job) in self._cancelled:
+                continue
+            attempt = attempts[len(out)]
+            self._leases[attempt] = (score, member, volunteer)
+            self._leased_tasks[int(task)] = attempt
+            self._deadlines[attempt] = now + float(timeout) + self.grace
+            self._running[int(job)] = self._running.get(int(job), 0) + 1
+            out.append(self._lease_of(attempt, self._leases[attempt]))
+        return out
+
+    async def claim(self, volunteer: str, attempt: str, item: ReadyItem, now: float) -> Lease | None:
+        if item.member not in self._ready or item.job in self._cancelled:
+            return None
+        self._ready.discard(item.member)  # its heap entry is skipped when popped
+        self._leases[attempt] = (item.score, item.member, volunteer)
+        self._leased_tasks[item.task] = attempt
+        self._deadlines[attempt] = now + item.timeout + self.grace
+        self._running[item.job] = self._running.get(item.job, 0) + 1
+        return self._lease_of(attempt, self._leases[attempt])
+
+    async def extend(self, attempts: list[str], now: float) -> int:
+        n = 0
+        for attempt in attempts:
+            value = self._leases.get(attempt)
+            if value is not None:
+                timeout = float(value[1].split(":")[3])
+                self._deadlines[attempt] = now + timeout + self.grace
+                n += 1
+        return n
+
+    async def live(self, attempts: list[str]) -> dict[str, Lease]:
+        return {a: self._lease_of(a, self._leases[a]) for a in attempts if a in self._leases}
+
+    async def release(self, attempts: list[str]) -> list[Lease]:
+        out = []
+        for attempt in attempts:
+            deadline = self._deadlines.get(attempt, 0.0)
+            value = self._end(attempt)
+            if value is not None:
+                out.append(Lease.parse(attempt, f"{value[0]}|{value[1]}|{value[2]}|", deadline))
+        return out
+
+    async def requeue(self, attempts: list[str]) -> list[Lease]:
+        out = []
+        for attempt in attempts:
+            value = self._end(attempt)
+            if value is not None:
+                self._add(value[0], value[1])
+                out.append(Lease.parse(attempt, f"{value[0]}|{value[1]}|{value[2]}|"))
+        return out
+
+    async def expire(self, now: float, limit: int = 1000) -> list[Lease]:
+        due = sorted((d, a) for a, d in self._deadlines.items() if d <= now)[:limit]
+        return await self.requeue([a for _, a in due])
+
+    async def drop(self, items: Iterable[ReadyItem]) -> None:
+        for item in items:
+            self._ready.discard(item.member)
+
+    async def cancel_job(self, job: int) -> None:
+        self._cancelled.add(job)
+
+    async def running(self, jobs: list[int]) -> dict[int, int]:
+        return {job: max(0, self._running.get(job, 0)) for job in jobs}
+
+    async def ready_count(self) -> int:
+        return len(self._ready)
+
+    async def needs_rebuild(self) -> bool:
+        return not self._epoch
+
+    async def rebuilt(self) -> None:
+        self._epoch = True

@@ -1,0 +1,236 @@
+"""The Redis queue and events bus: every state change one Lua script, so any server instance may lease."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import Any
+
+from server.queue import redis_keys as keys
+from server.queue.base import Bus, Lease, Queue, ReadyItem
+
+# ----------------------------------------------------------------------------------- Redis
+_LUA_LEASE = """
+local n = #ARGV - 4
+local now, grace, vol, inst = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], ARGV[4]
+local out = {}
+local i = 0
+while i < n do
+  local popped = redis.call('ZPOPMIN', KEYS[1], 1)
+  if #popped == 0 then break end
+  local member, score = popped[1], popped[2]
+  local job, task, idx, timeout = string.match(member, '^(%d+):(%d+):(%d+):(.+)$')
+  if redis.call('SISMEMBER', KEYS[4], job) == 0 then
+    i = i + 1
+    local attempt = ARGV[4 + i]
+    local deadline = now + tonumber(timeout) + grace
+    redis.call('HSET', KEYS[2], attempt, score .. '|' .. member .. '|' .. vol .. '|' .. inst)
+    redis.call('HSET', KEYS[6], task, attempt)
+    redis.call('ZADD', KEYS[3], deadline, attempt)
+    redis.call('HINCRBY', KEYS[5], job, 1)
+    table.insert(out, attempt)
+    table.insert(out, score .. '|' .. member .. '|' .. vol .. '|' .. inst)
+    table.insert(out, tostring(deadline))
+  end
+end
+return out
+"""
+
+# KEYS: ready, leases, deadlines, running, leased_tasks ; ARGV[1]: 1 = requeue, then attempts
+_LUA_END = """
+local requeue = ARGV[1] == '1'
+local out = {}
+for i = 2, #ARGV do
+  local attempt = ARGV[i]
+  local value = redis.call('HGET', KEYS[2], attempt)
+  if value then
+    local deadline = redis.call('ZSCORE', KEYS[3], attempt) or '0'
+    redis.call('HDEL', KEYS[2], attempt)
+    redis.call('ZREM', KEYS[3], attempt)
+    local score, member = string.match(value, '^([^|]+)|([^|]+)|')
+    local job, task = string.match(member, '^(%d+):(%d+):')
+    if redis.call('HGET', KEYS[5], task) == attempt then redis.call('HDEL', KEYS[5], task) end
+    redis.call('HINCRBY', KEYS[4], job, -1)
+    if requeue then redis.call('ZADD', KEYS[1], 'NX', score, member) end
+    table.insert(out, attempt)
+    table.insert(out, value)
+    table.insert(out, deadline)
+  end
+end
+return out
+"""
+
+# KEYS: deadlines ; ARGV: now, limit -> attempts whose deadline passed
+_LUA_DUE = """
+return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+"""
+
+# KEYS: ready, leases, deadlines, cancelled, running, leased_tasks ; ARGV: member, score, attempt,
+# volunteer, instance, deadline, job, task
+_LUA_CLAIM = """
+if redis.call('SISMEMBER', KEYS[4], ARGV[7]) == 1 then return 0 end
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[2], ARGV[3], ARGV[2] .. '|' .. ARGV[1] .. '|' .. ARGV[4] .. '|' .. ARGV[5])
+redis.call('HSET', KEYS[6], ARGV[8], ARGV[3])
+redis.call('ZADD', KEYS[3], ARGV[6], ARGV[3])
+redis.call('HINCRBY', KEYS[5], ARGV[7], 1)
+return 1
+"""
+
+# KEYS: leases, deadlines ; ARGV: now, grace, attempts...
+_LUA_EXTEND = """
+local n = 0
+for i = 3, #ARGV do
+  local value = redis.call('HGET', KEYS[1], ARGV[i])
+  if value then
+    local timeout = string.match(value, '^[^|]+|%d+:%d+:%d+:([^|]+)|')
+    redis.call('ZADD', KEYS[2], 'XX', tonumber(ARGV[1]) + tonumber(timeout) + tonumber(ARGV[2]), ARGV[i])
+    n = n + 1
+  end
+end
+return n
+"""
+
+# KEYS: ready, leased_tasks ; ARGV: score, member, score, member...
+_LUA_PUSH = """
+local n = 0
+for i = 1, #ARGV, 2 do
+  local task = string.match(ARGV[i + 1], '^%d+:(%d+):')
+  if redis.call('HEXISTS', KEYS[2], task) == 0 then
+    n = n + redis.call('ZADD', KEYS[1], 'NX', ARGV[i], ARGV[i + 1])
+  end
+end
+return n
+"""
+
+
+class RedisQueue(Queue):
+    """Redis implementation: atomic Lua scripts, safe with several server instances."""
+
+    def __init__(self, redis: Any, instance: str, grace: float = 30.0) -> None:
+        self.redis = redis
+        self.instance = instance
+        self.grace = grace
+        self._lease = redis.register_script(_LUA_LEASE)
+        self._end = redis.register_script(_LUA_END)
+        self._due = redis.register_script(_LUA_DUE)
+        self._extend = redis.register_script(_LUA_EXTEND)
+        self._push = redis.register_script(_LUA_PUSH)
+        self._claim = redis.register_script(_LUA_CLAIM)
+
+    @staticmethod
+    def _leases(flat: list) -> list[Lease]:
+        return [Lease.parse(_s(flat[i]), _s(flat[i + 1]), float(_s(flat[i + 2]))) for i in range(0, len(flat), 3)]
+
+    async def push(self, items: Iterable[ReadyItem]) -> int:
+        args: list[Any] = []
+        for item in items:
+            args += [item.score, item.member]
+        return int(await self._push(keys=[keys.READY, keys.LEASED_TASKS], args=args)) if args else 0
+
+    async def lease(self, volunteer: str, attempts: list[str], now: float) -> list[Lease]:
+        if not attempts:
+            return []
+        flat = await self._lease(
+            keys=[keys.READY, keys.LEASES, keys.DEADLINES, keys.CANCELLED, keys.RUNNING, keys.LEASED_TASKS],
+            args=[repr(now), repr(self.grace), volunteer, self.instance, *attempts],
+        )
+        return self._leases(flat)
+
+    async def claim(self, volunteer: str, attempt: str, item: ReadyItem, now: float) -> Lease | None:
+        deadline = now + item.timeout + self.grace
+        claimed = await self._claim(
+            keys=[keys.READY, keys.LEASES, keys.DEADLINES, keys.CANCELLED, keys.RUNNING, keys.LEASED_TASKS],
+            args=[item.member, item.score, attempt, volunteer, self.instance, repr(deadline), item.job, item.task],
+        )
+        if not int(claimed):
+            return None
+        return Lease(attempt, item.job, item.task, item.index, item.timeout, volunteer, deadline)
+
+    async def extend(self, attempts: list[str], now: float) -> int:
+        if not attempts:
+            return 0
+        return int(
+            await self._extend(keys=[keys.LEASES, keys.DEADLINES], args=[repr(now), repr(self.grace), *attempts])
+        )
+
+    async def live(self, attempts: list[str]) -> dict[str, Lease]:
+        if not attempts:
+            return {}
+        values = await self.redis.hmget(keys.LEASES, attempts)
+        return {a: Lease.parse(a, _s(v)) for a, v in zip(attempts, values, strict=True) if v is not None}
+
+    async def _finish(self, attempts: list[str], requeue: bool) -> list[Lease]:
+        if not attempts:
+            return []
+        flat = await self._end(
+            keys=[keys.READY, keys.LEASES, keys.DEADLINES, keys.RUNNING, keys.LEASED_TASKS],
+            args=["1" if requeue else "0", *attempts],
+        )
+        return self._leases(flat)
+
+    async def release(self, attempts: list[str]) -> list[Lease]:
+        return await self._finish(attempts, requeue=False)
+
+    async def requeue(self, attempts: list[str]) -> list[Lease]:
+        return await self._finish(attempts, requeue=True)
+
+    async def expire(self, now: float, limit: int = 1000) -> list[Lease]:
+        due = [_s(a) for a in await self._due(keys=[keys.DEADLINES], args=[repr(now), limit])]
+        # _finish only returns leases that were still live, so with several instances reaping at
+        # once each expired lease is requeued and reported by exactly one of them.
+        return await self._finish(due, requeue=True)
+
+    async def drop(self, items: Iterable[ReadyItem]) -> None:
+        members = [item.member for item in items]
+        if members:
+            await self.redis.zrem(keys.READY, *members)
+
+    async def cancel_job(self, job: int) -> None:
+        await self.redis.sadd(keys.CANCELLED, job)
+
+    async def running(self, jobs: list[int]) -> dict[int, int]:
+        if not jobs:
+            return {}
+        values = await self.redis.hmget(keys.RUNNING, [str(j) for j in jobs])
+        return {job: max(0, int(v or 0)) for job, v in zip(jobs, values, strict=True)}
+
+    async def ready_count(self) -> int:
+        return int(await self.redis.zcard(keys.READY))
+
+    async def needs_rebuild(self) -> bool:
+        if await self.redis.exists(keys.EPOCH):
+            return False
+        # One instance rebuilds; the lock expires if it dies half way.
+        return bool(await self.redis.set(keys.REBUILD_LOCK, self.instance, nx=True, ex=120))
+
+    async def rebuilt(self) -> None:
+        await self.redis.set(keys.EPOCH, self.instance)
+        await self.redis.delete(keys.REBUILD_LOCK)
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+
+def _s(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class RedisBus(Bus):
+    def __init__(self, redis: Any) -> None:
+        super().__init__()
+        self.redis = redis
+
+    async def publish(self, event: dict) -> None:
+        await self.redis.publish(keys.EVENTS, json.dumps(event))
+
+    async def run(self) -> None:
+        pubsub = self.redis.pubsub()
+        await pubsub.subscribe(keys.EVENTS)
+        try:
+            while not self._stop.is_set():
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.2)
+                if message is not None and message.get("type") == "message":
+                    self._deliver(json.loads(message["data"]))
+        finally:
+            await pubsub.aclose()

@@ -1,0 +1,1 @@
+"""Alembic migrations, run programmatically at server start (``server.store.engine.migrate``)."""
