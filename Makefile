@@ -4,11 +4,16 @@ PY := $(VENV)/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 8080
 
-.PHONY: setup run test lint services bench clean
+.PHONY: setup setup-test run test lint services bench clean
 
+# `make run` installs what the server needs; `make test` adds the test tools (pytest, playwright, ruff).
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV) || (apt-get update -qq && apt-get install -y -qq python3-venv && python3 -m venv $(VENV))
 	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
@@ -19,6 +24,8 @@ public/node_modules/.installed: public/package.json public/package-lock.json
 
 setup: $(VENV)/.installed public/node_modules/.installed
 
+setup-test: setup $(VENV)/.installed-test
+
 run: setup
 	@echo "UVM Compute on the embedded default (SQLite + in-process queue, data in ./data)."
 	@echo "Open http://$(HOST):$(PORT)/ to volunteer, http://$(HOST):$(PORT)/dashboard to submit work."
@@ -27,14 +34,14 @@ run: setup
 services:
 	bash scripts/ensure-services.sh
 
-lint: setup
+lint: setup-test
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-test: setup services lint
+test: setup-test services lint
 	$(VENV)/bin/pytest -q -p no:cacheprovider
 
-bench: setup services
+bench: setup-test services
 	$(PY) bench/dispatch.py --volunteers 500 --tasks 60000 --prefetch 8
 	$(PY) bench/dispatch.py --backend sqlite --volunteers 100 --tasks 30000
 	$(PY) bench/browser.py

@@ -91,6 +91,7 @@ def _sim(args: argparse.Namespace, config: Config) -> int:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="uvm-compute", description="UVM Compute: a volunteer supercomputer of browsers.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log everything (migrations, libraries) at INFO")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="run the server (SQLite + in-process queue unless configured)")
     s.add_argument("--host", default="127.0.0.1")
@@ -118,9 +119,19 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _quiet_logs(verbose: bool, command: str) -> None:
+    """Warnings only, unless ``--verbose``; ``serve`` also tells its own news (``server.*`` at INFO)."""
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if command == "serve" and not verbose:
+        logging.getLogger("server").setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _quiet_logs(args.verbose, args.command)
     try:
         config = Config.from_env()
     except ConfigError as exc:

@@ -93,7 +93,7 @@ async def test_auth_and_ids(serve):
         assert resp.status == 401
     async with api.session.get(f"{api.url}/api/jobs", headers={"Authorization": "Basic abc"}) as resp:
         assert resp.status == 401 and "Bearer" in (await resp.json())["error"]
-    for path in ("", "/results", "/errors"):
+    for path in ("", "/results", "/errors", "/finished"):
         for jid in (job, 999999, "abc"):
             token = other if jid == job else api.token
             async with api.session.get(f"{api.url}/api/jobs/{jid}{path}", headers=api.headers(token)) as resp:
@@ -106,6 +106,11 @@ async def test_auth_and_ids(serve):
         assert (await resp.json())["jobs"] == []
     async with api.session.get(f"{api.url}/api/jobs/{job}/results?format=xml", headers=api.headers()) as resp:
         assert resp.status == 400 and "unknown format" in (await resp.json())["error"]
+    for start in ("-1", "x", "1e3", "9" * 12):
+        async with api.session.get(f"{api.url}/api/jobs/{job}/finished?start={start}", headers=api.headers()) as resp:
+            assert resp.status == 400 and "'start' must be a whole number" in (await resp.json())["error"], start
+    async with api.session.get(f"{api.url}/api/jobs/{job}/finished", headers=api.headers()) as resp:
+        assert await resp.json() == {"start": 0, "runs": [], "next": None}
     assert (await api.job(job))["state"] == "running"  # untouched by all of the above
 
 

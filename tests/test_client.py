@@ -257,3 +257,96 @@ async def test_wait_survives_a_server_restart(aiohttp_server, make_config, volun
         assert await asyncio.to_thread(job.results, progress=False) == [{"x": x, "cube": x**3} for x in range(10)]
     finally:
         await second.close()
+
+
+async def counted_server(aiohttp_server, make_config) -> tuple[str, str, list[tuple[str, dict]]]:  # noqa: F811
+    """A server whose every request is logged as (path, query) by an outer middleware."""
+    from aiohttp import web
+
+    from server.web.app import create_app
+    from tests.conftest import add_researcher
+
+    log: list[tuple[str, dict]] = []
+
+    @web.middleware
+    async def count(request, handler):  # noqa: ANN001, ANN202
+        log.append((request.path, dict(request.query)))
+        return await handler(request)
+
+    app = create_app(make_config())
+    app.middlewares.insert(0, count)
+    server = await aiohttp_server(app)
+    token = await add_researcher(app, "counted@example.org")
+    return str(server.make_url("")).rstrip("/"), token, log
+
+
+async def test_as_completed_downloads_each_result_once(aiohttp_server, make_config, volunteers):  # noqa: F811
+    url, token, log = await counted_server(aiohttp_server, make_config)
+    client = Client(url, token)
+    n = 5000
+    job = await asyncio.to_thread(client.map, "def main(x):\n    return x * 3\n", range(n))
+    volunteers(url, 4)
+    seen = await asyncio.to_thread(lambda: list(job.as_completed(timeout=120)))
+    assert sorted(seen) == [(i, i * 3) for i in range(n)]
+    fetched = [(int(q["start"]), int(q["limit"])) for path, q in log if path.endswith("/results")]
+    assert sum(limit for _, limit in fetched) == n  # every row asked for once ...
+    covered = sorted(i for start, limit in fetched for i in range(start, start + limit))
+    assert covered == list(range(n))  # ... and no range twice
+    assert any(path.endswith("/finished") for path, _ in log)
+
+
+async def test_wait_follows_the_events_socket_instead_of_polling(aiohttp_server, make_config, volunteers):  # noqa: F811
+    url, token, log = await counted_server(aiohttp_server, make_config)
+    client = Client(url, token)
+    job = await asyncio.to_thread(client.map, slow, list(range(60)))
+    volunteers(url, 2)  # ~1.5 s of work: a polling client would ask for the status ~8 times
+    status = await asyncio.to_thread(job.wait, 60, False)
+    assert status["state"] == "done" and status["counts"]["done"] == 60
+    polls = [path for path, _ in log if path == f"/api/jobs/{job.id}"]
+    assert len(polls) <= 2, polls  # the first status, and at most one quiet-spell check
+    assert any(path == "/api/events" for path, _ in log)
+
+
+async def test_a_job_nobody_works_on_warns_once(serve, monkeypatch):
+    import uvm_compute.client as client_module
+    from uvm_compute import NoVolunteersWarning
+
+    monkeypatch.setattr(client_module, "NO_VOLUNTEER_SECONDS", 0.5)
+    api, _ = await serve()
+    client = Client(api.url, api.token)
+    job = await asyncio.to_thread(client.map, cube, [1, 2])
+
+    def wait_briefly() -> list:
+        expected = r"no volunteer has worked on it .* share that link"
+        with pytest.warns(NoVolunteersWarning, match=expected) as caught, pytest.raises(TimeoutError):
+            job.wait(timeout=1.5, progress=False)
+        return list(caught)
+
+    caught = await asyncio.to_thread(wait_briefly)
+    assert len([w for w in caught if issubclass(w.category, NoVolunteersWarning)]) == 1
+    assert api.url in str(caught[0].message)
+
+
+async def test_readme_snippet_runs_as_written(serve, volunteers, tmp_path):
+    import os
+    import re
+    import sys
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("## Python client") :]
+    snippet = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    api, _ = await serve()
+    script = tmp_path / "snippet.py"
+    script.write_text(snippet.replace("http://127.0.0.1:8080", api.url))
+    volunteers(api.url, 4)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(script),
+        env={**os.environ, "UVM_TOKEN": api.token},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 90)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    assert re.fullmatch(r"1000 means, first 0\.\d{4}\n", out.decode()), out

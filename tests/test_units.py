@@ -189,9 +189,9 @@ async def test_openapi_served(serve):
 def test_cli_researcher_add(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("UVM_")} | {"UVM_DATA_DIR": str(tmp_path)}
 
-    def add(email: str, password: str) -> subprocess.CompletedProcess:
+    def add(email: str, password: str, *flags: str) -> subprocess.CompletedProcess:
         return subprocess.run(
-            [sys.executable, "-m", "server.cli", "researcher", "add", email, "--password-stdin"],
+            [sys.executable, "-m", "server.cli", *flags, "researcher", "add", email, "--password-stdin"],
             input=password + "\n",
             env=env,
             capture_output=True,
@@ -201,6 +201,9 @@ def test_cli_researcher_add(tmp_path):
 
     ok = add("ada@example.org", "a fine password")
     assert ok.returncode == 0, ok.stderr
+    assert ok.stderr == ""  # quiet: no migration chatter unless --verbose
+    loud = add("eve@example.org", "a fine password", "--verbose")
+    assert loud.returncode == 0 and "alembic" in loud.stderr
     token = ok.stdout.strip().splitlines()[-1]
     assert token.startswith("uvm_") and len(token) > 40
     db = (tmp_path / "uvm.sqlite3").read_bytes()

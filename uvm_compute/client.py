@@ -7,8 +7,9 @@
     for i, r in job.as_completed(): ...
     job.cancel()
 
-Only the standard library and tqdm: HTTP with ``urllib.request``, progress by polling the job's
-status (cheap: one small JSON object). The function's own source is what runs in volunteers'
+HTTP with ``urllib.request``; progress follows the server's events websocket (aiohttp, in a
+thread), with a status poll as the fallback while the socket is away. ``as_completed`` asks which
+tasks finished and downloads each result once, by index range. The function's own source is what runs in volunteers'
 browsers, so only a self-contained top-level ``def`` can be sent; anything else is refused
 here, before a job exists, with a message that says why.
 """
@@ -21,12 +22,15 @@ import dis
 import inspect
 import json
 import os
+import queue
 import textwrap
+import threading
 import time
 import types
 import urllib.error
 import urllib.parse
 import urllib.request
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -34,6 +38,9 @@ TERMINAL = frozenset({"done", "failed", "cancelled"})
 POLL_SECONDS = 0.25
 MAX_POLL_SECONDS = 2.0
 RECONNECT_SECONDS = 300.0  # how long wait() and as_completed() ride out a server that is away
+QUIET_SECONDS = 5.0  # with the events socket up, poll once after this long without an event
+NO_VOLUNTEER_SECONDS = 10.0  # warn once when nobody has worked on a job for this long
+RESULTS_PAGE = 5000  # rows per results request in as_completed
 TRANSIENT = frozenset({0, 502, 503, 504})  # 0: no connection
 
 
@@ -76,6 +83,10 @@ class TaskError(UVMError):
 
 class JobCancelled(UVMError):
     """The job was cancelled before every task finished."""
+
+
+class NoVolunteersWarning(UserWarning):
+    """Nobody has worked on a job for a while: no volunteer is connected, or all are busy elsewhere."""
 
 
 def _short(value: Any, limit: int = 60) -> str:
@@ -278,6 +289,8 @@ class Job:
         self.id = int(job_id)
         self.n_tasks = n_tasks
         self._status = status
+        self._idle_since: float | None = None
+        self._warned = False
 
     def __repr__(self) -> str:
         state = self._status["state"] if self._status else "?"
@@ -321,29 +334,64 @@ class Job:
         Returns the final status. Raises ``TimeoutError`` after ``timeout`` seconds.
         """
         bar = None
-        end = None if timeout is None else time.monotonic() + timeout
-        delay = POLL_SECONDS
-        failing: list = []
         try:
-            while True:
-                status = self._poll_status(failing)
-                finished = status["counts"]["done"] + status["counts"]["failed"]
+            for status in self._statuses(timeout):
                 if progress:
                     bar = bar or _progress_bar(self.id, status)
                     bar.total = status["n_tasks"]
-                    bar.update(finished - bar.n)
+                    bar.update(status["counts"]["done"] + status["counts"]["failed"] - bar.n)
                     bar.set_postfix(
                         failed=status["counts"]["failed"], volunteers=status.get("volunteers", 0), refresh=False
                     )
                 if status["state"] in TERMINAL:
                     return status
-                if end is not None and time.monotonic() > end:
-                    raise TimeoutError(f"job {self.id} did not finish in {timeout:g} s: {status['counts']}")
-                time.sleep(delay)
-                delay = min(delay * 1.25, MAX_POLL_SECONDS)
+            raise AssertionError("unreachable: _statuses ends only on a terminal state")  # pragma: no cover
         finally:
             if bar is not None:
                 bar.close()
+
+    def _statuses(self, timeout: float | None) -> Iterator[dict]:
+        """The job's status now and at every change until it ends, from the events websocket;
+        polled (with backoff) while the socket is away, and once per quiet spell when it is up."""
+        end = None if timeout is None else time.monotonic() + timeout
+        failing: list = []
+        delay = POLL_SECONDS
+        status = self._poll_status(failing)
+        with _EventFeed(self.client, self.id) as feed:
+            while True:
+                self._warn_if_unattended(status)
+                yield status
+                if status["state"] in TERMINAL:
+                    return
+                if end is not None and time.monotonic() > end:
+                    raise TimeoutError(f"job {self.id} did not finish in {timeout:g} s: {status['counts']}")
+                wait = QUIET_SECONDS if feed.live else delay
+                if end is not None:
+                    wait = max(0.0, min(wait, end - time.monotonic()))
+                pushed = feed.next(wait)
+                if pushed is not None:
+                    status = self._status = pushed
+                    delay = POLL_SECONDS
+                else:
+                    status = self._poll_status(failing)
+                    delay = min(delay * 1.25, MAX_POLL_SECONDS)
+
+    def _warn_if_unattended(self, status: dict) -> None:
+        """Warn once when the job has waited ``NO_VOLUNTEER_SECONDS`` with nobody working on it."""
+        idle = status.get("volunteers", 0) == 0 and status["counts"].get("running", 0) == 0
+        if status["state"] in TERMINAL or not idle:
+            self._idle_since = None
+            return
+        self._idle_since = self._idle_since or time.monotonic()
+        if not self._warned and time.monotonic() - self._idle_since >= NO_VOLUNTEER_SECONDS:
+            self._warned = True
+            warnings.warn(
+                f"job {self.id}: no volunteer has worked on it for {NO_VOLUNTEER_SECONDS:g} s. Volunteers join by "
+                f"opening {self.client.url}/ in a browser: share that link (or run `uvm-compute volunteer-sim` "
+                "for a trusted test job).",
+                NoVolunteersWarning,
+                stacklevel=4,
+            )
 
     # --------------------------------------------------------------------------- results
     def rows(self) -> list[dict]:
@@ -379,36 +427,36 @@ class Job:
     def as_completed(self, raise_errors: bool = True, timeout: float | None = None) -> Iterator[tuple[int, Any]]:
         """Yield ``(index, result)`` as tasks finish, in completion order (roughly).
 
-        A failed task raises ``TaskError`` when reached (or is yielded as ``(index, TaskError)``
-        with ``raise_errors=False``).
+        Each result is downloaded once: on every change the client asks which tasks finished
+        since it last looked and fetches only those, by index range. A failed task raises
+        ``TaskError`` when reached (or is yielded as ``(index, TaskError)`` with ``raise_errors=False``).
         """
-        seen: set[int] = set()
-        end = None if timeout is None else time.monotonic() + timeout
-        delay = POLL_SECONDS
-        last_finished = -1
-        failing: list = []
-        while True:
-            status = self._poll_status(failing)
+        tracker = _Finished()
+        for status in self._statuses(timeout):
             finished = status["counts"]["done"] + status["counts"]["failed"]
-            terminal = status["state"] in TERMINAL
-            if finished != last_finished or terminal:
-                last_finished = finished
-                for row in self.rows():
-                    if row["index"] in seen or row["state"] not in ("done", "failed"):
-                        continue
-                    seen.add(row["index"])
+            if finished > tracker.count or status["state"] in TERMINAL:
+                for row in self._new_rows(tracker):
                     if row["state"] == "done":
                         yield row["index"], row["result"]
                     elif raise_errors:
                         raise self._task_error(row)
                     else:
                         yield row["index"], self._task_error(row)
-            if terminal:
-                return
-            if end is not None and time.monotonic() > end:
-                raise TimeoutError(f"job {self.id} did not finish in {timeout:g} s")
-            time.sleep(delay)
-            delay = min(delay * 1.25, MAX_POLL_SECONDS)
+
+    def _new_rows(self, tracker: _Finished) -> Iterator[dict]:
+        """Rows of tasks finished since the tracker last looked, each fetched once."""
+        start: int | None = tracker.frontier
+        while start is not None:
+            answer = self.client.request("GET", f"/api/jobs/{self.id}/finished?start={start}")
+            for first, stop in tracker.unseen(answer["runs"]):
+                for page in range(first, stop, RESULTS_PAGE):
+                    limit = min(RESULTS_PAGE, stop - page)
+                    path = f"/api/jobs/{self.id}/results?format=json&start={page}&limit={limit}"
+                    rows = self.client.request("GET", path)
+                    for row in rows:
+                        if row["state"] in ("done", "failed") and tracker.add(row["index"]):
+                            yield row
+            start = answer["next"]
 
     def errors(self) -> dict:
         """Failed tasks and errors grouped by message: ``{errors: [...], groups: [...]}``."""
@@ -439,6 +487,104 @@ class Job:
     def map(self, fn: Callable | str, **options: Any) -> Job:
         """A new job over this (finished) job's results, in order; failed tasks are skipped."""
         return self.client.map(fn, {"results_of": self.id}, **options)
+
+
+class _Finished:
+    """The indices ``as_completed`` has yielded: everything below ``frontier`` plus a sparse set."""
+
+    def __init__(self) -> None:
+        self.frontier = 0
+        self.above: set[int] = set()
+        self.count = 0
+
+    def add(self, index: int) -> bool:
+        if index < self.frontier or index in self.above:
+            return False
+        self.above.add(index)
+        self.count += 1
+        while self.frontier in self.above:
+            self.above.discard(self.frontier)
+            self.frontier += 1
+        return True
+
+    def unseen(self, runs: list[list[int]]) -> Iterator[tuple[int, int]]:
+        """The parts of the runs ``[a, b)`` not yielded yet, as ``(first, stop)`` ranges."""
+        for a, b in runs:
+            first = None
+            for index in range(max(a, self.frontier), b):
+                if index in self.above:
+                    if first is not None:
+                        yield first, index
+                        first = None
+                elif first is None:
+                    first = index
+            if first is not None:
+                yield first, b
+
+
+class _EventFeed:
+    """A job's status as the server pushes it on ``/api/events``, read by a thread.
+
+    ``next(timeout)`` returns the newest pushed status, or None when nothing came in time (or
+    the socket is away: ``live`` says which). The thread reconnects with backoff until closed.
+    """
+
+    def __init__(self, client: Client, job_id: int) -> None:
+        base = client.url.replace("https://", "wss://", 1).replace("http://", "ws://", 1)
+        self.url = f"{base}/api/events?job={job_id}"
+        self.headers = {"Authorization": f"Bearer {client.token}"}
+        self.updates: queue.Queue = queue.Queue()
+        self.live = False
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"uvm-events-{job_id}", daemon=True)
+
+    def __enter__(self) -> _EventFeed:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._closed.set()
+        self._thread.join(timeout=5)
+
+    def next(self, timeout: float) -> dict | None:
+        try:
+            status = self.updates.get(timeout=timeout)
+        except queue.Empty:
+            return None
+        while not self.updates.empty():  # only the newest matters
+            status = self.updates.get_nowait()
+        return status
+
+    def _run(self) -> None:
+        import asyncio
+
+        asyncio.run(self._follow())
+
+    async def _follow(self) -> None:
+
+        import aiohttp
+
+        backoff = POLL_SECONDS
+        async with aiohttp.ClientSession(headers=self.headers) as session:
+            while not self._closed.is_set():
+                try:
+                    async with session.ws_connect(self.url, heartbeat=30) as ws:
+                        self.live, backoff = True, POLL_SECONDS
+                        while not self._closed.is_set():
+                            try:
+                                message = await ws.receive(timeout=0.25)
+                            except TimeoutError:
+                                continue
+                            if message.type != aiohttp.WSMsgType.TEXT:
+                                break
+                            event = json.loads(message.data)
+                            if isinstance(event, dict) and event.get("type") == "job":
+                                self.updates.put({k: v for k, v in event.items() if k != "type"})
+                except (TimeoutError, aiohttp.ClientError, OSError, ValueError):
+                    pass
+                self.live = False
+                self._closed.wait(backoff)
+                backoff = min(backoff * 2, MAX_POLL_SECONDS * 4)
 
 
 def _progress_bar(job_id: int, status: dict):  # noqa: ANN202

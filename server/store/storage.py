@@ -286,6 +286,34 @@ class Storage(Accounts, Outcomes):
         return n
 
     # ----------------------------------------------------------------------------- exports
+    async def finished_runs(self, job_id: int, start: int = 0, limit: int = 100_000) -> tuple[list[list[int]], int]:
+        """Indices ``>= start`` of the finished (done or failed) tasks, as half-open runs ``[a, b)``.
+
+        Looks at no more than ``limit`` finished tasks; the second value is where to go on from
+        (the end of the job when everything after ``start`` was seen). Lets a client fetch each
+        result once, by range, instead of every row on every change.
+        """
+        query = (
+            sa.select(tasks.c.idx)
+            .where(
+                tasks.c.job_id == job_id,
+                tasks.c.idx >= start,
+                tasks.c.state.in_([TaskState.DONE.value, TaskState.FAILED.value]),
+            )
+            .order_by(tasks.c.idx)
+            .limit(limit)
+        )
+        async with self.engine.connect() as conn:
+            indices = (await conn.execute(query)).scalars().all()
+        runs: list[list[int]] = []
+        for idx in indices:
+            if runs and runs[-1][1] == idx:
+                runs[-1][1] = idx + 1
+            else:
+                runs.append([idx, idx + 1])
+        following = runs[-1][1] if len(indices) == limit else -1
+        return runs, following
+
     async def iter_tasks(
         self, job_id: int, only_errors: bool = False, start: int = 0, limit: int | None = None
     ) -> AsyncIterator[dict]:

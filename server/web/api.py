@@ -157,6 +157,17 @@ def _int_param(request: web.Request, name: str, default: int | None) -> int | No
     return int(raw)
 
 
+async def job_finished(request: web.Request) -> web.Response:
+    """Which tasks are finished, as index runs: clients then download each result once, by range."""
+    who = await researcher(request)
+    jid = job_id(request)
+    storage = request.app[K.storage]
+    await storage.get_job(who.id, jid)  # 404 for another researcher's job
+    start = _int_param(request, "start", 0) or 0
+    runs, following = await storage.finished_runs(jid, start)
+    return web.json_response({"start": start, "runs": runs, "next": None if following < 0 else following})
+
+
 async def job_errors(request: web.Request) -> web.Response:
     who = await researcher(request)
     jid = job_id(request)
@@ -209,5 +220,6 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/api/jobs/{job_id}/retry", retry_job)
     app.router.add_get("/api/jobs/{job_id}/results", job_results)
     app.router.add_get("/api/jobs/{job_id}/errors", job_errors)
+    app.router.add_get("/api/jobs/{job_id}/finished", job_finished)
     app.router.add_get("/api/volunteers/{volunteer_id}", volunteer_stats)
     app.router.add_get("/api/health", health)

@@ -196,6 +196,13 @@ def document() -> dict:
                     "responses": {"200": _ok("errors", {"type": "object"}), **_errors(401, 404)},
                 }
             },
+            "/api/jobs/{job_id}/finished": {
+                "get": {
+                    "summary": "Finished task indices from `start`, as runs [a, b): fetch each result once, by range",
+                    "parameters": [_JOB_ID, {"name": "start", "in": "query", "schema": {"type": "integer"}}],
+                    "responses": {"200": _ok("runs and where to go on", {"type": "object"}), **_errors(400, 401, 404)},
+                }
+            },
             "/api/events": {
                 "get": {
                     "summary": "Websocket: live status of my jobs ({type: job, ...Job})",
