@@ -102,7 +102,8 @@ async def test_always_raising_task_fails_after_max_attempts(serve, volunteers):
     assert err["index"] == 3 and err["attempts"] == 2 and err["state"] == "failed"
     assert "Traceback" in err["error"] and "ValueError: bad input 3" in err["error"]
     assert "line 3, in main" in err["error"]
-    assert errors["groups"][0]["message"] == "ValueError: bad input 3"
+    assert errors["groups"][0]["message"] == "ValueError: bad input <n>"
+    assert errors["groups"][0]["example"] == "ValueError: bad input 3"
     rows = json.loads(await api.results(job_id))
     assert [r["result"] for r in rows if r["index"] != 3] == [x for x in range(10) if x != 3]
     assert "ValueError: bad input 3" in rows[3]["error"]

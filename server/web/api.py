@@ -10,6 +10,7 @@ from aiohttp import web
 
 from server import spec as job_spec
 from server.crypto import hash_token
+from server.jobs.error_groups import ErrorGroups
 from server.spec import InvalidJob
 from server.store.storage import Conflict, NotFound, Researcher
 from server.web import appkeys as K
@@ -169,30 +170,18 @@ async def job_finished(request: web.Request) -> web.Response:
 
 
 async def job_errors(request: web.Request) -> web.Response:
+    """Failed tasks (the first 1,000) and every failure grouped by its masked message."""
     who = await researcher(request)
     jid = job_id(request)
     storage = request.app[K.storage]
     await storage.get_job(who.id, jid)
-    errors = []
-    groups: dict[str, dict] = {}
+    errors: list[dict] = []
+    groups = ErrorGroups()
     async for row in storage.iter_tasks(jid, only_errors=True):
-        entry = {
-            "index": row["index"],
-            "input": row["input"],
-            "state": row["state"],
-            "attempts": row["attempts"],
-            "error": row["error"],
-            "output": row["output"],
-        }
         if len(errors) < 1000:
-            errors.append(entry)
-        lines = (row["error"] or "").strip().splitlines()
-        message = lines[-1] if lines else "error"
-        group = groups.setdefault(message, {"message": message, "count": 0, "indices": [], "traceback": row["error"]})
-        group["count"] += 1
-        if len(group["indices"]) < 100:
-            group["indices"].append(row["index"])
-    return web.json_response({"errors": errors, "groups": sorted(groups.values(), key=lambda g: -g["count"])})
+            errors.append({k: row[k] for k in ("index", "input", "state", "attempts", "error", "output")})
+        groups.add(row)
+    return web.json_response({"errors": errors, "groups": groups.largest_first()})
 
 
 async def volunteer_stats(request: web.Request) -> web.Response:
