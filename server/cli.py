@@ -28,7 +28,14 @@ def _serve(args: argparse.Namespace, config: Config) -> int:
             import uvloop
 
             asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    web.run_app(create_app(config), host=args.host, port=args.port, print=None, access_log=None)
+    web.run_app(
+        create_app(config),
+        host=args.host,
+        port=args.port,
+        print=None,
+        access_log=None,
+        backlog=config.listen_backlog,  # a burst of volunteers connecting at once is queued, not refused
+    )
     return 0
 
 

@@ -16,6 +16,8 @@ class Config:
     data_dir: Path = Path("data")
     database_url: str = ""  # empty: SQLite file in data_dir
     redis_url: str = ""  # empty: in-process queue
+    redis_pool_size: int = 100  # connections per server process; a command waits for a free one
+    redis_pool_timeout: float = 20.0  # seconds a command may wait for a free connection
     key: bytes | None = None  # 32-byte AES key; empty: generated into data_dir/secret.key
     key_id: str = "k1"
     allowed_origins: tuple[str, ...] = ()  # extra websocket origins (embedding sites)
@@ -29,6 +31,7 @@ class Config:
     heartbeat: float = 10.0  # seconds between volunteer heartbeats
     reaper_interval: float = 1.0
     intake_batch: int = 256
+    listen_backlog: int = 4096  # pending TCP connections the kernel queues (capped by net.core.somaxconn)
     event_loop: str = "uvloop"  # uvloop when installed (faster websockets), or asyncio
     package_index_url: str = ""  # empty: Pyodide's CDN for the pinned Pyodide version (server/web/static.py)
     public_url: str = ""  # the origin people reach us at (https://compute.example.edu); empty: the listen address
@@ -46,6 +49,8 @@ class Config:
             "UVM_DATA_DIR": ("data_dir", Path),
             "UVM_DATABASE_URL": ("database_url", _db_url),
             "UVM_REDIS_URL": ("redis_url", _redis_url),
+            "UVM_REDIS_POOL_SIZE": ("redis_pool_size", _positive_int),
+            "UVM_REDIS_POOL_TIMEOUT": ("redis_pool_timeout", _positive_float),
             "UVM_KEY": ("key", _key),
             "UVM_KEY_ID": ("key_id", _key_id),
             "UVM_ALLOWED_ORIGINS": ("allowed_origins", _origins),
@@ -54,6 +59,7 @@ class Config:
             "UVM_MAX_TASKS_PER_JOB": ("max_tasks_per_job", _positive_int),
             "UVM_LEASE_GRACE": ("lease_grace", _positive_float),
             "UVM_HEARTBEAT": ("heartbeat", _positive_float),
+            "UVM_LISTEN_BACKLOG": ("listen_backlog", _positive_int),
             "UVM_PACKAGE_INDEX_URL": ("package_index_url", str),
             "UVM_EVENT_LOOP": ("event_loop", _event_loop),
             "UVM_PUBLIC_URL": ("public_url", _public_url),

@@ -58,6 +58,7 @@ class SimVolunteer:
         self.done = 0
         self.errors = 0
         self.leased = 0
+        self.connects = 0  # websocket connections opened (more than one: it was dropped and came back)
         self.latencies: list[float] = []  # seconds from `ready` to `tasks` (non-empty)
         self.task_ids: list[int] = []
         self._code: dict[int, str] = {}
@@ -92,6 +93,7 @@ class SimVolunteer:
     async def run(self, session: aiohttp.ClientSession, stop: asyncio.Event) -> None:
         self._inbox, self._closed = {}, asyncio.Event()
         async with session.ws_connect(self.url, max_msg_size=P.MAX_MESSAGE_BYTES) as ws:
+            self.connects += 1
             reader = asyncio.create_task(self._reader(ws))
             try:
                 await ws.send_str(P.encode(P.Hello(self.volunteer, {"cores": 1, "workers": 1, "sim": True})))

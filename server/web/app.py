@@ -41,7 +41,12 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     if config.redis_url:
         import redis.asyncio as aioredis
 
-        redis = aioredis.from_url(config.redis_url)
+        # A blocking pool: under a burst a command waits for a free connection instead of raising
+        # MaxConnectionsError (which used to escape a socket handler and drop the volunteer).
+        pool = aioredis.BlockingConnectionPool.from_url(
+            config.redis_url, max_connections=config.redis_pool_size, timeout=config.redis_pool_timeout
+        )
+        redis = aioredis.Redis.from_pool(pool)  # owns the pool: closed with the client
         queue, bus = RedisQueue(redis, config.instance, config.lease_grace), RedisBus(redis)
     else:
         queue, bus = MemoryQueue(config.lease_grace), Bus()

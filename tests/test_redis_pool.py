@@ -1,0 +1,25 @@
+"""A burst larger than the Redis connection pool waits for a connection; no volunteer is dropped.
+
+With redis-py's default pool, the 101st concurrent command raised ``MaxConnectionsError`` inside
+``queue.lease``; the error escaped the socket handler, which closed the volunteer's socket and
+requeued its leases. Here the pool is tiny so that every burst overflows it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+
+@pytest.mark.parametrize("backend", ["mariadb"])
+async def test_pool_smaller_than_the_burst_drops_no_socket(serve, volunteers, caplog):
+    caplog.set_level(logging.ERROR)
+    api, app = await serve(redis_pool_size=3, redis_pool_timeout=30.0)
+    sims = volunteers(api.url, 40, prefetch=4)
+    job = await api.submit("def main(x):\n    return x + 1\n", {"range": [0, 1500]}, replication=1)
+    status = await api.wait(job, 120)
+    assert status["state"] == "done" and status["counts"]["done"] == 1500
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, [r.getMessage() for r in errors][:5]
+    assert sum(sim.connects for sim in sims) == len(sims)  # each connected once: nobody was dropped
