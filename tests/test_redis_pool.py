@@ -23,3 +23,18 @@ async def test_pool_smaller_than_the_burst_drops_no_socket(serve, volunteers, ca
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert not errors, [r.getMessage() for r in errors][:5]
     assert sum(sim.connects for sim in sims) == len(sims)  # each connected once: nobody was dropped
+
+
+def test_serve_listens_with_the_configured_backlog(tmp_path):
+    """``UVM_LISTEN_BACKLOG`` reaches the listening socket (``ss`` shows it as Send-Q)."""
+    import subprocess
+
+    from tests.procs import ServerProcess
+
+    server = ServerProcess({"UVM_DATA_DIR": str(tmp_path), "UVM_LISTEN_BACKLOG": "1235"}).start()
+    try:
+        listing = subprocess.run(["ss", "-ltnH", f"sport = :{server.port}"], capture_output=True, text=True).stdout
+        (line,) = listing.strip().splitlines()
+        assert line.split()[2] == "1235", line
+    finally:
+        server.stop()
