@@ -41,6 +41,7 @@ def test_protocol_round_trip_every_message():
         P.Ack(["a"], ["b"]),
         P.Throttle({"battery": "low"}),
         P.Cancel(["a"], 2),
+        P.Hold(["a"], 7.5, "database unreachable"),
         P.Error("nope", "ready"),
     ]
     assert {m.TYPE for m in samples} == set(P.MESSAGES)

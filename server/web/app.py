@@ -18,8 +18,9 @@ from server.queue import Bus, MemoryQueue, RedisBus, RedisQueue
 from server.store.engine import make_engine, migrate
 from server.store.keys import box_for, check_keys
 from server.store.storage import Storage
-from server.web import api, openapi, ws
+from server.web import api, metrics, openapi, ws
 from server.web import appkeys as K
+from server.web.addresses import proxy_middleware
 
 logger = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[2]
@@ -64,12 +65,17 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
 
 def create_app(config: Config | None = None) -> web.Application:
     config = config or Config.from_env()
-    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[api.errors_middleware])
+    app = web.Application(
+        client_max_size=config.max_body_bytes,
+        # proxy first: every later layer sees the client's address and scheme, not the proxy's
+        middlewares=[proxy_middleware, metrics.latency_middleware, api.errors_middleware],
+    )
     app[K.config] = config
     app.cleanup_ctx.append(_resources)
     api.add_routes(app)
     ws.add_routes(app)
     openapi.add_routes(app)
+    metrics.add_routes(app)
     # The browser side (volunteer page, dashboard) registers its routes when it is installed.
     if importlib.util.find_spec("server.web.static") is not None:
         importlib.import_module("server.web.static").add_static_routes(app, ROOT / "public", ROOT)
