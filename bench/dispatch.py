@@ -104,7 +104,11 @@ def main() -> None:
             check=True,
         )
         subprocess.run(["redis-cli", "-n", REDIS_URL.rsplit("/", 1)[1], "flushdb"], check=True, capture_output=True)
-        env |= {"UVM_DATABASE_URL": f"mysql+aiomysql://root@127.0.0.1:3306/{DATABASE}", "UVM_REDIS_URL": REDIS_URL}
+        env |= {
+            "UVM_DATABASE_URL": f"mysql+aiomysql://root@127.0.0.1:3306/{DATABASE}",
+            "UVM_REDIS_URL": REDIS_URL,
+            "UVM_KEY": os.urandom(32).hex(),  # required on MySQL
+        }
     token = add_researcher(env, "bench@example.org")
     server = ServerProcess(env).start()
     try:

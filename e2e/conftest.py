@@ -231,6 +231,7 @@ def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[.
             _flush_redis(db)
             env["UVM_DATABASE_URL"] = f"mysql+aiomysql://root@127.0.0.1:3306/{mariadb.create()}"
             env["UVM_REDIS_URL"] = f"redis://127.0.0.1:{REDIS_PORT}/{db}"
+            env["UVM_KEY"] = "5a" * 32  # required on MySQL
         elif backend != "sqlite":
             raise ValueError(f"unknown backend {backend!r}")
         env.update(extra_env)

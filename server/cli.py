@@ -1,4 +1,4 @@
-"""``uvm-compute``: serve, manage researchers, and run simulated volunteers."""
+"""``uvm-compute``: serve, manage researchers, rotate the key, check the configuration, simulate volunteers."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import logging
 import sys
 
 from server.config import Config, ConfigError
+from server.logs import setup as setup_logging
 
 
 def _serve(args: argparse.Namespace, config: Config) -> int:
@@ -28,38 +29,45 @@ def _serve(args: argparse.Namespace, config: Config) -> int:
             import uvloop
 
             asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    web.run_app(
-        create_app(config),
-        host=args.host,
-        port=args.port,
-        print=None,
-        access_log=None,
-        backlog=config.listen_backlog,  # a burst of volunteers connecting at once is queued, not refused
-    )
+    from server.store.keys import KeyProblem
+
+    try:
+        web.run_app(
+            create_app(config),
+            host=args.host,
+            port=args.port,
+            print=None,
+            access_log=None,
+            backlog=config.listen_backlog,  # a burst of volunteers connecting at once is queued, not refused
+        )
+    except KeyProblem as exc:
+        print(f"refusing to start: {exc}", file=sys.stderr, flush=True)
+        return 2
     return 0
 
 
 async def _researcher_add(config: Config, email: str, password: str, operator: bool) -> str:
     from server.crypto import hash_password, hash_token, new_token
     from server.store.engine import make_engine, migrate
+    from server.store.keys import box_for, check_keys
     from server.store.storage import Storage
-    from server.web.app import make_box
 
     if not config.database_url:
         config.data_dir.mkdir(parents=True, exist_ok=True)
+    box = box_for(config)
     engine = make_engine(config.sqlalchemy_url)
     try:
         await migrate(engine)
+        await check_keys(engine, box)
         token = new_token()
-        await Storage(engine, make_box(config)).add_researcher(
-            email, hash_password(password), hash_token(token), operator=operator
-        )
+        await Storage(engine, box).add_researcher(email, hash_password(password), hash_token(token), operator=operator)
         return token
     finally:
         await engine.dispose()
 
 
 def _researcher(args: argparse.Namespace, config: Config) -> int:
+    from server.store.keys import KeyProblem
     from server.store.storage import Conflict
 
     email = args.email.strip()
@@ -78,7 +86,7 @@ def _researcher(args: argparse.Namespace, config: Config) -> int:
         return 2
     try:
         token = asyncio.run(_researcher_add(config, email, password, args.operator))
-    except Conflict as exc:
+    except (Conflict, KeyProblem) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"researcher {email} added{' (operator)' if args.operator else ''}; API token:")
@@ -96,6 +104,18 @@ def _sim(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+def _rotate(args: argparse.Namespace, config: Config) -> int:
+    from server.ops import rotate_key
+
+    return asyncio.run(rotate_key(config, batch=args.batch, max_rows=args.max_rows))
+
+
+def _check(args: argparse.Namespace, config: Config) -> int:
+    from server.ops import check_config
+
+    return asyncio.run(check_config(config))
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="uvm-compute", description="UVM Compute: a volunteer supercomputer of browsers.")
     p.add_argument("-v", "--verbose", action="store_true", help="log everything (migrations, libraries) at INFO")
@@ -109,6 +129,22 @@ def parser() -> argparse.ArgumentParser:
     add.add_argument("email")
     add.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
     add.add_argument("--operator", action="store_true", help="may approve researchers and see volunteers")
+    k = sub.add_parser(
+        "rotate-key",
+        help="re-encrypt every stored value under UVM_KEY (old keys from UVM_OLD_KEYS); safe while servers run",
+        description=(
+            "Re-encrypts, in batches, every value sealed under an old key with the current UVM_KEY/UVM_KEY_ID. "
+            "First restart every server with the new UVM_KEY, a new UVM_KEY_ID and the old key in UVM_OLD_KEYS; "
+            "then run this with the same settings. It may be stopped at any time and run again: it goes on "
+            "where it stopped."
+        ),
+    )
+    k.add_argument("--batch", type=_positive, default=500, help="rows per transaction (default 500)")
+    k.add_argument("--max-rows", type=_positive, default=None, help="stop after this many rows (run again later)")
+    sub.add_parser(
+        "check-config",
+        help="validate the UVM_* settings, reach the database and Redis, and print what was found",
+    )
     v = sub.add_parser(
         "volunteer-sim",
         help="headless volunteers in native CPython (trusted jobs only)",
@@ -126,25 +162,35 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _quiet_logs(verbose: bool, command: str) -> None:
+def _positive(raw: str) -> int:
+    value = int(raw)
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be a positive integer")
+    return value
+
+
+def _quiet_logs(log_format: str, verbose: bool, command: str) -> None:
     """Warnings only, unless ``--verbose``; ``serve`` also tells its own news (``server.*`` at INFO)."""
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(log_format, logging.INFO if verbose else logging.WARNING)
     if command == "serve" and not verbose:
         logging.getLogger("server").setLevel(logging.INFO)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    _quiet_logs(args.verbose, args.command)
     try:
         config = Config.from_env()
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
-    handlers = {"serve": _serve, "researcher": _researcher, "volunteer-sim": _sim}
+    _quiet_logs(config.log_format, args.verbose, args.command)
+    handlers = {
+        "serve": _serve,
+        "researcher": _researcher,
+        "volunteer-sim": _sim,
+        "rotate-key": _rotate,
+        "check-config": _check,
+    }
     return handlers[args.command](args, config)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 from pathlib import Path
 
@@ -20,6 +21,7 @@ class Config:
     redis_pool_timeout: float = 20.0  # seconds a command may wait for a free connection
     key: bytes | None = None  # 32-byte AES key; empty: generated into data_dir/secret.key
     key_id: str = "k1"
+    old_keys: tuple[tuple[str, bytes], ...] = ()  # (key id, key) still accepted for decryption (rotation)
     allowed_origins: tuple[str, ...] = ()  # extra websocket origins (embedding sites)
     max_body_bytes: int = 16 * 1024 * 1024
     max_ws_message_bytes: int = 4 * 1024 * 1024  # a larger message closes the socket with 1009
@@ -35,6 +37,10 @@ class Config:
     event_loop: str = "uvloop"  # uvloop when installed (faster websockets), or asyncio
     package_index_url: str = ""  # empty: Pyodide's CDN for the pinned Pyodide version (server/web/static.py)
     public_url: str = ""  # the origin people reach us at (https://compute.example.edu); empty: the listen address
+    trusted_proxies: tuple[str, ...] = ()  # networks whose X-Forwarded-For/-Proto are believed
+    metrics_token: str = ""  # Bearer token that may read /metrics
+    metrics_allow: tuple[str, ...] = ()  # networks that may read /metrics without the token
+    log_format: str = "text"  # text | json
     instance: str = dataclasses.field(default_factory=lambda: os.urandom(4).hex())
 
     @property
@@ -53,6 +59,7 @@ class Config:
             "UVM_REDIS_POOL_TIMEOUT": ("redis_pool_timeout", _positive_float),
             "UVM_KEY": ("key", _key),
             "UVM_KEY_ID": ("key_id", _key_id),
+            "UVM_OLD_KEYS": ("old_keys", _old_keys),
             "UVM_ALLOWED_ORIGINS": ("allowed_origins", _origins),
             "UVM_MAX_BODY_BYTES": ("max_body_bytes", _positive_int),
             "UVM_MAX_WS_MESSAGE_BYTES": ("max_ws_message_bytes", _positive_int),
@@ -63,6 +70,10 @@ class Config:
             "UVM_PACKAGE_INDEX_URL": ("package_index_url", str),
             "UVM_EVENT_LOOP": ("event_loop", _event_loop),
             "UVM_PUBLIC_URL": ("public_url", _public_url),
+            "UVM_TRUSTED_PROXIES": ("trusted_proxies", _networks),
+            "UVM_METRICS_TOKEN": ("metrics_token", _token),
+            "UVM_METRICS_ALLOW": ("metrics_allow", _networks),
+            "UVM_LOG_FORMAT": ("log_format", _log_format),
         }
         values: dict[str, object] = {}
         for name, raw in env.items():
@@ -76,7 +87,10 @@ class Config:
             except (ValueError, TypeError) as exc:
                 raise ConfigError(f"{name}={raw!r}: {exc}") from None
         values.update(overrides)
-        return cls(**values)  # type: ignore[arg-type]
+        config = cls(**values)  # type: ignore[arg-type]
+        if any(kid == config.key_id for kid, _ in config.old_keys):
+            raise ConfigError(f"UVM_OLD_KEYS names {config.key_id!r}, the current UVM_KEY_ID; give old keys other ids")
+        return config
 
 
 def _db_url(raw: str) -> str:
@@ -103,6 +117,42 @@ def _key(raw: str) -> bytes | None:
 def _key_id(raw: str) -> str:
     if not raw or len(raw) > 16 or not raw.isalnum():
         raise ValueError("expected 1-16 letters or digits")
+    return raw
+
+
+def _old_keys(raw: str) -> tuple[tuple[str, bytes], ...]:
+    """``k1:HEX,k0:HEX``: keys that decrypt rows written before a rotation."""
+    pairs = []
+    for item in (i.strip() for i in raw.split(",") if i.strip()):
+        kid, sep, hexkey = item.partition(":")
+        if not sep:
+            raise ValueError(f"expected id:hex pairs separated by commas, got {item[:20]!r}...")
+        key = _key(hexkey.strip())
+        if key is None:
+            raise ValueError(f"key id {kid!r} has no key")
+        pairs.append((_key_id(kid.strip()), key))
+    if len({kid for kid, _ in pairs}) != len(pairs):
+        raise ValueError("a key id appears twice")
+    return tuple(pairs)
+
+
+def _networks(raw: str) -> tuple[str, ...]:
+    """Comma-separated addresses or networks (``10.0.0.1``, ``10.0.0.0/8``, ``::1``)."""
+    nets = tuple(n.strip() for n in raw.split(",") if n.strip())
+    for net in nets:
+        ipaddress.ip_network(net, strict=False)  # ValueError names the bad one
+    return tuple(str(ipaddress.ip_network(n, strict=False)) for n in nets)
+
+
+def _token(raw: str) -> str:
+    if raw and len(raw) < 16:
+        raise ValueError("use at least 16 characters (python3 -c 'import secrets; print(secrets.token_urlsafe())')")
+    return raw
+
+
+def _log_format(raw: str) -> str:
+    if raw not in ("text", "json"):
+        raise ValueError("expected text or json")
     return raw
 
 

@@ -30,12 +30,17 @@ class Box:
         if current not in keys:
             raise ValueError(f"current key id {current!r} has no key")
         self._aead = {kid: AESGCM(key) for kid, key in keys.items()}
-        self._current = current
-        self._prefix = current.encode() + b"\x00"
+        self.fingerprints = {kid: fingerprint(key) for kid, key in keys.items()}
+        self.current = current
+        self.prefix = current.encode() + b"\x00"
+
+    def seal_again(self, blob: bytes, aad: str) -> bytes:
+        """The same plaintext under the current key (key rotation)."""
+        return self.seal(self.open(blob, aad), aad)
 
     def seal(self, plaintext: bytes, aad: str) -> bytes:
         nonce = os.urandom(12)
-        return self._prefix + nonce + self._aead[self._current].encrypt(nonce, plaintext, aad.encode())
+        return self.prefix + nonce + self._aead[self.current].encrypt(nonce, plaintext, aad.encode())
 
     def open(self, blob: bytes, aad: str) -> bytes:
         kid, sep, rest = bytes(blob).partition(b"\x00")
@@ -58,6 +63,17 @@ class Box:
 
     def open_text(self, blob: bytes | None, aad: str) -> str:
         return "" if blob is None else self.open(blob, aad).decode()
+
+
+def key_id_of(blob: bytes) -> str:
+    """The key id a stored value was sealed with ('' if it is not a ciphertext of ours)."""
+    kid, sep, _ = bytes(blob[:17]).partition(b"\x00")
+    return kid.decode(errors="replace") if sep else ""
+
+
+def fingerprint(key: bytes) -> str:
+    """A value that identifies a key without revealing it (stored in the database per key id)."""
+    return hmac.new(key, b"uvm-compute key fingerprint v1", hashlib.sha256).hexdigest()
 
 
 def load_or_create_key(path: Path) -> bytes:

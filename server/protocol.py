@@ -201,6 +201,18 @@ class Cancel:
 
 
 @dataclasses.dataclass
+class Hold:
+    """Server -> volunteer: these results cannot be committed now (the database is away). Keep them,
+    and send them again once, after ``retry_after`` seconds; each volunteer is given its own random
+    delay, so that results do not all come back in the same second."""
+
+    attempts: list
+    retry_after: float
+    reason: str = ""
+    TYPE = "hold"
+
+
+@dataclasses.dataclass
 class Error:
     """Server -> volunteer: a message was refused. The connection stays open."""
 
@@ -224,6 +236,7 @@ MESSAGES: dict[str, type] = {
         Ack,
         Throttle,
         Cancel,
+        Hold,
         Error,
     )
 }
@@ -252,6 +265,7 @@ _SCHEMA: dict[str, list[tuple[str, tuple, bool]]] = {
     "ack": [("attempts", (list,), True), ("ignored", (list,), False)],
     "throttle": [("state", (dict,), True)],
     "cancel": [("attempts", (list,), True), ("job", (int, type(None)), False)],
+    "hold": [("attempts", (list,), True), ("retry_after", (int, float), True), ("reason", (str,), False)],
     "error": [("message", (str,), True), ("ref", (str, type(None)), False)],
 }
 _OUTCOME_SCHEMA = [
@@ -349,7 +363,7 @@ def from_dict(data: Any) -> Any:  # noqa: C901 - one flat check per message kind
                 outcome.error = outcome.error[-MAX_ERROR_CHARS:]
     elif kind == "tasks":
         fields["tasks"] = [TaskSpec(**_check_fields("tasks[]", _obj(t), _TASK_SCHEMA)) for t in fields["tasks"]]
-    elif kind in ("heartbeat", "ack", "cancel"):
+    elif kind in ("heartbeat", "ack", "cancel", "hold"):
         for value in fields["attempts"]:
             if not isinstance(value, str):
                 raise ProtocolError(f"{kind}: 'attempts' must be a list of strings")

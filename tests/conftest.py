@@ -28,6 +28,7 @@ REDIS_DB = int(os.environ.get("UVM_TEST_REDIS_DB", "9"))
 REDIS_PORT = int(os.environ.get("UVM_TEST_REDIS_PORT", "6379"))
 REDIS_URL = f"redis://127.0.0.1:{REDIS_PORT}/{REDIS_DB}"
 BACKENDS = ["sqlite", "mariadb"]
+TEST_KEY = "5a" * 32  # UVM_KEY of the MariaDB tests (a server refuses MySQL without an explicit key)
 
 
 def mysql_url(db: str) -> str:
@@ -75,7 +76,11 @@ def make_config(backend: str, tmp_path: Path, request: pytest.FixtureRequest) ->
     if backend == "mariadb":
         db = request.getfixturevalue("mariadb_database")
         request.getfixturevalue("redis_client")
-        extra = {"UVM_DATABASE_URL": mysql_url(db), "UVM_REDIS_URL": request.getfixturevalue("redis_url")}
+        extra = {
+            "UVM_DATABASE_URL": mysql_url(db),
+            "UVM_REDIS_URL": request.getfixturevalue("redis_url"),
+            "UVM_KEY": TEST_KEY,  # required on MySQL
+        }
 
     def make(**overrides: object) -> Config:
         env = {"UVM_DATA_DIR": str(tmp_path / "data"), **extra}

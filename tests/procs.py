@@ -78,3 +78,59 @@ def add_researcher(env: dict[str, str], email: str) -> str:
         check=True,
     )
     return proc.stdout.strip().splitlines()[-1]
+
+
+class PrivateMariaDB:
+    """A MariaDB server of the test's own (temp datadir, own port and socket), so that a test may stop
+    it without touching the shared one other tests use at the same time."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.datadir = base / "data"
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+        self.url = f"mysql+aiomysql://root@127.0.0.1:{self.port}/uvm"
+
+    def start(self) -> PrivateMariaDB:
+        if not self.datadir.exists():
+            as_root = os.geteuid() == 0  # mariadbd refuses to run as root unless told to
+            subprocess.run(
+                ["mariadb-install-db", "--no-defaults", f"--datadir={self.datadir}", "--skip-test-db",
+                 "--auth-root-authentication-method=normal", *(["--user=root"] if as_root else [])],
+                check=True, capture_output=True,
+            )  # fmt: skip
+        log = open(self.base / "mariadbd.log", "ab")  # noqa: SIM115 - closed with the process
+        self.proc = subprocess.Popen(
+            ["mariadbd", "--no-defaults", f"--datadir={self.datadir}", f"--port={self.port}",
+             f"--socket={self.base / 'mysqld.sock'}", f"--pid-file={self.base / 'mysqld.pid'}",
+             "--bind-address=127.0.0.1", "--skip-log-bin", "--innodb-buffer-pool-size=32M",
+             *(["--user=root"] if os.geteuid() == 0 else [])],
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError((self.base / "mariadbd.log").read_text()[-2000:])
+            ping = subprocess.run(self._client("SELECT 1"), capture_output=True)
+            if ping.returncode == 0:
+                subprocess.run(self._client("CREATE DATABASE IF NOT EXISTS uvm"), check=True, capture_output=True)
+                return self
+            time.sleep(0.2)
+        raise RuntimeError("private MariaDB did not start in 30 s")
+
+    def _client(self, sql: str) -> list[str]:
+        return ["mariadb", "--no-defaults", "-uroot", "-h127.0.0.1", f"-P{self.port}", "-N", "-e", sql]
+
+    def query(self, sql: str) -> str:
+        return subprocess.run(self._client(sql), check=True, capture_output=True, text=True).stdout
+
+    def stop(self) -> None:
+        """A clean shutdown (SIGTERM), as an operator's `systemctl stop mariadb` does."""
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None

@@ -17,6 +17,8 @@ import time
 from typing import Any
 
 from server.config import Config
+from server.jobs.metrics import Metrics
+from server.jobs.outage import DatabaseAway, DbHealth, is_outage
 from server.protocol import AttemptOutcome, Cancel, Outcome, TaskSpec
 from server.queue import Bus, Lease, Queue
 from server.spec import InvalidJob, JobSpec, verify_code
@@ -37,6 +39,7 @@ class Conn:
     held: dict[str, int] = dataclasses.field(default_factory=dict)  # attempt -> job
     capabilities: dict = dataclasses.field(default_factory=dict)
     throttle: dict = dataclasses.field(default_factory=dict)
+    address: str = ""  # the client's address (behind a trusted proxy: from X-Forwarded-For)
     connected_at: float = dataclasses.field(default_factory=time.time)
 
 
@@ -50,6 +53,9 @@ class Dispatcher:
         self._submissions: asyncio.Queue = asyncio.Queue()
         self._outcomes: asyncio.Queue = asyncio.Queue()
         self.leased_total = 0
+        self.db_health = DbHealth()
+        self.metrics = Metrics()
+        self.metrics.attach(self)
 
     # ------------------------------------------------------------------------ background
     async def run(self) -> None:
@@ -87,6 +93,8 @@ class Dispatcher:
         ticks = 0
         while True:
             await asyncio.sleep(self.config.reaper_interval)
+            if self.db_health.down_since is not None and not await self.db_health.probe(self.storage.engine):
+                continue  # no expiries while they cannot be recorded: volunteers hold their results meanwhile
             try:
                 await self.rebuild_if_needed()
                 ticks += 1
@@ -98,8 +106,11 @@ class Dispatcher:
                         for lease in expired:
                             conn.held.pop(lease.attempt, None)
                     rec = await self.storage.record_lost(expired, AttemptOutcome.EXPIRED)
+                    self.metrics.attempts.labels("expired").inc(len(expired))
                     await self._apply(rec)
-            except Exception:  # the loop must survive a dropped database or Redis connection
+            except Exception as exc:  # the loop must survive a dropped database or Redis connection
+                if is_outage(exc):
+                    self.db_health.failed(exc)
                 logger.exception("lease reaper")
 
     async def _run_events(self) -> None:
@@ -152,6 +163,8 @@ class Dispatcher:
 
     # -------------------------------------------------------------------------- leasing
     async def lease(self, conn: Conn, n: int) -> list[TaskSpec]:
+        if self.db_health.down_since is not None:
+            return []  # results could not be committed; an empty answer means "ask again later"
         attempts = [secrets.token_hex(8) for _ in range(n)]
         leases = await self.queue.lease(conn.volunteer, attempts, time.time())
         if not leases:
@@ -159,6 +172,7 @@ class Dispatcher:
         for lease in leases:
             conn.held[lease.attempt] = lease.job
         self.leased_total += len(leases)
+        self.metrics.handed_out.inc(len(leases))
         infos = {job: await self.storage.job_info(job) for job in {le.job for le in leases}}
         stored = [le.task for le in leases if infos[le.job] is not None and infos[le.job].inputs_kind in STORED_INPUTS]
         inputs = await self.storage.task_inputs(stored)  # range and none inputs are computed, not read
@@ -208,11 +222,14 @@ class Dispatcher:
         held, conn.held = list(conn.held), {}
         leases = await self.queue.requeue(held)
         if leases:
+            self.metrics.attempts.labels("abandoned").inc(len(leases))
             await asyncio.shield(self.storage.record_lost(leases, AttemptOutcome.ABANDONED))
 
     # -------------------------------------------------------------------------- outcomes
     async def report(self, conn: Conn, outcomes: list[Outcome]) -> Recorded:
-        """Queue outcomes for the batch writer; returns once they are committed."""
+        """Queue outcomes for the batch writer; returns once they are committed. Raises
+        ``DatabaseAway`` at once during a database outage: the volunteer holds them and sends again."""
+        self.db_health.check()
         for outcome in outcomes:
             check_result(outcome, self.config.max_result_bytes)
         future = asyncio.get_running_loop().create_future()
@@ -230,12 +247,20 @@ class Dispatcher:
             items = [(volunteer, o) for volunteer, outcomes, _ in batch for o in outcomes]
             try:
                 live = await self.queue.live([o.attempt for _, o in items])
+                started = time.perf_counter()
                 rec = await asyncio.shield(self.storage.record(items, live))
+                self.metrics.commit_seconds.observe(time.perf_counter() - started)
             except Exception as exc:  # nothing committed: the volunteers are told to send again
-                logger.exception("recording outcomes")
+                if is_outage(exc):
+                    self.db_health.failed(exc)
+                    exc = DatabaseAway(self.db_health.error)
+                else:
+                    logger.exception("recording outcomes")
                 for _, _, future in batch:
                     _settle(future, exc=exc)
                 continue
+            self.db_health.ok()
+            self._count(items, rec)
             try:
                 await self._apply(rec)
             except Exception:  # committed: acknowledge anyway; the reaper tidies leases left behind
@@ -249,6 +274,12 @@ class Dispatcher:
                         ignored=[a for a in rec.ignored if a in mine and a not in rec.acked],
                     ),
                 )
+
+    def _count(self, items: list[tuple[str, Outcome]], rec: Recorded) -> None:
+        ignored = set(rec.ignored) - set(rec.acked)
+        for _, o in items:
+            kind = "late" if o.attempt in ignored else ("done" if o.error is None else "error")
+            self.metrics.attempts.labels("timeout" if o.timeout and kind == "error" else kind).inc()
 
     async def _apply(self, rec: Recorded) -> None:
         """After a commit: end or requeue leases, drop failed tasks, tell researchers."""

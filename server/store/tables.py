@@ -104,3 +104,14 @@ volunteers = sa.Table(
     sa.Column("tasks_done", sa.Integer, nullable=False, default=0),
     sa.Column("cpu_seconds", sa.Double, nullable=False, default=0.0),
 )
+
+# One row per key id ever used on this database: a server whose key does not match refuses to start
+# (two servers with different keys would each write rows the other cannot read).
+key_fingerprints = sa.Table(
+    "key_fingerprints",
+    metadata,
+    sa.Column("key_id", sa.String(16), primary_key=True),
+    sa.Column("fingerprint", sa.String(64), nullable=False),
+    sa.Column("first_seen", sa.Double, nullable=False),
+    sa.Column("retired_at", sa.Double),  # set by rotate-key once no row uses this key any more
+)

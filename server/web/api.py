@@ -190,14 +190,21 @@ async def volunteer_stats(request: web.Request) -> web.Response:
 
 
 async def health(request: web.Request) -> web.Response:
+    """200 when this server can do its work; 503 during a database outage (and says since when)."""
     dispatcher = request.app[K.dispatcher]
+    if dispatcher.db_health.down_since is None:
+        await dispatcher.db_health.probe(dispatcher.storage.engine)
+    database = dispatcher.db_health.as_dict()
+    up = database["state"] == "up"
     return web.json_response(
         {
-            "ok": True,
+            "ok": up,
             "instance": request.app[K.config].instance,
+            "database": database,
             "volunteers": len(dispatcher.conns),
             "ready": await dispatcher.queue.ready_count(),
-        }
+        },
+        status=200 if up else 503,
     )
 
 

@@ -13,30 +13,33 @@ from pathlib import Path
 from aiohttp import web
 
 from server.config import Config
-from server.crypto import Box, load_or_create_key
 from server.jobs.dispatch import Dispatcher
 from server.queue import Bus, MemoryQueue, RedisBus, RedisQueue
 from server.store.engine import make_engine, migrate
+from server.store.keys import box_for, check_keys
 from server.store.storage import Storage
-from server.web import api, openapi, ws
+from server.web import api, metrics, openapi, ws
 from server.web import appkeys as K
+from server.web.addresses import proxy_middleware
 
 logger = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def make_box(config: Config) -> Box:
-    key = config.key or load_or_create_key(config.data_dir / "secret.key")
-    return Box({config.key_id: key}, config.key_id)
 
 
 async def _resources(app: web.Application) -> AsyncIterator[None]:
     config = app[K.config]
     if not config.database_url:
         config.data_dir.mkdir(parents=True, exist_ok=True)
+    box = box_for(config)  # before touching the database: no key on MySQL is refused at once
     engine = make_engine(config.sqlalchemy_url)
-    await migrate(engine)
-    storage = Storage(engine, make_box(config))
+    try:
+        await migrate(engine)
+        for kid in await check_keys(engine, box):
+            logger.warning("old key %s is no longer used by any row (rotate-key): remove it from UVM_OLD_KEYS", kid)
+    except BaseException:
+        await engine.dispose()
+        raise
+    storage = Storage(engine, box)
     redis = None
     if config.redis_url:
         import redis.asyncio as aioredis
@@ -67,12 +70,17 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
 
 def create_app(config: Config | None = None) -> web.Application:
     config = config or Config.from_env()
-    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[api.errors_middleware])
+    app = web.Application(
+        client_max_size=config.max_body_bytes,
+        # proxy first: every later layer sees the client's address and scheme, not the proxy's
+        middlewares=[proxy_middleware, metrics.latency_middleware, api.errors_middleware],
+    )
     app[K.config] = config
     app.cleanup_ctx.append(_resources)
     api.add_routes(app)
     ws.add_routes(app)
     openapi.add_routes(app)
+    metrics.add_routes(app)
     # The browser side (volunteer page, dashboard) registers its routes when it is installed.
     if importlib.util.find_spec("server.web.static") is not None:
         importlib.import_module("server.web.static").add_static_routes(app, ROOT / "public", ROOT)

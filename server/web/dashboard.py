@@ -258,6 +258,7 @@ async def admin_volunteers(request: web.Request) -> web.Response:
             "capabilities": c.capabilities,
             "throttle": c.throttle,
             "held": len(c.held),
+            "address": c.address,
             "connected_at": c.connected_at,
         }
         for c in sorted(dispatcher.conns, key=lambda c: c.connected_at)

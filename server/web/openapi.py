@@ -222,9 +222,12 @@ def document() -> dict:
             },
             "/api/health": {
                 "get": {
-                    "summary": "Liveness and queue depth",
+                    "summary": "Liveness, database state and queue depth",
                     "security": [],
-                    "responses": {"200": _ok("ok", {"type": "object"})},
+                    "responses": {
+                        "200": _ok("ok", {"type": "object"}),
+                        "503": _ok("the database is unreachable (since when, and why)", {"type": "object"}),
+                    },
                 }
             },
             "/api/openapi.json": {

@@ -16,9 +16,12 @@ from aiohttp import WSMsgType, web
 
 from server import protocol as P
 from server.jobs.dispatch import Conn
+from server.jobs.outage import DatabaseAway
 from server.store.storage import NotFound
 from server.web import appkeys as K
+from server.web.addresses import client_address
 from server.web.api import researcher
+from server.web.metrics import websocket_opened
 
 logger = logging.getLogger(__name__)
 VOLUNTEER_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -39,6 +42,7 @@ async def _open(request: web.Request) -> web.WebSocketResponse:
         raise web.HTTPForbidden(text="websocket origin not allowed")
     ws = web.WebSocketResponse(max_msg_size=request.app[K.config].max_ws_message_bytes, heartbeat=30.0)
     await ws.prepare(request)
+    websocket_opened(request)
     request.app[SOCKETS].add(ws)
     return ws
 
@@ -70,7 +74,7 @@ async def volunteer_socket(request: web.Request) -> web.WebSocketResponse:  # no
                         raise P.ProtocolError("'hello' was already sent on this connection")
                     if not VOLUNTEER_ID.match(msg.volunteer):
                         raise P.ProtocolError("hello: volunteer id must be 1-64 letters, digits, '-' or '_'")
-                    conn = Conn(msg.volunteer, send, capabilities=msg.capabilities)
+                    conn = Conn(msg.volunteer, send, capabilities=msg.capabilities, address=client_address(request))
                     dispatcher.conns.add(conn)
                     await storage.volunteer_seen(msg.volunteer, msg.capabilities)
                     resume = msg.capabilities.get("resume")
@@ -95,7 +99,11 @@ async def _handle(msg: object, conn: Conn, dispatcher, storage, send) -> None:  
     elif isinstance(msg, P.Results):
         try:
             rec = await dispatcher.report(conn, msg.results)
-        except Exception:  # the database is away: nothing was committed, nothing acknowledged
+        except DatabaseAway as exc:  # nothing committed, nothing acknowledged: keep them, send later
+            dispatcher.metrics.held.inc()
+            await send(P.Hold([o.attempt for o in msg.results], exc.retry_after, exc.reason))
+            return
+        except Exception:  # nothing was committed, nothing acknowledged
             logger.exception("results from %s not recorded", conn.volunteer)
             raise P.ProtocolError("the server could not commit these results now; send them again") from None
         await send(P.Ack(rec.acked, rec.ignored))

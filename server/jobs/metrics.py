@@ -1,0 +1,155 @@
+"""Prometheus metrics of one server process, in a registry of its own (never the global default one:
+a test process runs several apps, and each must count only its own work).
+
+Counters move where the work happens (dispatch); gauges are read fresh at each scrape
+(``Metrics.refresh``) from the queue, the connected sockets and the jobs table. Label values come
+from our own fixed sets only, never from what a volunteer sent, so nobody can grow the series.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from server.protocol import JobState
+
+if TYPE_CHECKING:
+    from server.jobs.dispatch import Dispatcher
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+THROTTLE_STATES = ("full", "throttled", "paused", "unreported")
+
+
+class _LoopRestarts(Collector):
+    """``uvm_loop_restarts_total{loop}``, read from the dispatcher's loop supervisor at each scrape."""
+
+    def __init__(self, dispatcher: Dispatcher) -> None:
+        self.dispatcher = dispatcher
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily("uvm_loop_restarts", "Background loops restarted after an error", labels=["loop"])
+        for loop, n in sorted(loop_restarts(self.dispatcher).items()):
+            family.add_metric([loop], n)
+        yield family
+
+
+def loop_restarts(dispatcher: Any) -> dict[str, int]:
+    """Restarts per background loop. MERGE NOTE: the loop supervisor (health branch) keeps these counts;
+    read them here from wherever it puts them (``dispatcher.loop_restarts``: {name: count})."""
+    counts = getattr(dispatcher, "loop_restarts", None)
+    if counts is None:
+        supervisor = getattr(dispatcher, "supervisor", None)
+        counts = getattr(supervisor, "restarts", None) or {}
+    return {str(k): int(v) for k, v in dict(counts).items()}
+
+
+class Metrics:
+    """The series of one process; ``registry`` is what ``/metrics`` renders."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.handed_out = Counter("uvm_tasks_handed_out", "Tasks leased to volunteers (attempts started)", registry=r)
+        self.attempts = Counter(
+            "uvm_attempts_finished",
+            "Attempts ended, by outcome (done, error, timeout, late, expired, abandoned)",
+            ["outcome"],
+            registry=r,
+        )
+        self.commit_seconds = Histogram(
+            "uvm_result_commit_seconds", "Time to commit one batch of results", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.held = Counter("uvm_result_messages_held", "Result messages answered `hold` (database away)", registry=r)
+        self.requests = Histogram(
+            "uvm_http_request_seconds",
+            "HTTP request latency by route (websockets: the time until they are set up)",
+            ["method", "route", "status"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ready = Gauge("uvm_queue_ready", "Tasks waiting in the ready queue", registry=r)
+        self.leases = Gauge("uvm_queue_leases", "Live leases (tasks being run) of running jobs", registry=r)
+        self.connected = Gauge("uvm_volunteers_connected", "Volunteer sockets open on this server", registry=r)
+        self.throttle = Gauge(
+            "uvm_volunteers_by_throttle",
+            "Connected volunteers by throttle state (full, throttled, paused, unreported)",
+            ["state"],
+            registry=r,
+        )
+        self.jobs = Gauge("uvm_jobs", "Jobs by state", ["state"], registry=r)
+        self.tasks = Gauge(
+            "uvm_tasks", "Tasks by job state and task state (done, failed, pending)", ["job_state", "task_state"],
+            registry=r,
+        )  # fmt: skip
+        self.database_up = Gauge("uvm_database_up", "1 when the database answers, 0 during an outage", registry=r)
+        self.database_down_seconds = Gauge(
+            "uvm_database_down_seconds", "How long the current database outage has lasted (0: none)", registry=r
+        )
+
+    def attach(self, dispatcher: Dispatcher) -> None:
+        self.registry.register(_LoopRestarts(dispatcher))
+
+    async def refresh(self, dispatcher: Dispatcher) -> None:
+        """Read the gauges: the queue and sockets always; the jobs table when the database answers."""
+        self.connected.set(len(dispatcher.conns))
+        states = dict.fromkeys(THROTTLE_STATES, 0)
+        for conn in dispatcher.conns:
+            states[throttle_state(conn.throttle)] += 1
+        for state, n in states.items():
+            self.throttle.labels(state).set(n)
+        self.ready.set(await dispatcher.queue.ready_count())
+        health = dispatcher.db_health
+        self.database_up.set(0 if health.down_since else 1)
+        self.database_down_seconds.set(time.time() - health.down_since if health.down_since else 0)
+        if health.down_since:
+            return  # the last values stay; asking the database now would only wait for it
+        try:
+            running = await self._job_counts(dispatcher)
+        except Exception:  # noqa: BLE001 - an outage starting now: the gauge says so
+            self.database_up.set(0)
+            return
+        self.leases.set(sum((await dispatcher.queue.running(running)).values()))
+
+    async def _job_counts(self, dispatcher: Dispatcher) -> list[int]:
+        from server.store.tables import jobs
+
+        query = sa.select(
+            jobs.c.state,
+            sa.func.count(),
+            sa.func.coalesce(sa.func.sum(jobs.c.n_tasks), 0),
+            sa.func.coalesce(sa.func.sum(jobs.c.n_done), 0),
+            sa.func.coalesce(sa.func.sum(jobs.c.n_failed), 0),
+        ).group_by(jobs.c.state)
+        async with dispatcher.storage.engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+            running = (
+                await conn.execute(sa.select(jobs.c.id).where(jobs.c.state == JobState.RUNNING.value).limit(10_000))
+            ).scalars()
+            running_ids = list(running)
+        seen = {r[0] for r in rows}
+        for state in JobState:
+            if state.value not in seen:
+                self.jobs.labels(state.value).set(0)
+        for state, n, n_tasks, n_done, n_failed in rows:
+            self.jobs.labels(state).set(n)
+            self.tasks.labels(state, "done").set(n_done)
+            self.tasks.labels(state, "failed").set(n_failed)
+            self.tasks.labels(state, "pending").set(n_tasks - n_done - n_failed)
+        return running_ids
+
+
+def throttle_state(state: dict) -> str:
+    """A volunteer's reported throttle as one of our fixed labels."""
+    if not state:
+        return "unreported"
+    if state.get("paused") is True:
+        return "paused"
+    workers, most = state.get("workers"), state.get("max_workers")
+    if state.get("reasons") or (isinstance(workers, int) and isinstance(most, int) and workers < most):
+        return "throttled"
+    return "full"
