@@ -25,7 +25,9 @@ def make_engine(url: str) -> AsyncEngine:
             cur.close()
 
         return engine
-    return create_async_engine(url, pool_size=10, max_overflow=10, pool_recycle=3600)
+    # pre_ping: a connection the server killed (wait_timeout, a restart, an operator) is replaced on
+    # checkout instead of failing the request that drew it.
+    return create_async_engine(url, pool_size=10, max_overflow=10, pool_recycle=3600, pool_pre_ping=True)
 
 
 def _upgrade(connection, revision: str = "head") -> None:  # noqa: ANN001
