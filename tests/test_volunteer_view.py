@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from webapp.volunteer_view import HEADLINES, detail, device_chips, page_state, seconds, worker_rows
+from webapp.volunteer.view import HEADLINES, detail, device_chips, page_state, seconds, worker_rows
 
 
 def snapshot(**changes: object) -> dict:

@@ -1,7 +1,7 @@
 """What the volunteer sees, as pure functions of ``App.snapshot()``: plain dicts in, text out.
 
 No browser imports, so CPython unit tests cover them (tests/test_volunteer_view.py);
-``volunteer_ui`` writes the results into the page.
+``ui`` writes the results into the page.
 """
 
 from __future__ import annotations
