@@ -196,3 +196,13 @@ async def test_every_response_says_nosniff(configured) -> None:
 async def test_embed_script_is_cross_origin(client) -> None:
     resp = await client.get("/embed.js")
     assert resp.status == 200 and resp.headers["Access-Control-Allow-Origin"] == "*"
+
+
+def test_serve_names_its_listen_address_as_the_public_url_unless_a_wildcard() -> None:
+    from server.cli import listen_origin
+
+    assert listen_origin("127.0.0.1", 8080) == "http://127.0.0.1:8080"
+    assert listen_origin("::1", 8080) == "http://[::1]:8080"
+    assert listen_origin("compute.example.edu", 80) == "http://compute.example.edu:80"
+    for wildcard in ("0.0.0.0", "::", ""):  # each interface is its own origin: the socket's address is used
+        assert listen_origin(wildcard, 8080) == ""

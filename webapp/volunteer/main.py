@@ -87,6 +87,8 @@ class App:
         self.resumed: set[str] = set()
         self.running_specs: dict[str, protocol.TaskSpec] = {}
         self.arrived: dict[str, float] = {}  # attempt -> when its task arrived (job switch timings)
+        self.restored_tasks: list[int] = []  # tasks this page found in its vault when it opened
+        self.held_at_stop: list[int] = []  # tasks held (running or waiting) when Stop was last pressed
         self.task_seconds: float | None = None  # moving average of one task's time here
         self.results: dict[str, dict] = {}  # attempt -> Outcome dict, not yet acknowledged
         self.in_flight: set[str] = set()  # attempts sent, waiting for their ack
@@ -122,6 +124,7 @@ class App:
                 self.queue.append(spec)
                 self.resumed.add(spec.attempt)
         self.queue.sort(key=lambda s: (s.job, s.index))
+        self.restored_tasks = [s.task for s in self.queue]
         if stale:
             await self.vault.remove("tasks", json.dumps(stale))
         for key, text in json.loads(await self.vault.all("results")):
@@ -148,6 +151,7 @@ class App:
             self.link.start()
         self.pump()
         if not running:
+            self.held_at_stop = [s.task for s in self.running_specs.values()] + [s.task for s in self.queue]
             self.resumed.update(self.held_attempts())
             self.pool.discard_prewarmed()
             self.pool.stop_all()
@@ -494,6 +498,8 @@ class App:
             "queued": [s.attempt for s in self.queue],
             "queued_tasks": [s.task for s in self.queue],
             "running_tasks": [s.task for s in self.running_specs.values()],
+            "restored_tasks": list(self.restored_tasks),
+            "held_at_stop": list(self.held_at_stop),
             "unacked": list(self.results),
             "session": dict(self.session),
             "totals": dict(self.totals),
