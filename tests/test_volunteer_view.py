@@ -89,6 +89,13 @@ def test_worker_rows_escape_and_describe() -> None:
     assert worker_rows(snapshot(workers=[])) == '<li class="empty">No workers running.</li>'
 
 
+def test_the_spare_worker_is_shown_while_workers_run() -> None:
+    rows = worker_rows(snapshot(workers=[busy(1)], spare={"ready": True}))
+    assert rows.count("<li") == 2 and "Spare" in rows and "ready for the next researcher's job" in rows
+    assert "starting Python" in worker_rows(snapshot(workers=[busy(1)], spare={"ready": False}))
+    assert "Spare" not in worker_rows(snapshot(workers=[busy(1)], spare=None))
+
+
 def test_a_vault_in_memory_only_is_said() -> None:
     chips = device_chips(snapshot(vault_note="WebCrypto needs https (or localhost)"))
     assert chips[-1] == ("work not kept across reloads: WebCrypto needs https (or localhost)", True)
