@@ -171,7 +171,7 @@ def one_worker_page(browser, server):  # noqa: ANN001, ANN201
     return page
 
 
-def test_a_hostile_job_cannot_touch_the_next_jobs_on_the_same_page(browser, server, researcher_b) -> None:
+def test_a_hostile_job_cannot_touch_the_next_jobs_on_the_same_page(browser, server, researcher_b, screenshots) -> None:
     page = one_worker_page(browser, server)
     b_inputs = [{"b": i} for i in range(4)]
     first = researcher_b.submit(HOSTILE, b_inputs, name="b-patches", timeout=20, max_attempts=1)
@@ -194,6 +194,7 @@ def test_a_hostile_job_cannot_touch_the_next_jobs_on_the_same_page(browser, serv
     assert len(snap["workers"]) == 1 and snap["switches"] == 2, snap  # one slot; B -> A -> B
     assert all(s["spare"] for s in snap["recent_switches"])
     assert snap["dropped_messages"] == 4 * len(b_inputs) * 2  # every forged message, none acted on
+    page.screenshot(path=str(screenshots / "volunteer-after-job-switches.png"), full_page=True)
     page.context.close()
 
 
