@@ -5,10 +5,12 @@ Prints numbers; asserts nothing. Measures:
 - per-task overhead for a trivial task (one worker, 300 tasks, after warm-up);
 - worker utilisation with 1-second tasks (one worker): CPU seconds given / wall seconds;
 - throughput of a CPU-bound task with 1 and 2 workers (hardwareConcurrency faked as 2 and 3);
+- the cost of a job switch (one worker; a task of a new job arrives -> it starts on a fresh
+  interpreter), with the pre-booted spare worker and without it (``/?spare=0``);
 - optionally (``--mpy DIR``, an installed ``@micropython/micropython-webassembly-pyscript``):
   PyScript main-thread start-up on MicroPython vs Pyodide, and whether protocol.py imports.
 
-    .venv/bin/python bench/browser.py [--mpy /path/to/node_modules/@micropython/micropython-webassembly-pyscript]
+    .venv/bin/python bench/browser.py [--only-switch] [--mpy /path/to/node_modules/@micropython/...-pyscript]
 """
 
 from __future__ import annotations
@@ -87,9 +89,9 @@ def poll(page, predicate, timeout: float = 120.0, every_ms: int = 20) -> tuple[f
         page.wait_for_timeout(every_ms)
 
 
-def open_page(context, server: LiveServer):  # noqa: ANN001
+def open_page(context, server: LiveServer, path: str = "/"):  # noqa: ANN001
     page = context.new_page()
-    page.goto(server.url + "/")
+    page.goto(server.url + path)
     page.wait_for_function("() => window.uvm_state", timeout=120_000)
     return page
 
@@ -127,6 +129,35 @@ def run_job(context, server: LiveServer, code: str, n: int, cores: int) -> dict:
         "tasks_per_s": done / wall,
         "per_task_ms": 1000 * wall / done,
         "utilisation": (last["session"]["cpu"] - first["session"]["cpu"]) / (wall * len(last["workers"])),
+    }
+
+
+def job_switches(context, server: LiveServer, spare: bool, switches: int = 5) -> dict:  # noqa: ANN001
+    """One worker runs a job, then ``switches`` new jobs one after another; each needs a fresh worker.
+
+    With the spare, the next job is submitted once the spare has booted again (switches spaced at
+    least a Pyodide boot apart); without it, each switch boots a worker while the task waits.
+    """
+    page = open_page(context, server, "/" if spare else "/?spare=0")
+    ready = (lambda s: s["spare"] and s["spare"]["ready"]) if spare else (lambda s: True)
+    poll(page, lambda s: s["workers"] and all(w["ready"] for w in s["workers"]) and ready(s))
+    first = server.submit(TRIVIAL, list(range(3)), name="switch-0", timeout=60)
+    server.wait(first, timeout=120, page=page)
+    for n in range(switches):
+        poll(page, ready)
+        job = server.submit(TRIVIAL, list(range(3)), name=f"switch-{n + 1}", timeout=60)
+        server.wait(job, timeout=120, page=page)
+    _, snap = poll(page, lambda s: s["switches"] >= switches)
+    page.close()
+    recent = snap["recent_switches"][-switches:]
+    hand_over = sorted(s["seconds"] for s in recent)
+    arrival = sorted(s["since_arrival"] for s in recent if s["since_arrival"] is not None)
+    return {
+        "switches": len(recent),
+        "hand_over_median": hand_over[len(hand_over) // 2],
+        "hand_over_max": hand_over[-1],
+        "arrival_median": arrival[len(arrival) // 2],
+        "arrival_max": arrival[-1],
     }
 
 
@@ -202,9 +233,61 @@ except Exception as exc:
     return out
 
 
+def print_page_numbers(browser, server: LiveServer) -> None:  # noqa: ANN001
+    context = browser.new_context()
+    context.add_init_script(fake_device(cores=2) + AUTOSTART)
+    cold = time_to_first_result(context, server)
+    warm = time_to_first_result(context, server)  # same profile: HTTP cache filled
+    print(
+        f"page open -> first result: cold {cold['first_result']:.2f} s "
+        f"(main-thread Python {cold['main_python']:.2f} s, worker boot {cold['worker_boot']:.2f} s); "
+        f"warm {warm['first_result']:.2f} s (main-thread Python {warm['main_python']:.2f} s, "
+        f"worker boot {warm['worker_boot']:.2f} s)"
+    )
+    trivial = run_job(context, server, TRIVIAL, 300, cores=2)
+    print(
+        f"trivial task, 1 worker: {trivial['per_task_ms']:.1f} ms per task end to end "
+        f"({trivial['tasks_per_s']:.1f} tasks/s)"
+    )
+    context.close()
+    context = browser.new_context()
+    context.add_init_script(fake_device(cores=2) + AUTOSTART)
+    second = run_job(context, server, ONE_SECOND, 12, cores=2)
+    print(f"1-second tasks, 1 worker: utilisation {second['utilisation']:.1%}")
+    context.close()
+
+
+def print_switch_numbers(browser, server: LiveServer) -> None:  # noqa: ANN001
+    for spare in (True, False):
+        context = browser.new_context()
+        context.add_init_script(fake_device(cores=2) + AUTOSTART)
+        switch = job_switches(context, server, spare)
+        print(
+            f"job switch, 1 worker, {'with' if spare else 'without'} the spare: "
+            f"old worker stopped -> new one ready median {switch['hand_over_median'] * 1000:.0f} ms "
+            f"(max {switch['hand_over_max'] * 1000:.0f} ms); task arrived -> started median "
+            f"{switch['arrival_median'] * 1000:.0f} ms (max {switch['arrival_max'] * 1000:.0f} ms), "
+            f"{switch['switches']} switches"
+        )
+        context.close()
+
+
+def print_cpu_numbers(browser, server: LiveServer) -> None:  # noqa: ANN001
+    for cores in (2, 3):
+        context = browser.new_context()
+        context.add_init_script(fake_device(cores=cores) + AUTOSTART)
+        cpu = run_job(context, server, CPU_BOUND, 120, cores=cores)
+        print(
+            f"CPU-bound task, {cpu['workers']} worker(s): {cpu['tasks_per_s']:.1f} tasks/s "
+            f"(utilisation {cpu['utilisation']:.1%})"
+        )
+        context.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mpy", type=Path, help="an installed @micropython/micropython-webassembly-pyscript")
+    parser.add_argument("--only-switch", action="store_true", help="measure job switches only")
     args = parser.parse_args()
     from playwright.sync_api import sync_playwright
 
@@ -216,36 +299,11 @@ def main() -> None:
         try:
             with sync_playwright() as pw:
                 browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-                context = browser.new_context()
-                context.add_init_script(fake_device(cores=2) + AUTOSTART)
-                cold = time_to_first_result(context, server)
-                warm = time_to_first_result(context, server)  # same profile: HTTP cache filled
-                print(
-                    f"page open -> first result: cold {cold['first_result']:.2f} s "
-                    f"(main-thread Python {cold['main_python']:.2f} s, worker boot {cold['worker_boot']:.2f} s); "
-                    f"warm {warm['first_result']:.2f} s (main-thread Python {warm['main_python']:.2f} s, "
-                    f"worker boot {warm['worker_boot']:.2f} s)"
-                )
-                trivial = run_job(context, server, TRIVIAL, 300, cores=2)
-                print(
-                    f"trivial task, 1 worker: {trivial['per_task_ms']:.1f} ms per task end to end "
-                    f"({trivial['tasks_per_s']:.1f} tasks/s)"
-                )
-                context.close()
-                context = browser.new_context()
-                context.add_init_script(fake_device(cores=2) + AUTOSTART)
-                second = run_job(context, server, ONE_SECOND, 12, cores=2)
-                print(f"1-second tasks, 1 worker: utilisation {second['utilisation']:.1%}")
-                context.close()
-                for cores in (2, 3):
-                    context = browser.new_context()
-                    context.add_init_script(fake_device(cores=cores) + AUTOSTART)
-                    cpu = run_job(context, server, CPU_BOUND, 120, cores=cores)
-                    print(
-                        f"CPU-bound task, {cpu['workers']} worker(s): {cpu['tasks_per_s']:.1f} tasks/s "
-                        f"(utilisation {cpu['utilisation']:.1%})"
-                    )
-                    context.close()
+                if not args.only_switch:
+                    print_page_numbers(browser, server)
+                print_switch_numbers(browser, server)
+                if not args.only_switch:
+                    print_cpu_numbers(browser, server)
                 browser.close()
         finally:
             server.stop()

@@ -187,6 +187,35 @@ def test_write_try_submit_watch_with_volunteer_tab_and_download(a_page, server, 
     shot(page, screenshots, "jobs-desktop")
 
 
+MARKS = """import builtins
+
+
+def main(x):
+    seen = getattr(builtins, "_uvm_seen", [])
+    builtins._uvm_seen = seen + ["%s"]
+    return seen
+"""
+
+
+def try_result(page) -> str:  # noqa: ANN001
+    """Press Try and return the result it shows (waits for this run's output, not the last one)."""
+    page.evaluate("document.getElementById('try-output').hidden = true")
+    page.click("#try-button")
+    page.wait_for_selector("#try-output[data-outcome=ok]:not([hidden])", timeout=READY_MS)
+    return json.loads(page.inner_text("#try-output .result"))
+
+
+def test_try_runs_each_version_of_the_code_in_a_fresh_interpreter(a_page) -> None:
+    page = a_page
+    go(page, "#/new", "new")
+    page.fill("#inputs-json", "[1]")
+    write_code(page, MARKS % "v1")
+    assert try_result(page) == []
+    assert try_result(page) == ["v1"]  # the same code runs on in its worker...
+    write_code(page, MARKS % "v2")
+    assert try_result(page) == []  # ...other code gets a fresh one: nothing of v1 is left
+
+
 def results_of(page, job_id: int) -> list:  # noqa: ANN001
     """The job's results through the page's own session (same-origin fetch with the cookie)."""
     rows = page.evaluate(f"fetch('/api/jobs/{job_id}/results?format=json').then(r => r.json())")

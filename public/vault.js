@@ -4,7 +4,7 @@
 // is AES-GCM ciphertext under a non-extractable key that never leaves this browser (IndexedDB
 // stores the CryptoKey object itself, not its bytes); the store name and the record key are the
 // associated data, so a record copied to another slot does not decrypt.
-// The page's Python (webapp/volunteer_state.py) calls it with strings only.
+// The page's Python (webapp/volunteer/main.py) calls it with strings only.
 
 const DB_NAME = "uvm-volunteer";
 const STORES = ["meta", "tasks", "code", "results"];

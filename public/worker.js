@@ -1,10 +1,11 @@
-// UVM Compute: one Pyodide web worker. Loads Pyodide once, then runs one task at a time.
+// UVM Compute: one Pyodide web worker. Loads Pyodide once, then runs the tasks of ONE job,
+// one at a time (a task of another job goes to a fresh worker: webapp/volunteer/pool.py).
 //
 // Started by the page as a module worker: /static/worker.js?pyodide=<url>&index=<url>.
 // Messages follow Pyodide's worker guide: {id, type, payload} in, {id, result | error} out.
 // It posts {type: "ready"} once Pyodide and the runner are loaded; the page sends work only
 // after that, and anything that arrives earlier is queued, never lost.
-// Served with its own Content-Security-Policy (see server/static.py): research code here can
+// Served with its own Content-Security-Policy (see server/web/static.py): research code here can
 // reach the Pyodide files and the package index, not our API.
 
 const params = new URL(self.location.href).searchParams;
@@ -14,19 +15,52 @@ const early = [];
 let handle = (event) => early.push(event);
 self.onmessage = (event) => handle(event);
 
-// CSP cannot fence off storage: take the origin's IndexedDB (where the page keeps its vault and
-// key) and Cache Storage away from this global before any research code runs here.
-function shutStorage() {
-  for (const name of ["indexedDB", "caches"]) {
-    for (const owner of [self, Object.getPrototypeOf(self), WorkerGlobalScope.prototype]) {
+// What research code must not reach, from a review of a dedicated worker's global scope in
+// Chromium 156 (README, "What research code can reach"). CSP fences off the network (connect-src,
+// worker-src); it cannot fence off these, so they are taken away before any research code runs.
+const TAKEN_GLOBALS = [
+  "indexedDB", // the origin's IndexedDB: the page keeps its encrypted vault and key there
+  "caches", // the origin's Cache Storage
+  "BroadcastChannel", // messages to every tab and worker of our origin
+  "webkitRequestFileSystem", // the legacy sandboxed file system: files that outlive the worker
+  "webkitRequestFileSystemSync",
+  "webkitResolveLocalFileSystemURL",
+  "webkitResolveLocalFileSystemSyncURL",
+  "OffscreenCanvas", // WebGL: the volunteer's GPU, outside the CPU cap they chose
+  "IdleDetector", // whether the volunteer is at the machine
+  "PressureObserver", // the device's CPU pressure: a side channel
+  "Notification", // notifications in the volunteer's name, if the origin was ever granted them
+];
+const TAKEN_NAVIGATOR = [
+  "storage", // OPFS (getDirectory: files that survive the tab), quota and persistence
+  "storageBuckets", // more IndexedDB, Cache Storage and OPFS, per bucket
+  "locks", // Web Locks: shared with every tab and worker of our origin
+  "gpu", // WebGPU
+  "usb", // devices the volunteer once granted this origin
+  "hid",
+  "serial",
+];
+
+function takeAway(target, prototypes, names) {
+  for (const name of names) {
+    for (const owner of [target, ...prototypes]) {
       try {
         delete owner[name];
       } catch (err) {
         /* not configurable there: shadowed below */
       }
     }
-    Object.defineProperty(self, name, { value: undefined, writable: false, configurable: false });
+    Object.defineProperty(target, name, { value: undefined, writable: false, configurable: false });
   }
+}
+
+// Fails closed: if anything is still reachable, no research code runs in this worker.
+function contain() {
+  takeAway(self, [DedicatedWorkerGlobalScope.prototype, WorkerGlobalScope.prototype], TAKEN_GLOBALS);
+  takeAway(navigator, [WorkerNavigator.prototype], TAKEN_NAVIGATOR);
+  const left = TAKEN_GLOBALS.filter((name) => self[name] !== undefined)
+    .concat(TAKEN_NAVIGATOR.filter((name) => navigator[name] !== undefined).map((name) => `navigator.${name}`));
+  if (left.length) throw new Error(`could not take away ${left.join(", ")}`);
 }
 
 async function boot() {
@@ -34,12 +68,19 @@ async function boot() {
   const { loadPyodide } = await import(`${pyodideURL}pyodide.mjs`);
   const pyodide = await loadPyodide({ indexURL: pyodideURL, packageBaseUrl: packageIndexURL });
   const source = await (await fetch("/py/runner.py")).text();
-  shutStorage();
+  contain();
   pyodide.FS.writeFile("/home/pyodide/uvm_runner.py", source);
   const runner = pyodide.pyimport("uvm_runner");
   const loaded = new Set(); // requirements already loaded in this worker
+  // One job per worker (the page sends another job's tasks to a fresh worker): refused here too,
+  // from module scope, which research code cannot reach.
+  let owner = null;
 
   async function run(id, payload) {
+    owner = owner === null ? payload.code_hash : owner;
+    if (payload.code_hash !== owner) {
+      return { id, error: "this worker has run another job's code: it runs no other" };
+    }
     const requirements = (payload.requirements || []).filter((name) => !loaded.has(name));
     if (requirements.length) {
       const problems = [];

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import getpass
 import logging
 import sys
@@ -12,11 +13,23 @@ import sys
 from server.config import Config, ConfigError
 from server.logs import setup as setup_logging
 
+WILDCARD_HOSTS = ("", "0.0.0.0", "::")  # noqa: S104 -- names of "every interface", compared, not bound
+
+
+def listen_origin(host: str, port: int) -> str:
+    """``http://host:port`` for the listen address; "" for a wildcard (every interface has its own)."""
+    if host in WILDCARD_HOSTS:
+        return ""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
 
 def _serve(args: argparse.Namespace, config: Config) -> int:
     from aiohttp import web
 
     from server.web.app import create_app
+
+    if not config.public_url:  # the worker script's CSP names this origin (server/web/static.py)
+        config = dataclasses.replace(config, public_url=listen_origin(args.host, args.port))
 
     backend = (
         "MySQL + Redis"

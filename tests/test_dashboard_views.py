@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from webapp import dashboard_inputs as inputs
-from webapp import dashboard_views as views
+from webapp.dashboard import inputs, views
 
 
 def test_parsers_accept_each_input_form():

@@ -120,3 +120,17 @@ def test_prefetch_grows_for_short_tasks_only() -> None:
     assert plan(Device(cores=3), Settings(), task_seconds=0.1).want(0) == 2 + 2 * 8
     slow = plan(Device(cores=3, network=Network(effective_type="2g")), Settings(), task_seconds=0.01)
     assert slow.prefetch == 0  # a slow connection still gets no prefetch
+
+
+def test_assign_keeps_each_worker_on_one_job() -> None:
+    from workers.supervisor import assign
+
+    tasks = [("a1", "A"), ("b1", "B"), ("a2", "A"), ("c1", "C")]
+    # A worker takes a task of its own job first, whatever the queue order.
+    assert assign([("w1", "B")], tasks) == [("w1", "b1")]
+    # Fresh workers take what is left before a worker of another job is switched.
+    pairs = assign([("w1", "C"), ("w2", "A"), ("w3", None), ("w4", "Z")], tasks)
+    assert sorted(pairs) == [("w1", "c1"), ("w2", "a1"), ("w3", "b1"), ("w4", "a2")]
+    assert assign([("w1", "Z"), ("w2", None)], [("a1", "A")]) == [("w2", "a1")]
+    assert assign([("w1", "Z")], [("a1", "A")]) == [("w1", "a1")]  # the pool switches w1
+    assert assign([("w1", None)], []) == [] and assign([], tasks) == []

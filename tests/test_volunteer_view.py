@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from webapp.volunteer_view import HEADLINES, detail, device_chips, page_state, seconds, worker_rows
+from webapp.volunteer.view import HEADLINES, detail, device_chips, page_state, seconds, worker_rows
 
 
 def snapshot(**changes: object) -> dict:
@@ -87,6 +87,13 @@ def test_worker_rows_escape_and_describe() -> None:
     rows = worker_rows(snapshot(workers=[busy(1), {"number": 2, "ready": False, "attempt": None}]))
     assert "job 7 · task #3" in rows and "1.2 s" in rows and "starting Python…" in rows
     assert worker_rows(snapshot(workers=[])) == '<li class="empty">No workers running.</li>'
+
+
+def test_the_spare_worker_is_shown_while_workers_run() -> None:
+    rows = worker_rows(snapshot(workers=[busy(1)], spare={"ready": True}))
+    assert rows.count("<li") == 2 and "Spare" in rows and "ready for the next researcher's job" in rows
+    assert "starting Python" in worker_rows(snapshot(workers=[busy(1)], spare={"ready": False}))
+    assert "Spare" not in worker_rows(snapshot(workers=[busy(1)], spare=None))
 
 
 def test_a_vault_in_memory_only_is_said() -> None:

@@ -12,12 +12,15 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+from typing import TypeVar
 
 LOW_BATTERY = 0.20  # discharging below this: pause
 SLOW_CONNECTIONS = frozenset({"slow-2g", "2g"})
 PREFETCH_PER_WORKER = 1  # one task waiting per busy worker hides the round trip...
 PREFETCH_COVER_SECONDS = 0.5  # ...unless tasks are short: then hold enough to cover this long
 MAX_PREFETCH_PER_WORKER = 8
+S = TypeVar("S")  # a worker slot, whatever the caller uses
+T = TypeVar("T")  # a task
 BATCH_RESULTS = 8  # on a slow connection results go in batches of this many...
 BATCH_SECONDS = 20.0  # ...or after this long, whichever comes first
 HIDDEN_POLICIES = ("continue", "one", "pause")
@@ -197,3 +200,25 @@ def should_flush(pending: int, oldest_age: float, batch: bool) -> bool:
     if not batch:
         return True
     return pending >= BATCH_RESULTS or oldest_age >= BATCH_SECONDS
+
+
+def assign(workers: list[tuple[S, object]], tasks: list[tuple[T, object]]) -> list[tuple[S, T]]:
+    """Pair idle workers with waiting tasks so that a worker runs the tasks of one job only.
+
+    ``workers`` are ``(worker, owner)``: ``owner`` is the job whose code ran in it, None for a
+    fresh one; ``tasks`` are ``(task, job)`` in queue order. A worker first takes a task of its
+    own job; fresh workers then take the first tasks left; a worker of another job takes one
+    only after them, and the pool gives it a fresh interpreter before the task runs (a switch).
+    """
+    left = list(tasks)
+    pairs: list[tuple[S, T]] = []
+    others = []
+    for worker, owner in workers:
+        mine = next((i for i, (_, job) in enumerate(left) if owner is not None and job == owner), None)
+        if mine is None:
+            others.append((worker, owner))
+        else:
+            pairs.append((worker, left.pop(mine)[0]))
+    others.sort(key=lambda pair: pair[1] is not None)  # fresh workers first: no switch needed
+    pairs.extend((worker, task) for (worker, _), (task, _) in zip(others, left, strict=False))
+    return pairs

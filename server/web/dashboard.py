@@ -1,7 +1,7 @@
 """The researchers' dashboard: the page at ``/dashboard``, sign-in sessions and operator endpoints.
 
 ``add_routes`` is called by the app factory when this module exists. The page itself
-(``public/dashboard.html`` + ``webapp/dashboard*.py``) talks to the same JSON API as scripts; it
+(``public/dashboard.html`` + ``webapp/dashboard/``) talks to the same JSON API as scripts; it
 authenticates with the ``uvm_session`` cookie (HttpOnly, SameSite=Strict) set by ``/api/login``.
 Every ``/api/...`` route here is documented in ``DASHBOARD_PATHS``, merged into the OpenAPI
 document by ``server/web/openapi.py``.
@@ -63,15 +63,6 @@ LIMITER = web.AppKey("login_limiter", LoginLimiter)
 
 
 # ---------------------------------------------------------------------------------- the page
-def package_index_url(app: web.Application) -> str:
-    """Where the Try worker loads requirements from: the configured index or the pinned CDN."""
-    config = app[K.config]
-    default = static.DEFAULT_PACKAGE_INDEX_URL.format(version=static.pinned_versions(PUBLIC)["pyodide"])
-    configured = config.package_index_url
-    builtin = type(config).__dataclass_fields__["package_index_url"].default
-    return configured if configured and configured != builtin else default
-
-
 def codemirror_modules(public_dir: Path = PUBLIC) -> dict[str, str]:
     """File names of the CodeMirror bundles that ship inside the pinned ``@pyscript/core``.
 
@@ -86,26 +77,10 @@ def codemirror_modules(public_dir: Path = PUBLIC) -> dict[str, str]:
     return found
 
 
-def render_dashboard(app: web.Application) -> str:
-    urls = static.vendor_urls(PUBLIC)
-    page_vars = {
-        "%PYODIDE_URL%": urls["pyodide"],
-        "%PYSCRIPT_URL%": urls["pyscript"],
-        "%PACKAGE_INDEX_URL%": package_index_url(app),
-        **codemirror_modules(),
-    }
-    text = (PUBLIC / "dashboard.html").read_text()
-    for key, value in page_vars.items():
-        text = text.replace(key, value)
-    return text
-
-
 async def page(request: web.Request) -> web.Response:
-    return web.Response(
-        text=render_dashboard(request.app),
-        content_type="text/html",
-        headers={"Cache-Control": static.REVALIDATE, "X-Frame-Options": "DENY"},
-    )
+    """The dashboard page; it cannot be framed (a framed sign-in form invites clickjacking)."""
+    values = {**static.page_vars(request.app[K.config], PUBLIC, ROOT, "dashboard"), **codemirror_modules()}
+    return static.page_response(static.render_page(PUBLIC, "dashboard.html", values))
 
 
 # ------------------------------------------------------------------------------- sessions

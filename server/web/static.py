@@ -11,12 +11,16 @@ files and the package index, so it cannot talk to our API or websocket with the 
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import mimetypes
+import re
 from pathlib import Path
 
 from aiohttp import web
 
+from server.config import Config
 from server.web import appkeys as K
 
 DEFAULT_PACKAGE_INDEX_URL = "https://cdn.jsdelivr.net/pyodide/v{version}/full/"
@@ -25,6 +29,12 @@ REVALIDATE = "no-cache"
 # npm package name -> (URL prefix under /vendor/, folder inside the package that is served)
 VENDORED = {"pyodide": ("pyodide", ""), "@pyscript/core": ("pyscript", "dist")}
 WORKER_SCRIPT = "worker.js"
+NPM_FILES = ("node_modules", "package.json", "package-lock.json")  # under public/, never served from /static/
+TOP_LEVEL_MODULES = {
+    "protocol.py": "server/protocol.py",
+    "supervisor.py": "workers/supervisor.py",
+    "runner.py": "workers/runner.py",
+}
 _MIME = {
     ".mjs": "text/javascript",
     ".js": "text/javascript",
@@ -54,13 +64,27 @@ def vendor_urls(public_dir: Path) -> dict[str, str]:
 
 
 def python_sources(root: Path) -> dict[str, Path]:
-    """The Python modules the browser may fetch from ``/py/<name>.py``: an explicit allow-list."""
-    sources = {"protocol.py": root / "server" / "protocol.py"}
-    for folder in ("workers", "webapp"):
-        for path in sorted((root / folder).glob("*.py")):
-            if path.name not in ("__init__.py", "sim.py"):  # sim.py is the headless volunteer, not browser code
-                sources[path.name] = path
+    """The Python the browser may fetch, by its path under ``/py/``: an explicit allow-list.
+
+    ``protocol``, ``supervisor`` and ``runner`` are top-level modules in the browser; the
+    ``webapp`` package keeps its layout (``webapp/volunteer/main.py``), so its relative imports
+    work there as in CPython.
+    """
+    sources = {name: root / path for name, path in TOP_LEVEL_MODULES.items()}
+    for path in sorted((root / "webapp").rglob("*.py")):
+        sources[path.relative_to(root).as_posix()] = path
     return sources
+
+
+def pyscript_files(sources: dict[str, str | Path], app_name: str) -> str:
+    """PyScript's ``files`` (JSON) for a page running ``webapp.<app_name>``: URL -> place in its FS."""
+    wanted = [
+        name
+        for name in sources
+        if name in ("protocol.py", "supervisor.py")
+        or (name.startswith("webapp/") and (name.count("/") == 1 or name.startswith(f"webapp/{app_name}/")))
+    ]
+    return json.dumps({f"/py/{name}": f"./{name}" for name in wanted})
 
 
 def content_type(path: Path) -> str:
@@ -75,8 +99,10 @@ def content_type(path: Path) -> str:
 def worker_csp(origin: str, pyodide_url: str, package_index_url: str) -> str:
     """The Content-Security-Policy of the worker script: Pyodide and the package index, no API.
 
-    ``connect-src`` lists paths, not the origin: ``fetch("/api/...")`` or a websocket back to
-    us is refused, while Pyodide can still fetch its wasm, stdlib, lock file and packages.
+    ``origin`` is the configured public origin, never the request's ``Host`` header (which a
+    client chooses). ``connect-src`` lists paths, not the origin: ``fetch("/api/...")`` or a
+    websocket back to us is refused, while Pyodide can still fetch its wasm, stdlib, lock file
+    and packages.
     """
     pyodide = origin + pyodide_url
     runner = origin + "/py/runner.py"
@@ -93,25 +119,114 @@ def worker_csp(origin: str, pyodide_url: str, package_index_url: str) -> str:
     )
 
 
+def inline_script_hashes(text: str) -> list[str]:
+    """CSP hash sources of the page's inline JavaScript (``<script>`` without ``src``).
+
+    Computed from the rendered page, so the policy always matches what is served; Python
+    blocks (``type="py"``) are not JavaScript and are left out.
+    """
+    hashes = []
+    for attributes, body in _INLINE_SCRIPT.findall(text):
+        if _SCRIPT_SRC.search(attributes):
+            continue
+        kind = _SCRIPT_TYPE.search(attributes)
+        if kind is None or kind.group(1).lower() in ("module", "text/javascript", "importmap"):
+            digest = base64.b64encode(hashlib.sha256(body.encode()).digest()).decode()
+            hashes.append(f"'sha256-{digest}'")
+    return hashes
+
+
+def page_csp(text: str, frame_ancestors: tuple[str, ...]) -> str:
+    """The Content-Security-Policy of a page: our own files, its own inline scripts, no plugins.
+
+    The page runs PyScript, which needs ``'wasm-unsafe-eval'`` (to compile Pyodide) and
+    ``'unsafe-eval'`` (its core builds functions with ``Function(...)``; checked in Chromium:
+    without it the page's Python never starts). No inline script runs but the ones hashed here,
+    and nothing from another origin. Research code never runs on the page: workers have their
+    own, stricter policy (``worker_csp``). ``frame_ancestors`` empty: no one may frame the page.
+    """
+    script = " ".join(["'self'", "'wasm-unsafe-eval'", "'unsafe-eval'", *inline_script_hashes(text)])
+    return "; ".join(
+        [
+            "default-src 'self'",
+            f"script-src {script}",
+            "style-src 'self' 'unsafe-inline'",
+            "img-src 'self' data:",
+            "connect-src 'self'",
+            "worker-src 'self'",
+            "object-src 'none'",
+            "base-uri 'none'",
+            "form-action 'self'",
+            "frame-ancestors " + (" ".join(frame_ancestors) or "'none'"),
+        ]
+    )
+
+
+def page_vars(config: Config | None, public_dir: Path, root: Path, app_name: str) -> dict[str, str]:
+    """The placeholders of a page template: vendored URLs, the package index, its Python files."""
+    urls = vendor_urls(public_dir)
+    return {
+        "%PYODIDE_URL%": urls["pyodide"],
+        "%PYSCRIPT_URL%": urls["pyscript"],
+        "%PACKAGE_INDEX_URL%": package_index_url(config, public_dir),
+        "%PYSCRIPT_FILES%": pyscript_files(python_sources(root), app_name),
+    }
+
+
+def package_index_url(config: Config | None, public_dir: Path) -> str:
+    """Where workers load a job's requirements from: ``UVM_PACKAGE_INDEX_URL`` or the pinned CDN."""
+    configured = config.package_index_url if config is not None else ""
+    return configured or DEFAULT_PACKAGE_INDEX_URL.format(version=pinned_versions(public_dir)["pyodide"])
+
+
+def render_page(public_dir: Path, name: str, values: dict[str, str]) -> str:
+    """The page template ``public/<name>`` with its placeholders filled in."""
+    text = (public_dir / name).read_text()
+    for key, value in values.items():
+        text = text.replace(key, value)
+    return text
+
+
+def page_response(text: str, frame_ancestors: tuple[str, ...] = ()) -> web.Response:
+    """A rendered page with its CSP; ``frame_ancestors``: who may frame it (none by default)."""
+    headers = {"Cache-Control": REVALIDATE, "Content-Security-Policy": page_csp(text, frame_ancestors)}
+    if not frame_ancestors:
+        headers["X-Frame-Options"] = "DENY"  # for browsers that predate frame-ancestors
+    return web.Response(text=text, content_type="text/html", headers=headers)
+
+
+def public_origin(request: web.Request) -> str:
+    """The origin volunteers reach us at: ``UVM_PUBLIC_URL``, else the address the server listens on.
+
+    The fallback is the socket's own address (``uvm-compute serve`` sets ``UVM_PUBLIC_URL`` from
+    ``--host``/``--port`` unless that is a wildcard), never the ``Host`` header a client sends.
+    """
+    config = request.app.get(K.config)
+    if config is not None and config.public_url:
+        return config.public_url
+    sockname = request.transport.get_extra_info("sockname") if request.transport is not None else None
+    if not sockname:
+        raise web.HTTPServiceUnavailable(text="the server's own address is unknown; set UVM_PUBLIC_URL")
+    host, port = str(sockname[0]), int(sockname[1])
+    return f"{request.scheme}://{f'[{host}]' if ':' in host else host}:{port}"
+
+
+async def _security_headers(request: web.Request, response: web.StreamResponse) -> None:
+    # No response of ours is to be read as another type than it says (scripts, JSON, wasm).
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+
+
 def _file_response(path: Path, cache: str) -> web.FileResponse:
     return web.FileResponse(path, headers={"Content-Type": content_type(path), "Cache-Control": cache})
 
 
 def _inside(base: Path, relative: str) -> Path:
-    """``base / relative`` if it is a file inside ``base``; 404 otherwise (no ``..`` escapes)."""
+    """``base / relative`` if it resolves to a file inside ``base``; 404 otherwise (no ``..`` escapes)."""
     base = base.resolve()
     path = (base / relative).resolve()
     if not path.is_relative_to(base) or not path.is_file():
         raise web.HTTPNotFound()
     return path
-
-
-def render_page(public_dir: Path, page_vars: dict[str, str]) -> str:
-    """``public/index.html`` with the vendored URLs and the package index filled in."""
-    text = (public_dir / "index.html").read_text()
-    for key, value in page_vars.items():
-        text = text.replace(key, value)
-    return text
 
 
 def add_static_routes(
@@ -121,24 +236,28 @@ def add_static_routes(
     *,
     package_index_url: str | None = None,
 ) -> None:
-    """Serve ``/``, ``/embed.js``, ``/static/...``, ``/vendor/...`` and ``/py/<name>.py``.
+    """Serve ``/``, ``/embed.js``, ``/static/...``, ``/vendor/...`` and ``/py/<path>.py``.
 
-    ``package_index_url`` is where workers load a job's requirements from (Pyodide's CDN for
-    the pinned version by default; a self-hosted full distribution in closed deployments).
+    ``package_index_url`` overrides where workers load a job's requirements from (by default
+    ``UVM_PACKAGE_INDEX_URL``, else Pyodide's CDN for the pinned version).
     """
-    public_dir = Path(public_dir)
+    public_dir, root = Path(public_dir), Path(root)
     config = app.get(K.config)
-    if package_index_url is None and config is not None:
-        package_index_url = config.package_index_url or None  # set by UVM_PACKAGE_INDEX_URL
     versions = pinned_versions(public_dir)
     urls = vendor_urls(public_dir)
-    index_url = package_index_url or DEFAULT_PACKAGE_INDEX_URL.format(version=versions["pyodide"])
-    sources = python_sources(Path(root))
-    page_vars = {"%PYODIDE_URL%": urls["pyodide"], "%PYSCRIPT_URL%": urls["pyscript"], "%PACKAGE_INDEX_URL%": index_url}
+    sources = python_sources(root)
+    app.on_response_prepare.append(_security_headers)
+
+    def volunteer_vars() -> dict[str, str]:
+        values = page_vars(config, public_dir, root, "volunteer")
+        if package_index_url:
+            values["%PACKAGE_INDEX_URL%"] = package_index_url
+        return values
 
     async def page(request: web.Request) -> web.Response:
-        text = render_page(public_dir, page_vars)
-        return web.Response(text=text, content_type="text/html", headers={"Cache-Control": REVALIDATE})
+        # Embeddable (public/embed.js): framed by our own pages and the configured embedding sites.
+        ancestors = ("'self'", *(config.allowed_origins if config is not None else ()))
+        return page_response(render_page(public_dir, "index.html", volunteer_vars()), ancestors)
 
     async def embed(request: web.Request) -> web.FileResponse:
         response = _file_response(public_dir / "embed.js", REVALIDATE)
@@ -146,10 +265,11 @@ def add_static_routes(
         return response
 
     async def static(request: web.Request) -> web.FileResponse:
-        return _public_file(request, public_dir, urls["pyodide"], index_url)
+        index = volunteer_vars()["%PACKAGE_INDEX_URL%"]
+        return _public_file(request, public_dir, urls["pyodide"], index)
 
     async def python(request: web.Request) -> web.FileResponse:
-        path = sources.get(request.match_info["name"] + ".py")
+        path = sources.get(request.match_info["path"] + ".py")
         if path is None or not path.is_file():
             raise web.HTTPNotFound()
         return _file_response(path, REVALIDATE)
@@ -157,26 +277,35 @@ def add_static_routes(
     app.router.add_get("/", page)
     app.router.add_get("/embed.js", embed)
     app.router.add_get("/static/{path:.+}", static)
-    app.router.add_get("/py/{name:[A-Za-z_][A-Za-z0-9_]*}.py", python)
+    app.router.add_get("/py/{path:[A-Za-z_][A-Za-z0-9_/]*}.py", python)
     for name, (prefix, folder) in VENDORED.items():
         base = public_dir / "node_modules" / name / folder
         app.router.add_get(f"/vendor/{prefix}/{versions[name]}/{{path:.+}}", _vendor_handler(base))
 
 
 def _public_file(request: web.Request, public_dir: Path, pyodide_url: str, index_url: str) -> web.FileResponse:
-    """A file of ``public/`` (never node_modules or the npm manifests); CSP on the worker."""
-    relative = request.match_info["path"]
-    if relative.split("/", 1)[0] in ("node_modules", "package.json", "package-lock.json"):
+    """A file of ``public/``, never node_modules or the npm manifests; the worker gets its CSP.
+
+    Both checks compare resolved paths, so no spelling of the URL (``./``, ``%2e``, ``x/../``,
+    doubled slashes) reaches the npm files or serves the worker script without its policy.
+    """
+    base = public_dir.resolve()
+    path = _inside(base, request.match_info["path"])
+    if any(path == base / name or path.is_relative_to(base / name) for name in NPM_FILES):
         raise web.HTTPNotFound()
-    response = _file_response(_inside(public_dir, relative), REVALIDATE)
-    if relative == WORKER_SCRIPT:
-        origin = f"{request.scheme}://{request.host}"
-        response.headers["Content-Security-Policy"] = worker_csp(origin, pyodide_url, index_url)
+    response = _file_response(path, REVALIDATE)
+    if path == base / WORKER_SCRIPT:
+        response.headers["Content-Security-Policy"] = worker_csp(public_origin(request), pyodide_url, index_url)
     return response
 
 
-def _vendor_handler(base: Path):
+def _vendor_handler(base: Path):  # noqa: ANN202
     async def handler(request: web.Request) -> web.FileResponse:
         return _file_response(_inside(base, request.match_info["path"]), IMMUTABLE)
 
     return handler
+
+
+_INLINE_SCRIPT = re.compile(r"<script\b([^>]*)>(.*?)</script>", re.DOTALL | re.IGNORECASE)
+_SCRIPT_SRC = re.compile(r"\bsrc\s*=", re.IGNORECASE)
+_SCRIPT_TYPE = re.compile(r"""\btype\s*=\s*["']?([^"'\s>]+)""", re.IGNORECASE)

@@ -1,5 +1,5 @@
-"""The page's DOM: ``render`` writes ``volunteer_view``'s text into ``public/index.html`` and
-``bind`` hooks the controls to the app."""
+"""The page's DOM: ``render`` writes ``view``'s text into ``public/index.html`` and ``bind``
+hooks the controls to the app."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import html
 
 from pyodide.ffi import create_proxy
 from pyscript import document
-from volunteer_view import HEADLINES, detail, device_chips, page_state, seconds, worker_rows
+
+from .view import HEADLINES, detail, device_chips, page_state, seconds, worker_rows
 
 _bound: list = []  # proxies kept alive for the page's lifetime
 

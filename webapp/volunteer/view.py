@@ -1,7 +1,7 @@
 """What the volunteer sees, as pure functions of ``App.snapshot()``: plain dicts in, text out.
 
 No browser imports, so CPython unit tests cover them (tests/test_volunteer_view.py);
-``volunteer_ui`` writes the results into the page.
+``ui`` writes the results into the page.
 """
 
 from __future__ import annotations
@@ -112,4 +112,11 @@ def worker_rows(snap: dict) -> str:
         )
     if not rows:
         return '<li class="empty">No workers running.</li>'
+    spare = snap.get("spare")
+    if spare is not None:  # idle, no CPU: it takes over when a task of another job comes
+        what = "ready for the next researcher's job" if spare["ready"] else "starting Python…"
+        rows.append(
+            f'<li class="spare"><span class="badge">Spare</span><span class="what">{what}</span>'
+            '<span class="time"></span></li>'
+        )
     return "".join(rows)

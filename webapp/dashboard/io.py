@@ -1,7 +1,8 @@
 """The dashboard's browser I/O: the JSON API over ``fetch``, NDJSON read as it streams, and the
-Try worker (the volunteers' own ``public/worker.js`` and ``workers/runner.py``, one per page).
+Try worker (the volunteers' own ``public/worker.js`` and ``workers/runner.py``, through
+``webapp/pyworker.py``).
 
-Used by ``webapp/dashboard.py``; runs only in the browser (PyScript on Pyodide).
+Used by ``webapp/dashboard/main.py``; runs only in the browser (PyScript on Pyodide).
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ import hashlib
 import json
 
 import js
-from pyodide.ffi import create_proxy
+
+from ..pyworker import PyWorker, Supply
 
 
 class ApiError(Exception):
@@ -81,64 +83,47 @@ async def ndjson_rows(path: str, want=None, limit: int = 50) -> list[dict]:
 
 
 class TryWorker:
-    """One Pyodide worker for Try, started on first use and kept warm; replaced after a timeout."""
+    """Try's Pyodide worker: one per version of the code, as volunteers' workers are one per job.
+
+    Code that differs from what the current worker ran gets a fresh interpreter (the spare, kept
+    booted), so nothing one version left behind (patched modules, ``builtins``) leaks into the
+    next. A run past the job's timeout terminates its worker.
+    """
 
     def __init__(self, url: str) -> None:
-        self.url = url
-        self.worker = None
-        self.ready: asyncio.Future | None = None
-        self.pending: dict[int, asyncio.Future] = {}
-        self.next_id = 1
-        self._proxy = None
+        self.supply = Supply(lambda prewarmed=None: PyWorker(url, self._changed, prewarmed))
+        self.worker: PyWorker | None = None
+
+    def _changed(self) -> None:
+        # The spare boots after the current worker is up, so it never slows the first Try.
+        self.supply.top_up(self.worker is not None and self.worker.ready)
 
     def start(self) -> asyncio.Future:
-        if self.worker is None:
-            loop = asyncio.get_event_loop()
-            self.ready = loop.create_future()
-            self.worker = js.Worker.new(self.url, _js({"type": "module"}))
-            self._proxy = create_proxy(self._message)
-            self.worker.onmessage = self._proxy
-        return self.ready
-
-    def _message(self, event) -> None:
-        data = event.data
-        kind = getattr(data, "type", None)
-        if kind == "ready":
-            if not self.ready.done():
-                self.ready.set_result(True)
-        elif kind == "fatal":
-            if not self.ready.done():
-                self.ready.set_exception(RuntimeError(f"Python could not start in a worker: {data.error}"))
-        else:
-            future = self.pending.pop(int(data.id), None)
-            if future is None or future.done():
-                return
-            error = getattr(data, "error", None)
-            if error is not None and str(error) != "undefined":
-                future.set_result({"error": f"worker error: {error}"})
-            else:
-                future.set_result(json.loads(str(data.result)))
+        """A booted (or booting) worker no code has run in yet; its ``booted`` future."""
+        if self.worker is None or self.worker.failed is not None:
+            self.stop()
+            self.worker = self.supply.take()
+        return self.worker.booted
 
     async def run(self, source: str, value: object, seconds: float) -> dict:
-        await asyncio.wait_for(asyncio.shield(self.start()), 120)
-        request_id, self.next_id = self.next_id, self.next_id + 1
-        future = asyncio.get_event_loop().create_future()
-        self.pending[request_id] = future
         code_hash = hashlib.sha256(source.encode()).hexdigest()
+        if self.worker is not None and not self.worker.claim(code_hash):
+            self.stop()  # other code ran in it: a fresh interpreter for this version
+        booted = await asyncio.wait_for(asyncio.shield(self.start()), 120)
+        if not booted:
+            message = self.worker.failed if self.worker is not None else "the worker was stopped"
+            raise RuntimeError(f"Python could not start in a worker: {message}")
         payload = {"code_hash": code_hash, "input": value, "source": source, "job": None}
-        self.worker.postMessage(_js({"id": request_id, "type": "run", "payload": payload}))
         try:
-            return await asyncio.wait_for(future, seconds)
+            answer = await asyncio.wait_for(self.worker.run(code_hash, payload), seconds)
         except TimeoutError:
             self.stop()  # Worker.terminate() is the only sure stop
             return {"error": f"TimeoutError: main did not return within {seconds:g} s (the job's timeout)"}
+        if answer.get("crashed"):
+            self.stop()
+        return answer
 
     def stop(self) -> None:
         if self.worker is not None:
-            self.worker.terminate()
-            self.worker.onmessage = None
+            self.supply.retire(self.worker)
             self.worker = None
-        for future in self.pending.values():
-            if not future.done():
-                future.cancel()
-        self.pending.clear()

@@ -11,7 +11,7 @@ import asyncio
 import js
 import protocol
 from pyodide.ffi import create_proxy
-from supervisor import backoff
+from supervisor import backoff  # top-level in the browser, like protocol
 
 
 class Link:

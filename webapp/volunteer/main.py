@@ -1,8 +1,9 @@
 """The volunteer page's main-thread Python (PyScript on Pyodide).
 
-Wires the pieces: the websocket (``volunteer_link``), the worker pool (``volunteer_pool``), the
-encrypted store (``public/vault.js``), the supervisor's decisions (``supervisor``) and the page
-(``volunteer_ui``). Nothing runs before the volunteer presses Start; the choice is remembered.
+Wires the pieces: the websocket (``link``), the worker pool (``pool``), the encrypted store
+(``public/vault.js``), the supervisor's decisions (``supervisor``) and the page (``ui``).
+Nothing runs before the volunteer presses Start; the choice is remembered. ``start()`` is called
+by the page (``public/index.html``); ``protocol`` and ``supervisor`` are top-level modules there.
 
 Flow: ``hello`` -> ``welcome``; results not yet acknowledged are re-sent; cached tasks resume
 without being downloaded again; then ``ready {n}`` asks for what the plan allows. Each task runs
@@ -19,11 +20,12 @@ import time
 import js
 import protocol
 import supervisor
-import volunteer_ui as ui
 from pyodide.ffi import create_proxy
 from pyscript import document, window
-from volunteer_link import Link
-from volunteer_pool import Pool
+
+from . import ui
+from .link import Link
+from .pool import Pool
 
 SETTINGS_KEY = "uvm.settings"
 TOTALS_KEY = "uvm.totals"
@@ -58,7 +60,7 @@ def _volunteer_id() -> str:
 class App:
     """The volunteer runtime of one page."""
 
-    def __init__(self, vault, worker_url: str, socket_url: str) -> None:
+    def __init__(self, vault, worker_url: str, socket_url: str, spare: bool = True) -> None:
         self.vault = vault
         saved = _load(SETTINGS_KEY, {})
         self.settings = supervisor.Settings(
@@ -71,7 +73,7 @@ class App:
         self.volunteer = _volunteer_id()
         self.totals = _load(TOTALS_KEY, {"tasks": 0, "cpu": 0.0})
         self.session = {"tasks": 0, "cpu": 0.0, "errors": 0, "timeouts": 0}
-        self.pool = Pool(worker_url, self.pump)
+        self.pool = Pool(worker_url, self.pump, spare)
         self.link = Link(socket_url, self.on_message, self.on_open, self.on_close)
         self.welcomed = False
         self.heartbeat = 30.0
@@ -84,6 +86,9 @@ class App:
         # more keeps it from handing the same tasks to this page again.
         self.resumed: set[str] = set()
         self.running_specs: dict[str, protocol.TaskSpec] = {}
+        self.arrived: dict[str, float] = {}  # attempt -> when its task arrived (job switch timings)
+        self.restored_tasks: list[int] = []  # tasks this page found in its vault when it opened
+        self.held_at_stop: list[int] = []  # tasks held (running or waiting) when Stop was last pressed
         self.task_seconds: float | None = None  # moving average of one task's time here
         self.results: dict[str, dict] = {}  # attempt -> Outcome dict, not yet acknowledged
         self.in_flight: set[str] = set()  # attempts sent, waiting for their ack
@@ -119,6 +124,7 @@ class App:
                 self.queue.append(spec)
                 self.resumed.add(spec.attempt)
         self.queue.sort(key=lambda s: (s.job, s.index))
+        self.restored_tasks = [s.task for s in self.queue]
         if stale:
             await self.vault.remove("tasks", json.dumps(stale))
         for key, text in json.loads(await self.vault.all("results")):
@@ -145,6 +151,7 @@ class App:
             self.link.start()
         self.pump()
         if not running:
+            self.held_at_stop = [s.task for s in self.running_specs.values()] + [s.task for s in self.queue]
             self.resumed.update(self.held_attempts())
             self.pool.discard_prewarmed()
             self.pool.stop_all()
@@ -274,10 +281,10 @@ class App:
     def start_tasks(self) -> None:
         if self.plan.paused:
             return
-        for slot in self.pool.idle():
-            spec = next((s for s in self.queue if s.code_hash in self.codes), None)
-            if spec is None:
-                break
+        for slot, spec in supervisor.assign(
+            [(slot, slot.owner) for slot in self.pool.idle()],
+            [(spec, spec.job) for spec in self.queue if spec.code_hash in self.codes],
+        ):
             self.queue.remove(spec)
             self.running_specs[spec.attempt] = spec  # held from now on, not only once it runs
             slot.attempt = spec.attempt
@@ -316,7 +323,8 @@ class App:
 
     async def run_task(self, slot, spec) -> None:
         try:
-            answer = await self.pool.execute(slot, spec, self.codes[spec.code_hash])
+            arrived = self.arrived.pop(spec.attempt, None)
+            answer = await self.pool.execute(slot, spec, self.codes[spec.code_hash], arrived)
         finally:
             self.running_specs.pop(spec.attempt, None)
         if answer.get("stopped"):  # cancelled, or the volunteer pressed Stop: no outcome
@@ -393,6 +401,10 @@ class App:
 
     def on_welcome(self, msg: protocol.Welcome) -> None:
         self.welcomed = True
+        if isinstance(msg.volunteer, str) and msg.volunteer and msg.volunteer != self.volunteer:
+            # The server issues (and signs) volunteer ids: keep the one it gave, present it next time.
+            self.volunteer = msg.volunteer
+            window.localStorage.setItem(VOLUNTEER_KEY, msg.volunteer)
         self.heartbeat = float(msg.heartbeat)
         self.empty_replies = 0
         self.next_ask = 0.0
@@ -411,6 +423,7 @@ class App:
         for spec in msg.tasks:
             if spec.attempt not in held:
                 self.queue.append(spec)
+                self.arrived[spec.attempt] = time.monotonic()
                 await self.vault.put("tasks", spec.attempt, json.dumps(dataclasses.asdict(spec)))
 
     async def on_code(self, msg: protocol.Code) -> None:
@@ -473,12 +486,20 @@ class App:
                     "index": s.index,
                     "elapsed": round(now - s.started, 1) if s.attempt else None,
                     "boot": s.boot_seconds,
+                    "owner": s.owner,
                 }
                 for s in self.pool.slots
             ],
+            "spare": None if self.pool.supply.spare is None else {"ready": self.pool.supply.spare.ready},
+            "switches": self.pool.switch_count,
+            "recent_switches": list(self.pool.switches),
+            "dropped_messages": self.pool.dropped,
+            "volunteer": self.volunteer,
             "queued": [s.attempt for s in self.queue],
             "queued_tasks": [s.task for s in self.queue],
             "running_tasks": [s.task for s in self.running_specs.values()],
+            "restored_tasks": list(self.restored_tasks),
+            "held_at_stop": list(self.held_at_stop),
             "unacked": list(self.results),
             "session": dict(self.session),
             "totals": dict(self.totals),
@@ -504,8 +525,10 @@ async def main() -> None:
         f"&index={js.encodeURIComponent(config.packageIndex)}"
     )
     socket_url = base.replace("http", "ws", 1) + "/ws/volunteer"
+    # ?spare=0 turns the pre-booted spare worker off (bench/browser.py measures job switches both ways).
+    spare = str(js.URLSearchParams.new(window.location.search).get("spare")) != "0"
     vault = await vault_module.openVault()
-    app = App(vault, worker_url, socket_url)
+    app = App(vault, worker_url, socket_url, spare)
     await app.restore()
     await app.read_device()
     ui.bind(app)
@@ -521,4 +544,6 @@ async def main() -> None:
         app.pool.discard_prewarmed()
 
 
-asyncio.ensure_future(main())
+def start() -> None:
+    """Run the volunteer page (called once by ``public/index.html``)."""
+    asyncio.ensure_future(main())

@@ -1,7 +1,7 @@
 """The researchers' dashboard: main-thread Python of ``/dashboard`` (PyScript on Pyodide).
 
 Views are chosen by the URL's hash (``#/jobs``, ``#/new``, ``#/job/12``, ``#/admin``); each is a
-``<section>`` of ``public/dashboard.html`` filled from the JSON API with ``dashboard_views``.
+``<section>`` of ``public/dashboard.html`` filled from the JSON API with ``views``.
 The session is the ``uvm_session`` cookie (HttpOnly: this code never sees it). Live job status
 comes over the events websocket. **Try** runs ``main`` on the first input in a Pyodide web
 worker of this browser -- the volunteers' own ``public/worker.js`` and ``workers/runner.py``.
@@ -14,12 +14,12 @@ import asyncio
 import json
 import time
 
-import dashboard_inputs as inputs
-import dashboard_views as views
 import js
-from dashboard_io import ApiError, TryWorker, api, ndjson_rows
 from pyodide.ffi import create_proxy
 from pyscript import document, window
+
+from . import inputs, views
+from .io import ApiError, TryWorker, api, ndjson_rows
 
 EXAMPLE = '''"""A small working example: edit it, press Try, then Submit."""
 import math
@@ -593,4 +593,6 @@ async def main() -> None:
         raise
 
 
-asyncio.ensure_future(main())
+def start() -> None:
+    """Run the dashboard (called once by ``public/dashboard.html``)."""
+    asyncio.ensure_future(main())

@@ -1,0 +1,87 @@
+"""Requests to a web worker and their answers, matched by id. Pure Python, tested in CPython.
+
+A worker runs research code, and research code can post anything to the page
+(``import js; js.postMessage(...)``). So the page accepts from a worker only the answer to a
+request it sent and still waits for, in the shape it expects; anything else is dropped and
+counted (``dropped``), and the count is shown in the page's state.
+
+Messages follow Pyodide's worker guide: ``{id, type, payload}`` to the worker; ``{id, result}``
+(a JSON string) or ``{id, error}`` back. ``fields`` are the message's fields already read out of
+the JS object by the caller (``webapp/pyworker.py``): plain ``str``/``int``/``float`` or None.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+from typing import Any
+
+ANSWER_FIELDS = ("type", "id", "result", "error", "boot")
+
+
+class Calls:
+    """Open requests of one worker, by id; answers settle them, everything else is dropped."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self.loop = loop
+        self.pending: dict[int, asyncio.Future] = {}
+        self.dropped = 0
+        self._ids = itertools.count(1)
+
+    def open(self) -> tuple[int, asyncio.Future]:
+        """A new request id and the future its answer will settle."""
+        loop = self.loop or asyncio.get_event_loop()
+        request_id = next(self._ids)
+        future = loop.create_future()
+        self.pending[request_id] = future
+        return request_id, future
+
+    def settle(self, fields: dict[str, Any]) -> bool:
+        """Settle the request ``fields`` answers; False (and counted) when it answers nothing we asked.
+
+        An answer to an open request that is not an outcome (an ``error``, or a ``result`` that
+        is not a JSON object) settles it as a crash: the worker cannot be trusted with more.
+        """
+        request_id = fields.get("id")
+        if type(request_id) is not int or fields.get("type") is not None:
+            return self.drop()
+        future = self.pending.pop(request_id, None)
+        if future is None or future.done():
+            return self.drop()
+        future.set_result(_outcome(fields))
+        return True
+
+    def drop(self) -> bool:
+        """Count one message that answers nothing we asked."""
+        self.dropped += 1
+        return False
+
+    def fail_all(self, answer: dict) -> None:
+        """Settle every open request with ``answer`` (the worker stopped or crashed)."""
+        for future in self.pending.values():
+            if not future.done():
+                future.set_result(dict(answer))
+        self.pending.clear()
+
+
+def _outcome(fields: dict[str, Any]) -> dict:
+    error = fields.get("error")
+    if isinstance(error, str):
+        # Pyodide itself failed (a fatal error, a trap): the worker is replaced like a crashed one.
+        return {"error": f"worker error: {error}", "crashed": True}
+    result = fields.get("result")
+    try:
+        outcome = json.loads(result) if isinstance(result, str) else None
+    except ValueError:
+        outcome = None
+    if not isinstance(outcome, dict):
+        return {"error": "worker error: the answer is not an outcome", "crashed": True}
+    # Only what a task's outcome holds: ``timeout``, ``stopped`` and ``crashed`` are the page's to say.
+    error, output, cpu = outcome.get("error"), outcome.get("output"), outcome.get("cpu")
+    return {
+        "result": outcome.get("result"),
+        "output": output if isinstance(output, str) else "",
+        "error": error if isinstance(error, str) else None,
+        "cpu": float(cpu) if type(cpu) in (int, float) else 0.0,
+    }

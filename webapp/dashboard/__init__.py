@@ -1,0 +1,1 @@
+"""The researchers' dashboard (``/dashboard``): API calls, inputs, views, Try. ``main.start()`` runs it."""
