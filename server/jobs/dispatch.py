@@ -173,9 +173,20 @@ class Dispatcher:
             conn.held[lease.attempt] = lease.job
         self.leased_total += len(leases)
         self.metrics.handed_out.inc(len(leases))
-        infos = {job: await self.storage.job_info(job) for job in {le.job for le in leases}}
-        stored = [le.task for le in leases if infos[le.job] is not None and infos[le.job].inputs_kind in STORED_INPUTS]
-        inputs = await self.storage.task_inputs(stored)  # range and none inputs are computed, not read
+        try:
+            infos = {job: await self.storage.job_info(job) for job in {le.job for le in leases}}
+            stored = [
+                le.task for le in leases if infos[le.job] is not None and infos[le.job].inputs_kind in STORED_INPUTS
+            ]
+            inputs = await self.storage.task_inputs(stored)  # range and none inputs are computed, not read
+        except Exception as exc:
+            if not is_outage(exc):
+                raise
+            self.db_health.failed(exc)  # an outage begins: give the tasks back, hand out nothing
+            for lease in leases:
+                conn.held.pop(lease.attempt, None)
+            await self.queue.requeue([le.attempt for le in leases])
+            return []
         specs = []
         for lease in leases:
             info = infos[lease.job]
@@ -223,7 +234,12 @@ class Dispatcher:
         leases = await self.queue.requeue(held)
         if leases:
             self.metrics.attempts.labels("abandoned").inc(len(leases))
-            await asyncio.shield(self.storage.record_lost(leases, AttemptOutcome.ABANDONED))
+            try:
+                await asyncio.shield(self.storage.record_lost(leases, AttemptOutcome.ABANDONED))
+            except Exception as exc:  # requeued already; only the attempt's record is missing
+                if not is_outage(exc):
+                    raise
+                self.db_health.failed(exc)
 
     # -------------------------------------------------------------------------- outcomes
     async def report(self, conn: Conn, outcomes: list[Outcome]) -> Recorded:
