@@ -105,6 +105,14 @@ class Dispatcher:
                     for conn in self.conns:
                         for lease in expired:
                             conn.held.pop(lease.attempt, None)
+                    for lease in expired:
+                        logger.info(
+                            "lease expired: task %d of job %d goes back to the queue",
+                            lease.task,
+                            lease.job,
+                            extra={"job": lease.job, "task": lease.task, "attempt": lease.attempt,
+                                   "volunteer": lease.volunteer},
+                        )  # fmt: skip
                     rec = await self.storage.record_lost(expired, AttemptOutcome.EXPIRED)
                     self.metrics.attempts.labels("expired").inc(len(expired))
                     await self._apply(rec)
@@ -142,6 +150,7 @@ class Dispatcher:
                 logger.exception("job submission")
                 _settle(future, exc=exc)
             else:
+                logger.info("job %d submitted", job_id, extra={"job": job_id})
                 _settle(future, result=job_id)
 
     async def _resolve_results_of(self, researcher_id: int, spec: JobSpec) -> None:
@@ -233,6 +242,12 @@ class Dispatcher:
         held, conn.held = list(conn.held), {}
         leases = await self.queue.requeue(held)
         if leases:
+            logger.info(
+                "volunteer %s left holding %d attempts: back in the queue",
+                conn.volunteer,
+                len(leases),
+                extra={"volunteer": conn.volunteer, "attempts": [le.attempt for le in leases]},
+            )
             self.metrics.attempts.labels("abandoned").inc(len(leases))
             try:
                 await asyncio.shield(self.storage.record_lost(leases, AttemptOutcome.ABANDONED))
@@ -315,6 +330,7 @@ class Dispatcher:
     async def cancel(self, researcher_id: int, job_id: int) -> bool:
         changed = await self.storage.cancel_job(researcher_id, job_id)
         if changed:
+            logger.info("job %d cancelled", job_id, extra={"job": job_id})
             await self.queue.cancel_job(job_id)
             await self.bus.publish({"type": "cancel", "job": job_id})
             await self.publish_job(job_id, researcher_id)

@@ -18,6 +18,7 @@ from aiohttp import WSMsgType, web
 from server import protocol as P
 from server.jobs.dispatch import Conn
 from server.jobs.outage import DatabaseAway, is_outage
+from server.logs import volunteer_context
 from server.store.storage import NotFound
 from server.web import appkeys as K
 from server.web.addresses import client_address
@@ -95,6 +96,7 @@ async def _hello(msg: P.Hello, request: web.Request, send: Any) -> Conn:
         raise P.ProtocolError("hello: volunteer id must be 1-64 letters, digits, '-' or '_'")
     dispatcher, config = request.app[K.dispatcher], request.app[K.config]
     conn = Conn(msg.volunteer, send, capabilities=msg.capabilities, address=client_address(request))
+    volunteer_context.set(msg.volunteer)  # this socket's task: its log lines name the volunteer
     dispatcher.conns.add(conn)
     try:
         await request.app[K.storage].volunteer_seen(msg.volunteer, msg.capabilities)
@@ -120,7 +122,7 @@ async def _handle(msg: object, conn: Conn, dispatcher, storage, send) -> None:  
             await send(P.Hold([o.attempt for o in msg.results], exc.retry_after, exc.reason))
             return
         except Exception:  # nothing was committed, nothing acknowledged
-            logger.exception("results from %s not recorded", conn.volunteer)
+            logger.exception("results from %s not recorded", conn.volunteer, extra={"volunteer": conn.volunteer})
             raise P.ProtocolError("the server could not commit these results now; send them again") from None
         await send(P.Ack(rec.acked, rec.ignored))
     elif isinstance(msg, P.Heartbeat):
