@@ -138,3 +138,23 @@ async def test_restore_drill(serve, volunteers, mariadb_database):
         with conn.cursor() as cur:
             cur.execute(f"DROP DATABASE IF EXISTS `{restored}`")
         conn.close()
+
+
+def test_systemd_unit_example():
+    """deploy/uvm-compute.service: restarts on failure, checks the configuration first, serves."""
+    import configparser
+
+    from tests.procs import ROOT
+
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.optionxform = str  # keys are case-sensitive in systemd
+    unit.read(ROOT / "deploy" / "uvm-compute.service")
+    service = unit["Service"]
+    assert service["Restart"] == "on-failure"
+    assert service["ExecStartPre"].endswith("uvm-compute check-config")
+    assert " serve " in service["ExecStart"] and service["EnvironmentFile"] == "/etc/uvm-compute/env"
+    assert unit["Install"]["WantedBy"] == "multi-user.target"
+    from server.cli import parser
+
+    args = service["ExecStart"].split()[1:]
+    assert parser().parse_args(args).command == "serve"  # the command line is one the CLI accepts
