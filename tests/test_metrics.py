@@ -147,3 +147,7 @@ def test_proxy_settings_are_checked():
         Config.from_env({"UVM_TRUSTED_PROXIES": "proxy.example.org"})
     with pytest.raises(ConfigError, match="at least 16 characters"):
         Config.from_env({"UVM_METRICS_TOKEN": "short"})
+    with pytest.raises(ConfigError, match="UVM_METRICS_ALLOW"):
+        Config.from_env({"UVM_METRICS_ALLOW": "10.0.0.0/33"})
+    with pytest.raises(ConfigError, match="expected text or json"):
+        Config.from_env({"UVM_LOG_FORMAT": "xml"})

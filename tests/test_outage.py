@@ -71,6 +71,8 @@ async def test_mariadb_outage_of_30_seconds(tmp_path, volunteers, redis_client, 
             assert status == 503 and json.loads(body)["database"]["state"] == "down"
             _, text = await _get(session, f"{server.url}/metrics", Authorization=f"Bearer {METRICS_TOKEN}")
             assert _sample(text, "uvm_database_up") == 0 and _sample(text, "uvm_database_down_seconds") > 0
+            async with session.get(f"{server.url}/api/jobs/{job}", headers=auth) as resp:  # researchers: retry
+                assert resp.status == 503 and resp.headers["Retry-After"] == "5", await resp.text()
 
             result = P.Outcome(attempt=held.attempt, task=held.task, result=held.input * held.input)
             await holder.ws.send_str(P.encode(P.Results([result])))

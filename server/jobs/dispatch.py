@@ -106,13 +106,12 @@ class Dispatcher:
                         for lease in expired:
                             conn.held.pop(lease.attempt, None)
                     for lease in expired:
+                        fields = {"job": lease.job, "task": lease.task, "attempt": lease.attempt}
                         logger.info(
-                            "lease expired: task %d of job %d goes back to the queue",
+                            "lease expired: task %d goes back to the queue",
                             lease.task,
-                            lease.job,
-                            extra={"job": lease.job, "task": lease.task, "attempt": lease.attempt,
-                                   "volunteer": lease.volunteer},
-                        )  # fmt: skip
+                            extra={**fields, "volunteer": lease.volunteer},
+                        )
                     rec = await self.storage.record_lost(expired, AttemptOutcome.EXPIRED)
                     self.metrics.attempts.labels("expired").inc(len(expired))
                     await self._apply(rec)
