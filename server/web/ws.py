@@ -82,9 +82,10 @@ async def volunteer_socket(request: web.Request) -> web.WebSocketResponse:  # no
             except Exception as exc:
                 if not is_outage(exc):
                     raise
-                # The database is away: the socket stays open (volunteers keep their work meanwhile).
+                # The database is away: the socket stays open (volunteers keep their work meanwhile). No
+                # `ref`: a refused need_code would otherwise read as "this job is gone" and drop its tasks.
                 dispatcher.db_health.failed(exc)
-                await send(P.Error("the server's database is unavailable; try again shortly", ref=_type_of(raw.data)))
+                await send(P.Error("the server's database is unavailable; try again shortly"))
     finally:
         if conn is not None:
             await asyncio.shield(dispatcher.abandon(conn))
