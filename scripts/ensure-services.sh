@@ -2,6 +2,7 @@
 # Install (from Debian packages) and start what `make test` needs: MariaDB, Redis, Chromium, Node.
 set -euo pipefail
 need=()
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx)  # e2e/test_nginx.py (deploy/nginx-uvm-compute.conf)
 command -v mariadbd >/dev/null 2>&1 || [ -x /usr/sbin/mariadbd ] || need+=(mariadb-server mariadb-client)
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 [ -x /usr/bin/chromium ] || need+=(chromium)

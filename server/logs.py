@@ -12,7 +12,7 @@ import json
 import logging
 import time
 
-FIELDS = ("job", "attempt", "volunteer", "task")
+FIELDS = ("job", "attempt", "attempts", "volunteer", "task")
 volunteer_context: contextvars.ContextVar[str | None] = contextvars.ContextVar("uvm_volunteer", default=None)
 
 

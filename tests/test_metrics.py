@@ -147,3 +147,28 @@ def test_proxy_settings_are_checked():
         Config.from_env({"UVM_TRUSTED_PROXIES": "proxy.example.org"})
     with pytest.raises(ConfigError, match="at least 16 characters"):
         Config.from_env({"UVM_METRICS_TOKEN": "short"})
+    with pytest.raises(ConfigError, match="UVM_METRICS_ALLOW"):
+        Config.from_env({"UVM_METRICS_ALLOW": "10.0.0.0/33"})
+    with pytest.raises(ConfigError, match="expected text or json"):
+        Config.from_env({"UVM_LOG_FORMAT": "xml"})
+
+
+def test_throttle_labels_come_from_a_fixed_set():
+    """A volunteer's throttle state is its own claim: it picks one of our labels, never names a new one."""
+    from server.jobs.metrics import THROTTLE_STATES, throttle_state
+
+    cases = {
+        "unreported": [{}],
+        "paused": [{"paused": True, "reasons": ["battery"]}],
+        "throttled": [{"reasons": ["cpu cap"]}, {"workers": 1, "max_workers": 4}],
+        "full": [
+            {"paused": "yes"},
+            {"workers": "1", "max_workers": 4},
+            {"x" * 1000: 1},
+            {"workers": 2, "max_workers": 2},
+        ],
+    }
+    for label, states in cases.items():
+        assert label in THROTTLE_STATES
+        for state in states:
+            assert throttle_state(state) == label, state

@@ -59,6 +59,8 @@ class SimVolunteer:
         self.errors = 0
         self.leased = 0
         self.connects = 0  # websocket connections opened (more than one: it was dropped and came back)
+        self.holds = 0  # `hold` answers: results kept and sent again later (the server's database was away)
+        self.sends: list[float] = []  # when each `results` message was sent (time.monotonic())
         self.latencies: list[float] = []  # seconds from `ready` to `tasks` (non-empty)
         self.task_ids: list[int] = []
         self._code: dict[int, str] = {}
@@ -130,24 +132,36 @@ class SimVolunteer:
             self.task_ids += [o.task for o in outcomes if o.attempt in set(ack.attempts) and o.error is None]
 
     async def _send_results(self, ws: aiohttp.ClientWebSocketResponse, outcomes: list[P.Outcome]) -> P.Ack:
-        """Send results until they are acknowledged: the server answers ``error`` when it could
-        not commit them (its database was away), and then they must be sent again."""
-        for attempt in range(20):
+        """Send results until they are acknowledged. ``hold`` (the server's database is away): keep
+        them and send them again after the delay it gives; ``error`` (a commit failed): again soon."""
+        errors = 0
+        while errors < 20:
+            self.sends.append(time.monotonic())
             await ws.send_str(P.encode(P.Results(outcomes)))
-            ack_q, err_q = self._q("ack"), self._q("error")
-            get_ack, get_err = asyncio.ensure_future(ack_q.get()), asyncio.ensure_future(err_q.get())
-            closed = asyncio.ensure_future(self._closed.wait())
-            done, pending = await asyncio.wait({get_ack, get_err, closed}, return_when=asyncio.FIRST_COMPLETED)
-            for future in pending:
-                future.cancel()
-            if get_ack in done:
-                if get_err in done:
-                    err_q.put_nowait(get_err.result())
-                return get_ack.result()
-            if closed in done and get_err not in done:
-                raise ConnectionError("server closed the connection")
-            await asyncio.sleep(min(0.1 * 2**attempt, 2.0))
+            answer = await self._first_of("ack", "hold", "error")
+            if isinstance(answer, P.Ack):
+                return answer
+            if isinstance(answer, P.Hold):
+                self.holds += 1
+                await asyncio.sleep(answer.retry_after)
+                continue
+            await asyncio.sleep(min(0.1 * 2**errors, 2.0))
+            errors += 1
         raise ConnectionError("results not acknowledged")
+
+    async def _first_of(self, *kinds: str) -> Any:
+        """The first message of any of these types; ConnectionError if the socket closes first."""
+        gets = {asyncio.ensure_future(self._q(kind).get()): kind for kind in kinds}
+        closed = asyncio.ensure_future(self._closed.wait())
+        done, pending = await asyncio.wait({*gets, closed}, return_when=asyncio.FIRST_COMPLETED)
+        for future in pending:
+            future.cancel()
+        got = [f for f in gets if f in done]
+        for extra in got[1:]:  # keep any other that arrived in the same instant for the next wait
+            self._q(gets[extra]).put_nowait(extra.result())
+        if not got:
+            raise ConnectionError("server closed the connection")
+        return got[0].result()
 
     async def _source(self, ws: aiohttp.ClientWebSocketResponse, spec: P.TaskSpec) -> str:
         if spec.job not in self._code:

@@ -105,6 +105,13 @@ class Dispatcher:
                     for conn in self.conns:
                         for lease in expired:
                             conn.held.pop(lease.attempt, None)
+                    for lease in expired:
+                        fields = {"job": lease.job, "task": lease.task, "attempt": lease.attempt}
+                        logger.info(
+                            "lease expired: task %d goes back to the queue",
+                            lease.task,
+                            extra={**fields, "volunteer": lease.volunteer},
+                        )
                     rec = await self.storage.record_lost(expired, AttemptOutcome.EXPIRED)
                     self.metrics.attempts.labels("expired").inc(len(expired))
                     await self._apply(rec)
@@ -142,6 +149,7 @@ class Dispatcher:
                 logger.exception("job submission")
                 _settle(future, exc=exc)
             else:
+                logger.info("job %d submitted", job_id, extra={"job": job_id})
                 _settle(future, result=job_id)
 
     async def _resolve_results_of(self, researcher_id: int, spec: JobSpec) -> None:
@@ -173,9 +181,20 @@ class Dispatcher:
             conn.held[lease.attempt] = lease.job
         self.leased_total += len(leases)
         self.metrics.handed_out.inc(len(leases))
-        infos = {job: await self.storage.job_info(job) for job in {le.job for le in leases}}
-        stored = [le.task for le in leases if infos[le.job] is not None and infos[le.job].inputs_kind in STORED_INPUTS]
-        inputs = await self.storage.task_inputs(stored)  # range and none inputs are computed, not read
+        try:
+            infos = {job: await self.storage.job_info(job) for job in {le.job for le in leases}}
+            stored = [
+                le.task for le in leases if infos[le.job] is not None and infos[le.job].inputs_kind in STORED_INPUTS
+            ]
+            inputs = await self.storage.task_inputs(stored)  # range and none inputs are computed, not read
+        except Exception as exc:
+            if not is_outage(exc):
+                raise
+            self.db_health.failed(exc)  # an outage begins: give the tasks back, hand out nothing
+            for lease in leases:
+                conn.held.pop(lease.attempt, None)
+            await self.queue.requeue([le.attempt for le in leases])
+            return []
         specs = []
         for lease in leases:
             info = infos[lease.job]
@@ -222,8 +241,19 @@ class Dispatcher:
         held, conn.held = list(conn.held), {}
         leases = await self.queue.requeue(held)
         if leases:
+            logger.info(
+                "volunteer %s left holding %d attempts: back in the queue",
+                conn.volunteer,
+                len(leases),
+                extra={"volunteer": conn.volunteer, "attempts": [le.attempt for le in leases]},
+            )
             self.metrics.attempts.labels("abandoned").inc(len(leases))
-            await asyncio.shield(self.storage.record_lost(leases, AttemptOutcome.ABANDONED))
+            try:
+                await asyncio.shield(self.storage.record_lost(leases, AttemptOutcome.ABANDONED))
+            except Exception as exc:  # requeued already; only the attempt's record is missing
+                if not is_outage(exc):
+                    raise
+                self.db_health.failed(exc)
 
     # -------------------------------------------------------------------------- outcomes
     async def report(self, conn: Conn, outcomes: list[Outcome]) -> Recorded:
@@ -299,6 +329,7 @@ class Dispatcher:
     async def cancel(self, researcher_id: int, job_id: int) -> bool:
         changed = await self.storage.cancel_job(researcher_id, job_id)
         if changed:
+            logger.info("job %d cancelled", job_id, extra={"job": job_id})
             await self.queue.cancel_job(job_id)
             await self.bus.publish({"type": "cancel", "job": job_id})
             await self.publish_job(job_id, researcher_id)

@@ -92,8 +92,7 @@ async def rotate(
             )
             async with engine.begin() as conn:
                 rows = (await conn.execute(query)).all()
-                for row in rows:
-                    await _rewrite(conn, spec, row, box, report)
+                await _rewrite(conn, spec, rows, box, report)
             if not rows:
                 break
             last = rows[-1].id
@@ -106,20 +105,26 @@ async def rotate(
     return report
 
 
-async def _rewrite(conn: Any, spec: Sealed, row: Any, box: Box, report: Report) -> None:
+async def _rewrite(conn: Any, spec: Sealed, rows: list[Any], box: Box, report: Report) -> None:
+    """One compare-and-swap UPDATE per value, sent as one executemany per column."""
+    table = spec.table
     for name in spec.columns:
-        old = getattr(row, name)
-        if not old or key_id_of(old) == box.current:
+        params = [
+            {"id_": row.id, "old": old, "new": box.seal_again(old, spec.aad(row, name))}
+            for row in rows
+            if (old := getattr(row, name)) and key_id_of(old) != box.current
+        ]
+        if not params:
             continue
-        new = box.seal_again(old, spec.aad(row, name))
-        table = spec.table
         result = await conn.execute(
-            table.update().where(table.c.id == row.id, table.c[name] == old).values({name: new})
+            table.update()
+            .where(table.c.id == sa.bindparam("id_"), table.c[name] == sa.bindparam("old"))
+            .values({name: sa.bindparam("new")}),
+            params,
         )
-        if result.rowcount == 1:
-            report.rewritten += 1
-        else:
-            report.raced += 1
+        changed = max(result.rowcount, 0)
+        report.rewritten += changed
+        report.raced += len(params) - changed
 
 
 async def usage(engine: AsyncEngine, box: Box) -> dict[str, int]:

@@ -11,6 +11,7 @@ from aiohttp import web
 from server import spec as job_spec
 from server.crypto import hash_token
 from server.jobs.error_groups import ErrorGroups
+from server.jobs.outage import is_outage
 from server.spec import InvalidJob
 from server.store.storage import Conflict, NotFound, Researcher
 from server.web import appkeys as K
@@ -44,6 +45,14 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         if exc.status >= 400 and request.path.startswith("/api/") and exc.content_type != "application/json":
             return json_error(exc.status, exc.reason)
         raise
+    except Exception as exc:
+        if not is_outage(exc):
+            raise
+        # The database is away: a transient 503 (the Python client and load balancers retry it).
+        request.app[K.dispatcher].db_health.failed(exc)
+        response = json_error(503, "the database is unavailable; try again shortly")
+        response.headers["Retry-After"] = "5"
+        return response
 
 
 async def researcher(request: web.Request) -> Researcher:

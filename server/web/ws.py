@@ -11,12 +11,14 @@ import contextlib
 import logging
 import re
 import weakref
+from typing import Any
 
 from aiohttp import WSMsgType, web
 
 from server import protocol as P
 from server.jobs.dispatch import Conn
-from server.jobs.outage import DatabaseAway
+from server.jobs.outage import DatabaseAway, is_outage
+from server.logs import volunteer_context
 from server.store.storage import NotFound
 from server.web import appkeys as K
 from server.web.addresses import client_address
@@ -72,25 +74,42 @@ async def volunteer_socket(request: web.Request) -> web.WebSocketResponse:  # no
                 if isinstance(msg, P.Hello):
                     if conn is not None:
                         raise P.ProtocolError("'hello' was already sent on this connection")
-                    if not VOLUNTEER_ID.match(msg.volunteer):
-                        raise P.ProtocolError("hello: volunteer id must be 1-64 letters, digits, '-' or '_'")
-                    conn = Conn(msg.volunteer, send, capabilities=msg.capabilities, address=client_address(request))
-                    dispatcher.conns.add(conn)
-                    await storage.volunteer_seen(msg.volunteer, msg.capabilities)
-                    resume = msg.capabilities.get("resume")
-                    if isinstance(resume, list) and resume:  # attempts this browser still holds
-                        await dispatcher.resume(conn, resume)
-                    await send(
-                        P.Welcome(msg.volunteer, request.app[K.config].heartbeat, request.app[K.config].instance)
-                    )
+                    conn = await _hello(msg, request, send)
                 else:
                     await _handle(msg, conn, dispatcher, storage, send)
             except P.ProtocolError as exc:
                 await send(P.Error(str(exc), ref=_type_of(raw.data)))
+            except Exception as exc:
+                if not is_outage(exc):
+                    raise
+                # The database is away: the socket stays open (volunteers keep their work meanwhile). No
+                # `ref`: a refused need_code would otherwise read as "this job is gone" and drop its tasks.
+                dispatcher.db_health.failed(exc)
+                await send(P.Error("the server's database is unavailable; try again shortly"))
     finally:
         if conn is not None:
             await asyncio.shield(dispatcher.abandon(conn))
     return ws
+
+
+async def _hello(msg: P.Hello, request: web.Request, send: Any) -> Conn:
+    if not VOLUNTEER_ID.match(msg.volunteer):
+        raise P.ProtocolError("hello: volunteer id must be 1-64 letters, digits, '-' or '_'")
+    dispatcher, config = request.app[K.dispatcher], request.app[K.config]
+    conn = Conn(msg.volunteer, send, capabilities=msg.capabilities, address=client_address(request))
+    volunteer_context.set(msg.volunteer)  # this socket's task: its log lines name the volunteer
+    dispatcher.conns.add(conn)
+    try:
+        await request.app[K.storage].volunteer_seen(msg.volunteer, msg.capabilities)
+        resume = msg.capabilities.get("resume")
+        if isinstance(resume, list) and resume:  # attempts this browser still holds
+            await dispatcher.resume(conn, resume)
+    except Exception as exc:
+        if not is_outage(exc):
+            raise
+        dispatcher.db_health.failed(exc)  # welcome anyway: it will get work when the database is back
+    await send(P.Welcome(msg.volunteer, config.heartbeat, config.instance))
+    return conn
 
 
 async def _handle(msg: object, conn: Conn, dispatcher, storage, send) -> None:  # noqa: ANN001
@@ -104,7 +123,7 @@ async def _handle(msg: object, conn: Conn, dispatcher, storage, send) -> None:  
             await send(P.Hold([o.attempt for o in msg.results], exc.retry_after, exc.reason))
             return
         except Exception:  # nothing was committed, nothing acknowledged
-            logger.exception("results from %s not recorded", conn.volunteer)
+            logger.exception("results from %s not recorded", conn.volunteer, extra={"volunteer": conn.volunteer})
             raise P.ProtocolError("the server could not commit these results now; send them again") from None
         await send(P.Ack(rec.acked, rec.ignored))
     elif isinstance(msg, P.Heartbeat):

@@ -451,6 +451,14 @@ class App:
                 self.pool.replace(slot)
         await self.vault.remove("tasks", json.dumps(dropped))
 
+    def on_hold(self, msg: protocol.Hold) -> None:
+        """The server's database is away: keep these results (they stay in the vault) and send them
+        again once, after the delay the server chose for this volunteer, not in a storm of retries."""
+        self.in_flight.difference_update(msg.attempts)
+        self.flush_after = time.monotonic() + float(msg.retry_after)
+        self.last_error = f"results held by the server for {msg.retry_after:g} s: {msg.reason}"
+        asyncio.get_event_loop().call_later(float(msg.retry_after) + 0.01, self.pump)
+
     async def on_error(self, msg: protocol.Error) -> None:
         self.last_error = f"{msg.ref or 'message'}: {msg.message}"
         js.console.warn(f"UVM: the server refused a {self.last_error}")
