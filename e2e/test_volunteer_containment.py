@@ -192,6 +192,7 @@ def test_a_hostile_job_cannot_touch_the_next_jobs_on_the_same_page(browser, serv
 
     snap = wait_state(page, lambda s: s["switches"] >= 2)
     assert len(snap["workers"]) == 1 and snap["switches"] == 2, snap  # one slot; B -> A -> B
+    assert snap["workers"][0]["owner"] == second  # its worker ran B's second job only
     assert all(s["spare"] for s in snap["recent_switches"])
     assert snap["dropped_messages"] == 4 * len(b_inputs) * 2  # every forged message, none acted on
     page.screenshot(path=str(screenshots / "volunteer-after-job-switches.png"), full_page=True)
