@@ -148,6 +148,17 @@ def has_value(target, name):
 def write_file(root):
     return root.getFileHandle("left-behind.txt", js.JSON.parse('{"create": true}'))
 """
+# A job that floods the page with messages nobody asked for.
+FLOOD = """
+import js
+
+def main(x):
+    if x == 1:
+        for i in range(5000):
+            js.postMessage(i)
+    return x
+"""
+
 # What a contained worker's global scope still offers, as reviewed (see the README): a name outside
 # this list (a new browser API, or one that containment failed to take away) fails the probe test.
 REVIEWED_SCOPE = json.loads((Path(__file__).parent / "worker_scope.json").read_text())
@@ -242,4 +253,17 @@ def test_research_code_finds_storage_and_channels_gone(browser, server) -> None:
     left = page.evaluate(OPFS_ENTRIES)
     assert left["opfs"] == [] and "uvm-probe" not in left["idb"] and "uvm-probe" not in left["caches"], left
     assert state(page)["dropped_messages"] == 0
+    page.context.close()
+
+
+def test_a_worker_that_floods_the_page_is_stopped(browser, server) -> None:
+    page = one_worker_page(browser, server)
+    job = server.submit(FLOOD, [0, 1, 2], name="flood", timeout=20, max_attempts=1)
+    finished = server.wait(job, timeout=90, page=page)
+    assert finished["state"] == "failed", finished
+    results = {r["index"]: r for r in server.results(job)}
+    assert results[0]["result"] == 0 and results[2]["result"] == 2  # the next worker ran the rest
+    assert "more than 1000 messages the page did not ask for" in results[1]["error"]
+    snap = state(page)
+    assert snap["replaced"] == 1 and snap["dropped_messages"] > 1000
     page.context.close()
