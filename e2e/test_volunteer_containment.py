@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 
@@ -123,12 +124,44 @@ def main(x):
     seen["idb"] = attempt("idb", lambda: js.indexedDB.open("uvm-probe"))
     seen["caches"] = attempt("caches", lambda: js.caches.open("uvm-probe"))
     seen["locks"] = attempt("locks", lambda: js.navigator.locks.request("uvm-probe", lambda lock: None))
-    return seen
+    return {"seen": seen, "scope": {"globals": reachable(js.globalThis), "navigator": reachable(js.navigator)}}
+
+
+def reachable(target):
+    # every name on target and its prototypes that holds a value
+    names, level = set(), target
+    for _ in range(8):
+        if level is None or type(level).__name__ in ("JsNull", "JsUndefined"):
+            break
+        names.update(str(name) for name in js.Object.getOwnPropertyNames(level))
+        level = js.Object.getPrototypeOf(level)
+    return sorted(n for n in names if not n.startswith("__") and has_value(target, n))
+
+
+def has_value(target, name):
+    try:
+        return js.Reflect.get(target, name) is not None  # undefined and null arrive as None
+    except Exception:
+        return True  # a getter that throws is still there
 
 
 def write_file(root):
     return root.getFileHandle("left-behind.txt", js.JSON.parse('{"create": true}'))
 """
+# A job that floods the page with messages nobody asked for.
+FLOOD = """
+import js
+
+def main(x):
+    if x == 1:
+        for i in range(5000):
+            js.postMessage(i)
+    return x
+"""
+
+# What a contained worker's global scope still offers, as reviewed (see the README): a name outside
+# this list (a new browser API, or one that containment failed to take away) fails the probe test.
+REVIEWED_SCOPE = json.loads((Path(__file__).parent / "worker_scope.json").read_text())
 PAGE_LISTENS = """() => {
   window.__leaks = [];
   const channel = new BroadcastChannel("uvm-probe");
@@ -192,6 +225,7 @@ def test_a_hostile_job_cannot_touch_the_next_jobs_on_the_same_page(browser, serv
 
     snap = wait_state(page, lambda s: s["switches"] >= 2)
     assert len(snap["workers"]) == 1 and snap["switches"] == 2, snap  # one slot; B -> A -> B
+    assert snap["workers"][0]["owner"] == second  # its worker ran B's second job only
     assert all(s["spare"] for s in snap["recent_switches"])
     assert snap["dropped_messages"] == 4 * len(b_inputs) * 2  # every forged message, none acted on
     page.screenshot(path=str(screenshots / "volunteer-after-job-switches.png"), full_page=True)
@@ -202,7 +236,13 @@ def test_research_code_finds_storage_and_channels_gone(browser, server) -> None:
     page = one_worker_page(browser, server)
     page.evaluate(PAGE_LISTENS)
     job = server.submit(PROBE, [0], name="probe-storage", timeout=20)
-    seen = run_to_done(server, job, page)[0]
+    probe = run_to_done(server, job, page)[0]
+    seen, scope = probe["seen"], probe["scope"]
+    unreviewed = {key: sorted(set(scope[key]) - set(REVIEWED_SCOPE[key])) for key in ("globals", "navigator")}
+    assert not any(unreviewed.values()), (
+        f"research code can reach names nobody reviewed: {unreviewed}. Review them (README, 'Security in the "
+        "browser'), then take them away in public/worker.js or add them to e2e/worker_scope.json"
+    )
     for name, value in seen.items():
         if name in ("broadcast", "opfs", "idb", "caches", "locks"):
             assert value.startswith("blocked"), (name, seen)
@@ -213,4 +253,17 @@ def test_research_code_finds_storage_and_channels_gone(browser, server) -> None:
     left = page.evaluate(OPFS_ENTRIES)
     assert left["opfs"] == [] and "uvm-probe" not in left["idb"] and "uvm-probe" not in left["caches"], left
     assert state(page)["dropped_messages"] == 0
+    page.context.close()
+
+
+def test_a_worker_that_floods_the_page_is_stopped(browser, server) -> None:
+    page = one_worker_page(browser, server)
+    job = server.submit(FLOOD, [0, 1, 2], name="flood", timeout=20, max_attempts=1)
+    finished = server.wait(job, timeout=90, page=page)
+    assert finished["state"] == "failed", finished
+    results = {r["index"]: r for r in server.results(job)}
+    assert results[0]["result"] == 0 and results[2]["result"] == 2  # the next worker ran the rest
+    assert "more than 1000 messages the page did not ask for" in results[1]["error"]
+    snap = state(page)
+    assert snap["replaced"] == 1 and snap["dropped_messages"] > 1000
     page.context.close()

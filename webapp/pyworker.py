@@ -23,6 +23,8 @@ from pyodide.ffi import create_proxy, to_js
 
 from .calls import ANSWER_FIELDS, Calls
 
+MAX_UNASKED = 1000  # messages nobody asked for that a worker may send before it is stopped
+
 
 def js_object(value: dict):
     """A plain JS object from a Python dict (nested dicts too)."""
@@ -90,8 +92,10 @@ class PyWorker:
             self.on_change()
         elif kind == "fatal" and not self.ready and self.failed is None:
             self.fail(f"worker failed to start: {fields['error']}")
-        else:  # research code can post "ready" or "fatal" too: after boot they answer nothing
-            self.calls.settle(fields)
+        elif not self.calls.settle(fields) and self.calls.dropped > MAX_UNASKED:
+            # Research code can post "ready" or "fatal" too: after boot they answer nothing. A worker
+            # that floods the page with such messages is stopped; its task fails with this message.
+            self.fail(f"worker stopped: it sent more than {MAX_UNASKED} messages the page did not ask for")
 
     def _error(self, event) -> None:  # noqa: ANN001
         event.preventDefault()

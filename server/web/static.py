@@ -1,12 +1,15 @@
-"""Static routes of the volunteer runtime: the page, the embed script, pinned npm assets, Python.
+"""Static routes of the volunteer runtime: the page, the embed script, pinned npm assets, Python;
+and the one page templating (``render_page`` + ``page_response``) the dashboard uses too.
 
 ``add_static_routes`` is called by the app factory. Versions of the npm assets come from
 ``public/package.json`` (pinned exactly, installed with ``npm ci``), so a new version is a new URL
 and every vendored file can be cached for a year. Everything else is revalidated on each load.
 
-The Pyodide worker script gets its own Content-Security-Policy: research code running in a
-worker can ``import js`` and call ``fetch``; the policy limits what it can reach to the Pyodide
-files and the package index, so it cannot talk to our API or websocket with the page's cookies.
+Every page gets a Content-Security-Policy (``page_csp``) and every response ``nosniff``. The
+Pyodide worker script gets its own, stricter policy (``worker_csp``), naming the configured public
+origin: research code running in a worker can ``import js`` and call ``fetch``; the policy limits
+what it can reach to the Pyodide files and the package index, so it cannot talk to our API or
+websocket with the page's cookies. Paths are checked after resolving them, never as typed.
 """
 
 from __future__ import annotations
