@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from server.jobs.outage import is_outage
 from server.protocol import JobState
 from server.store import stats
 
@@ -111,7 +112,10 @@ class Metrics:
             return  # the last values stay; asking the database now would only wait for it
         try:
             counts, running = await stats.job_counts(dispatcher.storage.engine)
-        except Exception:  # noqa: BLE001 - an outage starting now: the gauge says so
+        except Exception as exc:
+            if not is_outage(exc):
+                raise
+            dispatcher.db_health.failed(exc)  # an outage starting now: the gauges say so
             self.database_up.set(0)
             return
         self._set_job_counts(counts)
