@@ -12,12 +12,13 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-import sqlalchemy as sa
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from server.jobs.outage import is_outage
 from server.protocol import JobState
+from server.store import stats
 
 if TYPE_CHECKING:
     from server.jobs.dispatch import Dispatcher
@@ -92,6 +93,7 @@ class Metrics:
         )
 
     def attach(self, dispatcher: Dispatcher) -> None:
+        """Export the restart counts of ``dispatcher``'s background loops."""
         self.registry.register(_LoopRestarts(dispatcher))
 
     async def refresh(self, dispatcher: Dispatcher) -> None:
@@ -109,38 +111,26 @@ class Metrics:
         if health.down_since:
             return  # the last values stay; asking the database now would only wait for it
         try:
-            running = await self._job_counts(dispatcher)
-        except Exception:  # noqa: BLE001 - an outage starting now: the gauge says so
+            counts, running = await stats.job_counts(dispatcher.storage.engine)
+        except Exception as exc:
+            if not is_outage(exc):
+                raise
+            dispatcher.db_health.failed(exc)  # an outage starting now: the gauges say so
             self.database_up.set(0)
             return
+        self._set_job_counts(counts)
         self.leases.set(sum((await dispatcher.queue.running(running)).values()))
 
-    async def _job_counts(self, dispatcher: Dispatcher) -> list[int]:
-        from server.store.tables import jobs
-
-        query = sa.select(
-            jobs.c.state,
-            sa.func.count(),
-            sa.func.coalesce(sa.func.sum(jobs.c.n_tasks), 0),
-            sa.func.coalesce(sa.func.sum(jobs.c.n_done), 0),
-            sa.func.coalesce(sa.func.sum(jobs.c.n_failed), 0),
-        ).group_by(jobs.c.state)
-        async with dispatcher.storage.engine.connect() as conn:
-            rows = (await conn.execute(query)).all()
-            running = (
-                await conn.execute(sa.select(jobs.c.id).where(jobs.c.state == JobState.RUNNING.value).limit(10_000))
-            ).scalars()
-            running_ids = list(running)
-        seen = {r[0] for r in rows}
+    def _set_job_counts(self, counts: list[stats.JobCounts]) -> None:
+        seen = {c.state for c in counts}
         for state in JobState:
             if state.value not in seen:
                 self.jobs.labels(state.value).set(0)
-        for state, n, n_tasks, n_done, n_failed in rows:
-            self.jobs.labels(state).set(n)
-            self.tasks.labels(state, "done").set(n_done)
-            self.tasks.labels(state, "failed").set(n_failed)
-            self.tasks.labels(state, "pending").set(n_tasks - n_done - n_failed)
-        return running_ids
+        for c in counts:
+            self.jobs.labels(c.state).set(c.jobs)
+            self.tasks.labels(c.state, "done").set(c.done)
+            self.tasks.labels(c.state, "failed").set(c.failed)
+            self.tasks.labels(c.state, "pending").set(c.pending)
 
 
 def throttle_state(state: dict) -> str:

@@ -12,9 +12,10 @@ import logging
 import random
 import time
 
-import sqlalchemy as sa
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
+
+from server.store import stats
 
 logger = logging.getLogger(__name__)
 HOLD_MIN, HOLD_MAX = 5.0, 10.0  # seconds a volunteer waits before sending held results again
@@ -43,6 +44,7 @@ class DbHealth:
         self.outages = 0
 
     def failed(self, exc: BaseException) -> None:
+        """A database call failed as in an outage: note when it began (logged once per outage)."""
         self.error = f"{type(exc).__name__}: {str(exc)[:200]}"
         if self.down_since is None:
             self.down_since = time.time()
@@ -50,6 +52,7 @@ class DbHealth:
             logger.error("database unreachable (%s): holding volunteers' results until it returns", self.error)
 
     def ok(self) -> None:
+        """A database call succeeded: any outage is over."""
         if self.down_since is not None:
             logger.warning("database back after %.1f s", time.time() - self.down_since)
         self.down_since = None
@@ -58,8 +61,8 @@ class DbHealth:
     async def probe(self, engine: AsyncEngine) -> bool:
         """During an outage, ask the database whether it is back; returns whether it answers."""
         try:
-            async with asyncio.timeout(5), engine.connect() as conn:
-                await conn.execute(sa.text("SELECT 1"))
+            async with asyncio.timeout(5):
+                await stats.ping(engine)
         except Exception as exc:  # noqa: BLE001 - still away: the outage goes on
             self.failed(exc)
             return False
@@ -72,6 +75,7 @@ class DbHealth:
             raise DatabaseAway(f"database unreachable for {time.time() - self.down_since:.0f} s")
 
     def as_dict(self) -> dict:
+        """For /api/health: ``{"state": "up"}`` or the outage's age and last error."""
         if self.down_since is None:
             return {"state": "up"}
         return {"state": "down", "down_seconds": round(time.time() - self.down_since, 1), "error": self.error}

@@ -27,6 +27,7 @@ def _allowed(request: web.Request) -> bool:
 
 
 async def metrics(request: web.Request) -> web.Response:
+    """The Prometheus text exposition of this process's registry, gauges read fresh."""
     if not _allowed(request):
         raise web.HTTPForbidden(
             text="/metrics: send Authorization: Bearer UVM_METRICS_TOKEN, or scrape from an address in "

@@ -100,7 +100,7 @@ class App:
         self.device = supervisor.Device(cores=None)
         self.plan = supervisor.plan(self.device, self.settings)
         self.sent_throttle: dict | None = None
-        self.counts = {"tasks_messages": 0, "code_messages": 0}
+        self.counts = {"tasks_messages": 0, "code_messages": 0, "results_messages": 0, "holds": 0}
         self.first_result_at: float | None = None
         self.opened_at = time.monotonic()
         self.last_error = ""
@@ -318,6 +318,7 @@ class App:
             outcomes = [protocol.Outcome(**self.results[a]) for a in chunk]
             if not self.link.send(protocol.Results(results=outcomes)):
                 return
+            self.counts["results_messages"] += 1
             self.in_flight.update(chunk)
         self.oldest_result = None
 
@@ -454,6 +455,7 @@ class App:
     def on_hold(self, msg: protocol.Hold) -> None:
         """The server's database is away: keep these results (they stay in the vault) and send them
         again once, after the delay the server chose for this volunteer, not in a storm of retries."""
+        self.counts["holds"] += 1
         self.in_flight.difference_update(msg.attempts)
         self.flush_after = time.monotonic() + float(msg.retry_after)
         self.last_error = f"results held by the server for {msg.retry_after:g} s: {msg.reason}"
