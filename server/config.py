@@ -32,6 +32,9 @@ class Config:
     event_loop: str = "uvloop"  # uvloop when installed (faster websockets), or asyncio
     package_index_url: str = ""  # empty: Pyodide's CDN for the pinned Pyodide version (server/web/static.py)
     public_url: str = ""  # the origin people reach us at (https://compute.example.edu); empty: the listen address
+    default_replication: int | str = "adaptive"  # a job's replication when it names none
+    trust_after: int = 10  # consecutive validated results before a volunteer's result may stand alone
+    spot_check: float = 0.1  # fraction of a trusted volunteer's results replicated anyway
     instance: str = dataclasses.field(default_factory=lambda: os.urandom(4).hex())
 
     @property
@@ -57,6 +60,9 @@ class Config:
             "UVM_PACKAGE_INDEX_URL": ("package_index_url", str),
             "UVM_EVENT_LOOP": ("event_loop", _event_loop),
             "UVM_PUBLIC_URL": ("public_url", _public_url),
+            "UVM_DEFAULT_REPLICATION": ("default_replication", _replication),
+            "UVM_TRUST_AFTER": ("trust_after", _positive_int),
+            "UVM_SPOT_CHECK": ("spot_check", _fraction),
         }
         values: dict[str, object] = {}
         for name, raw in env.items():
@@ -113,6 +119,21 @@ def _public_url(raw: str) -> str:
     if url and (not url.startswith(("http://", "https://")) or "/" in url.split("://", 1)[1]):
         raise ValueError("expected an origin such as https://compute.example.edu (scheme and host, no path)")
     return url
+
+
+def _replication(raw: str) -> int | str:
+    if raw == "adaptive":
+        return raw
+    if not raw.isdigit() or not 1 <= int(raw) <= 10:
+        raise ValueError("expected adaptive or an integer from 1 to 10")
+    return int(raw)
+
+
+def _fraction(raw: str) -> float:
+    value = float(raw)
+    if not 0 <= value <= 1:
+        raise ValueError("expected a fraction between 0 and 1")
+    return value
 
 
 def _event_loop(raw: str) -> str:

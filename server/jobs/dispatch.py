@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import ipaddress
 import json
 import logging
 import secrets
@@ -17,6 +18,7 @@ import time
 from typing import Any
 
 from server.config import Config
+from server.jobs.validator import Validator
 from server.protocol import AttemptOutcome, Cancel, Outcome, TaskSpec
 from server.queue import Bus, Lease, Queue
 from server.spec import InvalidJob, JobSpec, verify_code
@@ -34,6 +36,7 @@ class Conn:
 
     volunteer: str
     send: Any  # async callable(message dataclass)
+    address: str = ""  # the client's IP address as the server sees it ("" when unknown)
     held: dict[str, int] = dataclasses.field(default_factory=dict)  # attempt -> job
     capabilities: dict = dataclasses.field(default_factory=dict)
     throttle: dict = dataclasses.field(default_factory=dict)
@@ -50,6 +53,7 @@ class Dispatcher:
         self._submissions: asyncio.Queue = asyncio.Queue()
         self._outcomes: asyncio.Queue = asyncio.Queue()
         self.leased_total = 0
+        self.validator = Validator(storage, config)
 
     # ------------------------------------------------------------------------ background
     async def run(self) -> None:
@@ -97,6 +101,8 @@ class Dispatcher:
                     for conn in self.conns:
                         for lease in expired:
                             conn.held.pop(lease.attempt, None)
+                    # a lease that expired unanswered goes to another volunteer, never back to this one
+                    await self.queue.exclude([(lease.task, lease.volunteer) for lease in expired])
                     rec = await self.storage.record_lost(expired, AttemptOutcome.EXPIRED)
                     await self._apply(rec)
             except Exception:  # the loop must survive a dropped database or Redis connection
@@ -153,7 +159,7 @@ class Dispatcher:
     # -------------------------------------------------------------------------- leasing
     async def lease(self, conn: Conn, n: int) -> list[TaskSpec]:
         attempts = [secrets.token_hex(8) for _ in range(n)]
-        leases = await self.queue.lease(conn.volunteer, attempts, time.time())
+        leases = await self.queue.lease(conn.volunteer, attempts, time.time(), self._network_rule(conn))
         if not leases:
             return []
         for lease in leases:
@@ -182,6 +188,14 @@ class Dispatcher:
                 )
             )
         return specs
+
+    def _network_rule(self, conn: Conn) -> str:
+        """The network tag replicas must avoid for this volunteer, when volunteers of other networks
+        are connected (replicas go to distinct networks when they can); "" when they cannot."""
+        tag = network_of(conn.address)
+        if not tag or not any(network_of(c.address) not in ("", tag) for c in self.conns):
+            return ""
+        return tag
 
     async def resume(self, conn: Conn, attempts: list[str]) -> int:
         """A volunteer reconnected still holding these attempts (a refresh, a dropped network):
@@ -216,7 +230,7 @@ class Dispatcher:
         for outcome in outcomes:
             check_result(outcome, self.config.max_result_bytes)
         future = asyncio.get_running_loop().create_future()
-        await self._outcomes.put((conn.volunteer, outcomes, future))
+        await self._outcomes.put((conn, outcomes, future))
         rec = await future
         for attempt in rec.acked + rec.ignored:
             conn.held.pop(attempt, None)
@@ -227,10 +241,12 @@ class Dispatcher:
             batch = [await self._outcomes.get()]
             while not self._outcomes.empty() and sum(len(b[1]) for b in batch) < self.config.intake_batch:
                 batch.append(self._outcomes.get_nowait())
-            items = [(volunteer, o) for volunteer, outcomes, _ in batch for o in outcomes]
+            items = [(conn.volunteer, o) for conn, outcomes, _ in batch for o in outcomes]
+            networks = {conn.volunteer: network_of(conn.address) for conn, _, _ in batch}
             try:
                 live = await self.queue.live([o.attempt for _, o in items])
-                rec = await asyncio.shield(self.storage.record(items, live))
+                rec = await asyncio.shield(self.validator.record(items, live))
+                rec.exclude += [(task, networks[who]) for task, who in rec.exclude if networks.get(who)]
             except Exception as exc:  # nothing committed: the volunteers are told to send again
                 logger.exception("recording outcomes")
                 for _, _, future in batch:
@@ -252,6 +268,8 @@ class Dispatcher:
 
     async def _apply(self, rec: Recorded) -> None:
         """After a commit: end or requeue leases, drop failed tasks, tell researchers."""
+        await self.queue.exclude(rec.exclude)  # before the requeue: the task must not come straight back
+        await self.queue.forget(rec.settled)
         await self.queue.release(rec.release)
         await self.queue.requeue(rec.requeue)
         await self.queue.drop(rec.drop)
@@ -312,6 +330,21 @@ class Dispatcher:
         jobs = await self.storage.list_jobs(researcher_id)
         await self._add_running(jobs)
         return jobs
+
+
+def network_of(address: str) -> str:
+    """The network replicas of a task should not share: "net:a.b.c.0/24" (IPv4) or the /64 (IPv6).
+    Loopback and unknown addresses give "": volunteers there count by their id alone."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return ""
+    if ip.is_loopback:
+        return ""
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    prefix = 24 if ip.version == 4 else 64
+    return "net:" + str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
 
 
 def check_result(outcome: Outcome, limit: int) -> None:

@@ -70,7 +70,7 @@ async def volunteer_socket(request: web.Request) -> web.WebSocketResponse:  # no
                         raise P.ProtocolError("'hello' was already sent on this connection")
                     if not VOLUNTEER_ID.match(msg.volunteer):
                         raise P.ProtocolError("hello: volunteer id must be 1-64 letters, digits, '-' or '_'")
-                    conn = Conn(msg.volunteer, send, capabilities=msg.capabilities)
+                    conn = Conn(msg.volunteer, send, address=request.remote or "", capabilities=msg.capabilities)
                     dispatcher.conns.add(conn)
                     await storage.volunteer_seen(msg.volunteer, msg.capabilities)
                     resume = msg.capabilities.get("resume")
