@@ -83,10 +83,24 @@ def _sim(args: argparse.Namespace, config: Config) -> int:
     from workers.sim import run_volunteers
 
     stats = asyncio.run(
-        run_volunteers(args.server, args.count, prefetch=args.prefetch, duration=args.duration, quiet=args.quiet)
+        run_volunteers(
+            args.server,
+            args.count,
+            prefetch=args.prefetch,
+            duration=args.duration,
+            quiet=args.quiet,
+            lie_rate=args.lie_rate,
+        )
     )
     print(f"volunteer-sim: {stats['done']} results sent, {stats['errors']} errors", flush=True)
     return 0
+
+
+def _fraction(raw: str) -> float:
+    value = float(raw)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError("expected a fraction between 0 and 1")
+    return value
 
 
 def parser() -> argparse.ArgumentParser:
@@ -115,6 +129,13 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--prefetch", type=int, default=2, help="tasks each asks for at once")
     v.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
     v.add_argument("--quiet", action="store_true")
+    v.add_argument(
+        "--lie-rate",
+        type=_fraction,
+        default=0.0,
+        metavar="P",
+        help="forge this fraction of results with random values (to test result verification)",
+    )
     return p
 
 

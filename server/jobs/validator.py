@@ -131,7 +131,8 @@ def decide(
     disagreement = len(ranked) > 1
     if len(replicas) >= policy.replicas:
         best = next((g for g in ranked if g[0].error is None), [])
-        runner_up = max((len(g) for g in ranked if g is not best), default=0)
+        # the quorum must be unique among results; errors do not outvote an agreeing quorum
+        runner_up = max((len(g) for g in ranked if g is not best and g[0].error is None), default=0)
         if best and len(best) >= policy.quorum and len(best) > runner_up:
             minority = tuple(r for r in replicas if r not in best)
             valid = tuple(best) if len(best) > 1 else ()
