@@ -233,6 +233,8 @@ async def test_reputation_survives_a_reconnect_and_a_new_id_starts_untrusted(ser
     async with app[K.storage].engine.connect() as conn:
         known = {r.volunteer: r.consecutive for r in (await conn.execute(sa.select(reputation))).all()}
     trusted = next(s.volunteer for s in sims if known.get(s.volunteer, 0) >= 3)
+    shown = await app[K.storage].reputation_of(trusted, 3)  # as /api/admin/volunteers shows it
+    assert shown["trusted"] and shown["validated"] >= 3 and shown["invalid"] == 0
     job = await api.submit(SQUARE, [5, 6], replication="adaptive")
     back = await Scripted.connect(api, trusted)  # the same id, on a new connection
     newcomer = await Scripted.connect(api, "forged-or-new")
@@ -246,3 +248,39 @@ async def test_reputation_survives_a_reconnect_and_a_new_id_starts_untrusted(ser
     assert accepted[0] == "" and (await api.job(job))["validation"]["pending_validation"] == 1
     await back.close()
     await newcomer.close()
+
+
+async def test_adaptive_trust_is_earned_inside_a_job_and_costs_little(serve, volunteers):
+    """Four honest volunteers, 1,200 tasks under "adaptive": at most 1.35 results per task."""
+    api, _ = await serve()
+    job = await api.submit(SQUARE, list(range(1200)), replication="adaptive")
+    volunteers(api.url, 4, prefetch=4)
+    final = await api.wait(job, timeout=240)
+    assert final["state"] == "done"
+    rows = await rows_of(api, job)
+    assert [r["result"] for r in rows] == [x * x for x in range(1200)]
+    per_task = final["validation"]["replicas"] / 1200
+    assert per_task <= 1.35, final["validation"]
+    assert sum(1 for r in rows if (r["accepted"] or "").startswith("trusted")) > 600  # trust was earned
+
+
+async def test_adaptive_with_a_liar_ends_almost_no_task_wrong(serve, volunteers):
+    """One volunteer forging 30 % of its results beside three honest ones: <= 0.5 % of tasks wrong."""
+    api, _ = await serve()
+    job = await api.submit(SQUARE, list(range(1200)), replication="adaptive")
+    (liar,) = volunteers(api.url, 1, prefetch=4, lie_rate=0.3, seed=7)
+    volunteers(api.url, 3, prefetch=4)
+    final = await api.wait(job, timeout=240)
+    assert final["state"] == "done"
+    rows = await rows_of(api, job)
+    wrong = sum(1 for r in rows if r["result"] != r["input"] ** 2)
+    assert liar.lies and wrong <= 6, (wrong, len(liar.lies), final["validation"])
+
+
+def test_the_client_says_when_results_wait_for_a_second_volunteer():
+    from uvm_compute.client import waiting_note
+
+    assert waiting_note({"validation": {"pending_validation": 3}}) == (
+        "3 results waiting for a second volunteer to confirm"
+    )
+    assert waiting_note({"validation": {"pending_validation": 0}}) == ""
