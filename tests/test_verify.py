@@ -284,3 +284,37 @@ def test_the_client_says_when_results_wait_for_a_second_volunteer():
         "3 results waiting for a second volunteer to confirm"
     )
     assert waiting_note({"validation": {"pending_validation": 0}}) == ""
+
+
+@pytest.mark.parametrize("backend", ["mariadb"])
+async def test_after_a_redis_flush_a_replica_still_never_goes_back_to_its_reporter(serve, redis_client):
+    api, app = await serve()
+    job = await api.submit(SQUARE, [4], replication=2)
+    a = await Scripted.connect(api, "reporter")
+    (task,) = await a.lease(1)
+    await a.report([result(task, 16)])
+    await redis_client.flushdb()  # the ready queue, leases and exclusions: gone
+    assert await app[K.dispatcher].rebuild_if_needed() == 1  # rebuilt from the database
+    assert await a.lease(1) == []
+    b = await Scripted.connect(api, "confirmer")
+    (again,) = await b.lease(1)
+    await b.report([result(again, 16)])
+    assert (await api.wait(job, timeout=10))["state"] == "done"
+    await a.close()
+    await b.close()
+
+
+def test_replicas_avoid_the_network_of_a_reporter_when_others_are_connected(tmp_path):
+    from server.config import Config
+    from server.jobs.dispatch import Conn, Dispatcher, network_of
+
+    assert network_of("192.0.2.77") == "net:192.0.2.0/24"
+    assert network_of("::ffff:192.0.2.5") == "net:192.0.2.0/24"
+    assert network_of("2001:db8:1:2:3:4:5:6") == "net:2001:db8:1:2::/64"
+    assert network_of("127.0.0.1") == network_of("::1") == network_of("") == ""  # loopback: by id alone
+    dispatcher = Dispatcher(Config(data_dir=tmp_path), None, None, None)  # type: ignore[arg-type]
+    home, neighbour, elsewhere = Conn("a", None, "192.0.2.1"), Conn("b", None, "192.0.2.9"), Conn("c", None, "10.1.1.1")
+    dispatcher.conns = {home, neighbour}
+    assert dispatcher._network_rule(home) == ""  # one network only: distinct volunteers will do
+    dispatcher.conns.add(elsewhere)
+    assert dispatcher._network_rule(neighbour) == "net:192.0.2.0/24"

@@ -82,6 +82,8 @@ class Dispatcher:
             return 0
         n = 0
         async for chunk in self.storage.ready_items():
+            # first who already reported on these tasks, so no replica goes back to them
+            await self.queue.exclude(await self.storage.reporters([item.task for item in chunk]))
             n += await self.queue.push(chunk)
         await self.queue.rebuilt()
         logger.info("ready queue rebuilt from the database: %d tasks", n)

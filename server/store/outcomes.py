@@ -96,6 +96,19 @@ class Outcomes:
             out.setdefault(r.task_id, []).append((r.id, r.volunteer, reported))
         return out
 
+    async def reporters(self, task_ids: list[int]) -> list[tuple[int, str]]:
+        """(task, volunteer) for every report awaiting a decision: what the queue's exclusions are
+        rebuilt from after a Redis flush."""
+        if not task_ids:
+            return []
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(
+                sa.select(attempts.c.task_id, attempts.c.volunteer).where(
+                    attempts.c.task_id.in_(task_ids), attempts.c.verdict == "pending"
+                )
+            )
+            return [(r.task_id, r.volunteer) for r in rows.all()]
+
     async def reputations(self, conn: AsyncConnection, volunteers: list[str]) -> dict[str, Any]:
         """Reputation rows (locked) of these volunteers; a volunteer with none has none yet."""
         if not volunteers:
