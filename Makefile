@@ -22,6 +22,7 @@ setup: $(VENV)/.installed public/node_modules/.installed
 run: setup
 	@echo "UVM Compute on the embedded default (SQLite + in-process queue, data in ./data)."
 	@echo "Open http://$(HOST):$(PORT)/ to volunteer, http://$(HOST):$(PORT)/dashboard to submit work."
+	@echo "Results are confirmed by a second volunteer: open the volunteer page in two browsers (or a private window)."
 	$(VENV)/bin/uvm-compute serve --host $(HOST) --port $(PORT)
 
 services:

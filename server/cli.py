@@ -23,6 +23,12 @@ def _serve(args: argparse.Namespace, config: Config) -> int:
         else ("MySQL + in-process queue" if config.database_url else f"SQLite in {config.data_dir} + in-process queue")
     )
     print(f"UVM Compute on {backend}: http://{args.host}:{args.port}/ (dashboard: /dashboard)", flush=True)
+    if config.default_replication != 1:
+        print(
+            f"Jobs default to replication {config.default_replication!r}: a result needs a second volunteer to "
+            "confirm it. To see a job finish, volunteer from two browsers (or a normal and a private window).",
+            flush=True,
+        )
     if config.event_loop == "uvloop":
         with contextlib.suppress(ImportError):
             import uvloop

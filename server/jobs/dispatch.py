@@ -270,8 +270,10 @@ class Dispatcher:
 
     async def _apply(self, rec: Recorded) -> None:
         """After a commit: end or requeue leases, drop failed tasks, tell researchers."""
-        await self.queue.exclude(rec.exclude)  # before the requeue: the task must not come straight back
+        # Forget the settled tasks' exclusions first: a task decided and then re-opened in one batch
+        # keeps the exclusion the re-opening added. Exclude before requeueing: it must not come back.
         await self.queue.forget(rec.settled)
+        await self.queue.exclude(rec.exclude)
         await self.queue.release(rec.release)
         await self.queue.requeue(rec.requeue)
         await self.queue.drop(rec.drop)

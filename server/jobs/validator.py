@@ -247,7 +247,10 @@ class Validator:
             # finished meanwhile, or this volunteer already reported on the task: not counted again
             writes.attempt(o, task, volunteer, AttemptOutcome.LATE, None)
             rec.ignored.append(o.attempt)
-            if is_live:
+            if is_live and task.state == TaskState.QUEUED.value:  # still to do: by someone else
+                rec.requeue.append(o.attempt)
+                rec.exclude.append((task.id, volunteer))
+            elif is_live:
                 rec.release.append(o.attempt)
             return
         before = len(groups(replicas, info.verification.tolerance))
