@@ -318,3 +318,23 @@ def test_replicas_avoid_the_network_of_a_reporter_when_others_are_connected(tmp_
     assert dispatcher._network_rule(home) == ""  # one network only: distinct volunteers will do
     dispatcher.conns.add(elsewhere)
     assert dispatcher._network_rule(neighbour) == "net:192.0.2.0/24"
+
+
+async def test_a_second_report_from_the_same_volunteer_never_orphans_its_task(serve):
+    """Should a volunteer get a task again that it already reported on (its exclusion lost), its
+    second report is ignored and the task goes back to the ready queue for someone else."""
+    api, app = await serve()
+    job = await api.submit(SQUARE, [3], replication=2)
+    a = await Scripted.connect(api, "twice")
+    (task,) = await a.lease(1)
+    await a.report([result(task, 9)])
+    await app[K.dispatcher].queue.forget([task["task"]])  # as if the exclusion were lost
+    (again,) = await a.lease(1)
+    ack = await a.report([result(again, 9)])
+    assert ack["ignored"] == [again["attempt"]]
+    b = await Scripted.connect(api, "other")
+    (third,) = await b.lease(1)
+    await b.report([result(third, 9)])
+    assert (await api.wait(job, timeout=10))["state"] == "done"
+    await a.close()
+    await b.close()
