@@ -29,6 +29,7 @@ setup-test: setup $(VENV)/.installed-test
 run: setup
 	@echo "UVM Compute on the embedded default (SQLite + in-process queue, data in ./data)."
 	@echo "Open http://$(HOST):$(PORT)/ to volunteer, http://$(HOST):$(PORT)/dashboard to submit work."
+	@echo "Results are confirmed by a second volunteer: open the volunteer page in two browsers (or a private window)."
 	$(VENV)/bin/uvm-compute serve --host $(HOST) --port $(PORT)
 
 services:

@@ -113,9 +113,8 @@ def main() -> None:
     server = ServerProcess(env).start()
     try:
         t0 = time.perf_counter()
-        job = _post(
-            f"{server.url}/api/jobs", token, {"code": "def main(x):\n    return x\n", "inputs": {"range": [args.tasks]}}
-        )
+        body = {"code": "def main(x):\n    return x\n", "inputs": {"range": [args.tasks]}, "replication": 1}
+        job = _post(f"{server.url}/api/jobs", token, body)  # one replica: this measures dispatch
         t_submit = time.perf_counter() - t0
         out: multiprocessing.Queue = multiprocessing.Queue()
         finished = multiprocessing.Event()

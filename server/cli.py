@@ -37,6 +37,12 @@ def _serve(args: argparse.Namespace, config: Config) -> int:
         else ("MySQL + in-process queue" if config.database_url else f"SQLite in {config.data_dir} + in-process queue")
     )
     print(f"UVM Compute on {backend}: http://{args.host}:{args.port}/ (dashboard: /dashboard)", flush=True)
+    if config.default_replication != 1:
+        print(
+            f"Jobs default to replication {config.default_replication!r}: a result needs a second volunteer to "
+            "confirm it. To see a job finish, volunteer from two browsers (or a normal and a private window).",
+            flush=True,
+        )
     if config.event_loop == "uvloop":
         with contextlib.suppress(ImportError):
             import uvloop
@@ -111,7 +117,14 @@ def _sim(args: argparse.Namespace, config: Config) -> int:
     from workers.sim import run_volunteers
 
     stats = asyncio.run(
-        run_volunteers(args.server, args.count, prefetch=args.prefetch, duration=args.duration, quiet=args.quiet)
+        run_volunteers(
+            args.server,
+            args.count,
+            prefetch=args.prefetch,
+            duration=args.duration,
+            quiet=args.quiet,
+            lie_rate=args.lie_rate,
+        )
     )
     print(f"volunteer-sim: {stats['done']} results sent, {stats['errors']} errors", flush=True)
     return 0
@@ -127,6 +140,13 @@ def _check(args: argparse.Namespace, config: Config) -> int:
     from server.ops import check_config
 
     return asyncio.run(check_config(config))
+
+
+def _fraction(raw: str) -> float:
+    value = float(raw)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError("expected a fraction between 0 and 1")
+    return value
 
 
 def parser() -> argparse.ArgumentParser:
@@ -172,6 +192,13 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--prefetch", type=int, default=2, help="tasks each asks for at once")
     v.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
     v.add_argument("--quiet", action="store_true")
+    v.add_argument(
+        "--lie-rate",
+        type=_fraction,
+        default=0.0,
+        metavar="P",
+        help="forge this fraction of results with random values (to test result verification)",
+    )
     return p
 
 

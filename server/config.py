@@ -41,6 +41,9 @@ class Config:
     metrics_token: str = ""  # Bearer token that may read /metrics
     metrics_allow: tuple[str, ...] = ()  # networks that may read /metrics without the token
     log_format: str = "text"  # text | json
+    default_replication: int | str = "adaptive"  # a job's replication when it names none
+    trust_after: int = 10  # consecutive validated results before a volunteer's result may stand alone
+    spot_check: float = 0.1  # fraction of a trusted volunteer's results replicated anyway
     instance: str = dataclasses.field(default_factory=lambda: os.urandom(4).hex())
 
     @property
@@ -74,6 +77,9 @@ class Config:
             "UVM_METRICS_TOKEN": ("metrics_token", _token),
             "UVM_METRICS_ALLOW": ("metrics_allow", _networks),
             "UVM_LOG_FORMAT": ("log_format", _log_format),
+            "UVM_DEFAULT_REPLICATION": ("default_replication", _replication),
+            "UVM_TRUST_AFTER": ("trust_after", _positive_int),
+            "UVM_SPOT_CHECK": ("spot_check", _fraction),
         }
         values: dict[str, object] = {}
         for name, raw in env.items():
@@ -169,6 +175,21 @@ def _public_url(raw: str) -> str:
     if url and (not url.startswith(("http://", "https://")) or "/" in url.split("://", 1)[1]):
         raise ValueError("expected an origin such as https://compute.example.edu (scheme and host, no path)")
     return url
+
+
+def _replication(raw: str) -> int | str:
+    if raw == "adaptive":
+        return raw
+    if not raw.isdigit() or not 1 <= int(raw) <= 10:
+        raise ValueError("expected adaptive or an integer from 1 to 10")
+    return int(raw)
+
+
+def _fraction(raw: str) -> float:
+    value = float(raw)
+    if not 0 <= value <= 1:
+        raise ValueError("expected a fraction between 0 and 1")
+    return value
 
 
 def _event_loop(raw: str) -> str:

@@ -18,6 +18,8 @@ MAX_NAME = 200
 MAX_TIMEOUT = 24 * 3600.0
 MAX_ATTEMPTS = 20
 MAX_REPLICATION = 10
+MAX_REPLICAS = 20  # results one task may use before it fails with "no agreement"
+ADAPTIVE = "adaptive"  # replication by reputation: trusted volunteers are spot-checked
 _REQUIREMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
@@ -51,7 +53,10 @@ class JobSpec:
     max_attempts: int = 3
     priority: int = 0
     requirements: list[str] = dataclasses.field(default_factory=list)
-    replication: int = 1
+    replication: int | str = 1  # 1-10 replicas, or ADAPTIVE
+    quorum: int | None = None  # None: the default of the replication (see ``Verification``)
+    max_replicas: int | None = None
+    tolerance: dict[str, float] | None = None  # {"rtol", "atol"} for floats; None: exact equality
     parent_job_id: int | None = None
     results_of: int | None = None  # resolved into a list of that job's results before saving
 
@@ -81,6 +86,9 @@ _FIELDS = {
     "priority",
     "requirements",
     "replication",
+    "quorum",
+    "max_replicas",
+    "tolerance",
 }
 
 
@@ -108,14 +116,88 @@ def parse(body: Any, config: Config) -> JobSpec:
     spec.priority = _typed(body, "priority", int, 0)
     if not -100 <= spec.priority <= 100:
         raise InvalidJob("'priority' must be between -100 and 100", field="priority")
-    spec.replication = _typed(body, "replication", int, 1)
-    if not 1 <= spec.replication <= MAX_REPLICATION:
-        raise InvalidJob(f"'replication' must be between 1 and {MAX_REPLICATION}", field="replication")
+    _parse_verification(spec, body, config)
     reqs = _typed(body, "requirements", list, [])
     if len(reqs) > 50 or not all(isinstance(r, str) and _REQUIREMENT.match(r) for r in reqs):
         raise InvalidJob("'requirements' must be a list of package names", field="requirements")
     spec.requirements = list(reqs)
     return spec
+
+
+@dataclasses.dataclass(frozen=True)
+class Verification:
+    """How a job's results are verified: ``replicas`` results (2 under adaptive, where a trusted
+    volunteer's result may stand alone), ``quorum`` of them agreeing, at most ``max_replicas``."""
+
+    replication: int | str
+    quorum: int
+    max_replicas: int
+    tolerance: tuple[float, float] | None  # (rtol, atol)
+
+    @property
+    def adaptive(self) -> bool:
+        return self.replication == ADAPTIVE
+
+    @property
+    def replicas(self) -> int:
+        return 2 if self.adaptive else int(self.replication)
+
+    @classmethod
+    def of(
+        cls, replication: int | str, quorum: int | None, max_replicas: int | None, tolerance: dict | None
+    ) -> Verification:
+        """The job's settings with their defaults filled in: quorum k//2+1, max_replicas k+3."""
+        k = 2 if replication == ADAPTIVE else int(replication)
+        tol = (float(tolerance.get("rtol", 0.0)), float(tolerance.get("atol", 0.0))) if tolerance else None
+        return cls(replication, quorum or k // 2 + 1, max_replicas or min(k + 3, MAX_REPLICAS), tol)
+
+
+def attempts_exhausted(failures: int, max_attempts: int) -> bool:
+    """The attempts rule, the one place it lives: a task fails once ``max_attempts`` distinct
+    volunteers failed it (errors, timeouts, expired leases)."""
+    return failures >= max_attempts
+
+
+def _parse_verification(spec: JobSpec, body: dict, config: Config) -> None:
+    """``replication`` (1-10 or "adaptive"), ``quorum``, ``max_replicas`` and ``tolerance``."""
+    replication = body.get("replication")
+    if replication is None:
+        replication = config.default_replication
+    if replication != ADAPTIVE and (
+        isinstance(replication, bool) or not isinstance(replication, int) or not 1 <= replication <= MAX_REPLICATION
+    ):
+        raise InvalidJob(
+            f"'replication' must be an integer between 1 and {MAX_REPLICATION}, or \"adaptive\"", field="replication"
+        )
+    spec.replication = replication
+    k = 2 if replication == ADAPTIVE else replication
+    quorum = _typed(body, "quorum", int, None)
+    if quorum is not None:
+        if replication == ADAPTIVE:
+            raise InvalidJob("'quorum' applies to a fixed replication; adaptive replication uses 2", field="quorum")
+        if not k // 2 + 1 <= quorum <= k:
+            raise InvalidJob(
+                f"'quorum' must be between {k // 2 + 1} (a majority of {k}) and {k} (all of them)", field="quorum"
+            )
+    spec.quorum = quorum
+    max_replicas = _typed(body, "max_replicas", int, None)
+    if max_replicas is not None and not k <= max_replicas <= MAX_REPLICAS:
+        raise InvalidJob(
+            f"'max_replicas' must be between {k} (the replication) and {MAX_REPLICAS}", field="max_replicas"
+        )
+    spec.max_replicas = max_replicas
+    spec.tolerance = _parse_tolerance(body.get("tolerance"))
+
+
+def _parse_tolerance(tolerance: Any) -> dict[str, float] | None:
+    if tolerance is None:
+        return None
+    if not isinstance(tolerance, dict) or not tolerance or set(tolerance) - {"rtol", "atol"}:
+        raise InvalidJob('\'tolerance\' must be an object with "rtol" and/or "atol"', field="tolerance")
+    for name, value in tolerance.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1e300:
+            raise InvalidJob(f"'tolerance' {name} must be a non-negative number", field="tolerance")
+    return {name: float(value) for name, value in tolerance.items()}
 
 
 def _typed(body: dict, name: str, types: Any, default: Any) -> Any:

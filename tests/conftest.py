@@ -83,7 +83,9 @@ def make_config(backend: str, tmp_path: Path, request: pytest.FixtureRequest) ->
         }
 
     def make(**overrides: object) -> Config:
-        env = {"UVM_DATA_DIR": str(tmp_path / "data"), **extra}
+        # Tests that are not about verification run one replica per task (one simulated volunteer
+        # completes a job); tests of verification ask for their replication explicitly.
+        env = {"UVM_DATA_DIR": str(tmp_path / "data"), "UVM_DEFAULT_REPLICATION": "1", **extra}
         return Config.from_env(env, **overrides)
 
     return make

@@ -207,6 +207,13 @@ async def test_operator_sees_volunteers_and_throttle(serve, browser_session, vol
     recent = {v["id"]: v for v in body["recent"]}
     assert recent["throttled-one"]["throttle"]["reason"] == "battery low"
     assert sum(v["tasks_done"] for v in recent.values()) == 20
+    assert connected["throttled-one"]["reputation"] == {  # operators see each volunteer's reputation
+        "consecutive_validated": 0,
+        "validated": 0,
+        "invalid": 0,
+        "last_invalid_at": None,
+        "trusted": False,
+    }
     assert body["throughput"] > 0 and "ready" in body
 
 

@@ -36,10 +36,14 @@ async def test_heartbeat_keeps_a_lease_and_silence_expires_it(serve):
         ack = P.Outcome(a["attempt"], a["task"], result=a["input"])
         await ws.send_str(P.encode(P.Results([ack])))
         assert json.loads((await ws.receive()).data)["attempts"] == [a["attempt"]]
-        # b's task: leased again (attempt 2 of 2) and left to expire again -> failed
-        (again,) = await _lease(ws, 1)
-        assert again["task"] == b["task"] and again["attempt"] != b["attempt"]
-        final = await api.wait(job, timeout=10)
+        # b's task never goes back to the volunteer that let it expire: another one leases it
+        # (attempt 2 of 2) and lets it expire too -> failed
+        assert await _lease(ws, 1) == []
+        async with api.session.ws_connect(url) as other:
+            await _hello(other, "second")
+            (again,) = await _lease(other, 1)
+            assert again["task"] == b["task"] and again["attempt"] != b["attempt"]
+            final = await api.wait(job, timeout=10)
     assert final["state"] == "failed" and final["counts"]["done"] == 1 and final["counts"]["failed"] == 1
     async with api.session.get(f"{api.url}/api/jobs/{job}/errors", headers=api.headers()) as resp:
         (err,) = (await resp.json())["errors"]

@@ -29,6 +29,7 @@ def mariadb_env(mariadb_database: str, tmp_path: Path) -> dict[str, str]:
         "UVM_DATABASE_URL": mysql_url(mariadb_database),
         "UVM_REDIS_URL": REDIS_URL,
         "UVM_KEY": "11" * 32,
+        "UVM_DEFAULT_REPLICATION": "1",  # one replica per task: these tests are about dispatch
     }
 
 
@@ -161,7 +162,7 @@ async def test_canary_not_in_mysqldump(mariadb_env, mariadb_database, redis_clie
 
 
 async def test_canary_not_in_sqlite_file(tmp_path: Path):
-    env = {"UVM_DATA_DIR": str(tmp_path / "data")}
+    env = {"UVM_DATA_DIR": str(tmp_path / "data"), "UVM_DEFAULT_REPLICATION": "1"}
     token = add_researcher(env, "canary@example.org")
     server = ServerProcess(env).start()
     try:

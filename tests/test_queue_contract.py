@@ -148,3 +148,38 @@ async def test_claim_leases_a_ready_task_under_a_given_attempt(queue):
     await queue.cancel_job(2)
     await queue.push(items(2, 1, start=50))
     assert await queue.claim("v", "x", items(2, 1, start=50)[0], now=0.0) is None  # cancelled job
+
+
+async def test_excluded_tasks_are_skipped_for_that_volunteer_only(queue):
+    await queue.push(items(1, 3))  # tasks 1, 2, 3
+    await queue.exclude([(1, "v"), (2, "v")])
+    (lease,) = await queue.lease("v", ["a1"], now=0.0)
+    assert lease.task == 3  # 1 and 2 exclude v: they stay ready, in order, for the others
+    assert await queue.ready_count() == 2
+    assert [le.task for le in await queue.lease("v", ["a2"], now=0.0)] == []
+    got = await queue.lease("w", ["b1", "b2"], now=0.0)
+    assert [le.task for le in got] == [1, 2]
+
+
+async def test_excluded_network_and_forget(queue):
+    await queue.push(items(1, 2))
+    await queue.exclude([(1, "net:10.0.0.0/24")])
+    (lease,) = await queue.lease("v", ["a1"], now=0.0, network="net:10.0.0.0/24")
+    assert lease.task == 2  # another volunteer of the same network must not take task 1
+    assert await queue.lease("w", ["b1"], now=0.0, network="net:10.0.0.0/24") == []
+    (other,) = await queue.lease("x", ["c1"], now=0.0, network="net:10.0.1.0/24")
+    assert other.task == 1
+    await queue.requeue(["c1"])
+    await queue.forget([1])
+    (again,) = await queue.lease("w", ["b2"], now=0.0, network="net:10.0.0.0/24")
+    assert again.task == 1
+
+
+async def test_a_requeued_task_does_not_come_back_to_an_excluded_volunteer(queue):
+    await queue.push(items(1, 1))
+    await queue.lease("v", ["a1"], now=0.0)
+    await queue.exclude([(1, "v")])
+    await queue.requeue(["a1"])
+    assert await queue.lease("v", ["a2"], now=0.0) == []
+    assert await queue.ready_count() == 1
+    assert [le.task for le in await queue.lease("w", ["b1"], now=0.0)] == [1]

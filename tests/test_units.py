@@ -159,7 +159,7 @@ async def test_migrations_match_the_declared_schema(backend, tmp_path, request):
             diff = await conn.run_sync(lambda c: compare_metadata(MigrationContext.configure(c), metadata))
             version = (await conn.execute(sa.text("SELECT version_num FROM alembic_version"))).scalar()
         assert diff == []
-        assert version == "0003"  # MERGE NOTE: the newest revision (ops: 0003 after verify's 0002)
+        assert version == "0003"  # the newest revision
     finally:
         await engine.dispose()
 

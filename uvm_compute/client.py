@@ -243,13 +243,19 @@ class Client:
         max_attempts: int = 3,
         priority: int = 0,
         requirements: Iterable[str] = (),
-        replication: int = 1,
+        replication: int | str | None = None,
+        quorum: int | None = None,
+        max_replicas: int | None = None,
+        tolerance: dict[str, float] | None = None,
     ) -> Job:
         """Run ``fn`` on every input in volunteers' browsers; returns the ``Job`` at once.
 
         ``inputs``: a list (or any iterable) of JSON values, a ``range`` (sent as a sweep, not
         expanded), a finished ``Job`` (its results, in order), or None (one task, ``fn(None)``).
         ``fn``: a self-contained top-level function, or Python source defining ``main(x)``.
+        ``replication``: 1-10 volunteers per task, a ``quorum`` of them agreeing, or "adaptive"
+        (trusted volunteers are spot-checked); None: the server's default. ``tolerance``:
+        ``{"rtol", "atol"}`` for comparing float results.
         """
         code = function_source(fn)
         default_name = fn.__name__ if isinstance(fn, types.FunctionType) else ""
@@ -261,8 +267,9 @@ class Client:
             "max_attempts": max_attempts,
             "priority": priority,
             "requirements": list(requirements),
-            "replication": replication,
         }
+        options = {"replication": replication, "quorum": quorum, "max_replicas": max_replicas, "tolerance": tolerance}
+        body.update({k: v for k, v in options.items() if v is not None})
         created = self.request("POST", "/api/jobs", body)
         chained = isinstance(body["inputs"], dict) and not body["inputs"].keys() & {"range"}
         return Job(self, created["id"], None if chained else created.get("n_tasks"))
@@ -342,6 +349,9 @@ class Job:
                     bar.update(status["counts"]["done"] + status["counts"]["failed"] - bar.n)
                     bar.set_postfix(
                         failed=status["counts"]["failed"], volunteers=status.get("volunteers", 0), refresh=False
+                    )
+                    bar.set_description(
+                        f"job {self.id}" + (f" ({waiting})" if (waiting := waiting_note(status)) else "")
                     )
                 if status["state"] in TERMINAL:
                     return status
@@ -585,6 +595,15 @@ class _EventFeed:
                 self.live = False
                 self._closed.wait(backoff)
                 backoff = min(backoff * 2, MAX_POLL_SECONDS * 4)
+
+
+def waiting_note(status: dict) -> str:
+    """ "N results waiting for a second volunteer to confirm" when results await confirmation
+    (under replication, one volunteer -- or two tabs of one browser -- cannot confirm its own)."""
+    n = (status.get("validation") or {}).get("pending_validation", 0)
+    if not n:
+        return ""
+    return f"{n} result{'s' if n != 1 else ''} waiting for a second volunteer to confirm"
 
 
 def _progress_bar(job_id: int, status: dict):  # noqa: ANN202

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import functools
 import io
+import random
 import time
 import traceback
 import uuid
@@ -48,13 +49,25 @@ def run_task(source: str, value: Any) -> P.Outcome:
 
 
 class SimVolunteer:
-    """One simulated volunteer. ``crash_after``: vanish (no results) after leasing that many."""
+    """One simulated volunteer. ``crash_after``: vanish (no results) after leasing that many.
+    ``lie_rate``: forge that fraction of its results with random values (a hostile volunteer)."""
 
-    def __init__(self, server: str, prefetch: int = 2, volunteer: str | None = None, crash_after: int | None = None):
+    def __init__(
+        self,
+        server: str,
+        prefetch: int = 2,
+        volunteer: str | None = None,
+        crash_after: int | None = None,
+        lie_rate: float = 0.0,
+        seed: int | None = None,
+    ):
         self.url = server.rstrip("/").replace("http://", "ws://").replace("https://", "wss://") + "/ws/volunteer"
         self.prefetch = prefetch
         self.volunteer = volunteer or "sim-" + uuid.uuid4().hex[:12]
         self.crash_after = crash_after
+        self.lie_rate = lie_rate
+        self.lies: set[int] = set()  # tasks it forged a result for
+        self._rng = random.Random(seed)
         self.done = 0
         self.errors = 0
         self.leased = 0
@@ -125,6 +138,9 @@ class SimVolunteer:
                 source = await self._source(ws, spec)
                 outcome = run_task(source, spec.input)
                 outcome.attempt, outcome.task = spec.attempt, spec.task
+                if self.lie_rate and outcome.error is None and self._rng.random() < self.lie_rate:
+                    outcome.result = self._rng.random()  # a forged result
+                    self.lies.add(spec.task)
                 outcomes.append(outcome)
             ack = await self._send_results(ws, outcomes)
             self.done += len(ack.attempts)
@@ -178,10 +194,11 @@ async def run_volunteers(
     duration: float | None = None,
     quiet: bool = False,
     stop: asyncio.Event | None = None,
+    lie_rate: float = 0.0,
 ) -> dict:
     """Run ``count`` simulated volunteers until ``stop`` is set or ``duration`` passes."""
     stop = stop or asyncio.Event()
-    sims = [SimVolunteer(server, prefetch) for _ in range(count)]
+    sims = [SimVolunteer(server, prefetch, lie_rate=lie_rate) for _ in range(count)]
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as session:
         runs = [asyncio.create_task(_forever(sim, session, stop)) for sim in sims]

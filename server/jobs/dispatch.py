@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import ipaddress
 import json
 import logging
 import secrets
@@ -19,6 +20,7 @@ from typing import Any
 from server.config import Config
 from server.jobs.metrics import Metrics
 from server.jobs.outage import DatabaseAway, DbHealth, is_outage
+from server.jobs.validator import Validator
 from server.protocol import AttemptOutcome, Cancel, Outcome, TaskSpec
 from server.queue import Bus, Lease, Queue
 from server.spec import InvalidJob, JobSpec, verify_code
@@ -56,6 +58,7 @@ class Dispatcher:
         self.db_health = DbHealth()
         self.metrics = Metrics()
         self.metrics.attach(self)
+        self.validator = Validator(storage, config)
 
     # ------------------------------------------------------------------------ background
     async def run(self) -> None:
@@ -84,6 +87,8 @@ class Dispatcher:
             return 0
         n = 0
         async for chunk in self.storage.ready_items():
+            # first who already reported on these tasks, so no replica goes back to them
+            await self.queue.exclude(await self.storage.reporters([item.task for item in chunk]))
             n += await self.queue.push(chunk)
         await self.queue.rebuilt()
         logger.info("ready queue rebuilt from the database: %d tasks", n)
@@ -112,6 +117,8 @@ class Dispatcher:
                             lease.task,
                             extra={**fields, "volunteer": lease.volunteer},
                         )
+                    # a lease that expired unanswered goes to another volunteer, never back to this one
+                    await self.queue.exclude([(lease.task, lease.volunteer) for lease in expired])
                     rec = await self.storage.record_lost(expired, AttemptOutcome.EXPIRED)
                     self.metrics.attempts.labels("expired").inc(len(expired))
                     await self._apply(rec)
@@ -174,7 +181,7 @@ class Dispatcher:
         if self.db_health.down_since is not None:
             return []  # results could not be committed; an empty answer means "ask again later"
         attempts = [secrets.token_hex(8) for _ in range(n)]
-        leases = await self.queue.lease(conn.volunteer, attempts, time.time())
+        leases = await self.queue.lease(conn.volunteer, attempts, time.time(), self._network_rule(conn))
         if not leases:
             return []
         for lease in leases:
@@ -215,6 +222,14 @@ class Dispatcher:
                 )
             )
         return specs
+
+    def _network_rule(self, conn: Conn) -> str:
+        """The network tag replicas must avoid for this volunteer, when volunteers of other networks
+        are connected (replicas go to distinct networks when they can); "" when they cannot."""
+        tag = network_of(conn.address)
+        if not tag or not any(network_of(c.address) not in ("", tag) for c in self.conns):
+            return ""
+        return tag
 
     async def resume(self, conn: Conn, attempts: list[str]) -> int:
         """A volunteer reconnected still holding these attempts (a refresh, a dropped network):
@@ -263,7 +278,7 @@ class Dispatcher:
         for outcome in outcomes:
             check_result(outcome, self.config.max_result_bytes)
         future = asyncio.get_running_loop().create_future()
-        await self._outcomes.put((conn.volunteer, outcomes, future))
+        await self._outcomes.put((conn, outcomes, future))
         rec = await future
         for attempt in rec.acked + rec.ignored:
             conn.held.pop(attempt, None)
@@ -274,12 +289,14 @@ class Dispatcher:
             batch = [await self._outcomes.get()]
             while not self._outcomes.empty() and sum(len(b[1]) for b in batch) < self.config.intake_batch:
                 batch.append(self._outcomes.get_nowait())
-            items = [(volunteer, o) for volunteer, outcomes, _ in batch for o in outcomes]
+            items = [(conn.volunteer, o) for conn, outcomes, _ in batch for o in outcomes]
+            networks = {conn.volunteer: network_of(conn.address) for conn, _, _ in batch}
             try:
                 live = await self.queue.live([o.attempt for _, o in items])
                 started = time.perf_counter()
-                rec = await asyncio.shield(self.storage.record(items, live))
+                rec = await asyncio.shield(self.validator.record(items, live))
                 self.metrics.commit_seconds.observe(time.perf_counter() - started)
+                rec.exclude += [(task, networks[who]) for task, who in rec.exclude if networks.get(who)]
             except Exception as exc:  # nothing committed: the volunteers are told to send again
                 if is_outage(exc):
                     self.db_health.failed(exc)
@@ -313,6 +330,10 @@ class Dispatcher:
 
     async def _apply(self, rec: Recorded) -> None:
         """After a commit: end or requeue leases, drop failed tasks, tell researchers."""
+        # Forget the settled tasks' exclusions first: a task decided and then re-opened in one batch
+        # keeps the exclusion the re-opening added. Exclude before requeueing: it must not come back.
+        await self.queue.forget(rec.settled)
+        await self.queue.exclude(rec.exclude)
         await self.queue.release(rec.release)
         await self.queue.requeue(rec.requeue)
         await self.queue.drop(rec.drop)
@@ -374,6 +395,21 @@ class Dispatcher:
         jobs = await self.storage.list_jobs(researcher_id)
         await self._add_running(jobs)
         return jobs
+
+
+def network_of(address: str) -> str:
+    """The network replicas of a task should not share: "net:a.b.c.0/24" (IPv4) or the /64 (IPv6).
+    Loopback and unknown addresses give "": volunteers there count by their id alone."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return ""
+    if ip.is_loopback:
+        return ""
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    prefix = 24 if ip.version == 4 else 64
+    return "net:" + str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
 
 
 def check_result(outcome: Outcome, limit: int) -> None:

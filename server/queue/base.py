@@ -12,6 +12,7 @@ import dataclasses
 from collections.abc import AsyncIterator, Iterable
 
 PRIORITY_SHIFT = 2**40
+MAX_SKIPPED = 256  # excluded tasks one lease call looks past before it gives up (bounds its cost)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,8 +58,18 @@ class Queue:
         """Make tasks ready unless already ready or leased; returns how many were added."""
         raise NotImplementedError
 
-    async def lease(self, volunteer: str, attempts: list[str], now: float) -> list[Lease]:
-        """Lease up to ``len(attempts)`` tasks, naming the attempts with the given ids."""
+    async def lease(self, volunteer: str, attempts: list[str], now: float, network: str = "") -> list[Lease]:
+        """Lease up to ``len(attempts)`` tasks, naming the attempts with the given ids. Tasks that
+        exclude ``volunteer`` (or ``network``, when given) are skipped and stay ready for others."""
+        raise NotImplementedError
+
+    async def exclude(self, pairs: list[tuple[int, str]]) -> None:
+        """Never lease task ``t`` to ``who`` again, for each (t, who): a volunteer id or a network tag.
+        Only tasks that have exclusions carry a set, so leasing other tasks costs nothing more."""
+        raise NotImplementedError
+
+    async def forget(self, tasks: list[int]) -> None:
+        """Drop the exclusions of tasks that were decided."""
         raise NotImplementedError
 
     async def extend(self, attempts: list[str], now: float) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Iterable
 
-from server.queue.base import Lease, Queue, ReadyItem
+from server.queue.base import MAX_SKIPPED, Lease, Queue, ReadyItem
 
 
 class MemoryQueue(Queue):
@@ -20,6 +20,7 @@ class MemoryQueue(Queue):
         self._deadlines: dict[str, float] = {}
         self._cancelled: set[int] = set()
         self._running: dict[int, int] = {}
+        self._excluded: dict[int, set[str]] = {}  # task -> volunteers and network tags it must avoid
         self._epoch = False
 
     def _add(self, score: int, member: str) -> bool:
@@ -48,14 +49,19 @@ class MemoryQueue(Queue):
     async def push(self, items: Iterable[ReadyItem]) -> int:
         return sum(self._add(item.score, item.member) for item in items)
 
-    async def lease(self, volunteer: str, attempts: list[str], now: float) -> list[Lease]:
+    async def lease(self, volunteer: str, attempts: list[str], now: float, network: str = "") -> list[Lease]:
         out: list[Lease] = []
-        while self._heap and len(out) < len(attempts):
+        skipped: list[tuple[int, str]] = []
+        while self._heap and len(out) < len(attempts) and len(skipped) < MAX_SKIPPED:
             score, member = heapq.heappop(self._heap)
             if member not in self._ready:
                 continue  # dropped
-            self._ready.discard(member)
             job, task, _index, timeout = member.split(":")
+            excluded = self._excluded.get(int(task))
+            if excluded and (volunteer in excluded or (network and network in excluded)):
+                skipped.append((score, member))
+                continue
+            self._ready.discard(member)
             if int(job) in self._cancelled:
                 continue
             attempt = attempts[len(out)]
@@ -64,7 +70,17 @@ class MemoryQueue(Queue):
             self._deadlines[attempt] = now + float(timeout) + self.grace
             self._running[int(job)] = self._running.get(int(job), 0) + 1
             out.append(self._lease_of(attempt, self._leases[attempt]))
+        for entry in skipped:
+            heapq.heappush(self._heap, entry)
         return out
+
+    async def exclude(self, pairs: list[tuple[int, str]]) -> None:
+        for task, who in pairs:
+            self._excluded.setdefault(task, set()).add(who)
+
+    async def forget(self, tasks: list[int]) -> None:
+        for task in tasks:
+            self._excluded.pop(task, None)
 
     async def claim(self, volunteer: str, attempt: str, item: ReadyItem, now: float) -> Lease | None:
         if item.member not in self._ready or item.job in self._cancelled:

@@ -7,22 +7,32 @@ from collections.abc import Iterable
 from typing import Any
 
 from server.queue import redis_keys as keys
-from server.queue.base import Bus, Lease, Queue, ReadyItem
+from server.queue.base import MAX_SKIPPED, Bus, Lease, Queue, ReadyItem
 
 # ----------------------------------------------------------------------------------- Redis
+# KEYS: ready, leases, deadlines, cancelled, running, leased_tasks ; ARGV: now, grace, volunteer,
+# instance, network tag ('' for none), excluded-set prefix, max skipped, then the attempt ids.
+# A task with an exclusion set naming this volunteer (or network) is put back for the others.
 _LUA_LEASE = """
-local n = #ARGV - 4
-local now, grace, vol, inst = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], ARGV[4]
+local n = #ARGV - 7
+local now, grace, vol, inst, net = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], ARGV[4], ARGV[5]
+local excl, max_skipped = ARGV[6], tonumber(ARGV[7])
 local out = {}
+local skipped = {}
 local i = 0
-while i < n do
+while i < n and #skipped < max_skipped * 2 do
   local popped = redis.call('ZPOPMIN', KEYS[1], 1)
   if #popped == 0 then break end
   local member, score = popped[1], popped[2]
   local job, task, idx, timeout = string.match(member, '^(%d+):(%d+):(%d+):(.+)$')
-  if redis.call('SISMEMBER', KEYS[4], job) == 0 then
+  local skip = redis.call('SISMEMBER', excl .. task, vol) == 1
+    or (net ~= '' and redis.call('SISMEMBER', excl .. task, net) == 1)
+  if skip then
+    table.insert(skipped, score)
+    table.insert(skipped, member)
+  elseif redis.call('SISMEMBER', KEYS[4], job) == 0 then
     i = i + 1
-    local attempt = ARGV[4 + i]
+    local attempt = ARGV[7 + i]
     local deadline = now + tonumber(timeout) + grace
     redis.call('HSET', KEYS[2], attempt, score .. '|' .. member .. '|' .. vol .. '|' .. inst)
     redis.call('HSET', KEYS[6], task, attempt)
@@ -33,6 +43,7 @@ while i < n do
     table.insert(out, tostring(deadline))
   end
 end
+if #skipped > 0 then redis.call('ZADD', KEYS[1], unpack(skipped)) end
 return out
 """
 
@@ -128,14 +139,28 @@ class RedisQueue(Queue):
             args += [item.score, item.member]
         return int(await self._push(keys=[keys.READY, keys.LEASED_TASKS], args=args)) if args else 0
 
-    async def lease(self, volunteer: str, attempts: list[str], now: float) -> list[Lease]:
+    async def lease(self, volunteer: str, attempts: list[str], now: float, network: str = "") -> list[Lease]:
         if not attempts:
             return []
         flat = await self._lease(
             keys=[keys.READY, keys.LEASES, keys.DEADLINES, keys.CANCELLED, keys.RUNNING, keys.LEASED_TASKS],
-            args=[repr(now), repr(self.grace), volunteer, self.instance, *attempts],
+            args=[repr(now), repr(self.grace), volunteer, self.instance, network, keys.EXCLUDED, MAX_SKIPPED]
+            + attempts,
         )
         return self._leases(flat)
+
+    async def exclude(self, pairs: list[tuple[int, str]]) -> None:
+        if not pairs:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for task, who in pairs:
+                pipe.sadd(f"{keys.EXCLUDED}{task}", who)
+                pipe.expire(f"{keys.EXCLUDED}{task}", keys.EXCLUDED_TTL)
+            await pipe.execute()
+
+    async def forget(self, tasks: list[int]) -> None:
+        if tasks:
+            await self.redis.delete(*[f"{keys.EXCLUDED}{task}" for task in tasks])
 
     async def claim(self, volunteer: str, attempt: str, item: ReadyItem, now: float) -> Lease | None:
         deadline = now + item.timeout + self.grace

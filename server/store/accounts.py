@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from server.store.models import Conflict, NotFound, Researcher
 from server.store.models import now as _now
-from server.store.tables import researchers, sessions, volunteers
+from server.store.tables import reputation, researchers, sessions, volunteers
 
 
 class Accounts:
@@ -117,6 +117,19 @@ class Accounts:
                 .where(volunteers.c.id == volunteer)
                 .values(throttle=json.dumps(state)[:4000], last_seen=_now())
             )
+
+    async def reputation_of(self, volunteer: str, trust_after: int) -> dict:
+        """What the validator holds of a volunteer: validated streak, totals, trusted or not."""
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(sa.select(reputation).where(reputation.c.volunteer == volunteer))).first()
+        consecutive, validated, invalid, last = row[1:] if row is not None else (0, 0, 0, None)
+        return {
+            "consecutive_validated": consecutive,
+            "validated": validated,
+            "invalid": invalid,
+            "last_invalid_at": last,
+            "trusted": consecutive >= trust_after,
+        }
 
     async def volunteer_stats(self, volunteer: str) -> dict:
         async with self.engine.connect() as conn:

@@ -6,7 +6,9 @@ import dataclasses
 import time
 from typing import Any
 
+from server.protocol import AttemptOutcome, Outcome, TaskState
 from server.queue import ReadyItem
+from server.spec import Verification
 
 
 class NotFound(Exception):
@@ -40,6 +42,7 @@ class JobInfo:
     priority: int
     max_attempts: int
     requirements: list
+    verification: Verification = Verification(1, 1, 4, None)
 
     def input_at(self, index: int) -> Any:
         return self.range_start + index * self.range_step if self.inputs_kind == "range" else None
@@ -57,6 +60,55 @@ class Recorded:
     jobs: set[int] = dataclasses.field(default_factory=set)  # jobs whose counts changed
     push: list[ReadyItem] = dataclasses.field(default_factory=list)  # new tasks to make ready
     upstream: list[tuple] = dataclasses.field(default_factory=list)  # (job, task, idx, state, result) finished
+    exclude: list[tuple[int, str]] = dataclasses.field(default_factory=list)  # (task, volunteer): never again
+    settled: list[int] = dataclasses.field(default_factory=list)  # tasks decided: their exclusions can go
+
+
+@dataclasses.dataclass
+class TaskDecision:
+    """The validator's verdict on a task: it becomes ``state`` (done or failed)."""
+
+    task: Any  # the locked row (id, job_id, idx, state, attempts, replicas)
+    state: TaskState
+    volunteer: str
+    result: Any
+    how: str  # how the result was accepted, e.g. "2/3"
+    replicas: int
+    error: str | None = None
+    output: str | None = None  # None: keep the task's output as it is
+    cpu: float = 0.0
+    failures: int = 0  # errors and timeouts so far (tasks.attempts)
+
+
+@dataclasses.dataclass
+class OutcomeWrites:
+    """What the validator tells the store to write for one batch of outcomes (no decisions here)."""
+
+    attempts: list[dict] = dataclasses.field(default_factory=list)
+    verdicts: dict[str, str] = dataclasses.field(default_factory=dict)  # attempt -> verdict
+    decisions: list[TaskDecision] = dataclasses.field(default_factory=list)
+    progress: list[tuple[Any, Outcome, str]] = dataclasses.field(default_factory=list)  # still queued
+    counts: dict[int, dict[str, int]] = dataclasses.field(default_factory=dict)  # job -> column -> delta
+    # volunteer -> (consecutive, validated, invalid, last_invalid_at): the new values
+    reputation: dict[str, tuple] = dataclasses.field(default_factory=dict)
+    stats: dict[str, list[float]] = dataclasses.field(default_factory=dict)  # volunteer -> [results, cpu]
+    reopen: list[str] = dataclasses.field(default_factory=list)  # volunteers whose trusted results go back
+
+    def attempt(self, o: Outcome, task: Any, volunteer: str, outcome: AttemptOutcome, reported: Any) -> None:
+        """Record the attempt; ``reported`` ({"result": v} or {"error": key}) is kept for later replicas."""
+        row = {"outcome": o, "task": task, "volunteer": volunteer, "kind": outcome, "reported": reported}
+        self.attempts.append(row)
+        if outcome is not AttemptOutcome.LATE:
+            stats = self.stats.setdefault(volunteer, [0, 0.0])
+            stats[0] += outcome is AttemptOutcome.DONE
+            stats[1] += max(0.0, float(o.cpu))
+
+    def count(self, job: int, column: str, delta: int = 1) -> None:
+        per_job = self.counts.setdefault(job, {})
+        per_job[column] = per_job.get(column, 0) + delta
+
+    def decide(self, decision: TaskDecision) -> None:
+        self.decisions.append(decision)
 
 
 def now() -> float:

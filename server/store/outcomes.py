@@ -1,8 +1,13 @@
-"""Recording what volunteers send back: results, errors, lost leases. Idempotent per attempt and task."""
+"""Writing what volunteers send back, as the validator (server/jobs/validator.py) decides; lost leases.
+
+No decision about a task's result is made here: the validator reads through ``admissible``,
+``lock_tasks``, ``pending_reports`` and ``reputations``, decides, and hands ``write_outcomes`` the writes.
+"""
 
 from __future__ import annotations
 
 import collections
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import sqlalchemy as sa
@@ -13,12 +18,13 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from server.crypto import Box
 from server.protocol import AttemptOutcome, JobState, Outcome, TaskState
 from server.queue import ReadyItem
+from server.spec import attempts_exhausted
 from server.store import pipelines
-from server.store.models import Recorded
+from server.store.models import OutcomeWrites, Recorded, TaskDecision
 from server.store.models import now as _now
-from server.store.tables import attempts, jobs, tasks, volunteers
+from server.store.tables import attempts, jobs, reputation, tasks, volunteers
 
-_TaskRow = collections.namedtuple("_TaskRow", "id job_id idx state attempts")
+TaskRow = collections.namedtuple("TaskRow", "id job_id idx state attempts replicas")
 
 
 class Outcomes:
@@ -27,20 +33,16 @@ class Outcomes:
     engine: AsyncEngine
     box: Box
 
-    async def record(self, items: list[tuple[str, Outcome]], live: dict[str, Any]) -> Recorded:
-        """Commit a batch of (volunteer, outcome) in one transaction; idempotent per attempt and task.
+    async def run_in_transaction(self, work: Callable[[AsyncConnection], Awaitable[Any]]) -> Any:
+        """Run ``work(conn)`` in one transaction, again if it was a deadlock victim (the validator's)."""
+        return await self._retry(work)
 
-        ``live`` maps attempt -> Lease for the leases still live. An outcome whose lease is gone
-        is accepted only if its attempt was handed to this volunteer (recorded when it expired
-        or was abandoned); otherwise it is ignored.
-        """
-        return await self._retry(lambda conn: self._record(conn, items, live))
-
-    async def _record(  # noqa: C901 - one pass deciding each outcome, then batched writes
-        self, conn: AsyncConnection, items: list[tuple[str, Outcome]], live: dict[str, Any]
-    ) -> Recorded:
-        rec = Recorded()
-        now = _now()
+    async def admissible(
+        self, conn: AsyncConnection, items: list[tuple[str, Outcome]], live: dict[str, Any], rec: Recorded
+    ) -> list[tuple[str, Outcome, bool]]:
+        """The outcomes this volunteer may report: (volunteer, outcome, lease still live); the rest
+        go to ``rec.ignored``. With its lease gone, an outcome counts only if its attempt was handed
+        to this volunteer and then expired or was abandoned (not recorded yet)."""
         known = {
             r.id: r
             for r in (
@@ -51,13 +53,13 @@ class Outcomes:
                 )
             ).all()
         }
-        accepted: list[tuple[str, Outcome, bool]] = []
+        accepted = []
         for volunteer, o in items:
             lease = live.get(o.attempt)
             prior = known.get(o.attempt)
             if lease is not None:
                 ok = lease.task == o.task and lease.volunteer == volunteer
-            else:  # lease gone: accept only an attempt that expired or was abandoned by this volunteer
+            else:
                 ok = (
                     prior is not None
                     and prior.task_id == o.task
@@ -68,90 +70,77 @@ class Outcomes:
                 accepted.append((volunteer, o, lease is not None))
             else:
                 rec.ignored.append(o.attempt)  # unknown, duplicate, or not this volunteer's
-        if not accepted:
-            return rec
-        # Lock the tasks (one statement), decide, then write in a few executemany statements.
-        rows = {
-            r.id: _TaskRow(*r)
-            for r in (
-                await conn.execute(
-                    sa.select(tasks.c.id, tasks.c.job_id, tasks.c.idx, tasks.c.state, tasks.c.attempts)
-                    .where(tasks.c.id.in_([o.task for _, o, _ in accepted]))
-                    .with_for_update()
+        return accepted
+
+    async def lock_tasks(self, conn: AsyncConnection, task_ids: list[int]) -> dict[int, TaskRow]:
+        """The tasks, locked (one statement) until the transaction ends."""
+        rows = await conn.execute(
+            sa.select(tasks.c.id, tasks.c.job_id, tasks.c.idx, tasks.c.state, tasks.c.attempts, tasks.c.replicas)
+            .where(tasks.c.id.in_(task_ids))
+            .with_for_update()
+        )
+        return {r.id: TaskRow(*r) for r in rows.all()}
+
+    async def pending_reports(self, conn: AsyncConnection, task_ids: list[int]) -> dict[int, list[tuple]]:
+        """Reports awaiting a decision, per task, oldest first: (attempt, volunteer, {"result"|"error": v})."""
+        out: dict[int, list[tuple]] = {}
+        if not task_ids:
+            return out
+        rows = await conn.execute(
+            sa.select(attempts.c.id, attempts.c.task_id, attempts.c.volunteer, attempts.c.reported_ct)
+            .where(attempts.c.task_id.in_(task_ids), attempts.c.verdict == "pending")
+            .order_by(attempts.c.finished_at, attempts.c.id)
+        )
+        for r in rows.all():
+            reported = self.box.open_json(r.reported_ct, f"attempt:{r.id}:reported")
+            out.setdefault(r.task_id, []).append((r.id, r.volunteer, reported))
+        return out
+
+    async def reporters(self, task_ids: list[int]) -> list[tuple[int, str]]:
+        """(task, volunteer) for every report awaiting a decision: what the queue's exclusions are
+        rebuilt from after a Redis flush."""
+        if not task_ids:
+            return []
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(
+                sa.select(attempts.c.task_id, attempts.c.volunteer).where(
+                    attempts.c.task_id.in_(task_ids), attempts.c.verdict == "pending"
                 )
-            ).all()
-        }
-        done_rows: list[dict] = []
-        attempt_rows: list[dict] = []
-        updated_attempts: list[dict] = []
-        done_by_job: dict[int, int] = {}
-        per_volunteer: dict[str, list[float]] = {}
-        for volunteer, o, is_live in accepted:
-            task = rows.get(o.task)
-            if task is None:
-                rec.ignored.append(o.attempt)
-                continue
-            rec.jobs.add(task.job_id)
-            if task.state != TaskState.QUEUED.value:
-                outcome = AttemptOutcome.LATE
-                rec.ignored.append(o.attempt)
-                if is_live:
-                    rec.release.append(o.attempt)
-            elif o.error is None:
-                outcome = AttemptOutcome.DONE
-                aad = f"task:{task.id}"
-                done_rows.append(
-                    {
-                        "id": task.id,
-                        "job_id": task.job_id,
-                        "idx": task.idx,
-                        "state": TaskState.DONE.value,
-                        "attempts": task.attempts,
-                        "result_ct": self.box.seal_json(o.result, aad + ":result"),
-                        "output_ct": self.box.seal_text(o.output, aad + ":output") if o.output else None,
-                        "error_ct": None,
-                        "volunteer": volunteer,
-                        "cpu": o.cpu,
-                        "finished_at": now,
-                    }
-                )
-                rows[o.task] = task._replace(state=TaskState.DONE.value)  # a second outcome in this batch is late
-                rec.acked.append(o.attempt)
-                rec.upstream.append((task.job_id, task.id, task.idx, TaskState.DONE.value, o.result))
-                done_by_job[task.job_id] = done_by_job.get(task.job_id, 0) + 1
-                if is_live:
-                    rec.release.append(o.attempt)
-                else:  # its lease had expired: the task may be waiting in the ready queue again
-                    info = await self.job_info(task.job_id)
-                    if info is not None:
-                        rec.drop.append(ReadyItem(task.job_id, task.id, task.idx, info.timeout, info.priority))
-            else:
-                outcome = await self._record_error(conn, rec, task, o, volunteer, now, is_live)
-                rows[o.task] = task._replace(attempts=task.attempts + 1)
-            stats = per_volunteer.setdefault(volunteer, [0, 0.0])
-            stats[0] += outcome is AttemptOutcome.DONE
-            stats[1] += max(0.0, float(o.cpu))
-            row = {
-                "id": o.attempt,
-                "task_id": task.id,
-                "job_id": task.job_id,
-                "volunteer": volunteer,
-                "outcome": outcome.value,
-                "cpu": o.cpu,
-                "finished_at": now,
-            }
-            (updated_attempts if o.attempt in known else attempt_rows).append(row)
+            )
+            return [(r.task_id, r.volunteer) for r in rows.all()]
+
+    async def reputations(self, conn: AsyncConnection, volunteers: list[str]) -> dict[str, Any]:
+        """Reputation rows (locked) of these volunteers; a volunteer with none has none yet."""
+        if not volunteers:
+            return {}
+        rows = await conn.execute(
+            sa.select(reputation).where(reputation.c.volunteer.in_(sorted(set(volunteers)))).with_for_update()
+        )
+        return {r.volunteer: r for r in rows.all()}
+
+    async def write_outcomes(self, conn: AsyncConnection, writes: OutcomeWrites, rec: Recorded) -> None:
+        """Write what the validator decided: attempts, verdicts, tasks, job counters, reputations."""
+        now = _now()
+        await self._write_attempts(conn, writes, now)
+        done_rows = [self._done_row(d, now) for d in writes.decisions if d.state is TaskState.DONE]
         if done_rows:
-            await self._mark_done(conn, done_rows, done_by_job)
-        if attempt_rows:
-            await conn.execute(attempts.insert(), attempt_rows)
-        for row in updated_attempts:
-            await conn.execute(attempts.update().where(attempts.c.id == row["id"]).values(**row))
-        for job_id, n in done_by_job.items():
-            await conn.execute(jobs.update().where(jobs.c.id == job_id).values(n_done=jobs.c.n_done + n))
+            await self._mark_done(conn, done_rows)
+        for d in writes.decisions:
+            if d.state is TaskState.FAILED:
+                await self._mark_failed(conn, d, now)
+        for task, o, _volunteer in writes.progress:
+            await self._mark_progress(conn, task, o)
+        if writes.reputation:
+            await self._write_reputation(conn, writes.reputation, now)
+        if writes.reopen:
+            await self._reopen(conn, writes, rec)
+        for job_id, deltas in writes.counts.items():
+            values = {c: jobs.c[c] + n for c, n in deltas.items() if n}
+            if values:
+                await conn.execute(jobs.update().where(jobs.c.id == job_id).values(**values))
         await pipelines.feed(self, conn, rec)
         await self.finish_jobs(conn, rec.jobs)
-        if per_volunteer:
+        if writes.stats:
             rows = [
                 {
                     "id": v,
@@ -162,14 +151,140 @@ class Outcomes:
                     "tasks_done": int(n),
                     "cpu_seconds": c,
                 }
-                for v, (n, c) in per_volunteer.items()
+                for v, (n, c) in writes.stats.items()
             ]
             await conn.execute(
                 self._bulk_update(volunteers, ["id"], rows, replace=["last_seen"], add=["tasks_done", "cpu_seconds"])
             )
-        return rec
 
-    async def _mark_done(self, conn: AsyncConnection, rows: list[dict], done_by_job: dict[int, int]) -> None:
+    async def _write_attempts(self, conn: AsyncConnection, writes: OutcomeWrites, now: float) -> None:
+        rows = []
+        for a in writes.attempts:
+            o, task = a["outcome"], a["task"]
+            reported = a["reported"]
+            rows.append(
+                {
+                    "id": o.attempt,
+                    "task_id": task.id,
+                    "job_id": task.job_id,
+                    "volunteer": a["volunteer"],
+                    "outcome": a["kind"].value,
+                    "cpu": o.cpu,
+                    "finished_at": now,
+                    "reported_ct": (
+                        self.box.seal_json(reported, f"attempt:{o.attempt}:reported") if reported is not None else None
+                    ),
+                    "verdict": writes.verdicts.get(o.attempt, "pending") if reported is not None else None,
+                }
+            )
+        if rows:
+            await conn.execute(self._bulk_update(attempts, ["id"], rows, replace=list(rows[0])))
+        mine = {r["id"] for r in rows}
+        by_verdict: dict[str, list[str]] = {}
+        for attempt, verdict in writes.verdicts.items():
+            if attempt not in mine:
+                by_verdict.setdefault(verdict, []).append(attempt)
+        for verdict, ids in by_verdict.items():
+            await conn.execute(attempts.update().where(attempts.c.id.in_(ids)).values(verdict=verdict))
+
+    def _done_row(self, d: TaskDecision, now: float) -> dict:
+        aad = f"task:{d.task.id}"
+        return {
+            "id": d.task.id,
+            "job_id": d.task.job_id,
+            "idx": d.task.idx,
+            "state": TaskState.DONE.value,
+            "attempts": d.task.attempts,
+            "result_ct": self.box.seal_json(d.result, aad + ":result"),
+            "output_ct": self.box.seal_text(d.output, aad + ":output") if d.output else None,
+            "error_ct": None,
+            "volunteer": d.volunteer,
+            "cpu": d.cpu,
+            "finished_at": now,
+            "replicas": d.replicas,
+            "accepted": d.how[:32],
+        }
+
+    async def _mark_failed(self, conn: AsyncConnection, d: TaskDecision, now: float) -> None:
+        aad = f"task:{d.task.id}"
+        values: dict[str, Any] = {
+            "state": TaskState.FAILED.value,
+            "attempts": d.failures,
+            "replicas": d.replicas,
+            "error_ct": self.box.seal_text(d.error or "", aad + ":error"),
+            "volunteer": d.volunteer,
+            "finished_at": now,
+        }
+        if d.output:
+            values["output_ct"] = self.box.seal_text(d.output, aad + ":output")
+        await conn.execute(
+            tasks.update().where(tasks.c.id == d.task.id, tasks.c.state == TaskState.QUEUED.value).values(**values)
+        )
+
+    async def _mark_progress(self, conn: AsyncConnection, task: TaskRow, o: Outcome) -> None:
+        """A task that needs another volunteer: count the replica (and the failure, for an error)."""
+        values: dict[str, Any] = {"replicas": task.replicas}
+        if o.error is not None:
+            aad = f"task:{task.id}"
+            values.update(
+                attempts=task.attempts,
+                error_ct=self.box.seal_text(o.error, aad + ":error"),
+                output_ct=self.box.seal_text(o.output, aad + ":output") if o.output else None,
+            )
+        await conn.execute(
+            tasks.update().where(tasks.c.id == task.id, tasks.c.state == TaskState.QUEUED.value).values(**values)
+        )
+
+    async def _write_reputation(self, conn: AsyncConnection, changes: dict[str, tuple], now: float) -> None:
+        rows = [
+            {
+                "volunteer": v,
+                "consecutive": consecutive,
+                "validated": validated,
+                "invalid": invalid,
+                "last_invalid_at": last_invalid,
+            }
+            for v, (consecutive, validated, invalid, last_invalid) in changes.items()
+        ]
+        await conn.execute(self._bulk_update(reputation, ["volunteer"], rows, replace=list(rows[0])))
+
+    async def _reopen(self, conn: AsyncConnection, writes: OutcomeWrites, rec: Recorded) -> None:
+        """Results accepted on the word of volunteers just found invalid go back to replication:
+        their tasks in running jobs are queued again, with that report pending confirmation."""
+        rows = (
+            await conn.execute(
+                sa.select(tasks.c.id, tasks.c.job_id, tasks.c.idx, tasks.c.volunteer, jobs.c.timeout, jobs.c.priority)
+                .join(jobs, jobs.c.id == tasks.c.job_id)
+                .where(
+                    tasks.c.volunteer.in_(writes.reopen),
+                    tasks.c.state == TaskState.DONE.value,
+                    tasks.c.accepted.like("trusted%"),
+                    jobs.c.state == JobState.RUNNING.value,
+                )
+                .with_for_update()
+            )
+        ).all()
+        if not rows:
+            return
+        ids = [r.id for r in rows]
+        await conn.execute(
+            tasks.update()
+            .where(tasks.c.id.in_(ids))
+            .values(state=TaskState.QUEUED.value, accepted=None, result_ct=None, finished_at=None)
+        )
+        await conn.execute(
+            attempts.update()
+            .where(attempts.c.task_id.in_(ids), attempts.c.verdict == "trusted")
+            .values(verdict="pending")
+        )
+        for r in rows:
+            writes.count(r.job_id, "n_done", -1)
+            writes.count(r.job_id, "n_pending")
+            rec.jobs.add(r.job_id)
+            rec.exclude.append((r.id, r.volunteer))
+            rec.push.append(ReadyItem(r.job_id, r.id, r.idx, r.timeout, r.priority))
+
+    async def _mark_done(self, conn: AsyncConnection, rows: list[dict]) -> None:
         if self.engine.dialect.name in ("mysql", "mariadb"):
             # One multi-row statement: the rows are locked (FOR UPDATE) and known to be queued, so
             # this "upsert" only ever updates (aiomysql runs an UPDATE executemany row by row).
@@ -184,8 +299,7 @@ class Outcomes:
             [{"tid": r["id"], **{f"v_{c}": v for c, v in r.items()}} for r in rows],
         )
         if result.rowcount != len(rows):  # a task finished otherwise meanwhile: count from the table
-            for job_id in done_by_job:
-                done_by_job[job_id] = 0
+            for job_id in {r["job_id"] for r in rows}:
                 n = (
                     await conn.execute(
                         sa.select(sa.func.count()).where(
@@ -193,7 +307,8 @@ class Outcomes:
                         )
                     )
                 ).scalar()
-                await conn.execute(jobs.update().where(jobs.c.id == job_id).values(n_done=n))
+                mine = sum(r["job_id"] == job_id for r in rows)  # added by the caller's counters
+                await conn.execute(jobs.update().where(jobs.c.id == job_id).values(n_done=n - mine))
 
     def _bulk_update(
         self, table: sa.Table, key: list[str], rows: list[dict], replace: list[str], add: list[str] = ()
@@ -214,37 +329,6 @@ class Outcomes:
             index_elements=key,
             set_={c: new[c] for c in replace if c not in key} | {c: table.c[c] + new[c] for c in add},
         )
-
-    async def _record_error(
-        self, conn: AsyncConnection, rec: Recorded, task: Any, o: Outcome, volunteer: str, now: float, live: bool
-    ) -> AttemptOutcome:
-        """The task raised (or timed out): count the attempt; fail the task after max_attempts."""
-        aad = f"task:{task.id}"
-        info = await self.job_info(task.job_id)
-        max_attempts = info.max_attempts if info else 1
-        failed = task.attempts + 1 >= max_attempts
-        values: dict[str, Any] = {
-            "attempts": task.attempts + 1,
-            "error_ct": self.box.seal_text(o.error, aad + ":error"),
-            "output_ct": self.box.seal_text(o.output, aad + ":output") if o.output else None,
-            "volunteer": volunteer,
-        }
-        if failed:
-            values.update(state=TaskState.FAILED.value, finished_at=now)
-        await conn.execute(
-            tasks.update().where(tasks.c.id == task.id, tasks.c.state == TaskState.QUEUED.value).values(**values)
-        )
-        rec.acked.append(o.attempt)
-        if failed:
-            rec.upstream.append((task.job_id, task.id, task.idx, TaskState.FAILED.value, None))
-            await conn.execute(jobs.update().where(jobs.c.id == task.job_id).values(n_failed=jobs.c.n_failed + 1))
-            if live:
-                rec.release.append(o.attempt)
-            elif info is not None:
-                rec.drop.append(ReadyItem(task.job_id, task.id, task.idx, info.timeout, info.priority))
-        elif live:
-            rec.requeue.append(o.attempt)
-        return AttemptOutcome.TIMEOUT if o.timeout else AttemptOutcome.ERROR
 
     async def record_lost(self, leases: list[Any], outcome: AttemptOutcome) -> Recorded:
         """Leases that expired or whose volunteer left (already requeued in the queue)."""
@@ -274,7 +358,7 @@ class Outcomes:
                     rec.drop.append(ReadyItem(lease.job, lease.task, lease.index, lease.timeout))
                     continue
                 info = await self.job_info(lease.job)
-                failed = info is None or task.attempts + 1 >= info.max_attempts
+                failed = info is None or attempts_exhausted(task.attempts + 1, info.max_attempts)
                 values: dict[str, Any] = {"attempts": task.attempts + 1}
                 if failed:
                     message = f"lease expired: no result or heartbeat within {lease.timeout:g} s + grace"

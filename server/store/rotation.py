@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from server.crypto import Box, key_id_of
-from server.store.tables import jobs, tasks
+from server.store.tables import attempts, jobs, tasks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +27,7 @@ class Sealed:
     columns: tuple[str, ...]
     extra: tuple[str, ...]  # other columns the associated data needs
     aad: Callable[[Any, str], str]  # (row, column) -> associated data
+    before_first: Any = 0  # a value below every id (ids are integers, or strings for attempts)
 
 
 # Every ciphertext column of the schema. A new encrypted column must be listed here, or rotate-key
@@ -39,6 +40,8 @@ SEALED = (
         ("job_id", "idx"),
         lambda r, c: f"job:{r.job_id}:input:{r.idx}" if c == "input_ct" else f"task:{r.id}:{c[:-3]}",
     ),
+    # What each replica reported, kept until its task is decided (server/jobs/validator.py).
+    Sealed(attempts, ("reported_ct",), (), lambda r, c: f"attempt:{r.id}:reported", before_first=""),
 )
 
 
@@ -80,7 +83,7 @@ async def rotate(
     report = Report()
     done_rows = 0
     for spec in SEALED:
-        last = 0
+        last = spec.before_first
         while max_rows is None or done_rows < max_rows:
             size = batch if max_rows is None else min(batch, max_rows - done_rows)
             cols = [spec.table.c.id, *(spec.table.c[c] for c in spec.extra + spec.columns)]

@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from server.crypto import Box, code_hash
 from server.protocol import JOB_TERMINAL, AttemptOutcome, JobState, TaskState
 from server.queue import ReadyItem
-from server.spec import InvalidJob, JobSpec, encode_input
+from server.spec import ADAPTIVE, InvalidJob, JobSpec, Verification, encode_input
 from server.store import pipelines
 from server.store.accounts import Accounts
 from server.store.models import Conflict, JobInfo, NotFound, Recorded, Researcher
@@ -42,6 +42,7 @@ class Storage(Accounts, Outcomes):
     # -------------------------------------------------------------------------------- jobs
     async def create_job(self, researcher_id: int, spec: JobSpec, limit: int) -> int:
         """Insert the job and its tasks (streamed in chunks) in one transaction; state running."""
+        policy = Verification.of(spec.replication, spec.quorum, spec.max_replicas, spec.tolerance)
         async with self.engine.begin() as conn:
             n_tasks = spec.n_tasks
             if spec.inputs_kind == "after":
@@ -63,7 +64,14 @@ class Storage(Accounts, Outcomes):
                     max_attempts=spec.max_attempts,
                     priority=spec.priority,
                     requirements=json.dumps(spec.requirements),
-                    replication=spec.replication,
+                    replication=0 if spec.replication == ADAPTIVE else spec.replication,
+                    quorum=policy.quorum,
+                    max_replicas=policy.max_replicas,
+                    tolerance=json.dumps(spec.tolerance) if spec.tolerance else None,
+                    n_validated=0,
+                    n_pending=0,
+                    n_disagreements=0,
+                    n_results=0,
                     parent_job_id=spec.parent_job_id,
                     created_at=_now(),
                 )
@@ -78,6 +86,7 @@ class Storage(Accounts, Outcomes):
                 rows = []
                 for index in chunk:
                     row = {"job_id": job_id, "idx": index, "state": TaskState.QUEUED.value, "attempts": 0}
+                    row["replicas"] = 0
                     if spec.inputs_kind == "list":
                         try:
                             data = encode_input(spec.inputs[index], limit)
@@ -131,6 +140,7 @@ class Storage(Accounts, Outcomes):
             row.priority,
             row.max_attempts,
             json.loads(row.requirements),
+            _verification(row),
         )
         if len(self._jobs) > 10_000:
             self._jobs.clear()
@@ -271,7 +281,7 @@ class Storage(Accounts, Outcomes):
             result = await conn.execute(
                 tasks.update()
                 .where(tasks.c.job_id == job_id, tasks.c.state == TaskState.FAILED.value)
-                .values(state=TaskState.QUEUED.value, attempts=0, finished_at=None)
+                .values(state=TaskState.QUEUED.value, attempts=0, replicas=0, accepted=None, finished_at=None)
             )
             if result.rowcount:
                 await conn.execute(
@@ -335,6 +345,8 @@ class Storage(Accounts, Outcomes):
                     tasks.c.result_ct,
                     tasks.c.output_ct,
                     tasks.c.error_ct,
+                    tasks.c.replicas,
+                    tasks.c.accepted,
                 )
                 .where(tasks.c.job_id == job_id, tasks.c.idx > last)
                 .order_by(tasks.c.idx)
@@ -360,6 +372,8 @@ class Storage(Accounts, Outcomes):
                     "error": self.box.open_text(r.error_ct, aad + ":error") or None,
                     "output": self.box.open_text(r.output_ct, aad + ":output"),
                     "attempts": r.attempts,
+                    "replicas": r.replicas,
+                    "accepted": r.accepted,
                 }
             last = rows[-1].idx
             if left is not None:
@@ -395,11 +409,25 @@ _JOB_COLUMNS = (
     jobs.c.priority,
     jobs.c.requirements,
     jobs.c.replication,
+    jobs.c.quorum,
+    jobs.c.max_replicas,
+    jobs.c.tolerance,
+    jobs.c.n_validated,
+    jobs.c.n_pending,
+    jobs.c.n_disagreements,
+    jobs.c.n_results,
     jobs.c.parent_job_id,
     jobs.c.code_hash,
     jobs.c.created_at,
     jobs.c.finished_at,
 )
+
+
+def _verification(row: Any) -> Verification:
+    """A job row's verification settings (replication 0 is stored for adaptive)."""
+    replication = ADAPTIVE if row.replication == 0 else row.replication
+    tolerance = json.loads(row.tolerance) if row.tolerance else None
+    return Verification.of(replication, row.quorum, row.max_replicas, tolerance)
 
 
 def _job_dict(row: Any) -> dict:
@@ -421,7 +449,17 @@ def _job_dict(row: Any) -> dict:
         "max_attempts": row.max_attempts,
         "priority": row.priority,
         "requirements": json.loads(row.requirements),
-        "replication": row.replication,
+        "replication": ADAPTIVE if row.replication == 0 else row.replication,
+        "quorum": row.quorum,
+        "max_replicas": row.max_replicas,
+        "tolerance": json.loads(row.tolerance) if row.tolerance else None,
+        "validation": {
+            "validated": row.n_validated,
+            "pending_validation": row.n_pending,
+            "disagreements": row.n_disagreements,
+            "replicas": row.n_results,
+            "replicas_per_task": round(row.n_results / finished, 3) if (finished := row.n_done + row.n_failed) else 0.0,
+        },
         "parent_job_id": row.parent_job_id,
         "code_hash": row.code_hash,
         "created_at": row.created_at,

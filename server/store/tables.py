@@ -55,7 +55,14 @@ jobs = sa.Table(
     sa.Column("max_attempts", sa.Integer, nullable=False),
     sa.Column("priority", sa.Integer, nullable=False, default=0),
     sa.Column("requirements", sa.Text, nullable=False, default="[]"),
-    sa.Column("replication", sa.Integer, nullable=False, default=1),
+    sa.Column("replication", sa.Integer, nullable=False, default=1),  # 0: adaptive
+    sa.Column("quorum", sa.Integer, nullable=False, default=1),
+    sa.Column("max_replicas", sa.Integer, nullable=False, default=4),
+    sa.Column("tolerance", sa.String(200)),  # JSON {"rtol", "atol"}; NULL: exact equality
+    sa.Column("n_validated", sa.Integer, nullable=False, default=0),  # done, confirmed by a quorum of 2+
+    sa.Column("n_pending", sa.Integer, nullable=False, default=0),  # queued with a result awaiting confirmation
+    sa.Column("n_disagreements", sa.Integer, nullable=False, default=0),  # tasks whose results differed
+    sa.Column("n_results", sa.Integer, nullable=False, default=0),  # results and errors received (replicas)
     sa.Column("parent_job_id", Id, nullable=True, index=True),  # results_of / after (pipelines)
     sa.Column("created_at", sa.Double, nullable=False),
     sa.Column("finished_at", sa.Double),
@@ -76,6 +83,8 @@ tasks = sa.Table(
     sa.Column("volunteer", sa.String(64)),
     sa.Column("cpu", sa.Double),
     sa.Column("finished_at", sa.Double),
+    sa.Column("replicas", sa.Integer, nullable=False, default=0),  # results and errors received
+    sa.Column("accepted", sa.String(32)),  # how the result was accepted: "2/3", "trusted 10%", "1/1"
     sa.UniqueConstraint("job_id", "idx", name="uq_tasks_job_idx"),
     sa.Index("ix_tasks_job_state", "job_id", "state"),
     sa.Index("ix_tasks_job_finished", "job_id", "finished_at"),  # throughput over the last 30 s
@@ -91,6 +100,8 @@ attempts = sa.Table(
     sa.Column("outcome", sa.String(16), nullable=False),
     sa.Column("cpu", sa.Double),
     sa.Column("finished_at", sa.Double, nullable=False),
+    sa.Column("reported_ct", Blob),  # what it reported, for the validator: {"result": v} or {"error": key}
+    sa.Column("verdict", sa.String(8)),  # pending | valid | invalid | trusted | single (NULL: no report)
 )
 
 volunteers = sa.Table(
@@ -114,4 +125,14 @@ key_fingerprints = sa.Table(
     sa.Column("fingerprint", sa.String(64), nullable=False),
     sa.Column("first_seen", sa.Double, nullable=False),
     sa.Column("retired_at", sa.Double),  # set by rotate-key once no row uses this key any more
+)
+
+reputation = sa.Table(
+    "reputation",
+    metadata,
+    sa.Column("volunteer", sa.String(64), primary_key=True),
+    sa.Column("consecutive", sa.Integer, nullable=False, default=0),  # validated results since the last invalid
+    sa.Column("validated", sa.Integer, nullable=False, default=0),
+    sa.Column("invalid", sa.Integer, nullable=False, default=0),
+    sa.Column("last_invalid_at", sa.Double),
 )

@@ -239,6 +239,9 @@ async def admin_volunteers(request: web.Request) -> web.Response:
         for c in sorted(dispatcher.conns, key=lambda c: c.connected_at)
     ]
     seen, throughput = await _volunteer_rows(request.app[K.storage].engine, time.time() - RECENT_VOLUNTEER_SECONDS)
+    trust_after = request.app[K.config].trust_after
+    for row in connected + seen:
+        row["reputation"] = await request.app[K.storage].reputation_of(row["id"], trust_after)
     return web.json_response(
         {
             "instance": request.app[K.config].instance,

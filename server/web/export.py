@@ -1,4 +1,10 @@
-"""Results export, streamed in constant memory: .txt, JSON, NDJSON and CSV, in input order."""
+"""Results export, streamed in constant memory: .txt, JSON, NDJSON and CSV, in input order.
+
+JSON, NDJSON and CSV say for each task how its result was accepted (``accepted``): by a quorum
+("2/3": two of three volunteers' results agreed), by a trusted volunteer alone ("trusted,
+spot-check 10%": the rate at which that volunteer's results were being re-checked), or "1/1"
+(replication 1: one volunteer's word); and how many volunteers' results it took (``replicas``).
+"""
 
 from __future__ import annotations
 
@@ -39,10 +45,21 @@ async def render(rows: AsyncIterator[dict], fmt: str) -> AsyncIterator[bytes]:
     elif fmt == "csv":
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
-        writer.writerow(["index", "input", "state", "result", "error"])
+        writer.writerow(["index", "input", "state", "result", "error", "accepted", "replicas"])
         async for row in rows:
             result = _dumps(row["result"]) if row["state"] == "done" else ""
-            writer.writerow([row["index"], _dumps(row["input"]), row["state"], result, _error_line(row["error"])])
+            accepted = row.get("accepted") or ""
+            writer.writerow(
+                [
+                    row["index"],
+                    _dumps(row["input"]),
+                    row["state"],
+                    result,
+                    _error_line(row["error"]),
+                    accepted,
+                    row.get("replicas", 0),
+                ]
+            )
             if buf.tell() > 32768:
                 yield buf.getvalue().encode()
                 buf.seek(0)
@@ -68,4 +85,6 @@ def _public(row: dict) -> dict:
         "result": row["result"],
         "error": row["error"] if row["state"] != "done" else None,
         "output": row["output"],
+        "accepted": row.get("accepted"),
+        "replicas": row.get("replicas", 0),
     }

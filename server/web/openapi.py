@@ -84,7 +84,21 @@ def document() -> dict:
                         "max_attempts": {"type": "integer", "minimum": 1, "maximum": 20, "default": 3},
                         "priority": {"type": "integer", "minimum": -100, "maximum": 100, "default": 0},
                         "requirements": {"type": "array", "items": {"type": "string"}},
-                        "replication": {"type": "integer", "minimum": 1, "maximum": 10, "default": 1},
+                        "replication": {
+                            "oneOf": [
+                                {"type": "integer", "minimum": 1, "maximum": 10},
+                                {"type": "string", "enum": ["adaptive"]},
+                            ],
+                            "description": "volunteers per task, or adaptive (trusted volunteers are spot-checked);"
+                            " default UVM_DEFAULT_REPLICATION",
+                        },
+                        "quorum": {"type": "integer", "minimum": 1, "description": "agreeing results; default k//2+1"},
+                        "max_replicas": {"type": "integer", "maximum": 20, "description": "default k+3"},
+                        "tolerance": {
+                            "type": "object",
+                            "properties": {"rtol": {"type": "number"}, "atol": {"type": "number"}},
+                            "additionalProperties": False,
+                        },
                     },
                 },
                 "Counts": {

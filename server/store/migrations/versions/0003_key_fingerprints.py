@@ -10,7 +10,7 @@ from alembic import op
 revision = "0003"
 # MERGE NOTE: chained after the "verify" branch's 0002. On the ops branch alone there is no 0002 yet,
 # so it revises 0001 there; the lead sets this to "0002" when merging.
-down_revision = "0001"
+down_revision = "0002"
 
 
 def upgrade() -> None:
