@@ -23,7 +23,9 @@ class ServerProcess:
     """``uvm-compute serve`` in a subprocess; ``start``/``stop`` may be called again (restart)."""
 
     def __init__(self, env: dict[str, str], port: int | None = None) -> None:
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("UVM_")} | env
+        # One replica per task unless a test says otherwise: only tests/test_verify.py is about validation.
+        base = {k: v for k, v in os.environ.items() if not k.startswith("UVM_")} | {"UVM_DEFAULT_REPLICATION": "1"}
+        self.env = base | env
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None

@@ -44,6 +44,7 @@ async def test_mariadb_outage_of_30_seconds(tmp_path, volunteers, redis_client, 
         "UVM_REDIS_URL": redis_url,
         "UVM_KEY": "0c" * 32,
         "UVM_METRICS_TOKEN": METRICS_TOKEN,
+        "UVM_DEFAULT_REPLICATION": "1",  # one replica per task: "duplicated" below means a result recorded twice
     }
     server = None
     try:
