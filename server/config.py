@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from pathlib import Path
 
 
@@ -11,7 +12,7 @@ class ConfigError(Exception):
     """A configuration value is missing or malformed; the message says which and why."""
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, repr=False)
 class Config:
     data_dir: Path = Path("data")
     database_url: str = ""  # empty: SQLite file in data_dir
@@ -32,7 +33,22 @@ class Config:
     event_loop: str = "uvloop"  # uvloop when installed (faster websockets), or asyncio
     package_index_url: str = ""  # empty: Pyodide's CDN for the pinned Pyodide version (server/web/static.py)
     public_url: str = ""  # the origin people reach us at (https://compute.example.edu); empty: the listen address
+    max_connections_per_address: int = 32  # volunteer sockets open at once from one client address
+    max_messages_per_second: int = 200  # per volunteer socket, averaged over a burst of twice that
+    limit_loopback: bool = False  # apply the two limits above to 127.0.0.1/::1 too (tests of the limits)
     instance: str = dataclasses.field(default_factory=lambda: os.urandom(4).hex())
+
+    def __repr__(self) -> str:
+        """Every field, except secrets: no key, and the database URL without its password."""
+        shown = []
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.name == "key":
+                value = None if value is None else "<hidden>"
+            elif field.name in ("database_url", "redis_url"):
+                value = _without_password(value)
+            shown.append(f"{field.name}={value!r}")
+        return f"Config({', '.join(shown)})"
 
     @property
     def sqlalchemy_url(self) -> str:
@@ -57,6 +73,9 @@ class Config:
             "UVM_PACKAGE_INDEX_URL": ("package_index_url", str),
             "UVM_EVENT_LOOP": ("event_loop", _event_loop),
             "UVM_PUBLIC_URL": ("public_url", _public_url),
+            "UVM_MAX_CONNECTIONS_PER_ADDRESS": ("max_connections_per_address", _positive_int),
+            "UVM_MAX_MESSAGES_PER_SECOND": ("max_messages_per_second", _positive_int),
+            "UVM_LIMIT_LOOPBACK": ("limit_loopback", _bool),
         }
         values: dict[str, object] = {}
         for name, raw in env.items():
@@ -71,6 +90,18 @@ class Config:
                 raise ConfigError(f"{name}={raw!r}: {exc}") from None
         values.update(overrides)
         return cls(**values)  # type: ignore[arg-type]
+
+
+def _without_password(url: str) -> str:
+    return re.sub(r"://([^:/@]*):[^@]*@", r"://\1:***@", url)
+
+
+def _bool(raw: str) -> bool:
+    if raw.lower() in ("1", "true", "yes", "on"):
+        return True
+    if raw.lower() in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("expected 1/true/yes/on or 0/false/no/off")
 
 
 def _db_url(raw: str) -> str:

@@ -190,22 +190,24 @@ async def test_operator_sees_volunteers_and_throttle(serve, browser_session, vol
     volunteers(api.url, 2)
     async with aiohttp.ClientSession() as raw, raw.ws_connect(api.url.replace("http", "ws") + "/ws/volunteer") as ws:
         await ws.send_str(P.encode(P.Hello("throttled-one", {"cores": 8, "workers": 3})))
-        await ws.receive_str(timeout=5)
-        await ws.send_str(P.encode(P.Throttle({"battery": 0.15, "paused": True, "reason": "battery low"})))
+        me = json.loads(await ws.receive_str(timeout=5))["volunteer"].split("-")[0]  # a fresh, server-issued id
+        # a bad battery report (not an object) is dropped, not passed on to break the operator's view
+        bad = {"battery": 0.15, "paused": True, "reasons": ["battery low"], "reason": "x" * 10_000}
+        await ws.send_str(P.encode(P.Throttle(bad)))
         job = await api.submit("def main(x):\n    return x\n", list(range(20)))
         await api.wait(job)
         for _ in range(50):
             async with op.get(f"{api.url}/api/admin/volunteers") as resp:
                 body = await resp.json()
             connected = {v["id"]: v for v in body["connected"]}
-            if connected.get("throttled-one", {}).get("throttle"):
+            if connected.get(me, {}).get("throttle"):
                 break
             await asyncio.sleep(0.1)
-    assert len(connected) == 3
-    assert connected["throttled-one"]["throttle"]["paused"] is True
-    assert connected["throttled-one"]["capabilities"]["cores"] == 8
+    assert len(connected) == 3 and "throttled-one" not in connected
+    assert connected[me]["throttle"]["paused"] is True and connected[me]["throttle"]["battery"] is None
+    assert connected[me]["capabilities"]["cores"] == 8 and connected[me]["address"] == "127.0.0.1"
     recent = {v["id"]: v for v in body["recent"]}
-    assert recent["throttled-one"]["throttle"]["reason"] == "battery low"
+    assert recent[me]["throttle"]["reasons"] == ["battery low"] and "reason" not in recent[me]["throttle"]
     assert sum(v["tasks_done"] for v in recent.values()) == 20
     assert body["throughput"] > 0 and "ready" in body
 

@@ -393,6 +393,9 @@ class App:
 
     def on_welcome(self, msg: protocol.Welcome) -> None:
         self.welcomed = True
+        if msg.volunteer != self.volunteer:  # the server signs our id: keep it for the next hello
+            self.volunteer = msg.volunteer
+            window.localStorage.setItem(VOLUNTEER_KEY, msg.volunteer)
         self.heartbeat = float(msg.heartbeat)
         self.empty_replies = 0
         self.next_ask = 0.0

@@ -8,6 +8,7 @@ awaits its future, so nothing is acknowledged before it is committed.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import json
@@ -17,7 +18,7 @@ import time
 from typing import Any
 
 from server.config import Config
-from server.protocol import AttemptOutcome, Cancel, Outcome, TaskSpec
+from server.protocol import MAX_WORKERS, AttemptOutcome, Cancel, Capabilities, Outcome, TaskSpec, ThrottleState
 from server.queue import Bus, Lease, Queue
 from server.spec import InvalidJob, JobSpec, verify_code
 from server.store import pipelines
@@ -26,18 +27,62 @@ from server.store.storage import Recorded, Storage
 logger = logging.getLogger(__name__)
 P_MAX_RESUME = 64  # attempts a reconnecting volunteer may ask to keep
 STORED_INPUTS = frozenset({"list", "after"})  # range and none inputs are computed from the index
+# Lease caps (Trust I). A connection holds at most its declared workers + prefetch, and a
+# volunteer id at most HARD_CAP over all its connections on this instance.
+HARD_CAP = MAX_WORKERS  # 64
+DEFAULT_PREFETCH_PER_WORKER = 1  # when a volunteer declares no prefetch
+MAX_PREFETCH_PER_WORKER = 8  # the browser's supervisor holds at most this many per worker
+RECENT_ATTEMPTS = 256  # attempts a connection lost (expired, cancelled) whose late results are not strays
+STRAY_LIMIT = 128  # results for attempts a connection never held, beyond its acknowledged ones: closed
+STRIKES_KEPT = 100_000  # volunteers whose expired leases are remembered (oldest forgotten first)
+
+
+class Misbehaving(Exception):
+    """A volunteer that must be disconnected; ``str(exc)`` says why."""
 
 
 @dataclasses.dataclass(eq=False)
 class Conn:
-    """One connected volunteer socket on this instance and the attempts it holds."""
+    """One connected volunteer socket on this instance and the attempts it holds.
+
+    ``volunteer`` is the verified public id (``server.jobs.identity``), ``address`` the client's
+    address (``server.web.addresses.client_address``).
+    """
 
     volunteer: str
     send: Any  # async callable(message dataclass)
     held: dict[str, int] = dataclasses.field(default_factory=dict)  # attempt -> job
-    capabilities: dict = dataclasses.field(default_factory=dict)
-    throttle: dict = dataclasses.field(default_factory=dict)
+    capabilities: Capabilities = dataclasses.field(default_factory=Capabilities)
+    throttle: ThrottleState | None = None
+    address: str = "?"
     connected_at: float = dataclasses.field(default_factory=time.time)
+    recent: collections.OrderedDict = dataclasses.field(default_factory=collections.OrderedDict)  # attempt -> job
+    strays: int = 0  # results for attempts never held here, less those acknowledged
+
+    def declared_cap(self) -> int:
+        """What the declared workers and prefetch justify: at most HARD_CAP, at least 1."""
+        state = self.throttle
+        workers = state.workers if state is not None and state.workers is not None else self.capabilities.workers
+        prefetch = state.prefetch if state is not None and state.prefetch is not None else self.capabilities.prefetch
+        workers = max(1, workers)
+        if prefetch is None:
+            prefetch = workers * DEFAULT_PREFETCH_PER_WORKER
+        return max(1, min(HARD_CAP, workers + min(prefetch, workers * MAX_PREFETCH_PER_WORKER)))
+
+    def lose(self, attempts: list[str]) -> None:
+        """These leases ended without a result (expired, cancelled): remember them a while, so
+        that a late result for one is neither a stray nor credited beyond its job's timeout."""
+        for attempt in attempts:
+            job = self.held.pop(attempt, None)
+            if job is not None:
+                self.recent[attempt] = job
+        while len(self.recent) > RECENT_ATTEMPTS:
+            self.recent.popitem(last=False)
+
+    def job_of(self, attempt: str) -> int | None:
+        """The job of an attempt this connection holds or recently lost; None if never held here."""
+        job = self.held.get(attempt)
+        return self.recent.get(attempt) if job is None else job
 
 
 class Dispatcher:
@@ -47,6 +92,8 @@ class Dispatcher:
         self.queue = queue
         self.bus = bus
         self.conns: set[Conn] = set()
+        self._by_volunteer: dict[str, set[Conn]] = {}
+        self.strikes: collections.OrderedDict[str, int] = collections.OrderedDict()  # volunteer -> expiries
         self._submissions: asyncio.Queue = asyncio.Queue()
         self._outcomes: asyncio.Queue = asyncio.Queue()
         self.leased_total = 0
@@ -94,9 +141,11 @@ class Dispatcher:
                     await self._apply(await pipelines.sweep(self.storage))
                 expired = await self.queue.expire(time.time())
                 if expired:
+                    attempts = [lease.attempt for lease in expired]
                     for conn in self.conns:
-                        for lease in expired:
-                            conn.held.pop(lease.attempt, None)
+                        conn.lose(attempts)
+                    for lease in expired:
+                        self._strike(lease.volunteer)
                     rec = await self.storage.record_lost(expired, AttemptOutcome.EXPIRED)
                     await self._apply(rec)
             except Exception:  # the loop must survive a dropped database or Redis connection
@@ -150,8 +199,42 @@ class Dispatcher:
         if len(spec.inputs) > self.config.max_tasks_per_job:
             raise InvalidJob(f"at most {self.config.max_tasks_per_job} tasks per job", field="inputs")
 
+    # ----------------------------------------------------------------- connections, caps
+    def connect(self, conn: Conn) -> None:
+        """A volunteer said hello on this instance."""
+        self.conns.add(conn)
+        self._by_volunteer.setdefault(conn.volunteer, set()).add(conn)
+
+    def _strike(self, volunteer: str) -> None:
+        """A lease of this volunteer expired unanswered: its cap shrinks until it delivers."""
+        self.strikes[volunteer] = self.strikes.pop(volunteer, 0) + 1
+        while len(self.strikes) > STRIKES_KEPT:
+            self.strikes.popitem(last=False)
+
+    def _redeem(self, volunteer: str, n: int) -> None:
+        """Results delivered: each one cancels a strike."""
+        left = self.strikes.get(volunteer, 0) - n
+        if left > 0:
+            self.strikes[volunteer] = left
+        else:
+            self.strikes.pop(volunteer, None)
+
+    def lease_room(self, conn: Conn) -> int:
+        """How many more tasks this connection may lease now.
+
+        Its declared cap, divided by one plus the expiries it owes (a volunteer whose leases keep
+        expiring gets fewer, down to one), less what it holds; and its volunteer id's connections
+        together never above HARD_CAP.
+        """
+        cap = max(1, conn.declared_cap() // (1 + self.strikes.get(conn.volunteer, 0)))
+        by_id = sum(len(c.held) for c in self._by_volunteer.get(conn.volunteer, ()))
+        return max(0, min(cap - len(conn.held), HARD_CAP - by_id))
+
     # -------------------------------------------------------------------------- leasing
     async def lease(self, conn: Conn, n: int) -> list[TaskSpec]:
+        n = min(n, self.lease_room(conn))
+        if n <= 0:
+            return []
         attempts = [secrets.token_hex(8) for _ in range(n)]
         leases = await self.queue.lease(conn.volunteer, attempts, time.time())
         if not leases:
@@ -205,6 +288,11 @@ class Dispatcher:
     async def abandon(self, conn: Conn) -> None:
         """The socket closed: its leases go back to the ready queue at once."""
         self.conns.discard(conn)
+        same = self._by_volunteer.get(conn.volunteer)
+        if same is not None:
+            same.discard(conn)
+            if not same:
+                del self._by_volunteer[conn.volunteer]
         held, conn.held = list(conn.held), {}
         leases = await self.queue.requeue(held)
         if leases:
@@ -212,15 +300,36 @@ class Dispatcher:
 
     # -------------------------------------------------------------------------- outcomes
     async def report(self, conn: Conn, outcomes: list[Outcome]) -> Recorded:
-        """Queue outcomes for the batch writer; returns once they are committed."""
+        """Queue outcomes for the batch writer; returns once they are committed.
+
+        Raises ``Misbehaving`` once the connection has sent too many results for attempts it
+        never held (guessing or replaying attempt ids).
+        """
+        never_held = set()
         for outcome in outcomes:
             check_result(outcome, self.config.max_result_bytes)
+            job = conn.job_of(outcome.attempt)
+            if job is None:
+                never_held.add(outcome.attempt)
+            await self._clamp_cpu(outcome, job)
         future = asyncio.get_running_loop().create_future()
         await self._outcomes.put((conn.volunteer, outcomes, future))
         rec = await future
         for attempt in rec.acked + rec.ignored:
             conn.held.pop(attempt, None)
+        self._redeem(conn.volunteer, len(rec.acked))
+        conn.strays = max(0, conn.strays + len(never_held.intersection(rec.ignored)) - len(rec.acked))
+        if conn.strays > STRAY_LIMIT:
+            raise Misbehaving("too many results for attempts this connection does not hold")
         return rec
+
+    async def _clamp_cpu(self, outcome: Outcome, job: int | None) -> None:
+        """The reported CPU time is a claim: within [0, the job's timeout], and 0 for an attempt
+        this connection never held (it earns no credit)."""
+        info = None if job is None else await self.storage.job_info(job)
+        top = 0.0 if info is None else float(info.timeout)
+        cpu = outcome.cpu if outcome.cpu == outcome.cpu else 0.0  # NaN
+        outcome.cpu = min(max(0.0, float(cpu)), top)
 
     async def _run_outcomes(self) -> None:
         while True:
@@ -281,8 +390,7 @@ class Dispatcher:
             attempts = [a for a, j in conn.held.items() if j == job_id]
             if not attempts:
                 continue
-            for a in attempts:
-                conn.held.pop(a, None)
+            conn.lose(attempts)
             await self.queue.release(attempts)
             with contextlib.suppress(ConnectionError, RuntimeError):
                 await conn.send(Cancel(attempts=attempts, job=job_id))
@@ -338,4 +446,4 @@ def _settle(future: asyncio.Future, result: Any = None, exc: BaseException | Non
         future.set_result(result)
 
 
-__all__ = ["Conn", "Dispatcher", "Lease"]
+__all__ = ["Conn", "Dispatcher", "Lease", "Misbehaving"]

@@ -185,8 +185,14 @@ async def job_errors(request: web.Request) -> web.Response:
 
 
 async def volunteer_stats(request: web.Request) -> web.Response:
-    vid = request.match_info["volunteer_id"]
-    return web.json_response(await request.app[K.storage].volunteer_stats(vid[:64]))
+    """A volunteer's contribution: to the volunteer itself (its signed id is the credential), or
+    to a signed-in researcher (by public id). Anyone else learns nothing, not even existence."""
+    vid = request.match_info["volunteer_id"][:64]
+    public = request.app[K.volunteer_ids].verify(vid)
+    if public is None:
+        await researcher(request)  # 401 without credentials
+        public = vid
+    return web.json_response(await request.app[K.storage].volunteer_stats(public))
 
 
 async def health(request: web.Request) -> web.Response:

@@ -15,6 +15,7 @@ from aiohttp import web
 from server.config import Config
 from server.crypto import Box, load_or_create_key
 from server.jobs.dispatch import Dispatcher
+from server.jobs.identity import VolunteerIds
 from server.queue import Bus, MemoryQueue, RedisBus, RedisQueue
 from server.store.engine import make_engine, migrate
 from server.store.storage import Storage
@@ -37,6 +38,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     engine = make_engine(config.sqlalchemy_url)
     await migrate(engine)
     storage = Storage(engine, make_box(config))
+    app[K.volunteer_ids] = VolunteerIds(config.key or load_or_create_key(config.data_dir / "secret.key"))
     redis = None
     if config.redis_url:
         import redis.asyncio as aioredis

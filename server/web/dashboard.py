@@ -18,6 +18,7 @@ import sqlalchemy as sa
 from aiohttp import web
 
 from server.crypto import check_password, hash_token, new_token
+from server.protocol import Capabilities, ThrottleState
 from server.store.storage import Researcher
 from server.store.tables import tasks, volunteers
 from server.web import appkeys as K
@@ -239,8 +240,9 @@ async def _volunteer_rows(engine, since: float) -> tuple[list[dict], float]:  # 
             "id": r.id,
             "first_seen": r.first_seen,
             "last_seen": r.last_seen,
-            "capabilities": _loads(r.capabilities),
-            "throttle": _loads(r.throttle),
+            # re-typed on the way out: rows written before typing may hold anything
+            "capabilities": Capabilities.from_wire(_loads(r.capabilities)).to_wire(),
+            "throttle": ThrottleState.from_wire(_loads(r.throttle)).to_wire(),
             "tasks_done": r.tasks_done,
             "cpu_seconds": round(r.cpu_seconds, 3),
         }
@@ -255,8 +257,9 @@ async def admin_volunteers(request: web.Request) -> web.Response:
     connected = [
         {
             "id": c.volunteer,
-            "capabilities": c.capabilities,
-            "throttle": c.throttle,
+            "address": c.address,
+            "capabilities": c.capabilities.to_wire(),
+            "throttle": c.throttle.to_wire() if c.throttle is not None else {},
             "held": len(c.held),
             "connected_at": c.connected_at,
         }
