@@ -51,8 +51,13 @@ class Config:
         return f"Config({', '.join(shown)})"
 
     @property
+    def sqlite_path(self) -> Path:
+        """The embedded default's database file (when no ``database_url``)."""
+        return self.data_dir / "uvm.sqlite3"
+
+    @property
     def sqlalchemy_url(self) -> str:
-        return self.database_url or f"sqlite+aiosqlite:///{self.data_dir / 'uvm.sqlite3'}"
+        return self.database_url or f"sqlite+aiosqlite:///{self.sqlite_path}"
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides: object) -> Config:

@@ -35,6 +35,7 @@ MAX_PREFETCH_PER_WORKER = 8  # the browser's supervisor holds at most this many 
 RECENT_ATTEMPTS = 256  # attempts a connection lost (expired, cancelled) whose late results are not strays
 STRAY_LIMIT = 128  # results for attempts a connection never held, beyond its acknowledged ones: closed
 STRIKES_KEPT = 100_000  # volunteers whose expired leases are remembered (oldest forgotten first)
+STRIKE_HALF_LIFE = 600.0  # seconds: expiries are forgiven with time (slowly), and by delivered results
 
 
 class Misbehaving(Exception):
@@ -93,7 +94,9 @@ class Dispatcher:
         self.bus = bus
         self.conns: set[Conn] = set()
         self._by_volunteer: dict[str, set[Conn]] = {}
-        self.strikes: collections.OrderedDict[str, int] = collections.OrderedDict()  # volunteer -> expiries
+        self._leaving: set[asyncio.Task] = set()  # abandon() of closed sockets, awaited at shutdown
+        # volunteer -> (expiries owed, when): see lease_room
+        self.strikes: collections.OrderedDict[str, tuple[float, float]] = collections.OrderedDict()
         self._submissions: asyncio.Queue = asyncio.Queue()
         self._outcomes: asyncio.Queue = asyncio.Queue()
         self.leased_total = 0
@@ -205,28 +208,30 @@ class Dispatcher:
         self.conns.add(conn)
         self._by_volunteer.setdefault(conn.volunteer, set()).add(conn)
 
-    def _strike(self, volunteer: str) -> None:
-        """A lease of this volunteer expired unanswered: its cap shrinks until it delivers."""
-        self.strikes[volunteer] = self.strikes.pop(volunteer, 0) + 1
+    def _strikes(self, volunteer: str, now: float | None = None) -> float:
+        """Expiries this volunteer owes, halving every STRIKE_HALF_LIFE seconds."""
+        count, at = self.strikes.get(volunteer, (0.0, 0.0))
+        now = time.monotonic() if now is None else now
+        return count * 0.5 ** ((now - at) / STRIKE_HALF_LIFE) if count else 0.0
+
+    def _strike(self, volunteer: str, n: float = 1.0) -> None:
+        """A lease of this volunteer expired unanswered (n > 0), or it delivered results (n < 0)."""
+        now = time.monotonic()
+        count = max(0.0, self._strikes(volunteer, now) + n)
+        self.strikes.pop(volunteer, None)
+        if count >= 0.5:
+            self.strikes[volunteer] = (count, now)
         while len(self.strikes) > STRIKES_KEPT:
             self.strikes.popitem(last=False)
-
-    def _redeem(self, volunteer: str, n: int) -> None:
-        """Results delivered: each one cancels a strike."""
-        left = self.strikes.get(volunteer, 0) - n
-        if left > 0:
-            self.strikes[volunteer] = left
-        else:
-            self.strikes.pop(volunteer, None)
 
     def lease_room(self, conn: Conn) -> int:
         """How many more tasks this connection may lease now.
 
         Its declared cap, divided by one plus the expiries it owes (a volunteer whose leases keep
-        expiring gets fewer, down to one), less what it holds; and its volunteer id's connections
-        together never above HARD_CAP.
+        expiring gets fewer; none once it owes as many as its cap, until it is forgiven with
+        time), less what it holds; and its volunteer id's connections together never above HARD_CAP.
         """
-        cap = max(1, conn.declared_cap() // (1 + self.strikes.get(conn.volunteer, 0)))
+        cap = int(conn.declared_cap() // (1.0 + self._strikes(conn.volunteer)))
         by_id = sum(len(c.held) for c in self._by_volunteer.get(conn.volunteer, ()))
         return max(0, min(cap - len(conn.held), HARD_CAP - by_id))
 
@@ -285,6 +290,19 @@ class Dispatcher:
         mine = [a for a in attempts if a in conn.held]
         return await self.queue.extend(mine, time.time())
 
+    def leave(self, conn: Conn) -> asyncio.Task:
+        """A socket closed: abandon its leases in a task that outlives the socket's handler (even
+        one cancelled at shutdown) and that ``drain`` awaits before the queue and database close."""
+        task = asyncio.ensure_future(self.abandon(conn))
+        self._leaving.add(task)
+        task.add_done_callback(self._leaving.discard)
+        return task
+
+    async def drain(self) -> None:
+        """Shutdown: let the closed sockets' leases be requeued and recorded."""
+        if self._leaving:
+            await asyncio.wait(set(self._leaving), timeout=5.0)
+
     async def abandon(self, conn: Conn) -> None:
         """The socket closed: its leases go back to the ready queue at once."""
         self.conns.discard(conn)
@@ -317,7 +335,8 @@ class Dispatcher:
         rec = await future
         for attempt in rec.acked + rec.ignored:
             conn.held.pop(attempt, None)
-        self._redeem(conn.volunteer, len(rec.acked))
+        if rec.acked and conn.volunteer in self.strikes:
+            self._strike(conn.volunteer, -len(rec.acked))
         conn.strays = max(0, conn.strays + len(never_held.intersection(rec.ignored)) - len(rec.acked))
         if conn.strays > STRAY_LIMIT:
             raise Misbehaving("too many results for attempts this connection does not hold")
@@ -383,6 +402,15 @@ class Dispatcher:
             for downstream in await pipelines.downstream_of(self.storage, job_id):
                 await self.cancel(researcher_id, downstream)  # a pipeline stage cannot outlive its source
         return changed
+
+    async def revoke(self, researcher_id: int) -> int:
+        """A researcher was revoked: cancel their unfinished jobs (volunteers are told to drop
+        them) and close their events sockets on every instance. Returns the jobs cancelled."""
+        cancelled = 0
+        for job_id in await self.storage.unfinished_jobs(researcher_id):
+            cancelled += await self.cancel(researcher_id, job_id)
+        await self.bus.publish({"type": "revoked", "researcher": researcher_id})
+        return cancelled
 
     async def _cancel_local(self, job_id: int) -> None:
         """Tell this instance's volunteers to stop the job's attempts, and end those leases."""

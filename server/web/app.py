@@ -17,7 +17,7 @@ from server.crypto import Box, load_or_create_key
 from server.jobs.dispatch import Dispatcher
 from server.jobs.identity import VolunteerIds
 from server.queue import Bus, MemoryQueue, RedisBus, RedisQueue
-from server.store.engine import make_engine, migrate
+from server.store.engine import make_engine, migrate, private_sqlite_file
 from server.store.storage import Storage
 from server.web import api, openapi, ws
 from server.web import appkeys as K
@@ -34,7 +34,7 @@ def make_box(config: Config) -> Box:
 async def _resources(app: web.Application) -> AsyncIterator[None]:
     config = app[K.config]
     if not config.database_url:
-        config.data_dir.mkdir(parents=True, exist_ok=True)
+        private_sqlite_file(config.sqlite_path)
     engine = make_engine(config.sqlalchemy_url)
     await migrate(engine)
     storage = Storage(engine, make_box(config))
@@ -54,6 +54,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        await dispatcher.drain()  # closed sockets' leases: requeued and recorded before we close
         bus.stop()
         background.cancel()
         with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError, Exception):
@@ -64,7 +65,9 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
 
 def create_app(config: Config | None = None) -> web.Application:
     config = config or Config.from_env()
-    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[api.errors_middleware])
+    app = web.Application(
+        client_max_size=config.max_body_bytes, middlewares=[api.errors_middleware, api.csrf_middleware]
+    )
     app[K.config] = config
     app.cleanup_ctx.append(_resources)
     api.add_routes(app)

@@ -127,7 +127,7 @@ async def _volunteer_session(
                 break
     finally:
         if conn is not None:
-            await asyncio.shield(dispatcher.abandon(conn))
+            await asyncio.shield(dispatcher.leave(conn))
 
 
 async def _message(request: web.Request, data: str, conn: Conn | None, address: str, send) -> Conn | None:  # noqa: ANN001
