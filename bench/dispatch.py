@@ -27,8 +27,10 @@ sys.path.insert(0, str(ROOT))
 
 from tests.procs import ServerProcess, add_researcher  # noqa: E402
 
-REDIS_URL = "redis://127.0.0.1:6379/12"
-DATABASE = "uvm_bench"
+# UVM_TEST_REDIS_PORT, as in the tests: parallel checkouts each bench against a Redis of their own.
+REDIS_PORT = os.environ.get("UVM_TEST_REDIS_PORT", "6379")
+REDIS_URL = f"redis://127.0.0.1:{REDIS_PORT}/12"
+DATABASE = "uvm_bench" if REDIS_PORT == "6379" else f"uvm_bench_{REDIS_PORT}"
 
 
 def _volunteers(url: str, count: int, prefetch: int, done, out: multiprocessing.Queue) -> None:  # noqa: ANN001
@@ -87,11 +89,18 @@ def main() -> None:
     p.add_argument("--prefetch", type=int, default=4)
     p.add_argument("--procs", type=int, default=2, help="processes the volunteers are spread over")
     p.add_argument("--seconds", type=float, default=120.0, help="upper bound on the run")
+    p.add_argument(
+        "--limits",
+        action="store_true",
+        help="apply the per-address limits to loopback too (UVM_LIMIT_LOOPBACK), as for remote volunteers",
+    )
     args = p.parse_args()
 
-    data = Path("/tmp/uvm-bench")
+    data = Path(f"/tmp/uvm-bench-{REDIS_PORT}")
     subprocess.run(["rm", "-rf", str(data)], check=True)
     env = {"UVM_DATA_DIR": str(data)}
+    if args.limits:  # every volunteer on one address: allow them all, keep the per-socket message rate
+        env |= {"UVM_LIMIT_LOOPBACK": "1", "UVM_MAX_CONNECTIONS_PER_ADDRESS": str(args.volunteers + 10)}
     if args.backend == "mariadb":
         subprocess.run(
             [
@@ -144,7 +153,11 @@ def main() -> None:
     done = status.get("counts", {}).get("done", 0)
     python = platform.python_version()
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {platform.platform()}, Python {python}")
-    print(f"backend: {args.backend}; volunteers: {args.volunteers} in {args.procs} processes, prefetch {args.prefetch}")
+    limits = "per-address limits on" if args.limits else "loopback exempt from per-address limits"
+    print(
+        f"backend: {args.backend}; volunteers: {args.volunteers} in {args.procs} processes, "
+        f"prefetch {args.prefetch}; {limits}"
+    )
     print(f"submit {args.tasks} tasks (range): {t_submit:.2f} s")
     print(f"completed: {done}/{args.tasks} tasks in {elapsed:.2f} s -> {done / elapsed:.0f} tasks/s end to end")
     if done:

@@ -410,12 +410,12 @@ def test_operator_page_approves_revokes_and_sees_volunteers(browser, server, acc
         researcher.get_by_role("button", name="Revoke").wait_for()
         sign_in(b, accounts["b"])
         b.wait_for_selector("#view-jobs:not([hidden])")
-        # Revoked while signed in: the next request ends the session with a message.
+        # Revoked while signed in: revoking ended the session; the next request says so.
         researcher.get_by_role("button", name="Revoke").click()
         researcher.get_by_role("button", name="Approve").wait_for()
         b.evaluate("location.hash = '#/new'")  # its request for the job list is refused
         b.wait_for_selector("#view-login:not([hidden])")
-        assert b.inner_text("#login-error") == "This account is no longer approved; ask an operator."
+        assert b.inner_text("#login-error") == "Your session has ended; please sign in again."
         researcher.get_by_role("button", name="Approve").click()
         researcher.get_by_role("button", name="Revoke").wait_for()
         sign_in(b, accounts["b"])

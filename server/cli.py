@@ -67,12 +67,12 @@ def _serve(args: argparse.Namespace, config: Config) -> int:
 
 async def _researcher_add(config: Config, email: str, password: str, operator: bool) -> str:
     from server.crypto import hash_password, hash_token, new_token
-    from server.store.engine import make_engine, migrate
+    from server.store.engine import make_engine, migrate, private_sqlite_file
     from server.store.keys import box_for, check_keys
     from server.store.storage import Storage
 
     if not config.database_url:
-        config.data_dir.mkdir(parents=True, exist_ok=True)
+        private_sqlite_file(config.sqlite_path)
     box = box_for(config)
     engine = make_engine(config.sqlalchemy_url)
     try:

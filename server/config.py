@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import re
 from pathlib import Path
 
 
@@ -12,7 +13,7 @@ class ConfigError(Exception):
     """A configuration value is missing or malformed; the message says which and why."""
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, repr=False)
 class Config:
     data_dir: Path = Path("data")
     database_url: str = ""  # empty: SQLite file in data_dir
@@ -44,11 +45,31 @@ class Config:
     default_replication: int | str = "adaptive"  # a job's replication when it names none
     trust_after: int = 10  # consecutive validated results before a volunteer's result may stand alone
     spot_check: float = 0.1  # fraction of a trusted volunteer's results replicated anyway
+    max_connections_per_address: int = 32  # volunteer sockets open at once from one client address
+    max_messages_per_second: int = 200  # per volunteer socket, averaged over a burst of twice that
+    limit_loopback: bool = False  # apply the two limits above to 127.0.0.1/::1 too (tests of the limits)
     instance: str = dataclasses.field(default_factory=lambda: os.urandom(4).hex())
+
+    def __repr__(self) -> str:
+        """Every field, except secrets: no key, and the database URL without its password."""
+        shown = []
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.name == "key":
+                value = None if value is None else "<hidden>"
+            elif field.name in ("database_url", "redis_url"):
+                value = _without_password(value)
+            shown.append(f"{field.name}={value!r}")
+        return f"Config({', '.join(shown)})"
+
+    @property
+    def sqlite_path(self) -> Path:
+        """The embedded default's database file (when no ``database_url``)."""
+        return self.data_dir / "uvm.sqlite3"
 
     @property
     def sqlalchemy_url(self) -> str:
-        return self.database_url or f"sqlite+aiosqlite:///{self.data_dir / 'uvm.sqlite3'}"
+        return self.database_url or f"sqlite+aiosqlite:///{self.sqlite_path}"
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides: object) -> Config:
@@ -80,6 +101,9 @@ class Config:
             "UVM_DEFAULT_REPLICATION": ("default_replication", _replication),
             "UVM_TRUST_AFTER": ("trust_after", _positive_int),
             "UVM_SPOT_CHECK": ("spot_check", _fraction),
+            "UVM_MAX_CONNECTIONS_PER_ADDRESS": ("max_connections_per_address", _positive_int),
+            "UVM_MAX_MESSAGES_PER_SECOND": ("max_messages_per_second", _positive_int),
+            "UVM_LIMIT_LOOPBACK": ("limit_loopback", _bool),
         }
         values: dict[str, object] = {}
         for name, raw in env.items():
@@ -97,6 +121,18 @@ class Config:
         if any(kid == config.key_id for kid, _ in config.old_keys):
             raise ConfigError(f"UVM_OLD_KEYS names {config.key_id!r}, the current UVM_KEY_ID; give old keys other ids")
         return config
+
+
+def _without_password(url: str) -> str:
+    return re.sub(r"://([^:/@]*):[^@]*@", r"://\1:***@", url)
+
+
+def _bool(raw: str) -> bool:
+    if raw.lower() in ("1", "true", "yes", "on"):
+        return True
+    if raw.lower() in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("expected 1/true/yes/on or 0/false/no/off")
 
 
 def _db_url(raw: str) -> str:

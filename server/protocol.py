@@ -21,6 +21,10 @@ MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # one websocket message; larger closes with
 MAX_TASKS_PER_MESSAGE = 64
 MAX_OUTPUT_CHARS = 64 * 1024  # captured stdout/stderr kept per task
 MAX_ERROR_CHARS = 16 * 1024
+MAX_WORKERS = 64  # a volunteer's declared workers; also the most tasks one connection may hold
+MAX_DECLARED_PREFETCH = 512
+MAX_TEXT_CHARS = 200  # strings in capabilities and throttle states (user agent, reasons) are cut here
+MAX_REASONS = 8
 
 
 class ProtocolError(ValueError):
@@ -64,20 +68,149 @@ class AttemptOutcome(str, Enum):
 COUNTED_OUTCOMES = frozenset({AttemptOutcome.ERROR, AttemptOutcome.TIMEOUT, AttemptOutcome.EXPIRED})
 
 
+# ------------------------------------------------------------------ device reports, typed and capped
+def _int_in(value: Any, low: int, high: int) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:  # NaN
+        return None
+    return int(min(max(value, low), high))
+
+
+def _text(value: Any) -> str:
+    return value[:MAX_TEXT_CHARS] if isinstance(value, str) else ""
+
+
+def _flag(value: Any) -> bool:
+    return value is True
+
+
+def _strings(value: Any, most: int, longest: int) -> list:
+    """The first ``most`` strings of a list, each cut to ``longest``; anything else is dropped."""
+    return [v[:longest] for v in value[:most] if isinstance(v, str)] if isinstance(value, list) else []
+
+
+@dataclasses.dataclass
+class Battery:
+    """A battery report: ``level`` is a fraction in [0, 1] (anything else is dropped)."""
+
+    level: float
+    charging: bool = False
+
+    @classmethod
+    def from_wire(cls, value: Any) -> Battery | None:
+        if not isinstance(value, dict):
+            return None
+        level = value.get("level")
+        if isinstance(level, bool) or not isinstance(level, int | float) or not 0.0 <= level <= 1.0:
+            return None
+        return cls(level=float(level), charging=_flag(value.get("charging")))
+
+
+@dataclasses.dataclass
+class Network:
+    """A network report (Network Information API)."""
+
+    effective_type: str = ""
+    save_data: bool = False
+
+    @classmethod
+    def from_wire(cls, value: Any) -> Network | None:
+        if not isinstance(value, dict):
+            return None
+        return cls(effective_type=_text(value.get("effective_type"))[:16], save_data=_flag(value.get("save_data")))
+
+
+@dataclasses.dataclass
+class Capabilities:
+    """What a volunteer says about its device in ``hello``. Unknown keys are dropped, strings
+    cut, numbers clamped: a claim, kept small, never trusted beyond sizing its lease cap."""
+
+    cores: int | None = None
+    workers: int = 1
+    prefetch: int | None = None  # tasks held beyond one per worker; None: not declared
+    battery_api: bool = False
+    network_api: bool = False
+    user_agent: str = ""
+    sim: bool = False
+    resume: list = dataclasses.field(default_factory=list)  # attempts this browser still holds
+
+    @classmethod
+    def from_wire(cls, value: Any) -> Capabilities:
+        if isinstance(value, Capabilities):
+            return value
+        value = value if isinstance(value, dict) else {}
+        workers = _int_in(value.get("workers"), 0, MAX_WORKERS)
+        return cls(
+            cores=_int_in(value.get("cores"), 1, 1024),
+            workers=1 if workers is None else workers,
+            prefetch=_int_in(value.get("prefetch"), 0, MAX_DECLARED_PREFETCH),
+            battery_api=_flag(value.get("battery_api")),
+            network_api=_flag(value.get("network_api")),
+            user_agent=_text(value.get("user_agent")),
+            sim=_flag(value.get("sim")),
+            resume=_strings(value.get("resume"), MAX_TASKS_PER_MESSAGE, 32),
+        )
+
+    def to_wire(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class ThrottleState:
+    """The supervisor's plan and device as reported in ``throttle``; typed and capped like
+    ``Capabilities``. ``workers`` and ``prefetch`` size the volunteer's lease cap."""
+
+    workers: int | None = None
+    max_workers: int | None = None
+    prefetch: int | None = None
+    batch_results: bool = False
+    paused: bool = False
+    reasons: list = dataclasses.field(default_factory=list)
+    pause_reason: str = ""
+    cores: int | None = None
+    battery: Battery | None = None
+    network: Network | None = None
+    hidden: bool = False
+    cpu_cap: int | None = None
+
+    @classmethod
+    def from_wire(cls, value: Any) -> ThrottleState:
+        if isinstance(value, ThrottleState):
+            return value
+        value = value if isinstance(value, dict) else {}
+        return cls(
+            workers=_int_in(value.get("workers"), 0, MAX_WORKERS),
+            max_workers=_int_in(value.get("max_workers"), 0, MAX_WORKERS),
+            prefetch=_int_in(value.get("prefetch"), 0, MAX_DECLARED_PREFETCH),
+            batch_results=_flag(value.get("batch_results")),
+            paused=_flag(value.get("paused")),
+            reasons=_strings(value.get("reasons"), MAX_REASONS, MAX_TEXT_CHARS),
+            pause_reason=_text(value.get("pause_reason")),
+            cores=_int_in(value.get("cores"), 1, 1024),
+            battery=Battery.from_wire(value.get("battery")),
+            network=Network.from_wire(value.get("network")),
+            hidden=_flag(value.get("hidden")),
+            cpu_cap=_int_in(value.get("cpu_cap"), 0, 100),
+        )
+
+    def to_wire(self) -> dict:
+        return dataclasses.asdict(self)
+
+
 # ------------------------------------------------------------------------------------- messages
 @dataclasses.dataclass
 class Hello:
     """Volunteer -> server, first message. ``volunteer`` is an anonymous id the browser keeps."""
 
-    volunteer: str
-    capabilities: dict = dataclasses.field(default_factory=dict)
+    volunteer: str  # the signed id from an earlier ``welcome``; anything else gets a fresh one
+    capabilities: Any = dataclasses.field(default_factory=dict)  # a dict on the wire; Capabilities decoded
     protocol: int = PROTOCOL_VERSION
     TYPE = "hello"
 
 
 @dataclasses.dataclass
 class Welcome:
-    """Server -> volunteer, answer to hello."""
+    """Server -> volunteer, answer to hello. ``volunteer`` is the server-signed id to keep and
+    present in later ``hello``s (the same one, or a fresh one if the hello's was missing or forged)."""
 
     volunteer: str
     heartbeat: float  # seconds between heartbeats the server expects
@@ -187,7 +320,7 @@ class Ack:
 class Throttle:
     """Volunteer -> server: the throttle state changed (battery, network, cap, paused...)."""
 
-    state: dict
+    state: Any  # a dict on the wire; ThrottleState decoded
     TYPE = "throttle"
 
 
@@ -329,6 +462,8 @@ def to_dict(msg: Any) -> dict:
         value = getattr(msg, name)
         if isinstance(value, list) and value and dataclasses.is_dataclass(value[0]):
             value = [_flat(v) for v in value]
+        elif isinstance(value, Capabilities | ThrottleState):
+            value = value.to_wire()
         data[name] = value
     return data
 
@@ -369,8 +504,12 @@ def from_dict(data: Any) -> Any:  # noqa: C901 - one flat check per message kind
                 raise ProtocolError(f"{kind}: 'attempts' must be a list of strings")
     if kind == "ready" and not 0 <= fields["n"] <= MAX_TASKS_PER_MESSAGE:
         raise ProtocolError(f"ready: n must be between 0 and {MAX_TASKS_PER_MESSAGE}")
-    if kind == "hello" and not 1 <= len(fields["volunteer"]) <= 64:
-        raise ProtocolError("hello: volunteer id must be 1 to 64 characters")
+    if kind == "hello":
+        if len(fields["volunteer"]) > 64:
+            raise ProtocolError("hello: volunteer id must be at most 64 characters")
+        fields["capabilities"] = Capabilities.from_wire(fields.get("capabilities"))
+    elif kind == "throttle":
+        fields["state"] = ThrottleState.from_wire(fields["state"])
     return cls(**fields)
 
 
@@ -388,4 +527,6 @@ def decode(text: str | bytes) -> Any:
         data = json.loads(text)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ProtocolError(f"malformed JSON: {exc}") from None
+    except RecursionError:  # thousands of nested brackets: refused, the socket stays open
+        raise ProtocolError("malformed JSON: nested too deeply") from None
     return from_dict(data)

@@ -16,6 +16,8 @@ from server.config import Config
 
 MAX_NAME = 200
 MAX_TIMEOUT = 24 * 3600.0
+MIN_TIMEOUT = 0.1  # shorter leases would only churn: hand-out, expiry, requeue
+RANGE_LIMIT = 2**63 - 1  # range bounds and step are stored as signed 64-bit integers
 MAX_ATTEMPTS = 20
 MAX_REPLICATION = 10
 MAX_REPLICAS = 20  # results one task may use before it fails with "no agreement"
@@ -108,8 +110,8 @@ def parse(body: Any, config: Config) -> JobSpec:
     _parse_inputs(spec, body.get("inputs"), config)
     spec.name = _typed(body, "name", str, "")[:MAX_NAME]
     spec.timeout = float(_typed(body, "timeout", (int, float), 60.0))
-    if not 0 < spec.timeout <= MAX_TIMEOUT:
-        raise InvalidJob(f"'timeout' must be between 0 and {MAX_TIMEOUT:g} seconds", field="timeout")
+    if not MIN_TIMEOUT <= spec.timeout <= MAX_TIMEOUT:
+        raise InvalidJob(f"'timeout' must be between {MIN_TIMEOUT:g} and {MAX_TIMEOUT:g} seconds", field="timeout")
     spec.max_attempts = _typed(body, "max_attempts", int, 3)
     if not 1 <= spec.max_attempts <= MAX_ATTEMPTS:
         raise InvalidJob(f"'max_attempts' must be between 1 and {MAX_ATTEMPTS}", field="max_attempts")
@@ -256,6 +258,8 @@ def _parse_range(spec: JobSpec, bounds: Any) -> None:
         step = bounds[2]
     if step == 0:
         raise InvalidJob("'range' step must not be zero", field="inputs")
+    if not all(-RANGE_LIMIT <= b <= RANGE_LIMIT for b in (start, stop, step)):
+        raise InvalidJob(f"'range' bounds and step must lie within ±{RANGE_LIMIT} (63-bit integers)", field="inputs")
     spec.inputs_kind = "range"
     spec.range_start, spec.range_stop, spec.range_step = start, stop, step
     if spec.n_tasks == 0:

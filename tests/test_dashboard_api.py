@@ -29,12 +29,13 @@ def redis_url() -> str:
 
 
 @pytest.fixture
-async def browser_session() -> AsyncIterator[Callable[[], aiohttp.ClientSession]]:
-    """Cookie-keeping sessions, like a browser (cookies for 127.0.0.1 need ``unsafe``)."""
+async def browser_session() -> AsyncIterator[Callable[[str], aiohttp.ClientSession]]:
+    """Cookie-keeping sessions, like a browser on the page at ``origin``: it sends that ``Origin``
+    with every request, as browsers do with a POST (cookies for 127.0.0.1 need ``unsafe``)."""
     opened: list[aiohttp.ClientSession] = []
 
-    def make() -> aiohttp.ClientSession:
-        session = aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True))
+    def make(origin: str) -> aiohttp.ClientSession:
+        session = aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True), headers={"Origin": origin})
         opened.append(session)
         return session
 
@@ -53,7 +54,7 @@ async def sign_in(session: aiohttp.ClientSession, url: str, email: str, password
 async def test_login_session_cookie_and_logout(serve, browser_session):
     api, app = await serve()
     await add_researcher(app, "ada@example.org")
-    web = browser_session()
+    web = browser_session(api.url)
     async with web.get(f"{api.url}/api/me") as resp:
         assert resp.status == 401
     async with web.post(f"{api.url}/api/login", json={"email": "Ada@Example.org ", "password": PASSWORD}) as resp:
@@ -68,7 +69,7 @@ async def test_login_session_cookie_and_logout(serve, browser_session):
         assert (await resp.json())["email"] == "ada@example.org"
     async with web.post(f"{api.url}/api/jobs", json={"code": "def main(x):\n    return x\n", "inputs": [1]}) as resp:
         assert resp.status == 201  # the session cookie works for the job API too
-    async with web.post(f"{api.url}/api/logout") as resp:
+    async with web.post(f"{api.url}/api/logout", json={}) as resp:
         assert resp.status == 200
     async with web.get(f"{api.url}/api/me") as resp:
         assert resp.status == 401
@@ -77,7 +78,7 @@ async def test_login_session_cookie_and_logout(serve, browser_session):
 async def test_login_bad_input(serve, browser_session):
     api, app = await serve()
     await add_researcher(app, "bob@example.org")
-    web = browser_session()
+    web = browser_session(api.url)
     cases = [
         (b"{not json", 400, "malformed JSON"),
         (b"[1, 2]", 400, "JSON object"),
@@ -97,7 +98,7 @@ async def test_login_bad_input(serve, browser_session):
 async def test_login_rate_limited_per_email_and_address(serve, browser_session):
     api, app = await serve()
     await add_researcher(app, "eve@example.org")
-    web = browser_session()
+    web = browser_session(api.url)
     wrong = {"email": "eve@example.org", "password": "guess"}
     statuses = []
     for _ in range(11):
@@ -116,7 +117,7 @@ async def test_researchers_cannot_see_each_others_jobs(serve, browser_session):
     api, app = await serve()
     await add_researcher(app, "a@example.org")
     b_token = await add_researcher(app, "b@example.org")
-    a, b = browser_session(), browser_session()
+    a, b = browser_session(api.url), browser_session(api.url)
     await sign_in(a, api.url, "a@example.org")
     await sign_in(b, api.url, "b@example.org")
     async with a.post(f"{api.url}/api/jobs", json={"code": "def main(x):\n    return x\n", "inputs": [1, 2]}) as resp:
@@ -135,7 +136,8 @@ async def test_researchers_cannot_see_each_others_jobs(serve, browser_session):
             ("POST", f"/api/jobs/{job}/cancel"),
             ("POST", f"/api/jobs/{job}/retry"),
         ]:
-            async with client.request(method, api.url + path, headers=headers) as resp:
+            body = {} if method == "POST" else None
+            async with client.request(method, api.url + path, headers=headers, json=body) as resp:
                 assert resp.status == 404, (method, path)
     # The events socket of B says nothing about A's job.
     async with b.ws_connect(f"{api.url}/api/events?job={job}") as ws:
@@ -150,7 +152,7 @@ async def test_operator_endpoints(serve, browser_session):
     api, app = await serve()
     await add_researcher(app, "op@example.org", operator=True)
     plain_token = await add_researcher(app, "plain@example.org")
-    op, plain = browser_session(), browser_session()
+    op, plain = browser_session(api.url), browser_session(api.url)
     me = await sign_in(op, api.url, "op@example.org")
     assert me["operator"] is True
     await sign_in(plain, api.url, "plain@example.org")
@@ -162,50 +164,53 @@ async def test_operator_endpoints(serve, browser_session):
     target = people["plain@example.org"]["id"]
     assert people["plain@example.org"]["approved"] is True
 
-    async with op.post(f"{api.url}/api/admin/researchers/{target}/revoke") as resp:
-        assert (await resp.json()) == {"id": target, "approved": False}
+    async with op.post(f"{api.url}/api/admin/researchers/{target}/revoke", json={}) as resp:
+        assert (await resp.json()) == {"id": target, "approved": False, "jobs_cancelled": 0}
     async with plain.get(f"{api.url}/api/me") as resp:
-        assert resp.status == 403 and "not approved" in (await resp.json())["error"]
+        assert resp.status == 401  # revoking ends the researcher's sessions
     async with api.session.get(f"{api.url}/api/jobs", headers=api.headers(plain_token)) as resp:
         assert resp.status == 403
     async with plain.post(f"{api.url}/api/login", json={"email": "plain@example.org", "password": PASSWORD}) as resp:
         assert resp.status == 403 and "not approved" in (await resp.json())["error"]
-    async with op.post(f"{api.url}/api/admin/researchers/{target}/approve") as resp:
+    async with op.post(f"{api.url}/api/admin/researchers/{target}/approve", json={}) as resp:
         assert (await resp.json())["approved"] is True
+    await sign_in(plain, api.url, "plain@example.org")  # approved again: a new sign-in works
     async with plain.get(f"{api.url}/api/me") as resp:
         assert resp.status == 200
 
-    async with op.post(f"{api.url}/api/admin/researchers/{me['id']}/revoke") as resp:
+    async with op.post(f"{api.url}/api/admin/researchers/{me['id']}/revoke", json={}) as resp:
         assert resp.status == 409
     for bad in ("999999", "abc"):
-        async with op.post(f"{api.url}/api/admin/researchers/{bad}/approve") as resp:
+        async with op.post(f"{api.url}/api/admin/researchers/{bad}/approve", json={}) as resp:
             assert resp.status == 404 and "error" in await resp.json()
 
 
 async def test_operator_sees_volunteers_and_throttle(serve, browser_session, volunteers):
     api, app = await serve()
     await add_researcher(app, "op2@example.org", operator=True)
-    op = browser_session()
+    op = browser_session(api.url)
     await sign_in(op, api.url, "op2@example.org")
     volunteers(api.url, 2)
     async with aiohttp.ClientSession() as raw, raw.ws_connect(api.url.replace("http", "ws") + "/ws/volunteer") as ws:
         await ws.send_str(P.encode(P.Hello("throttled-one", {"cores": 8, "workers": 3})))
-        await ws.receive_str(timeout=5)
-        await ws.send_str(P.encode(P.Throttle({"battery": 0.15, "paused": True, "reason": "battery low"})))
+        me = json.loads(await ws.receive_str(timeout=5))["volunteer"].split("-")[0]  # a fresh, server-issued id
+        # a bad battery report (not an object) is dropped, not passed on to break the operator's view
+        bad = {"battery": 0.15, "paused": True, "reasons": ["battery low"], "reason": "x" * 10_000}
+        await ws.send_str(P.encode(P.Throttle(bad)))
         job = await api.submit("def main(x):\n    return x\n", list(range(20)))
         await api.wait(job)
         for _ in range(50):
             async with op.get(f"{api.url}/api/admin/volunteers") as resp:
                 body = await resp.json()
             connected = {v["id"]: v for v in body["connected"]}
-            if connected.get("throttled-one", {}).get("throttle"):
+            if connected.get(me, {}).get("throttle"):
                 break
             await asyncio.sleep(0.1)
-    assert len(connected) == 3
-    assert connected["throttled-one"]["throttle"]["paused"] is True
-    assert connected["throttled-one"]["capabilities"]["cores"] == 8
+    assert len(connected) == 3 and "throttled-one" not in connected
+    assert connected[me]["throttle"]["paused"] is True and connected[me]["throttle"]["battery"] is None
+    assert connected[me]["capabilities"]["cores"] == 8 and connected[me]["address"] == "127.0.0.1"
     recent = {v["id"]: v for v in body["recent"]}
-    assert recent["throttled-one"]["throttle"]["reason"] == "battery low"
+    assert recent[me]["throttle"]["reasons"] == ["battery low"] and "reason" not in recent[me]["throttle"]
     assert sum(v["tasks_done"] for v in recent.values()) == 20
     assert connected["throttled-one"]["reputation"] == {  # operators see each volunteer's reputation
         "consecutive_validated": 0,

@@ -10,9 +10,12 @@ from server import protocol as P
 CODE = "def main(x):\n    return x\n"
 
 
-async def _hello(ws, volunteer: str) -> None:
-    await ws.send_str(P.encode(P.Hello(volunteer, {"cores": 2})))
-    assert json.loads((await ws.receive()).data)["type"] == "welcome"
+async def _hello(ws, volunteer: str = "", workers: int = 4) -> str:
+    """Say hello (presenting ``volunteer``); returns the signed id the server issued or kept."""
+    await ws.send_str(P.encode(P.Hello(volunteer, {"cores": 2, "workers": workers})))
+    welcome = json.loads((await ws.receive()).data)
+    assert welcome["type"] == "welcome"
+    return welcome["volunteer"]
 
 
 async def _lease(ws, n: int) -> list[dict]:
@@ -21,14 +24,16 @@ async def _lease(ws, n: int) -> list[dict]:
 
 
 async def test_heartbeat_keeps_a_lease_and_silence_expires_it(serve):
-    api, _ = await serve(lease_grace=0.4, reaper_interval=0.1)
-    job = await api.submit(CODE, [1, 2], timeout=0.3, max_attempts=2)
+    api, _ = await serve(lease_grace=0.2, reaper_interval=0.1)
+    job = await api.submit(CODE, [1, 2], timeout=1.0, max_attempts=2)
     url = api.url.replace("http", "ws") + "/ws/volunteer"
     async with api.session.ws_connect(url) as ws:
-        await _hello(ws, "steady")
+        await _hello(ws)
         a, b = await _lease(ws, 2)
         assert a["deadline"] > 0
-        for _ in range(12):  # 1.2 s, well past the 0.7 s deadline: only `a` is kept alive
+        # 1.6 s: past the 1.2 s deadline, within the 2.2 s limit (start + 2 x timeout + grace):
+        # only `a` is kept alive
+        for _ in range(16):
             await ws.send_str(P.encode(P.Heartbeat([a["attempt"]])))
             await asyncio.sleep(0.1)
         status = await api.job(job)
@@ -55,7 +60,7 @@ async def test_late_result_after_expiry_is_accepted_once(serve):
     job = await api.submit(CODE, [5], timeout=0.2, max_attempts=3)
     url = api.url.replace("http", "ws") + "/ws/volunteer"
     async with api.session.ws_connect(url) as ws:
-        await _hello(ws, "slowpoke")
+        await _hello(ws)
         (t,) = await _lease(ws, 1)
         await asyncio.sleep(0.8)  # the lease expires; the task is ready again
         late = P.Outcome(t["attempt"], t["task"], result=99)
@@ -72,14 +77,22 @@ async def test_throttle_and_capabilities_are_recorded(serve):
     api, _ = await serve()
     url = api.url.replace("http", "ws") + "/ws/volunteer"
     async with api.session.ws_connect(url) as ws:
-        await _hello(ws, "phone-1")
-        await ws.send_str(P.encode(P.Throttle({"battery": "discharging", "workers": 1, "reason": "battery"})))
+        me = await _hello(ws)
+        sent = {"battery": {"level": 0.5, "charging": True}, "workers": 1, "reasons": ["battery"], "extra": 1}
+        await ws.send_str(P.encode(P.Throttle(sent)))
         await ws.send_str(P.encode(P.Ready(0)))  # answered after the throttle was handled
         assert json.loads((await ws.receive()).data) == {"type": "tasks", "tasks": []}
-    async with api.session.get(f"{api.url}/api/volunteers/phone-1") as resp:
+    async with api.session.get(f"{api.url}/api/volunteers/{me}") as resp:  # a volunteer sees itself
         stats = await resp.json()
-    assert stats["throttle"] == {"battery": "discharging", "workers": 1, "reason": "battery"}
-    async with api.session.get(f"{api.url}/api/volunteers/nobody") as resp:
+    assert stats["throttle"] == P.ThrottleState.from_wire(sent).to_wire()
+    assert stats["throttle"]["battery"] == {"level": 0.5, "charging": True} and "extra" not in stats["throttle"]
+    async with api.session.get(f"{api.url}/api/volunteers/{me.split('-')[0]}") as resp:
+        assert resp.status == 401  # the public id alone shows nothing without a session
+    async with api.session.get(f"{api.url}/api/volunteers/{me.split('-')[0]}", headers=api.headers()) as resp:
+        assert (await resp.json())["tasks_done"] == 0  # a signed-in researcher may look
+    async with api.session.get(f"{api.url}/api/volunteers/{me[:-1]}x", headers=api.headers()) as resp:
+        assert resp.status == 404  # a forged signature is nobody
+    async with api.session.get(f"{api.url}/api/volunteers/nobody", headers=api.headers()) as resp:
         assert resp.status == 404
 
 
@@ -117,14 +130,15 @@ async def test_reconnecting_volunteer_resumes_the_tasks_it_holds(serve):
     job = await api.submit(CODE, [10, 20, 30, 40])
     url = api.url.replace("http", "ws") + "/ws/volunteer"
     async with api.session.ws_connect(url) as ws:
-        await _hello(ws, "refresher")
+        me = await _hello(ws)
         held = await _lease(ws, 3)
     # the socket closed (a refresh): the leases went back to the queue... and come back on hello
     async with api.session.ws_connect(url) as ws:
-        await ws.send_str(P.encode(P.Hello("refresher", {"resume": [t["attempt"] for t in held] + ["bogus"]})))
-        assert json.loads((await ws.receive()).data)["type"] == "welcome"
+        resume = {"workers": 4, "resume": [t["attempt"] for t in held] + ["bogus"]}
+        await ws.send_str(P.encode(P.Hello(me, resume)))
+        assert json.loads((await ws.receive()).data)["volunteer"] == me
         async with api.session.ws_connect(url) as other:
-            await _hello(other, "someone-else")
+            await _hello(other)
             got = await _lease(other, 4)
         assert [t["input"] for t in got] == [40]  # only the task nobody holds
         results = [P.Outcome(t["attempt"], t["task"], result=t["input"] + 1) for t in held]
@@ -138,8 +152,9 @@ async def test_reconnecting_volunteer_resumes_the_tasks_it_holds(serve):
     from server.store.tables import attempts
     from server.web import appkeys as K
 
+    public = me.split("-")[0]
     async with app[K.storage].engine.connect() as conn:
         rows = (
-            await conn.execute(sa.select(attempts.c.id, attempts.c.outcome).where(attempts.c.volunteer == "refresher"))
+            await conn.execute(sa.select(attempts.c.id, attempts.c.outcome).where(attempts.c.volunteer == public))
         ).all()
     assert sorted(o for _, o in rows) == ["done", "done", "done"]  # the abandoned rows became done

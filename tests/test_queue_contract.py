@@ -183,3 +183,23 @@ async def test_a_requeued_task_does_not_come_back_to_an_excluded_volunteer(queue
     assert await queue.lease("v", ["a2"], now=0.0) == []
     assert await queue.ready_count() == 1
     assert [le.task for le in await queue.lease("w", ["b1"], now=0.0)] == [1]
+
+
+async def test_heartbeats_cannot_keep_a_lease_past_its_limit(queue):
+    """A hoarder's heartbeats move the deadline only up to start + LEASE_SPAN * timeout + grace."""
+    from server.queue.base import LEASE_SPAN
+
+    await queue.push(items(1, 1, timeout=10.0))
+    (lease,) = await queue.lease("hoarder", ["a1"], now=1000.0)
+    limit = 1000.0 + LEASE_SPAN * 10.0 + 5.0
+    assert await queue.extend(["a1"], now=1004.0) == 1
+    assert await queue.expire(now=1004.0 + 10.0 + 5.0 - 0.01) == []  # moved to 1019
+    for now in (1010.0, 1020.0, 1030.0, 1100.0):  # heartbeats keep coming
+        await queue.extend(["a1"], now=now)
+    assert await queue.expire(now=limit - 0.01) == []
+    (expired,) = await queue.expire(now=limit + 0.01)
+    assert expired.attempt == "a1" and await queue.ready_count() == 1
+    claimed = await queue.claim("v2", "a2", items(1, 1, timeout=10.0)[0], now=2000.0)
+    assert claimed is not None
+    await queue.extend(["a2"], now=2100.0)
+    assert [le.attempt for le in await queue.expire(now=2000.0 + LEASE_SPAN * 10.0 + 5.0 + 0.01)] == ["a2"]

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # ------------------------------------------------------------------------------- protocol
 def test_protocol_round_trip_every_message():
     samples = [
-        P.Hello("v1", {"cores": 4}),
+        P.Hello("v1", P.Capabilities(cores=4, workers=2, resume=["a"])),
         P.Welcome("v1", 10.0, "i1"),
         P.Ready(3),
         P.Tasks([P.TaskSpec("a", 1, 2, 0, {"x": [1]}, "h", 5.0, 99.5, ["numpy"])]),
@@ -39,7 +39,7 @@ def test_protocol_round_trip_every_message():
         P.Progress("a", 0.5),
         P.Results([P.Outcome("a", 1, result=[1, 2], output="hi", cpu=0.1)]),
         P.Ack(["a"], ["b"]),
-        P.Throttle({"battery": "low"}),
+        P.Throttle(P.ThrottleState(workers=1, battery=P.Battery(0.5, True), network=P.Network("4g"))),
         P.Cancel(["a"], 2),
         P.Hold(["a"], 7.5, "database unreachable"),
         P.Error("nope", "ready"),
@@ -47,6 +47,36 @@ def test_protocol_round_trip_every_message():
     assert {m.TYPE for m in samples} == set(P.MESSAGES)
     for msg in samples:
         assert P.decode(P.encode(msg)) == msg
+
+
+def test_capabilities_and_throttle_are_typed_and_cut():
+    """A hostile volunteer's device reports: unknown keys dropped, strings cut, numbers clamped,
+    a battery level outside [0, 1] (or not a number) dropped rather than shown."""
+    huge = "x" * 30_000  # many of these still fit in one 4 MB message
+    hello = P.decode(
+        json.dumps(
+            {
+                "type": "hello",
+                "volunteer": "",
+                "capabilities": {
+                    "cores": 10**9,
+                    "workers": -5,
+                    "user_agent": huge,
+                    "junk": [huge],
+                    "resume": [huge] * 99,
+                },
+            }
+        )
+    )
+    caps = hello.capabilities
+    assert caps == P.Capabilities(cores=1024, workers=0, user_agent="x" * P.MAX_TEXT_CHARS, resume=["x" * 32] * 64)
+    assert len(P.encode(hello)) < 4000
+    for battery in ({"level": 7}, {"level": "full"}, {"level": float("nan")}, {"level": True}, "low", [1]):
+        state = P.decode(json.dumps({"type": "throttle", "state": {"battery": battery, "reasons": [huge] * 50}}))
+        assert state.state.battery is None and len(state.state.reasons) == P.MAX_REASONS
+        assert all(len(r) == P.MAX_TEXT_CHARS for r in state.state.reasons)
+    ok = P.decode('{"type": "throttle", "state": {"battery": {"level": 0.25, "charging": "yes"}, "cpu_cap": 900}}')
+    assert ok.state.battery == P.Battery(0.25, False) and ok.state.cpu_cap == 100
 
 
 def test_protocol_module_is_stdlib_only_for_pyodide():

@@ -13,7 +13,6 @@ import io
 import random
 import time
 import traceback
-import uuid
 from typing import Any
 
 import aiohttp
@@ -50,7 +49,13 @@ def run_task(source: str, value: Any) -> P.Outcome:
 
 class SimVolunteer:
     """One simulated volunteer. ``crash_after``: vanish (no results) after leasing that many.
-    ``lie_rate``: forge that fraction of its results with random values (a hostile volunteer)."""
+    ``lie_rate``: forge that fraction of its results with random values (a hostile volunteer).
+
+    It declares one worker and ``prefetch - 1`` tasks of prefetch (so the server's lease cap
+    allows the ``ready {prefetch}`` it sends), and keeps the signed id from ``welcome`` to
+    present in its next ``hello``, as the browser does. ``volunteer`` is the public part of
+    that id (what the server stores); ``token`` the signed whole.
+    """
 
     def __init__(
         self,
@@ -63,7 +68,8 @@ class SimVolunteer:
     ):
         self.url = server.rstrip("/").replace("http://", "ws://").replace("https://", "wss://") + "/ws/volunteer"
         self.prefetch = prefetch
-        self.volunteer = volunteer or "sim-" + uuid.uuid4().hex[:12]
+        self.token = volunteer or ""  # anything unsigned is replaced by a fresh id in `welcome`
+        self.volunteer = self.token
         self.crash_after = crash_after
         self.lie_rate = lie_rate
         self.lies: set[int] = set()  # tasks it forged a result for
@@ -111,8 +117,11 @@ class SimVolunteer:
             self.connects += 1
             reader = asyncio.create_task(self._reader(ws))
             try:
-                await ws.send_str(P.encode(P.Hello(self.volunteer, {"cores": 1, "workers": 1, "sim": True})))
-                await self._recv("welcome")
+                capabilities = {"cores": 1, "workers": 1, "prefetch": max(0, self.prefetch - 1), "sim": True}
+                await ws.send_str(P.encode(P.Hello(self.token, capabilities)))
+                welcome: P.Welcome = await self._recv("welcome")
+                self.token = welcome.volunteer
+                self.volunteer = welcome.volunteer.split("-", 1)[0]
                 await self._loop(ws, stop)
             finally:
                 reader.cancel()
@@ -136,6 +145,8 @@ class SimVolunteer:
             outcomes = []
             for spec in batch.tasks:
                 source = await self._source(ws, spec)
+                if source is None:  # refused (the job was cancelled meanwhile): drop the task
+                    continue
                 outcome = run_task(source, spec.input)
                 outcome.attempt, outcome.task = spec.attempt, spec.task
                 if self.lie_rate and outcome.error is None and self._rng.random() < self.lie_rate:
@@ -179,12 +190,29 @@ class SimVolunteer:
             raise ConnectionError("server closed the connection")
         return got[0].result()
 
-    async def _source(self, ws: aiohttp.ClientWebSocketResponse, spec: P.TaskSpec) -> str:
+    async def _source(self, ws: aiohttp.ClientWebSocketResponse, spec: P.TaskSpec) -> str | None:
+        """The job's code (asked once per job); None if the server refused to send it."""
         if spec.job not in self._code:
             await ws.send_str(P.encode(P.NeedCode(spec.job, spec.code_hash)))
-            code: P.Code = await self._recv("code")
-            self._code[code.job] = code.source
+            reply = await self._recv_any("code", "error")
+            if isinstance(reply, P.Error):
+                return None
+            self._code[reply.job] = reply.source
         return self._code[spec.job]
+
+    async def _recv_any(self, *kinds: str) -> Any:
+        """The first message of any of these kinds (others stay queued)."""
+        gets = {asyncio.ensure_future(self._q(kind).get()): kind for kind in kinds}
+        closed = asyncio.ensure_future(self._closed.wait())
+        done, pending = await asyncio.wait({*gets, closed}, return_when=asyncio.FIRST_COMPLETED)
+        for future in pending:
+            future.cancel()
+        got = [f for f in gets if f in done]
+        for extra in got[1:]:  # two arrived at once: keep the second for its reader
+            self._q(gets[extra]).put_nowait(extra.result())
+        if not got:
+            raise ConnectionError("server closed the connection")
+        return got[0].result()
 
 
 async def run_volunteers(

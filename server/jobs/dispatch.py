@@ -8,6 +8,7 @@ awaits its future, so nothing is acknowledged before it is committed.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import ipaddress
@@ -21,7 +22,7 @@ from server.config import Config
 from server.jobs.metrics import Metrics
 from server.jobs.outage import DatabaseAway, DbHealth, is_outage
 from server.jobs.validator import Validator
-from server.protocol import AttemptOutcome, Cancel, Outcome, TaskSpec
+from server.protocol import MAX_WORKERS, AttemptOutcome, Cancel, Capabilities, Outcome, TaskSpec, ThrottleState
 from server.queue import Bus, Lease, Queue
 from server.spec import InvalidJob, JobSpec, verify_code
 from server.store import pipelines
@@ -30,19 +31,63 @@ from server.store.storage import Recorded, Storage
 logger = logging.getLogger(__name__)
 P_MAX_RESUME = 64  # attempts a reconnecting volunteer may ask to keep
 STORED_INPUTS = frozenset({"list", "after"})  # range and none inputs are computed from the index
+# Lease caps (Trust I). A connection holds at most its declared workers + prefetch, and a
+# volunteer id at most HARD_CAP over all its connections on this instance.
+HARD_CAP = MAX_WORKERS  # 64
+DEFAULT_PREFETCH_PER_WORKER = 1  # when a volunteer declares no prefetch
+MAX_PREFETCH_PER_WORKER = 8  # the browser's supervisor holds at most this many per worker
+RECENT_ATTEMPTS = 256  # attempts a connection lost (expired, cancelled) whose late results are not strays
+STRAY_LIMIT = 128  # results for attempts a connection never held, beyond its acknowledged ones: closed
+STRIKES_KEPT = 100_000  # volunteers whose expired leases are remembered (oldest forgotten first)
+STRIKE_HALF_LIFE = 600.0  # seconds: expiries are forgiven with time (slowly), and by delivered results
+
+
+class Misbehaving(Exception):
+    """A volunteer that must be disconnected; ``str(exc)`` says why."""
 
 
 @dataclasses.dataclass(eq=False)
 class Conn:
-    """One connected volunteer socket on this instance and the attempts it holds."""
+    """One connected volunteer socket on this instance and the attempts it holds.
+
+    ``volunteer`` is the verified public id (``server.jobs.identity``), ``address`` the client's
+    address (``server.web.addresses.client_address``).
+    """
 
     volunteer: str
     send: Any  # async callable(message dataclass)
     held: dict[str, int] = dataclasses.field(default_factory=dict)  # attempt -> job
-    capabilities: dict = dataclasses.field(default_factory=dict)
-    throttle: dict = dataclasses.field(default_factory=dict)
-    address: str = ""  # the client's address (behind a trusted proxy: from X-Forwarded-For)
+    capabilities: Capabilities = dataclasses.field(default_factory=Capabilities)
+    throttle: ThrottleState | None = None
+    address: str = "?"  # the client's address (behind a trusted proxy: from X-Forwarded-For)
     connected_at: float = dataclasses.field(default_factory=time.time)
+    recent: collections.OrderedDict = dataclasses.field(default_factory=collections.OrderedDict)  # attempt -> job
+    strays: int = 0  # results for attempts never held here, less those acknowledged
+
+    def declared_cap(self) -> int:
+        """What the declared workers and prefetch justify: at most HARD_CAP, at least 1."""
+        state = self.throttle
+        workers = state.workers if state is not None and state.workers is not None else self.capabilities.workers
+        prefetch = state.prefetch if state is not None and state.prefetch is not None else self.capabilities.prefetch
+        workers = max(1, workers)
+        if prefetch is None:
+            prefetch = workers * DEFAULT_PREFETCH_PER_WORKER
+        return max(1, min(HARD_CAP, workers + min(prefetch, workers * MAX_PREFETCH_PER_WORKER)))
+
+    def lose(self, attempts: list[str]) -> None:
+        """These leases ended without a result (expired, cancelled): remember them a while, so
+        that a late result for one is neither a stray nor credited beyond its job's timeout."""
+        for attempt in attempts:
+            job = self.held.pop(attempt, None)
+            if job is not None:
+                self.recent[attempt] = job
+        while len(self.recent) > RECENT_ATTEMPTS:
+            self.recent.popitem(last=False)
+
+    def job_of(self, attempt: str) -> int | None:
+        """The job of an attempt this connection holds or recently lost; None if never held here."""
+        job = self.held.get(attempt)
+        return self.recent.get(attempt) if job is None else job
 
 
 class Dispatcher:
@@ -52,6 +97,10 @@ class Dispatcher:
         self.queue = queue
         self.bus = bus
         self.conns: set[Conn] = set()
+        self._by_volunteer: dict[str, set[Conn]] = {}
+        self._leaving: set[asyncio.Task] = set()  # abandon() of closed sockets, awaited at shutdown
+        # volunteer -> (expiries owed, when): see lease_room
+        self.strikes: collections.OrderedDict[str, tuple[float, float]] = collections.OrderedDict()
         self._submissions: asyncio.Queue = asyncio.Queue()
         self._outcomes: asyncio.Queue = asyncio.Queue()
         self.leased_total = 0
@@ -107,10 +156,11 @@ class Dispatcher:
                     await self._apply(await pipelines.sweep(self.storage))
                 expired = await self.queue.expire(time.time())
                 if expired:
+                    attempts = [lease.attempt for lease in expired]
                     for conn in self.conns:
-                        for lease in expired:
-                            conn.held.pop(lease.attempt, None)
+                        conn.lose(attempts)
                     for lease in expired:
+                        self._strike(lease.volunteer)
                         fields = {"job": lease.job, "task": lease.task, "attempt": lease.attempt}
                         logger.info(
                             "lease expired: task %d goes back to the queue",
@@ -176,10 +226,46 @@ class Dispatcher:
         if len(spec.inputs) > self.config.max_tasks_per_job:
             raise InvalidJob(f"at most {self.config.max_tasks_per_job} tasks per job", field="inputs")
 
+    # ----------------------------------------------------------------- connections, caps
+    def connect(self, conn: Conn) -> None:
+        """A volunteer said hello on this instance."""
+        self.conns.add(conn)
+        self._by_volunteer.setdefault(conn.volunteer, set()).add(conn)
+
+    def _strikes(self, volunteer: str, now: float | None = None) -> float:
+        """Expiries this volunteer owes, halving every STRIKE_HALF_LIFE seconds."""
+        count, at = self.strikes.get(volunteer, (0.0, 0.0))
+        now = time.monotonic() if now is None else now
+        return count * 0.5 ** ((now - at) / STRIKE_HALF_LIFE) if count else 0.0
+
+    def _strike(self, volunteer: str, n: float = 1.0) -> None:
+        """A lease of this volunteer expired unanswered (n > 0), or it delivered results (n < 0)."""
+        now = time.monotonic()
+        count = max(0.0, self._strikes(volunteer, now) + n)
+        self.strikes.pop(volunteer, None)
+        if count >= 0.5:
+            self.strikes[volunteer] = (count, now)
+        while len(self.strikes) > STRIKES_KEPT:
+            self.strikes.popitem(last=False)
+
+    def lease_room(self, conn: Conn) -> int:
+        """How many more tasks this connection may lease now.
+
+        Its declared cap, divided by one plus the expiries it owes (a volunteer whose leases keep
+        expiring gets fewer; none once it owes as many as its cap, until it is forgiven with
+        time), less what it holds; and its volunteer id's connections together never above HARD_CAP.
+        """
+        cap = int(conn.declared_cap() // (1.0 + self._strikes(conn.volunteer)))
+        by_id = sum(len(c.held) for c in self._by_volunteer.get(conn.volunteer, ()))
+        return max(0, min(cap - len(conn.held), HARD_CAP - by_id))
+
     # -------------------------------------------------------------------------- leasing
     async def lease(self, conn: Conn, n: int) -> list[TaskSpec]:
         if self.db_health.down_since is not None:
             return []  # results could not be committed; an empty answer means "ask again later"
+        n = min(n, self.lease_room(conn))
+        if n <= 0:
+            return []
         attempts = [secrets.token_hex(8) for _ in range(n)]
         leases = await self.queue.lease(conn.volunteer, attempts, time.time(), self._network_rule(conn))
         if not leases:
@@ -250,9 +336,27 @@ class Dispatcher:
         mine = [a for a in attempts if a in conn.held]
         return await self.queue.extend(mine, time.time())
 
+    def leave(self, conn: Conn) -> asyncio.Task:
+        """A socket closed: abandon its leases in a task that outlives the socket's handler (even
+        one cancelled at shutdown) and that ``drain`` awaits before the queue and database close."""
+        task = asyncio.ensure_future(self.abandon(conn))
+        self._leaving.add(task)
+        task.add_done_callback(self._leaving.discard)
+        return task
+
+    async def drain(self) -> None:
+        """Shutdown: let the closed sockets' leases be requeued and recorded."""
+        if self._leaving:
+            await asyncio.wait(set(self._leaving), timeout=5.0)
+
     async def abandon(self, conn: Conn) -> None:
         """The socket closed: its leases go back to the ready queue at once."""
         self.conns.discard(conn)
+        same = self._by_volunteer.get(conn.volunteer)
+        if same is not None:
+            same.discard(conn)
+            if not same:
+                del self._by_volunteer[conn.volunteer]
         held, conn.held = list(conn.held), {}
         leases = await self.queue.requeue(held)
         if leases:
@@ -272,17 +376,39 @@ class Dispatcher:
 
     # -------------------------------------------------------------------------- outcomes
     async def report(self, conn: Conn, outcomes: list[Outcome]) -> Recorded:
-        """Queue outcomes for the batch writer; returns once they are committed. Raises
-        ``DatabaseAway`` at once during a database outage: the volunteer holds them and sends again."""
+        """Queue outcomes for the batch writer; returns once they are committed.
+
+        Raises ``DatabaseAway`` at once during a database outage (the volunteer holds them and
+        sends again), and ``Misbehaving`` once the connection has sent too many results for
+        attempts it never held (guessing or replaying attempt ids).
+        """
         self.db_health.check()
+        never_held = set()
         for outcome in outcomes:
             check_result(outcome, self.config.max_result_bytes)
+            job = conn.job_of(outcome.attempt)
+            if job is None:
+                never_held.add(outcome.attempt)
+            await self._clamp_cpu(outcome, job)
         future = asyncio.get_running_loop().create_future()
         await self._outcomes.put((conn, outcomes, future))
         rec = await future
         for attempt in rec.acked + rec.ignored:
             conn.held.pop(attempt, None)
+        if rec.acked and conn.volunteer in self.strikes:
+            self._strike(conn.volunteer, -len(rec.acked))
+        conn.strays = max(0, conn.strays + len(never_held.intersection(rec.ignored)) - len(rec.acked))
+        if conn.strays > STRAY_LIMIT:
+            raise Misbehaving("too many results for attempts this connection does not hold")
         return rec
+
+    async def _clamp_cpu(self, outcome: Outcome, job: int | None) -> None:
+        """The reported CPU time is a claim: within [0, the job's timeout], and 0 for an attempt
+        this connection never held (it earns no credit)."""
+        info = None if job is None else await self.storage.job_info(job)
+        top = 0.0 if info is None else float(info.timeout)
+        cpu = outcome.cpu if outcome.cpu == outcome.cpu else 0.0  # NaN
+        outcome.cpu = min(max(0.0, float(cpu)), top)
 
     async def _run_outcomes(self) -> None:
         while True:
@@ -358,14 +484,22 @@ class Dispatcher:
                 await self.cancel(researcher_id, downstream)  # a pipeline stage cannot outlive its source
         return changed
 
+    async def revoke(self, researcher_id: int) -> int:
+        """A researcher was revoked: cancel their unfinished jobs (volunteers are told to drop
+        them) and close their events sockets on every instance. Returns the jobs cancelled."""
+        cancelled = 0
+        for job_id in await self.storage.unfinished_jobs(researcher_id):
+            cancelled += await self.cancel(researcher_id, job_id)
+        await self.bus.publish({"type": "revoked", "researcher": researcher_id})
+        return cancelled
+
     async def _cancel_local(self, job_id: int) -> None:
         """Tell this instance's volunteers to stop the job's attempts, and end those leases."""
         for conn in list(self.conns):
             attempts = [a for a, j in conn.held.items() if j == job_id]
             if not attempts:
                 continue
-            for a in attempts:
-                conn.held.pop(a, None)
+            conn.lose(attempts)
             await self.queue.release(attempts)
             with contextlib.suppress(ConnectionError, RuntimeError):
                 await conn.send(Cancel(attempts=attempts, job=job_id))
@@ -436,4 +570,4 @@ def _settle(future: asyncio.Future, result: Any = None, exc: BaseException | Non
         future.set_result(result)
 
 
-__all__ = ["Conn", "Dispatcher", "Lease"]
+__all__ = ["Conn", "Dispatcher", "Lease", "Misbehaving"]

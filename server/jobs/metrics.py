@@ -17,7 +17,7 @@ from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from server.jobs.outage import is_outage
-from server.protocol import JobState
+from server.protocol import JobState, ThrottleState
 from server.store import stats
 
 if TYPE_CHECKING:
@@ -133,13 +133,14 @@ class Metrics:
             self.tasks.labels(c.state, "pending").set(c.pending)
 
 
-def throttle_state(state: dict) -> str:
+def throttle_state(state: ThrottleState | dict | None) -> str:
     """A volunteer's reported throttle as one of our fixed labels."""
     if not state:
         return "unreported"
-    if state.get("paused") is True:
+    typed = ThrottleState.from_wire(state)
+    if typed.paused:
         return "paused"
-    workers, most = state.get("workers"), state.get("max_workers")
-    if state.get("reasons") or (isinstance(workers, int) and isinstance(most, int) and workers < most):
+    workers, most = typed.workers, typed.max_workers
+    if typed.reasons or (workers is not None and most is not None and workers < most):
         return "throttled"
     return "full"

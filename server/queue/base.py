@@ -13,6 +13,16 @@ from collections.abc import AsyncIterator, Iterable
 
 PRIORITY_SHIFT = 2**40
 MAX_SKIPPED = 256  # excluded tasks one lease call looks past before it gives up (bounds its cost)
+# Heartbeats move a lease's deadline to now + timeout + grace, but never past
+# lease start + LEASE_SPAN * timeout + grace: one timeout for the task to wait behind the one
+# running before it on the volunteer's worker (prefetch), one to run. A socket that heartbeats
+# forever without answering loses its leases all the same.
+LEASE_SPAN = 2
+
+
+def lease_limit(now: float, timeout: float, grace: float) -> float:
+    """The latest deadline a lease started at ``now`` may reach (the Lua scripts compute the same)."""
+    return now + LEASE_SPAN * timeout + grace
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +83,8 @@ class Queue:
         raise NotImplementedError
 
     async def extend(self, attempts: list[str], now: float) -> int:
-        """Move the deadlines of live leases to now + timeout + grace; returns how many."""
+        """Move the deadlines of live leases to now + timeout + grace, capped at their
+        ``lease_limit``; returns how many were live."""
         raise NotImplementedError
 
     async def claim(self, volunteer: str, attempt: str, item: ReadyItem, now: float) -> Lease | None:

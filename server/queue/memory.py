@@ -5,7 +5,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Iterable
 
-from server.queue.base import MAX_SKIPPED, Lease, Queue, ReadyItem
+from server.queue.base import MAX_SKIPPED, Lease, Queue, ReadyItem, lease_limit
 
 
 class MemoryQueue(Queue):
@@ -18,6 +18,7 @@ class MemoryQueue(Queue):
         self._leases: dict[str, tuple[int, str, str]] = {}  # attempt -> (score, member, volunteer)
         self._leased_tasks: dict[int, str] = {}
         self._deadlines: dict[str, float] = {}
+        self._limits: dict[str, float] = {}  # attempt -> latest deadline heartbeats may reach
         self._cancelled: set[int] = set()
         self._running: dict[int, int] = {}
         self._excluded: dict[int, set[str]] = {}  # task -> volunteers and network tags it must avoid
@@ -36,6 +37,7 @@ class MemoryQueue(Queue):
         if value is None:
             return None
         self._deadlines.pop(attempt, None)
+        self._limits.pop(attempt, None)
         job, task = (int(p) for p in value[1].split(":")[:2])
         if self._leased_tasks.get(task) == attempt:
             del self._leased_tasks[task]
@@ -68,6 +70,7 @@ class MemoryQueue(Queue):
             self._leases[attempt] = (score, member, volunteer)
             self._leased_tasks[int(task)] = attempt
             self._deadlines[attempt] = now + float(timeout) + self.grace
+            self._limits[attempt] = lease_limit(now, float(timeout), self.grace)
             self._running[int(job)] = self._running.get(int(job), 0) + 1
             out.append(self._lease_of(attempt, self._leases[attempt]))
         for entry in skipped:
@@ -89,6 +92,7 @@ class MemoryQueue(Queue):
         self._leases[attempt] = (item.score, item.member, volunteer)
         self._leased_tasks[item.task] = attempt
         self._deadlines[attempt] = now + item.timeout + self.grace
+        self._limits[attempt] = lease_limit(now, item.timeout, self.grace)
         self._running[item.job] = self._running.get(item.job, 0) + 1
         return self._lease_of(attempt, self._leases[attempt])
 
@@ -98,7 +102,7 @@ class MemoryQueue(Queue):
             value = self._leases.get(attempt)
             if value is not None:
                 timeout = float(value[1].split(":")[3])
-                self._deadlines[attempt] = now + timeout + self.grace
+                self._deadlines[attempt] = min(now + timeout + self.grace, self._limits.get(attempt, float("inf")))
                 n += 1
         return n
 

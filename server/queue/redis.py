@@ -7,10 +7,10 @@ from collections.abc import Iterable
 from typing import Any
 
 from server.queue import redis_keys as keys
-from server.queue.base import MAX_SKIPPED, Bus, Lease, Queue, ReadyItem
+from server.queue.base import LEASE_SPAN, MAX_SKIPPED, Bus, Lease, Queue, ReadyItem, lease_limit
 
 # ----------------------------------------------------------------------------------- Redis
-# KEYS: ready, leases, deadlines, cancelled, running, leased_tasks ; ARGV: now, grace, volunteer,
+# KEYS: ready, leases, deadlines, cancelled, running, leased_tasks, limits ; ARGV: now, grace, volunteer,
 # instance, network tag ('' for none), excluded-set prefix, max skipped, then the attempt ids.
 # A task with an exclusion set naming this volunteer (or network) is put back for the others.
 _LUA_LEASE = """
@@ -34,6 +34,7 @@ while i < n and #skipped < max_skipped * 2 do
     i = i + 1
     local attempt = ARGV[7 + i]
     local deadline = now + tonumber(timeout) + grace
+    redis.call('HSET', KEYS[7], attempt, tostring(now + SPAN * tonumber(timeout) + grace))
     redis.call('HSET', KEYS[2], attempt, score .. '|' .. member .. '|' .. vol .. '|' .. inst)
     redis.call('HSET', KEYS[6], task, attempt)
     redis.call('ZADD', KEYS[3], deadline, attempt)
@@ -47,7 +48,7 @@ if #skipped > 0 then redis.call('ZADD', KEYS[1], unpack(skipped)) end
 return out
 """
 
-# KEYS: ready, leases, deadlines, running, leased_tasks ; ARGV[1]: 1 = requeue, then attempts
+# KEYS: ready, leases, deadlines, running, leased_tasks, limits ; ARGV[1]: 1 = requeue, then attempts
 _LUA_END = """
 local requeue = ARGV[1] == '1'
 local out = {}
@@ -57,6 +58,7 @@ for i = 2, #ARGV do
   if value then
     local deadline = redis.call('ZSCORE', KEYS[3], attempt) or '0'
     redis.call('HDEL', KEYS[2], attempt)
+    redis.call('HDEL', KEYS[6], attempt)
     redis.call('ZREM', KEYS[3], attempt)
     local score, member = string.match(value, '^([^|]+)|([^|]+)|')
     local job, task = string.match(member, '^(%d+):(%d+):')
@@ -76,26 +78,30 @@ _LUA_DUE = """
 return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
 """
 
-# KEYS: ready, leases, deadlines, cancelled, running, leased_tasks ; ARGV: member, score, attempt,
-# volunteer, instance, deadline, job, task
+# KEYS: ready, leases, deadlines, cancelled, running, leased_tasks, limits ; ARGV: member, score, attempt,
+# volunteer, instance, deadline, job, task, limit
 _LUA_CLAIM = """
 if redis.call('SISMEMBER', KEYS[4], ARGV[7]) == 1 then return 0 end
 if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
 redis.call('HSET', KEYS[2], ARGV[3], ARGV[2] .. '|' .. ARGV[1] .. '|' .. ARGV[4] .. '|' .. ARGV[5])
 redis.call('HSET', KEYS[6], ARGV[8], ARGV[3])
 redis.call('ZADD', KEYS[3], ARGV[6], ARGV[3])
+redis.call('HSET', KEYS[7], ARGV[3], ARGV[9])
 redis.call('HINCRBY', KEYS[5], ARGV[7], 1)
 return 1
 """
 
-# KEYS: leases, deadlines ; ARGV: now, grace, attempts...
+# KEYS: leases, deadlines, limits ; ARGV: now, grace, attempts...
 _LUA_EXTEND = """
 local n = 0
 for i = 3, #ARGV do
   local value = redis.call('HGET', KEYS[1], ARGV[i])
   if value then
     local timeout = string.match(value, '^[^|]+|%d+:%d+:%d+:([^|]+)|')
-    redis.call('ZADD', KEYS[2], 'XX', tonumber(ARGV[1]) + tonumber(timeout) + tonumber(ARGV[2]), ARGV[i])
+    local deadline = tonumber(ARGV[1]) + tonumber(timeout) + tonumber(ARGV[2])
+    local limit = tonumber(redis.call('HGET', KEYS[3], ARGV[i]) or deadline)
+    if deadline > limit then deadline = limit end
+    redis.call('ZADD', KEYS[2], 'XX', deadline, ARGV[i])
     n = n + 1
   end
 end
@@ -115,6 +121,9 @@ return n
 """
 
 
+_LEASE_KEYS = [keys.READY, keys.LEASES, keys.DEADLINES, keys.CANCELLED, keys.RUNNING, keys.LEASED_TASKS, keys.LIMITS]
+
+
 class RedisQueue(Queue):
     """Redis implementation: atomic Lua scripts, safe with several server instances."""
 
@@ -122,7 +131,7 @@ class RedisQueue(Queue):
         self.redis = redis
         self.instance = instance
         self.grace = grace
-        self._lease = redis.register_script(_LUA_LEASE)
+        self._lease = redis.register_script(_LUA_LEASE.replace("SPAN", str(LEASE_SPAN)))
         self._end = redis.register_script(_LUA_END)
         self._due = redis.register_script(_LUA_DUE)
         self._extend = redis.register_script(_LUA_EXTEND)
@@ -143,7 +152,7 @@ class RedisQueue(Queue):
         if not attempts:
             return []
         flat = await self._lease(
-            keys=[keys.READY, keys.LEASES, keys.DEADLINES, keys.CANCELLED, keys.RUNNING, keys.LEASED_TASKS],
+            keys=_LEASE_KEYS,
             args=[repr(now), repr(self.grace), volunteer, self.instance, network, keys.EXCLUDED, MAX_SKIPPED]
             + attempts,
         )
@@ -164,9 +173,20 @@ class RedisQueue(Queue):
 
     async def claim(self, volunteer: str, attempt: str, item: ReadyItem, now: float) -> Lease | None:
         deadline = now + item.timeout + self.grace
+        limit = lease_limit(now, item.timeout, self.grace)
         claimed = await self._claim(
-            keys=[keys.READY, keys.LEASES, keys.DEADLINES, keys.CANCELLED, keys.RUNNING, keys.LEASED_TASKS],
-            args=[item.member, item.score, attempt, volunteer, self.instance, repr(deadline), item.job, item.task],
+            keys=_LEASE_KEYS,
+            args=[
+                item.member,
+                item.score,
+                attempt,
+                volunteer,
+                self.instance,
+                repr(deadline),
+                item.job,
+                item.task,
+                repr(limit),
+            ],
         )
         if not int(claimed):
             return None
@@ -176,7 +196,9 @@ class RedisQueue(Queue):
         if not attempts:
             return 0
         return int(
-            await self._extend(keys=[keys.LEASES, keys.DEADLINES], args=[repr(now), repr(self.grace), *attempts])
+            await self._extend(
+                keys=[keys.LEASES, keys.DEADLINES, keys.LIMITS], args=[repr(now), repr(self.grace), *attempts]
+            )
         )
 
     async def live(self, attempts: list[str]) -> dict[str, Lease]:
@@ -189,7 +211,7 @@ class RedisQueue(Queue):
         if not attempts:
             return []
         flat = await self._end(
-            keys=[keys.READY, keys.LEASES, keys.DEADLINES, keys.RUNNING, keys.LEASED_TASKS],
+            keys=[keys.READY, keys.LEASES, keys.DEADLINES, keys.RUNNING, keys.LEASED_TASKS, keys.LIMITS],
             args=["1" if requeue else "0", *attempts],
         )
         return self._leases(flat)

@@ -5,6 +5,7 @@ READY = PREFIX + "ready"  # zset: "job:task:idx:timeout" scored by (-priority <<
 LEASES = PREFIX + "leases"  # hash: attempt -> "score|member|volunteer|instance"
 LEASED_TASKS = PREFIX + "leased_tasks"  # hash: task id -> attempt (one live lease per task)
 DEADLINES = PREFIX + "deadlines"  # zset: attempt scored by its deadline (unix seconds)
+LIMITS = PREFIX + "lease_limits"  # hash: attempt -> latest deadline heartbeats may reach (unix seconds)
 CANCELLED = PREFIX + "cancelled"  # set: cancelled job ids (ready members of these are skipped)
 RUNNING = PREFIX + "running"  # hash: job id -> live leases
 EXCLUDED = PREFIX + "excluded:"  # + task id: set of volunteer ids and network tags never to lease it to

@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from server.store.models import Conflict, NotFound, Researcher
 from server.store.models import now as _now
-from server.store.tables import reputation, researchers, sessions, volunteers
+from server.store.tables import jobs, reputation, researchers, sessions, volunteers
 
 
 class Accounts:
@@ -72,6 +72,21 @@ class Accounts:
     async def drop_session(self, id_hash: str) -> None:
         async with self.engine.begin() as conn:
             await conn.execute(sessions.delete().where(sessions.c.id_hash == id_hash))
+
+    async def drop_sessions(self, researcher_id: int) -> None:
+        """Sign a researcher out everywhere (revoked)."""
+        async with self.engine.begin() as conn:
+            await conn.execute(sessions.delete().where(sessions.c.researcher_id == researcher_id))
+
+    async def unfinished_jobs(self, researcher_id: int) -> list[int]:
+        """Ids of a researcher's jobs still queued or running."""
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(
+                sa.select(jobs.c.id).where(
+                    jobs.c.researcher_id == researcher_id, jobs.c.state.in_(["queued", "running"])
+                )
+            )
+            return [r.id for r in rows]
 
     async def set_approved(self, researcher_id: int, approved: bool) -> None:
         async with self.engine.begin() as conn:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from alembic import command
@@ -28,6 +29,14 @@ def make_engine(url: str) -> AsyncEngine:
     # pre_ping: a connection the server killed (wait_timeout, a restart, an operator) is replaced on
     # checkout instead of failing the request that drew it.
     return create_async_engine(url, pool_size=10, max_overflow=10, pool_recycle=3600, pool_pre_ping=True)
+
+
+def private_sqlite_file(path: Path) -> None:
+    """Create the SQLite file (or tighten an existing one) with mode 0600 before SQLite opens it:
+    it holds password hashes and ciphertext. SQLite gives its -wal and -shm files the same mode."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+    os.chmod(path, 0o600)
 
 
 def _upgrade(connection, revision: str = "head") -> None:  # noqa: ANN001

@@ -77,3 +77,11 @@ async def proxy_middleware(
         if address != request.remote or scheme != request.scheme:
             request = request.clone(remote=address, scheme=scheme)
     return await handler(request)
+
+
+def is_loopback(address: str) -> bool:
+    """True for 127.0.0.0/8 and ::1: the same machine (tests, ``volunteer-sim``, benchmarks)."""
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False

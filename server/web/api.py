@@ -27,6 +27,36 @@ def json_error(status: int, message: str, **extra: object) -> web.Response:
     return web.json_response({"error": message, **extra}, status=status)
 
 
+def own_origin(request: web.Request) -> str:
+    """Our origin: ``UVM_PUBLIC_URL`` when set (it is what browsers see), else the request's."""
+    return request.app[K.config].public_url or f"{request.scheme}://{request.host}"
+
+
+UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+@web.middleware
+async def csrf_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Same-site CSRF defence for what a browser's cookie authenticates.
+
+    A POST to ``/api/`` without ``Authorization`` (so the session cookie, or a sign-in that sets
+    one) must say ``Content-Type: application/json`` (no HTML form can; a cross-site fetch that
+    does needs a CORS preflight we never grant) and come from our own ``Origin``. Scripts with a
+    bearer token are not affected: no browser attaches that on its own.
+    """
+    if (
+        request.method in UNSAFE_METHODS
+        and request.path.startswith("/api/")
+        and "Authorization" not in request.headers
+        and (SESSION_COOKIE in request.cookies or request.path == "/api/login")
+    ):
+        if request.content_type != "application/json":
+            return json_error(403, "send Content-Type: application/json")
+        if request.headers.get("Origin", "").rstrip("/") != own_origin(request):
+            return json_error(403, "cross-site request refused (Origin is not this site)")
+    return await handler(request)
+
+
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every error answers JSON with a message a person can act on; the server stays up."""
@@ -87,6 +117,10 @@ async def read_json(request: web.Request) -> object:
     except (ValueError, UnicodeDecodeError) as exc:
         raise web.HTTPBadRequest(
             text=json.dumps({"error": f"malformed JSON: {exc}"}), content_type="application/json"
+        ) from None
+    except RecursionError:  # [[[[...]]]] thousands deep: a bad request, not a server error
+        raise web.HTTPBadRequest(
+            text=json.dumps({"error": "malformed JSON: nested too deeply"}), content_type="application/json"
         ) from None
 
 
@@ -194,8 +228,14 @@ async def job_errors(request: web.Request) -> web.Response:
 
 
 async def volunteer_stats(request: web.Request) -> web.Response:
-    vid = request.match_info["volunteer_id"]
-    return web.json_response(await request.app[K.storage].volunteer_stats(vid[:64]))
+    """A volunteer's contribution: to the volunteer itself (its signed id is the credential), or
+    to a signed-in researcher (by public id). Anyone else learns nothing, not even existence."""
+    vid = request.match_info["volunteer_id"][:64]
+    public = request.app[K.volunteer_ids].verify(vid)
+    if public is None:
+        await researcher(request)  # 401 without credentials
+        public = vid
+    return web.json_response(await request.app[K.storage].volunteer_stats(public))
 
 
 async def health(request: web.Request) -> web.Response:

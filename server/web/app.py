@@ -13,9 +13,11 @@ from pathlib import Path
 from aiohttp import web
 
 from server.config import Config
+from server.crypto import load_or_create_key
 from server.jobs.dispatch import Dispatcher
+from server.jobs.identity import VolunteerIds
 from server.queue import Bus, MemoryQueue, RedisBus, RedisQueue
-from server.store.engine import make_engine, migrate
+from server.store.engine import make_engine, migrate, private_sqlite_file
 from server.store.keys import box_for, check_keys
 from server.store.storage import Storage
 from server.web import api, metrics, openapi, ws
@@ -29,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[2]
 async def _resources(app: web.Application) -> AsyncIterator[None]:
     config = app[K.config]
     if not config.database_url:
-        config.data_dir.mkdir(parents=True, exist_ok=True)
+        private_sqlite_file(config.sqlite_path)
     box = box_for(config)  # before touching the database: no key on MySQL is refused at once
     engine = make_engine(config.sqlalchemy_url)
     try:
@@ -40,6 +42,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         await engine.dispose()
         raise
     storage = Storage(engine, box)
+    # Volunteer ids are signed under a key derived from the current data key (box_for loaded it).
+    app[K.volunteer_ids] = VolunteerIds(config.key or load_or_create_key(config.data_dir / "secret.key"))
     redis = None
     if config.redis_url:
         import redis.asyncio as aioredis
@@ -60,6 +64,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        await dispatcher.drain()  # closed sockets' leases: requeued and recorded before we close
         bus.stop()
         background.cancel()
         with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError, Exception):
@@ -73,7 +78,7 @@ def create_app(config: Config | None = None) -> web.Application:
     app = web.Application(
         client_max_size=config.max_body_bytes,
         # proxy first: every later layer sees the client's address and scheme, not the proxy's
-        middlewares=[proxy_middleware, metrics.latency_middleware, api.errors_middleware],
+        middlewares=[proxy_middleware, metrics.latency_middleware, api.errors_middleware, api.csrf_middleware],
     )
     app[K.config] = config
     app.cleanup_ctx.append(_resources)

@@ -14,3 +14,4 @@ if TYPE_CHECKING:
 config = web.AppKey("config", Config)
 storage = web.AppKey("storage", "Storage")
 dispatcher = web.AppKey("dispatcher", "Dispatcher")
+volunteer_ids = web.AppKey("volunteer_ids", "VolunteerIds")  # server.jobs.identity

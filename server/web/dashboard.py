@@ -9,6 +9,7 @@ document by ``server/web/openapi.py``.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import json
 import time
@@ -18,45 +19,72 @@ import sqlalchemy as sa
 from aiohttp import web
 
 from server.crypto import check_password, hash_token, new_token
-from server.store.storage import Researcher
+from server.protocol import Capabilities, ThrottleState
+from server.store.storage import NotFound, Researcher
 from server.store.tables import tasks, volunteers
 from server.web import appkeys as K
 from server.web import static
-from server.web.api import SESSION_COOKIE, json_error, read_json, researcher
+from server.web.addresses import client_address
+from server.web.api import SESSION_COOKIE, job_id, json_error, read_json, researcher
 
 ROOT = Path(__file__).resolve().parents[2]
 PUBLIC = ROOT / "public"
 SESSION_TTL = 7 * 24 * 3600.0
 LOGIN_LIMIT = 10  # attempts per email and client address ...
+LOGIN_LIMIT_PER_ADDRESS = 30  # ... and per client address, whatever the emails ...
 LOGIN_WINDOW = 60.0  # ... in this many seconds
+LOGIN_KEYS_KEPT = 100_000  # limiter keys remembered (least recently used forgotten first)
+# Compared against when the email is unknown, so that an unknown account costs the same scrypt
+# as a known one (no timing difference reveals which emails have accounts).
+DUMMY_PASSWORD_HASH = (  # of a random password, thrown away
+    "scrypt$2b5057494d9b84223072c23b01efb8f5$bf115df9b7af8bd8550a012dee30f03143ac8783ef6d64cc76ca30d6058adf7c519dda49b9e9efb7e57ce10764ea529e1e9f85bd2c7df381cbc9ed066e4cf881"
+)
 RECENT_VOLUNTEER_SECONDS = 600.0  # the operator sees volunteers seen this recently
 THROUGHPUT_WINDOW = 30.0
 
 
 class LoginLimiter:
-    """A sliding window of sign-in attempts per (email, address): slows password guessing."""
+    """Sliding windows of sign-in attempts per (email, address) and per address: slows password
+    guessing against one account and spraying from one address.
 
-    def __init__(self, limit: int = LOGIN_LIMIT, window: float = LOGIN_WINDOW) -> None:
-        self.limit = limit
-        self.window = window
-        self._hits: dict[tuple[str, str], collections.deque] = {}
+    Memory is bounded by forgetting the least recently used keys one at a time, never by
+    clearing everything (which would hand a sprayer a fresh budget).
+    """
+
+    def __init__(
+        self,
+        limit: int = LOGIN_LIMIT,
+        window: float = LOGIN_WINDOW,
+        per_address: int = LOGIN_LIMIT_PER_ADDRESS,
+        kept: int = LOGIN_KEYS_KEPT,
+    ) -> None:
+        self.limit, self.window, self.per_address, self.kept = limit, window, per_address, kept
+        self._hits: collections.OrderedDict[tuple, collections.deque] = collections.OrderedDict()
+
+    def _window(self, key: tuple, now: float) -> collections.deque:
+        hits = self._hits.pop(key, None)
+        if hits is None:
+            hits = collections.deque()
+        self._hits[key] = hits  # most recently used last
+        while hits and hits[0] <= now - self.window:
+            hits.popleft()
+        while len(self._hits) > self.kept:
+            self._hits.popitem(last=False)
+        return hits
 
     def allow(self, email: str, address: str, now: float | None = None) -> bool:
         now = time.monotonic() if now is None else now
-        if len(self._hits) > 50_000:  # bounded memory under a spray of addresses
-            self._hits.clear()
-        hits = self._hits.setdefault((email, address), collections.deque())
-        while hits and hits[0] <= now - self.window:
-            hits.popleft()
-        if len(hits) >= self.limit:
+        mine, theirs = self._window(("email", email, address), now), self._window(("address", address), now)
+        if len(mine) >= self.limit or len(theirs) >= self.per_address:
             return False
-        hits.append(now)
+        mine.append(now)
+        theirs.append(now)
         return True
 
     def retry_after(self, email: str, address: str, now: float | None = None) -> int:
         now = time.monotonic() if now is None else now
-        hits = self._hits.get((email, address))
-        return max(1, int(hits[0] + self.window - now) + 1) if hits else 1
+        firsts = [h[0] for h in (self._hits.get(("email", email, address)), self._hits.get(("address", address))) if h]
+        return max(1, int(min(firsts) + self.window - now) + 1) if firsts else 1
 
 
 LIMITER = web.AppKey("login_limiter", LoginLimiter)
@@ -84,10 +112,6 @@ async def page(request: web.Request) -> web.Response:
 
 
 # ------------------------------------------------------------------------------- sessions
-def _client_address(request: web.Request) -> str:
-    return request.remote or "?"
-
-
 async def login(request: web.Request) -> web.Response:
     body = await read_json(request)
     if not isinstance(body, dict):
@@ -97,7 +121,7 @@ async def login(request: web.Request) -> web.Response:
         return json_error(400, "email and password are required", field="email" if not email else "password")
     email = email.strip().lower()[:254]
     limiter = request.app[LIMITER]
-    address = _client_address(request)
+    address = client_address(request)
     if not limiter.allow(email, address):
         wait = limiter.retry_after(email, address)
         response = json_error(429, f"too many sign-in attempts; try again in {wait} s")
@@ -107,7 +131,10 @@ async def login(request: web.Request) -> web.Response:
     found = await storage.researcher_by_email(email)
     if found is None and email != body["email"].strip():
         found = await storage.researcher_by_email(body["email"].strip())  # stored with capitals
-    if found is None or not check_password(password, found[1]):
+    # scrypt takes tens of ms: in a thread, so sign-ins do not stall every socket on this server
+    stored = found[1] if found is not None else DUMMY_PASSWORD_HASH
+    matches = await asyncio.get_running_loop().run_in_executor(None, check_password, password, stored)
+    if found is None or not matches:
         return json_error(401, "wrong email or password")
     who, _ = found
     if not who.approved:
@@ -122,7 +149,7 @@ async def login(request: web.Request) -> web.Response:
         path="/",
         httponly=True,
         samesite="Strict",
-        secure=request.secure,
+        secure=request.secure or request.app[K.config].public_url.startswith("https://"),
     )
     return response
 
@@ -178,7 +205,27 @@ async def approve(request: web.Request) -> web.Response:
 
 
 async def revoke(request: web.Request) -> web.Response:
-    return await _set_approved(request, False)
+    """Revoke: the account stops working, its sessions end, its unfinished jobs are cancelled
+    and its open events sockets close (on every instance, over the bus)."""
+    response = await _set_approved(request, False)
+    if response.status == 200:
+        target = _researcher_id(request)
+        await request.app[K.storage].drop_sessions(target)
+        cancelled = await request.app[K.dispatcher].revoke(target)
+        response = web.json_response({"id": target, "approved": False, "jobs_cancelled": cancelled})
+    return response
+
+
+async def cancel_any_job(request: web.Request) -> web.Response:
+    """Operators: cancel any researcher's job."""
+    await operator(request)
+    jid = job_id(request)
+    info = await request.app[K.storage].job_info(jid)
+    if info is None:
+        raise NotFound(f"no job {jid}")
+    changed = await request.app[K.dispatcher].cancel(info.researcher_id, jid)
+    status = await request.app[K.dispatcher].job_status(None, jid)
+    return web.json_response({"cancelled": changed, **status})
 
 
 def _loads(text: str | None) -> dict:
@@ -214,8 +261,9 @@ async def _volunteer_rows(engine, since: float) -> tuple[list[dict], float]:  # 
             "id": r.id,
             "first_seen": r.first_seen,
             "last_seen": r.last_seen,
-            "capabilities": _loads(r.capabilities),
-            "throttle": _loads(r.throttle),
+            # re-typed on the way out: rows written before typing may hold anything
+            "capabilities": Capabilities.from_wire(_loads(r.capabilities)).to_wire(),
+            "throttle": ThrottleState.from_wire(_loads(r.throttle)).to_wire(),
             "tasks_done": r.tasks_done,
             "cpu_seconds": round(r.cpu_seconds, 3),
         }
@@ -230,10 +278,10 @@ async def admin_volunteers(request: web.Request) -> web.Response:
     connected = [
         {
             "id": c.volunteer,
-            "capabilities": c.capabilities,
-            "throttle": c.throttle,
-            "held": len(c.held),
             "address": c.address,
+            "capabilities": c.capabilities.to_wire(),
+            "throttle": c.throttle.to_wire() if c.throttle is not None else {},
+            "held": len(c.held),
             "connected_at": c.connected_at,
         }
         for c in sorted(dispatcher.conns, key=lambda c: c.connected_at)
@@ -263,6 +311,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/api/admin/researchers/{researcher_id}/approve", approve)
     app.router.add_post("/api/admin/researchers/{researcher_id}/revoke", revoke)
     app.router.add_get("/api/admin/volunteers", admin_volunteers)
+    app.router.add_post("/api/admin/jobs/{job_id}/cancel", cancel_any_job)
 
 
 # ---------------------------------------------------------------------------------- OpenAPI
@@ -343,9 +392,17 @@ DASHBOARD_PATHS: dict = {
     },
     "/api/admin/researchers/{researcher_id}/revoke": {
         "post": {
-            "summary": "Operators: revoke a researcher (their token and sessions stop working)",
+            "summary": "Operators: revoke a researcher: their token and sessions stop working, their unfinished "
+            "jobs are cancelled and their events sockets closed",
             "parameters": [_RID],
             "responses": {"200": _resp("revoked", {"type": "object"}), **_errs(401, 403, 404, 409)},
+        }
+    },
+    "/api/admin/jobs/{job_id}/cancel": {
+        "post": {
+            "summary": "Operators: cancel any researcher's job",
+            "parameters": [{"name": "job_id", "in": "path", "required": True, "schema": {"type": "integer"}}],
+            "responses": {"200": _resp("the job's status", {"type": "object"}), **_errs(401, 403, 404)},
         }
     },
     "/api/admin/volunteers": {

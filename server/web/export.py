@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from collections.abc import AsyncIterator
 
 FORMATS = {
@@ -23,6 +24,18 @@ FORMATS = {
 
 def _dumps(value: object) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+_NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
+
+
+def csv_cell(text: str) -> str:
+    """A CSV cell a spreadsheet will not run: text starting with ``= + - @`` (or a tab or carriage
+    return) gets a leading ``'``, unless it is a plain number such as ``-5``."""
+    if text.startswith(FORMULA_STARTS) and not _NUMBER.match(text):
+        return "'" + text
+    return text
 
 
 def _error_line(error: str | None) -> str:
@@ -48,18 +61,8 @@ async def render(rows: AsyncIterator[dict], fmt: str) -> AsyncIterator[bytes]:
         writer.writerow(["index", "input", "state", "result", "error", "accepted", "replicas"])
         async for row in rows:
             result = _dumps(row["result"]) if row["state"] == "done" else ""
-            accepted = row.get("accepted") or ""
-            writer.writerow(
-                [
-                    row["index"],
-                    _dumps(row["input"]),
-                    row["state"],
-                    result,
-                    _error_line(row["error"]),
-                    accepted,
-                    row.get("replicas", 0),
-                ]
-            )
+            cells = [_dumps(row["input"]), row["state"], result, _error_line(row["error"]), row.get("accepted") or ""]
+            writer.writerow([row["index"], *(csv_cell(c) for c in cells), row.get("replicas", 0)])
             if buf.tell() > 32768:
                 yield buf.getvalue().encode()
                 buf.seek(0)

@@ -226,12 +226,12 @@ def document() -> dict:
             },
             "/api/volunteers/{volunteer_id}": {
                 "get": {
-                    "summary": "A volunteer's all-time contribution (public, by its anonymous id)",
-                    "security": [],
+                    "summary": "A volunteer's all-time contribution: by its signed id (the volunteer itself, "
+                    "no credentials) or by its public id (signed-in researchers)",
                     "parameters": [
                         {"name": "volunteer_id", "in": "path", "required": True, "schema": {"type": "string"}}
                     ],
-                    "responses": {"200": _ok("stats", {"type": "object"}), **_errors(404)},
+                    "responses": {"200": _ok("stats", {"type": "object"}), **_errors(401, 403, 404)},
                 }
             },
             "/api/health": {

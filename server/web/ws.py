@@ -2,32 +2,58 @@
 
 ``Origin`` is checked before ``prepare()``: a browser may connect from our own origin or from an
 embedding site in ``UVM_ALLOWED_ORIGINS``; clients that send no Origin (scripts) are allowed.
+
+Volunteers are anonymous and may be hostile: each client address may hold at most
+``UVM_MAX_CONNECTIONS_PER_ADDRESS`` volunteer sockets, and each socket may send at most
+``UVM_MAX_MESSAGES_PER_SECOND`` (a burst of twice that); past either it gets ``error``, then the
+socket is closed (1008). Loopback is exempt unless ``UVM_LIMIT_LOOPBACK``. Identity is issued
+by the server (``server.jobs.identity``), and a connection leases only what its cap allows.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import dataclasses
 import logging
 import re
+import time
 import weakref
-from typing import Any
 
 from aiohttp import WSMsgType, web
 
 from server import protocol as P
-from server.jobs.dispatch import Conn
+from server.jobs.dispatch import Conn, Misbehaving
 from server.jobs.outage import DatabaseAway, is_outage
 from server.logs import volunteer_context
 from server.store.storage import NotFound
 from server.web import appkeys as K
-from server.web.addresses import client_address
+from server.web.addresses import client_address, is_loopback
 from server.web.api import researcher
 from server.web.metrics import websocket_opened
 
 logger = logging.getLogger(__name__)
-VOLUNTEER_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 SOCKETS = web.AppKey("sockets", weakref.WeakSet)
+PER_ADDRESS = web.AppKey("volunteer_sockets_per_address", collections.Counter)
+POLICY_VIOLATION = 1008
+
+
+class RateLimit:
+    """A token bucket: ``rate`` messages a second on average, bursts up to twice that."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate, self.capacity = rate, 2.0 * rate
+        self.tokens, self.at = self.capacity, time.monotonic()
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.capacity, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        if self.tokens < 1.0:
+            return False
+        self.tokens -= 1.0
+        return True
 
 
 def origin_allowed(request: web.Request) -> bool:
@@ -49,10 +75,38 @@ async def _open(request: web.Request) -> web.WebSocketResponse:
     return ws
 
 
-async def volunteer_socket(request: web.Request) -> web.WebSocketResponse:  # noqa: C901
+async def volunteer_socket(request: web.Request) -> web.WebSocketResponse:
     ws = await _open(request)
+    config = request.app[K.config]
+    address = client_address(request)
+    limited = config.limit_loopback or not is_loopback(address)
+    per_address = request.app[PER_ADDRESS]
+    per_address[address] += 1
+    try:
+        if limited and per_address[address] > config.max_connections_per_address:
+            why = f"too many connections from your address (at most {config.max_connections_per_address})"
+            await _refuse(ws, why)
+        else:
+            rate = RateLimit(config.max_messages_per_second) if limited else None
+            await _volunteer_session(request, ws, address, rate)
+    finally:
+        per_address[address] -= 1
+        if per_address[address] <= 0:
+            del per_address[address]
+    return ws
+
+
+async def _refuse(ws: web.WebSocketResponse, why: str) -> None:
+    with contextlib.suppress(ConnectionError, RuntimeError):
+        await ws.send_str(P.encode(P.Error(why)))
+    await ws.close(code=POLICY_VIOLATION, message=why[:120].encode())
+
+
+async def _volunteer_session(
+    request: web.Request, ws: web.WebSocketResponse, address: str, rate: RateLimit | None
+) -> None:
+    """Read the volunteer's messages until it leaves, floods, or misbehaves."""
     dispatcher = request.app[K.dispatcher]
-    storage = request.app[K.storage]
     conn: Conn | None = None
 
     async def send(msg: object) -> None:
@@ -61,24 +115,20 @@ async def volunteer_socket(request: web.Request) -> web.WebSocketResponse:  # no
 
     try:
         async for raw in ws:
+            if rate is not None and not rate.take():
+                await _refuse(ws, f"too many messages (at most {rate.rate:g} a second)")
+                break
             if raw.type != WSMsgType.TEXT:
                 if raw.type == WSMsgType.BINARY:
                     await send(P.Error("send JSON text messages, not binary"))
                 continue
             try:
-                msg = P.decode(raw.data)
-                if msg.TYPE not in P.FROM_VOLUNTEER:
-                    raise P.ProtocolError(f"'{msg.TYPE}' is not a message a volunteer sends")
-                if conn is None and not isinstance(msg, P.Hello):
-                    raise P.ProtocolError("send 'hello' first")
-                if isinstance(msg, P.Hello):
-                    if conn is not None:
-                        raise P.ProtocolError("'hello' was already sent on this connection")
-                    conn = await _hello(msg, request, send)
-                else:
-                    await _handle(msg, conn, dispatcher, storage, send)
+                conn = await _message(request, raw.data, conn, address, send)
             except P.ProtocolError as exc:
                 await send(P.Error(str(exc), ref=_type_of(raw.data)))
+            except Misbehaving as exc:
+                await _refuse(ws, str(exc))
+                break
             except Exception as exc:
                 if not is_outage(exc):
                     raise
@@ -88,27 +138,41 @@ async def volunteer_socket(request: web.Request) -> web.WebSocketResponse:  # no
                 await send(P.Error("the server's database is unavailable; try again shortly"))
     finally:
         if conn is not None:
-            await asyncio.shield(dispatcher.abandon(conn))
-    return ws
+            await asyncio.shield(dispatcher.leave(conn))
 
 
-async def _hello(msg: P.Hello, request: web.Request, send: Any) -> Conn:
-    if not VOLUNTEER_ID.match(msg.volunteer):
-        raise P.ProtocolError("hello: volunteer id must be 1-64 letters, digits, '-' or '_'")
-    dispatcher, config = request.app[K.dispatcher], request.app[K.config]
-    conn = Conn(msg.volunteer, send, capabilities=msg.capabilities, address=client_address(request))
-    volunteer_context.set(msg.volunteer)  # this socket's task: its log lines name the volunteer
-    dispatcher.conns.add(conn)
+async def _message(request: web.Request, data: str, conn: Conn | None, address: str, send) -> Conn | None:  # noqa: ANN001
+    """Decode and handle one message; returns the connection (made by ``hello``)."""
+    msg = P.decode(data)
+    if msg.TYPE not in P.FROM_VOLUNTEER:
+        raise P.ProtocolError(f"'{msg.TYPE}' is not a message a volunteer sends")
+    if isinstance(msg, P.Hello):
+        if conn is not None:
+            raise P.ProtocolError("'hello' was already sent on this connection")
+        return await _hello(request, msg, address, send)
+    if conn is None:
+        raise P.ProtocolError("send 'hello' first")
+    await _handle(msg, conn, request.app[K.dispatcher], request.app[K.storage], send)
+    return conn
+
+
+async def _hello(request: web.Request, msg: P.Hello, address: str, send) -> Conn:  # noqa: ANN001
+    """Verify (or issue) the volunteer's id, register the connection, resume what it holds."""
+    config, dispatcher, storage = request.app[K.config], request.app[K.dispatcher], request.app[K.storage]
+    public, signed = request.app[K.volunteer_ids].verify_or_issue(msg.volunteer)
+    caps: P.Capabilities = msg.capabilities
+    conn = Conn(public, send, capabilities=caps, address=address)
+    volunteer_context.set(public)  # this socket's task: its log lines name the volunteer
+    dispatcher.connect(conn)
     try:
-        await request.app[K.storage].volunteer_seen(msg.volunteer, msg.capabilities)
-        resume = msg.capabilities.get("resume")
-        if isinstance(resume, list) and resume:  # attempts this browser still holds
-            await dispatcher.resume(conn, resume)
+        await storage.volunteer_seen(public, {k: v for k, v in dataclasses.asdict(caps).items() if k != "resume"})
+        if caps.resume:  # attempts this browser still holds
+            await dispatcher.resume(conn, caps.resume[: conn.declared_cap()])
     except Exception as exc:
         if not is_outage(exc):
             raise
         dispatcher.db_health.failed(exc)  # welcome anyway: it will get work when the database is back
-    await send(P.Welcome(msg.volunteer, config.heartbeat, config.instance))
+    await send(P.Welcome(signed, config.heartbeat, config.instance))
     return conn
 
 
@@ -122,6 +186,8 @@ async def _handle(msg: object, conn: Conn, dispatcher, storage, send) -> None:  
             dispatcher.metrics.held.inc()
             await send(P.Hold([o.attempt for o in msg.results], exc.retry_after, exc.reason))
             return
+        except Misbehaving:
+            raise
         except Exception:  # nothing was committed, nothing acknowledged
             logger.exception("results from %s not recorded", conn.volunteer, extra={"volunteer": conn.volunteer})
             raise P.ProtocolError("the server could not commit these results now; send them again") from None
@@ -132,13 +198,16 @@ async def _handle(msg: object, conn: Conn, dispatcher, storage, send) -> None:  
         await dispatcher.heartbeat(conn, [msg.attempt])
     elif isinstance(msg, P.NeedCode):
         info = await storage.job_info(msg.job)
-        if info is None or info.code_hash != msg.code_hash:
-            raise P.ProtocolError(f"need_code: no job {msg.job} with that code hash")
+        # Only for a job this socket holds (or just lost) an attempt of: a job's code is not for
+        # anyone who knows (or guesses) its id and hash.
+        mine = msg.job in conn.held.values() or msg.job in conn.recent.values()
+        if info is None or info.code_hash != msg.code_hash or not mine:
+            raise P.ProtocolError(f"need_code: you hold no task of job {msg.job} with that code hash")
         source = await storage.job_code(msg.job)
         await send(P.Code(msg.job, msg.code_hash, source, info.requirements))
     elif isinstance(msg, P.Throttle):
         conn.throttle = msg.state
-        await storage.volunteer_throttle(conn.volunteer, msg.state)
+        await storage.volunteer_throttle(conn.volunteer, msg.state.to_wire())
 
 
 def _type_of(data: str) -> str | None:
@@ -157,6 +226,9 @@ async def events_socket(request: web.Request) -> web.WebSocketResponse:
 
     async def listen() -> None:
         async for event in dispatcher.bus.listen():
+            if event.get("type") == "revoked" and event.get("researcher") == who.id:
+                await ws.close(code=POLICY_VIOLATION, message=b"account revoked")
+                return
             if event.get("researcher") == who.id and (only is None or str(event.get("job")) == only):
                 pending.add(int(event["job"]))
                 wake.set()
@@ -194,6 +266,7 @@ async def close_sockets(app: web.Application) -> None:
 
 def add_routes(app: web.Application) -> None:
     app[SOCKETS] = weakref.WeakSet()
+    app[PER_ADDRESS] = collections.Counter()
     app.router.add_get("/ws/volunteer", volunteer_socket)
     app.router.add_get("/api/events", events_socket)
     app.on_shutdown.append(close_sockets)

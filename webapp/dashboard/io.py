@@ -33,8 +33,8 @@ def _js(value: object):
 async def api(method: str, path: str, body: object = None) -> object:
     """Call the JSON API with the session cookie; non-2xx raises ``ApiError`` with the server's message."""
     options: dict = {"method": method, "credentials": "same-origin", "headers": {"Accept": "application/json"}}
-    if body is not None:
-        options["body"] = json.dumps(body)
+    if body is not None or method != "GET":  # the server refuses a cookie's POST that is not JSON (CSRF)
+        options["body"] = json.dumps(body if body is not None else {})
         options["headers"]["Content-Type"] = "application/json"
     try:
         response = await js.fetch(path, _js(options))

@@ -159,6 +159,7 @@ class Dashboard:
             "chain-after": lambda: self.chain("after"),
             "approve": lambda: self.set_approved(target.dataset.id, True),
             "revoke": lambda: self.set_approved(target.dataset.id, False),
+            "admin-cancel": self.cancel_any_job,
         }
         if action in handlers:
             event.preventDefault()
@@ -571,6 +572,14 @@ class Dashboard:
         _el("admin-researchers").innerHTML = views.researchers_table(people, self.me["id"])
         _el("admin-volunteers").innerHTML = views.volunteers_table(vols)
         _el("admin-stats").innerHTML = views.admin_stats(vols)
+
+    async def cancel_any_job(self) -> None:
+        raw = str(_el("admin-cancel-job").value).strip()
+        if not raw.isdigit():
+            self.flash("Enter a job id (a number).")
+            return
+        job = await api("POST", f"/api/admin/jobs/{raw}/cancel")
+        self.flash(f"Job {raw}: {job['state']}" + ("" if job["cancelled"] else " (unchanged)"))
 
     async def set_approved(self, researcher_id: str, approved: bool) -> None:
         await api("POST", f"/api/admin/researchers/{researcher_id}/{'approve' if approved else 'revoke'}")
