@@ -203,3 +203,57 @@ async def test_heartbeats_cannot_keep_a_lease_past_its_limit(queue):
     assert claimed is not None
     await queue.extend(["a2"], now=2100.0)
     assert [le.attempt for le in await queue.expire(now=2000.0 + LEASE_SPAN * 10.0 + 5.0 + 0.01)] == ["a2"]
+
+
+# ------------------------------------------------------------------------------ fair share
+def owned(job: int, researcher: int, n: int, start: int, priority: int = 0) -> list[ReadyItem]:
+    return [ReadyItem(job, start + i, i, 10.0, priority, researcher) for i in range(n)]
+
+
+async def lease_n(queue, n: int, volunteer: str = "v") -> list:
+    return await queue.lease(volunteer, [f"{volunteer}-{i}" for i in range(n)], now=0.0)
+
+
+async def test_fair_share_a_new_small_job_is_handed_out_at_once(queue):
+    await queue.push(owned(1, researcher=7, n=1000, start=1))
+    assert len(await lease_n(queue, 100, "early")) == 100  # researcher 7 alone: its pass grows
+    await queue.push(owned(2, researcher=8, n=6, start=5000))
+    got = [le.job for le in await lease_n(queue, 10)]
+    # researcher 8 joins at the lowest pass of those active (not at 0, not behind 7's backlog): turns alternate
+    assert got == [1, 2, 1, 2, 1, 2, 1, 2, 1, 2]
+    assert [le.job for le in await lease_n(queue, 4, "w")] == [1, 2, 1, 1]  # ties: the lower id
+
+
+async def test_fair_share_is_weighted_by_shares(queue):
+    await queue.set_shares({7: 3.0, 8: 1.0})
+    await queue.push(owned(1, researcher=7, n=100, start=1))
+    await queue.push(owned(2, researcher=8, n=100, start=1000))
+    got = [le.job for le in await lease_n(queue, 40)]
+    assert (got.count(1), got.count(2)) == (30, 10)
+
+
+async def test_fair_share_priority_within_a_researcher_and_owner_remembered(queue):
+    await queue.push(owned(1, researcher=7, n=2, start=1))
+    await queue.push(owned(3, researcher=7, n=2, start=10, priority=5))
+    await queue.push(owned(2, researcher=8, n=2, start=20))
+    got = [le.task for le in await lease_n(queue, 6)]
+    assert got == [10, 20, 11, 21, 1, 2]  # 7's priority job first, turns with 8 alternate
+    # a requeue (researcher unknown to the caller) goes back to the owner's queue
+    assert [le.task for le in await queue.requeue(["v-0"])] == [10]
+    await queue.push([ReadyItem(2, 22, 2, 10.0)])  # researcher 0 = "the job's recorded owner"
+    assert {le.task for le in await lease_n(queue, 2, "w")} == {10, 22}
+
+
+async def test_fair_share_exclusions_look_past_a_researcher(queue):
+    await queue.push(owned(1, researcher=7, n=3, start=1))
+    await queue.push(owned(2, researcher=8, n=1, start=10))
+    await queue.exclude([(1, "v"), (2, "v"), (3, "v")])
+    assert [le.task for le in await lease_n(queue, 4)] == [10]
+    assert await queue.ready_count() == 3  # the excluded tasks stay for the others
+    assert sorted(le.task for le in await lease_n(queue, 4, "w")) == [1, 2, 3]
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), "2"])
+async def test_set_shares_refuses_bad_values(queue, bad):
+    with pytest.raises(ValueError, match="share must be a number > 0"):
+        await queue.set_shares({7: bad})

@@ -12,6 +12,7 @@ import dataclasses
 from collections.abc import AsyncIterator, Iterable
 
 PRIORITY_SHIFT = 2**40
+DEFAULT_SHARE = 1.0  # a researcher's weight in fair share unless an operator set another
 MAX_SKIPPED = 256  # excluded tasks one lease call looks past before it gives up (bounds its cost)
 # Heartbeats move a lease's deadline to now + timeout + grace, but never past
 # lease start + LEASE_SPAN * timeout + grace: one timeout for the task to wait behind the one
@@ -25,6 +26,14 @@ def lease_limit(now: float, timeout: float, grace: float) -> float:
     return now + LEASE_SPAN * timeout + grace
 
 
+def checked_shares(shares: dict[int, float]) -> dict[int, float]:
+    """Shares as floats; a share that is not a number > 0 (NaN, 0, negative) is refused."""
+    for researcher, share in shares.items():
+        if not (isinstance(share, int | float) and share > 0 and share != float("inf")):
+            raise ValueError(f"researcher {researcher}: a share must be a number > 0, not {share!r}")
+    return {int(r): float(v) for r, v in shares.items()}
+
+
 @dataclasses.dataclass(frozen=True)
 class ReadyItem:
     job: int
@@ -32,6 +41,9 @@ class ReadyItem:
     index: int
     timeout: float
     priority: int = 0
+    # The job's researcher: hand-out is fair between researchers first (``Queue.set_share``). 0 when
+    # the caller does not know: the queue then files the task under the owner it recorded for the job.
+    researcher: int = 0
 
     @property
     def member(self) -> str:
@@ -60,7 +72,13 @@ class Lease:
 
 
 class Queue:
-    """What dispatch needs: push ready tasks, lease them atomically, extend, release, requeue."""
+    """What dispatch needs: push ready tasks, lease them atomically, extend, release, requeue.
+
+    Fair share (stride scheduling): each researcher with ready tasks has a "pass"; a lease takes the
+    next task of the researcher with the lowest pass and adds ``1 / share`` to it. A researcher who
+    becomes active starts at the lowest pass of those active, so a new small job is handed out at
+    once, between the tasks of a huge one. Within a researcher: priority first, then age (task id).
+    """
 
     grace: float = 30.0
 
@@ -71,6 +89,10 @@ class Queue:
     async def lease(self, volunteer: str, attempts: list[str], now: float, network: str = "") -> list[Lease]:
         """Lease up to ``len(attempts)`` tasks, naming the attempts with the given ids. Tasks that
         exclude ``volunteer`` (or ``network``, when given) are skipped and stay ready for others."""
+        raise NotImplementedError
+
+    async def set_shares(self, shares: dict[int, float]) -> None:
+        """Set researchers' weights in fair share (> 0); the others weigh ``DEFAULT_SHARE``."""
         raise NotImplementedError
 
     async def exclude(self, pairs: list[tuple[int, str]]) -> None:

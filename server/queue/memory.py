@@ -5,7 +5,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Iterable
 
-from server.queue.base import MAX_SKIPPED, Lease, Queue, ReadyItem, lease_limit
+from server.queue.base import DEFAULT_SHARE, MAX_SKIPPED, Lease, Queue, ReadyItem, checked_shares, lease_limit
 
 
 class MemoryQueue(Queue):
@@ -13,7 +13,10 @@ class MemoryQueue(Queue):
 
     def __init__(self, grace: float = 30.0) -> None:
         self.grace = grace
-        self._heap: list[tuple[int, str]] = []
+        self._heaps: dict[int, list[tuple[int, str]]] = {}  # researcher -> its ready tasks (stale entries skipped)
+        self._passes: dict[int, float] = {}  # active researcher -> pass (fair share, see Queue)
+        self._owner: dict[int, int] = {}  # job -> researcher
+        self._shares: dict[int, float] = {}
         self._ready: set[str] = set()
         self._leases: dict[str, tuple[int, str, str]] = {}  # attempt -> (score, member, volunteer)
         self._leased_tasks: dict[int, str] = {}
@@ -24,13 +27,37 @@ class MemoryQueue(Queue):
         self._excluded: dict[int, set[str]] = {}  # task -> volunteers and network tags it must avoid
         self._epoch = False
 
-    def _add(self, score: int, member: str) -> bool:
-        task = int(member.split(":")[1])
+    def _add(self, score: int, member: str, researcher: int = 0) -> bool:
+        job, task = (int(p) for p in member.split(":")[:2])
+        if researcher:
+            self._owner[job] = researcher
         if member in self._ready or task in self._leased_tasks:
             return False
         self._ready.add(member)
-        heapq.heappush(self._heap, (score, member))
+        owner = self._owner.get(job, 0)
+        if owner not in self._passes:  # becomes active at the lowest pass of those active
+            self._passes[owner] = min(self._passes.values(), default=0.0)
+        heapq.heappush(self._heaps.setdefault(owner, []), (score, member))
         return True
+
+    def _next_owner(self, blocked: set[int]) -> int | None:
+        """The active researcher with the lowest pass (ties: the lowest id), not in ``blocked``."""
+        best = None
+        for owner, value in self._passes.items():
+            if owner not in blocked and (best is None or (value, owner) < (self._passes[best], best)):
+                best = owner
+        return best
+
+    def _pop(self, owner: int) -> tuple[int, str] | None:
+        """The owner's next ready task; None (and the owner made inactive) when it has none."""
+        heap = self._heaps.get(owner, [])
+        while heap:
+            score, member = heapq.heappop(heap)
+            if member in self._ready:
+                return score, member
+        self._heaps.pop(owner, None)
+        self._passes.pop(owner, None)
+        return None
 
     def _end(self, attempt: str) -> tuple[int, str, str] | None:
         value = self._leases.pop(attempt, None)
@@ -49,23 +76,30 @@ class MemoryQueue(Queue):
         return Lease.parse(attempt, f"{score}|{member}|{volunteer}|", self._deadlines.get(attempt, 0.0))
 
     async def push(self, items: Iterable[ReadyItem]) -> int:
-        return sum(self._add(item.score, item.member) for item in items)
+        return sum(self._add(item.score, item.member, item.researcher) for item in items)
 
     async def lease(self, volunteer: str, attempts: list[str], now: float, network: str = "") -> list[Lease]:
         out: list[Lease] = []
-        skipped: list[tuple[int, str]] = []
-        while self._heap and len(out) < len(attempts) and len(skipped) < MAX_SKIPPED:
-            score, member = heapq.heappop(self._heap)
-            if member not in self._ready:
-                continue  # dropped
+        skipped: list[tuple[int, int, str]] = []
+        blocked: set[int] = set()  # researchers with nothing (more) for this volunteer
+        while len(out) < len(attempts) and len(skipped) < MAX_SKIPPED:
+            owner = self._next_owner(blocked)
+            if owner is None:
+                break
+            entry = self._pop(owner)
+            if entry is None:
+                blocked.add(owner)
+                continue
+            score, member = entry
             job, task, _index, timeout = member.split(":")
             excluded = self._excluded.get(int(task))
             if excluded and (volunteer in excluded or (network and network in excluded)):
-                skipped.append((score, member))
+                skipped.append((owner, score, member))
                 continue
             self._ready.discard(member)
             if int(job) in self._cancelled:
                 continue
+            self._passes[owner] += 1.0 / self._shares.get(owner, DEFAULT_SHARE)
             attempt = attempts[len(out)]
             self._leases[attempt] = (score, member, volunteer)
             self._leased_tasks[int(task)] = attempt
@@ -73,9 +107,17 @@ class MemoryQueue(Queue):
             self._limits[attempt] = lease_limit(now, float(timeout), self.grace)
             self._running[int(job)] = self._running.get(int(job), 0) + 1
             out.append(self._lease_of(attempt, self._leases[attempt]))
-        for entry in skipped:
-            heapq.heappush(self._heap, entry)
+        for owner, score, member in skipped:
+            if owner not in self._passes:
+                self._passes[owner] = min(self._passes.values(), default=0.0)
+            heapq.heappush(self._heaps.setdefault(owner, []), (score, member))
+        for owner in [o for o in self._passes if not self._heaps.get(o)]:
+            del self._passes[owner]  # no ready task left: it rejoins at the lowest pass
+            self._heaps.pop(owner, None)
         return out
+
+    async def set_shares(self, shares: dict[int, float]) -> None:
+        self._shares.update(checked_shares(shares))
 
     async def exclude(self, pairs: list[tuple[int, str]]) -> None:
         for task, who in pairs:

@@ -7,64 +7,113 @@ from collections.abc import Iterable
 from typing import Any
 
 from server.queue import redis_keys as keys
-from server.queue.base import LEASE_SPAN, MAX_SKIPPED, Bus, Lease, Queue, ReadyItem, lease_limit
+from server.queue.base import (
+    DEFAULT_SHARE,
+    LEASE_SPAN,
+    MAX_SKIPPED,
+    Bus,
+    Lease,
+    Queue,
+    ReadyItem,
+    checked_shares,
+    lease_limit,
+)
 
 # ----------------------------------------------------------------------------------- Redis
-# KEYS: ready, leases, deadlines, cancelled, running, leased_tasks, limits ; ARGV: now, grace, volunteer,
+# Every script starts with this prelude: the fair-share keys (one ready zset per researcher, the
+# active researchers scored by their pass) and the two helpers that file a job's task under its owner.
+_PRELUDE = f"""
+local READY, ACTIVE, OWNERS, SHARES = '{keys.READY}', '{keys.ACTIVE}', '{keys.OWNERS}', '{keys.SHARES}'
+local function owner_of(job) return redis.call('HGET', OWNERS, job) or '0' end
+local function activate(r)
+  if not redis.call('ZSCORE', ACTIVE, r) then
+    local low = redis.call('ZRANGE', ACTIVE, 0, 0, 'WITHSCORES')
+    redis.call('ZADD', ACTIVE, low[2] or 0, r)
+  end
+end
+"""
+
+# KEYS: leases, deadlines, cancelled, running, leased_tasks, limits ; ARGV: now, grace, volunteer,
 # instance, network tag ('' for none), excluded-set prefix, max skipped, then the attempt ids.
-# A task with an exclusion set naming this volunteer (or network) is put back for the others.
+# Each task goes to the active researcher with the lowest pass (ties: the lowest id), whose pass then
+# grows by 1/share. A task with an exclusion set naming this volunteer (or network) is put back.
 _LUA_LEASE = """
 local n = #ARGV - 7
 local now, grace, vol, inst, net = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], ARGV[4], ARGV[5]
 local excl, max_skipped = ARGV[6], tonumber(ARGV[7])
-local out = {}
-local skipped = {}
+local out, skipped, order, pass, blocked = {}, {}, {}, {}, {}
+local cand = redis.call('ZRANGE', ACTIVE, 0, -1, 'WITHSCORES')
+for j = 1, #cand, 2 do
+  table.insert(order, cand[j])
+  pass[cand[j]] = tonumber(cand[j + 1])
+end
 local i = 0
-while i < n and #skipped < max_skipped * 2 do
-  local popped = redis.call('ZPOPMIN', KEYS[1], 1)
-  if #popped == 0 then break end
-  local member, score = popped[1], popped[2]
-  local job, task, idx, timeout = string.match(member, '^(%d+):(%d+):(%d+):(.+)$')
-  local skip = redis.call('SISMEMBER', excl .. task, vol) == 1
-    or (net ~= '' and redis.call('SISMEMBER', excl .. task, net) == 1)
-  if skip then
-    table.insert(skipped, score)
-    table.insert(skipped, member)
-  elseif redis.call('SISMEMBER', KEYS[4], job) == 0 then
-    i = i + 1
-    local attempt = ARGV[7 + i]
-    local deadline = now + tonumber(timeout) + grace
-    redis.call('HSET', KEYS[7], attempt, tostring(now + SPAN * tonumber(timeout) + grace))
-    redis.call('HSET', KEYS[2], attempt, score .. '|' .. member .. '|' .. vol .. '|' .. inst)
-    redis.call('HSET', KEYS[6], task, attempt)
-    redis.call('ZADD', KEYS[3], deadline, attempt)
-    redis.call('HINCRBY', KEYS[5], job, 1)
-    table.insert(out, attempt)
-    table.insert(out, score .. '|' .. member .. '|' .. vol .. '|' .. inst)
-    table.insert(out, tostring(deadline))
+while i < n and #skipped < max_skipped do
+  local best = nil
+  for _, r in ipairs(order) do
+    if not blocked[r] and (best == nil or pass[r] < pass[best]
+        or (pass[r] == pass[best] and tonumber(r) < tonumber(best))) then
+      best = r
+    end
+  end
+  if best == nil then break end
+  local popped = redis.call('ZPOPMIN', READY .. best, 1)
+  if #popped == 0 then
+    blocked[best] = true
+  else
+    local member, score = popped[1], popped[2]
+    local job, task, idx, timeout = string.match(member, '^(%d+):(%d+):(%d+):(.+)$')
+    local skip = redis.call('SISMEMBER', excl .. task, vol) == 1
+      or (net ~= '' and redis.call('SISMEMBER', excl .. task, net) == 1)
+    if skip then
+      table.insert(skipped, {best, score, member})
+    elseif redis.call('SISMEMBER', KEYS[3], job) == 0 then
+      i = i + 1
+      pass[best] = pass[best] + 1 / tonumber(redis.call('HGET', SHARES, best) or 'DEFAULT_SHARE')
+      local attempt = ARGV[7 + i]
+      local deadline = now + tonumber(timeout) + grace
+      redis.call('HSET', KEYS[6], attempt, tostring(now + SPAN * tonumber(timeout) + grace))
+      redis.call('HSET', KEYS[1], attempt, score .. '|' .. member .. '|' .. vol .. '|' .. inst)
+      redis.call('HSET', KEYS[5], task, attempt)
+      redis.call('ZADD', KEYS[2], deadline, attempt)
+      redis.call('HINCRBY', KEYS[4], job, 1)
+      table.insert(out, attempt)
+      table.insert(out, score .. '|' .. member .. '|' .. vol .. '|' .. inst)
+      table.insert(out, tostring(deadline))
+    end
   end
 end
-if #skipped > 0 then redis.call('ZADD', KEYS[1], unpack(skipped)) end
+for _, e in ipairs(skipped) do redis.call('ZADD', READY .. e[1], e[2], e[3]) end
+for _, r in ipairs(order) do
+  if redis.call('EXISTS', READY .. r) == 0 then
+    redis.call('ZREM', ACTIVE, r)
+  else
+    redis.call('ZADD', ACTIVE, 'XX', tostring(pass[r]), r)
+  end
+end
 return out
 """
 
-# KEYS: ready, leases, deadlines, running, leased_tasks, limits ; ARGV[1]: 1 = requeue, then attempts
+# KEYS: leases, deadlines, running, leased_tasks, limits ; ARGV[1]: 1 = requeue, then attempts
 _LUA_END = """
 local requeue = ARGV[1] == '1'
 local out = {}
 for i = 2, #ARGV do
   local attempt = ARGV[i]
-  local value = redis.call('HGET', KEYS[2], attempt)
+  local value = redis.call('HGET', KEYS[1], attempt)
   if value then
-    local deadline = redis.call('ZSCORE', KEYS[3], attempt) or '0'
-    redis.call('HDEL', KEYS[2], attempt)
-    redis.call('HDEL', KEYS[6], attempt)
-    redis.call('ZREM', KEYS[3], attempt)
+    local deadline = redis.call('ZSCORE', KEYS[2], attempt) or '0'
+    redis.call('HDEL', KEYS[1], attempt)
+    redis.call('HDEL', KEYS[5], attempt)
+    redis.call('ZREM', KEYS[2], attempt)
     local score, member = string.match(value, '^([^|]+)|([^|]+)|')
     local job, task = string.match(member, '^(%d+):(%d+):')
-    if redis.call('HGET', KEYS[5], task) == attempt then redis.call('HDEL', KEYS[5], task) end
-    redis.call('HINCRBY', KEYS[4], job, -1)
-    if requeue then redis.call('ZADD', KEYS[1], 'NX', score, member) end
+    if redis.call('HGET', KEYS[4], task) == attempt then redis.call('HDEL', KEYS[4], task) end
+    redis.call('HINCRBY', KEYS[3], job, -1)
+    if requeue then
+      local r = owner_of(job)
+      if redis.call('ZADD', READY .. r, 'NX', score, member) == 1 then activate(r) end
+    end
     table.insert(out, attempt)
     table.insert(out, value)
     table.insert(out, deadline)
@@ -78,16 +127,16 @@ _LUA_DUE = """
 return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
 """
 
-# KEYS: ready, leases, deadlines, cancelled, running, leased_tasks, limits ; ARGV: member, score, attempt,
+# KEYS: leases, deadlines, cancelled, running, leased_tasks, limits ; ARGV: member, score, attempt,
 # volunteer, instance, deadline, job, task, limit
 _LUA_CLAIM = """
-if redis.call('SISMEMBER', KEYS[4], ARGV[7]) == 1 then return 0 end
-if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
-redis.call('HSET', KEYS[2], ARGV[3], ARGV[2] .. '|' .. ARGV[1] .. '|' .. ARGV[4] .. '|' .. ARGV[5])
-redis.call('HSET', KEYS[6], ARGV[8], ARGV[3])
-redis.call('ZADD', KEYS[3], ARGV[6], ARGV[3])
-redis.call('HSET', KEYS[7], ARGV[3], ARGV[9])
-redis.call('HINCRBY', KEYS[5], ARGV[7], 1)
+if redis.call('SISMEMBER', KEYS[3], ARGV[7]) == 1 then return 0 end
+if redis.call('ZREM', READY .. owner_of(ARGV[7]), ARGV[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], ARGV[3], ARGV[2] .. '|' .. ARGV[1] .. '|' .. ARGV[4] .. '|' .. ARGV[5])
+redis.call('HSET', KEYS[5], ARGV[8], ARGV[3])
+redis.call('ZADD', KEYS[2], ARGV[6], ARGV[3])
+redis.call('HSET', KEYS[6], ARGV[3], ARGV[9])
+redis.call('HINCRBY', KEYS[4], ARGV[7], 1)
 return 1
 """
 
@@ -108,20 +157,40 @@ end
 return n
 """
 
-# KEYS: ready, leased_tasks ; ARGV: score, member, score, member...
+# KEYS: leased_tasks ; ARGV: score, member, researcher (0: the owner recorded for the job), ...
 _LUA_PUSH = """
 local n = 0
-for i = 1, #ARGV, 2 do
-  local task = string.match(ARGV[i + 1], '^%d+:(%d+):')
-  if redis.call('HEXISTS', KEYS[2], task) == 0 then
-    n = n + redis.call('ZADD', KEYS[1], 'NX', ARGV[i], ARGV[i + 1])
+for i = 1, #ARGV, 3 do
+  local job, task = string.match(ARGV[i + 1], '^(%d+):(%d+):')
+  if ARGV[i + 2] ~= '0' then redis.call('HSET', OWNERS, job, ARGV[i + 2]) end
+  if redis.call('HEXISTS', KEYS[1], task) == 0 then
+    local r = owner_of(job)
+    if redis.call('ZADD', READY .. r, 'NX', ARGV[i], ARGV[i + 1]) == 1 then
+      activate(r)
+      n = n + 1
+    end
   end
 end
 return n
 """
 
+# ARGV: members to take out of the ready queue
+_LUA_DROP = """
+for i = 1, #ARGV do
+  local job = string.match(ARGV[i], '^(%d+):')
+  redis.call('ZREM', READY .. owner_of(job), ARGV[i])
+end
+return 0
+"""
 
-_LEASE_KEYS = [keys.READY, keys.LEASES, keys.DEADLINES, keys.CANCELLED, keys.RUNNING, keys.LEASED_TASKS, keys.LIMITS]
+# -> tasks ready over all researchers
+_LUA_COUNT = """
+local n = 0
+for _, r in ipairs(redis.call('ZRANGE', ACTIVE, 0, -1)) do n = n + redis.call('ZCARD', READY .. r) end
+return n
+"""
+
+_LEASE_KEYS = [keys.LEASES, keys.DEADLINES, keys.CANCELLED, keys.RUNNING, keys.LEASED_TASKS, keys.LIMITS]
 
 
 class RedisQueue(Queue):
@@ -131,12 +200,15 @@ class RedisQueue(Queue):
         self.redis = redis
         self.instance = instance
         self.grace = grace
-        self._lease = redis.register_script(_LUA_LEASE.replace("SPAN", str(LEASE_SPAN)))
-        self._end = redis.register_script(_LUA_END)
+        lease = _LUA_LEASE.replace("SPAN", str(LEASE_SPAN)).replace("DEFAULT_SHARE", repr(DEFAULT_SHARE))
+        self._lease = redis.register_script(_PRELUDE + lease)
+        self._end = redis.register_script(_PRELUDE + _LUA_END)
         self._due = redis.register_script(_LUA_DUE)
         self._extend = redis.register_script(_LUA_EXTEND)
-        self._push = redis.register_script(_LUA_PUSH)
-        self._claim = redis.register_script(_LUA_CLAIM)
+        self._push = redis.register_script(_PRELUDE + _LUA_PUSH)
+        self._claim = redis.register_script(_PRELUDE + _LUA_CLAIM)
+        self._drop = redis.register_script(_PRELUDE + _LUA_DROP)
+        self._count = redis.register_script(_PRELUDE + _LUA_COUNT)
 
     @staticmethod
     def _leases(flat: list) -> list[Lease]:
@@ -145,8 +217,13 @@ class RedisQueue(Queue):
     async def push(self, items: Iterable[ReadyItem]) -> int:
         args: list[Any] = []
         for item in items:
-            args += [item.score, item.member]
-        return int(await self._push(keys=[keys.READY, keys.LEASED_TASKS], args=args)) if args else 0
+            args += [item.score, item.member, item.researcher]
+        return int(await self._push(keys=[keys.LEASED_TASKS], args=args)) if args else 0
+
+    async def set_shares(self, shares: dict[int, float]) -> None:
+        if shares:
+            mapping = {str(r): repr(v) for r, v in checked_shares(shares).items()}
+            await self.redis.hset(keys.SHARES, mapping=mapping)
 
     async def lease(self, volunteer: str, attempts: list[str], now: float, network: str = "") -> list[Lease]:
         if not attempts:
@@ -211,7 +288,7 @@ class RedisQueue(Queue):
         if not attempts:
             return []
         flat = await self._end(
-            keys=[keys.READY, keys.LEASES, keys.DEADLINES, keys.RUNNING, keys.LEASED_TASKS, keys.LIMITS],
+            keys=[keys.LEASES, keys.DEADLINES, keys.RUNNING, keys.LEASED_TASKS, keys.LIMITS],
             args=["1" if requeue else "0", *attempts],
         )
         return self._leases(flat)
@@ -231,7 +308,7 @@ class RedisQueue(Queue):
     async def drop(self, items: Iterable[ReadyItem]) -> None:
         members = [item.member for item in items]
         if members:
-            await self.redis.zrem(keys.READY, *members)
+            await self._drop(keys=[], args=members)
 
     async def cancel_job(self, job: int) -> None:
         await self.redis.sadd(keys.CANCELLED, job)
@@ -243,7 +320,7 @@ class RedisQueue(Queue):
         return {job: max(0, int(v or 0)) for job, v in zip(jobs, values, strict=True)}
 
     async def ready_count(self) -> int:
-        return int(await self.redis.zcard(keys.READY))
+        return int(await self._count(keys=[], args=[]))
 
     async def needs_rebuild(self) -> bool:
         if await self.redis.exists(keys.EPOCH):

@@ -1,7 +1,10 @@
 """Every Redis key and channel in one place. All of it can be rebuilt from the database."""
 
 PREFIX = "uvm:"
-READY = PREFIX + "ready"  # zset: "job:task:idx:timeout" scored by (-priority << 40) + task id
+READY = PREFIX + "ready:"  # + researcher id: zset "job:task:idx:timeout" scored by (-priority << 40) + task id
+ACTIVE = PREFIX + "active"  # zset: researchers with ready tasks, scored by their pass (fair share)
+OWNERS = PREFIX + "owners"  # hash: job id -> researcher id (which ready zset its tasks go to)
+SHARES = PREFIX + "shares"  # hash: researcher id -> weight in fair share (absent: DEFAULT_SHARE)
 LEASES = PREFIX + "leases"  # hash: attempt -> "score|member|volunteer|instance"
 LEASED_TASKS = PREFIX + "leased_tasks"  # hash: task id -> attempt (one live lease per task)
 DEADLINES = PREFIX + "deadlines"  # zset: attempt scored by its deadline (unix seconds)

@@ -38,7 +38,7 @@ async def feed(storage: Storage, conn: AsyncConnection, rec: Recorded) -> None:
         by_job.setdefault(item[0], []).append(item)
     downstream = (
         await conn.execute(
-            sa.select(jobs.c.id, jobs.c.parent_job_id, jobs.c.timeout, jobs.c.priority)
+            sa.select(jobs.c.id, jobs.c.parent_job_id, jobs.c.timeout, jobs.c.priority, jobs.c.researcher_id)
             .where(
                 jobs.c.parent_job_id.in_(list(by_job)),
                 jobs.c.inputs_kind == "after",
@@ -71,7 +71,7 @@ async def _create(
         await conn.execute(sa.select(tasks.c.id).where(tasks.c.job_id == job.id, tasks.c.idx == idx))
     ).scalar_one()
     if state == TaskState.DONE.value:
-        rec.push.append(ReadyItem(job.id, task_id, idx, job.timeout, job.priority))
+        rec.push.append(ReadyItem(job.id, task_id, idx, job.timeout, job.priority, job.researcher_id))
     else:
         await conn.execute(
             tasks.update()
@@ -96,7 +96,9 @@ async def backfill(storage: Storage, conn: AsyncConnection, job_id: int, rec: Re
     """Feed a pipeline job from upstream tasks that finished but have no downstream task yet."""
     job = (
         await conn.execute(
-            sa.select(jobs.c.id, jobs.c.parent_job_id, jobs.c.timeout, jobs.c.priority).where(jobs.c.id == job_id)
+            sa.select(jobs.c.id, jobs.c.parent_job_id, jobs.c.timeout, jobs.c.priority, jobs.c.researcher_id).where(
+                jobs.c.id == job_id
+            )
         )
     ).one()
     mine = sa.select(tasks.c.idx).where(tasks.c.job_id == job_id).scalar_subquery()

@@ -207,7 +207,9 @@ class Storage(Accounts, Outcomes):
 
     async def ready_items(self, job_ids: Iterable[int] | None = None) -> AsyncIterator[list[ReadyItem]]:
         """The queued tasks of running jobs, in chunks: what the ready queue is rebuilt from."""
-        query = sa.select(jobs.c.id, jobs.c.timeout, jobs.c.priority).where(jobs.c.state == JobState.RUNNING.value)
+        query = sa.select(jobs.c.id, jobs.c.timeout, jobs.c.priority, jobs.c.researcher_id).where(
+            jobs.c.state == JobState.RUNNING.value
+        )
         if job_ids is not None:
             query = query.where(jobs.c.id.in_(list(job_ids)))
         async with self.engine.connect() as conn:
@@ -231,7 +233,7 @@ class Storage(Accounts, Outcomes):
                 if not rows:
                     break
                 last = rows[-1].idx
-                yield [ReadyItem(job.id, r.id, r.idx, job.timeout, job.priority) for r in rows]
+                yield [ReadyItem(job.id, r.id, r.idx, job.timeout, job.priority, job.researcher_id) for r in rows]
 
     async def resumable(self, volunteer: str, attempt_ids: list[str]) -> list[tuple[str, ReadyItem]]:
         """This volunteer's abandoned attempts (its socket closed) whose tasks are still to do."""
