@@ -28,6 +28,10 @@ class Config:
     max_ws_message_bytes: int = 4 * 1024 * 1024  # a larger message closes the socket with 1009
     max_code_bytes: int = 256 * 1024
     max_tasks_per_job: int = 1_000_000
+    # Per-researcher quotas unless an operator set others (POST /api/admin/researchers/{id}/limits)
+    researcher_max_queued_tasks: int = 10_000_000  # tasks not yet finished over all their jobs
+    researcher_max_stored_bytes: int = 64 * 1024**3  # result and output ciphertext kept
+    researcher_requests_per_second: float = 100.0  # API requests per instance, bursts of twice that
     max_input_bytes: int = 1024 * 1024  # one input, JSON-encoded
     max_result_bytes: int = 1024 * 1024  # one result, JSON-encoded
     lease_grace: float = 30.0  # seconds added to a task's timeout for its lease
@@ -88,6 +92,9 @@ class Config:
             "UVM_MAX_BODY_BYTES": ("max_body_bytes", _positive_int),
             "UVM_MAX_WS_MESSAGE_BYTES": ("max_ws_message_bytes", _positive_int),
             "UVM_MAX_TASKS_PER_JOB": ("max_tasks_per_job", _positive_int),
+            "UVM_RESEARCHER_MAX_QUEUED_TASKS": ("researcher_max_queued_tasks", _positive_int),
+            "UVM_RESEARCHER_MAX_STORED_BYTES": ("researcher_max_stored_bytes", _positive_int),
+            "UVM_RESEARCHER_REQUESTS_PER_SECOND": ("researcher_requests_per_second", _positive_float),
             "UVM_LEASE_GRACE": ("lease_grace", _positive_float),
             "UVM_HEARTBEAT": ("heartbeat", _positive_float),
             "UVM_LISTEN_BACKLOG": ("listen_backlog", _positive_int),

@@ -24,8 +24,10 @@ from server.jobs.outage import DatabaseAway, DbHealth, is_outage
 from server.jobs.validator import Validator
 from server.protocol import MAX_WORKERS, AttemptOutcome, Cancel, Capabilities, Outcome, TaskSpec, ThrottleState
 from server.queue import Bus, Lease, Queue
+from server.queue.base import DEFAULT_SHARE
 from server.spec import InvalidJob, JobSpec, verify_code
 from server.store import pipelines
+from server.store.models import Limits, QuotaExceeded
 from server.store.storage import Recorded, Storage
 
 logger = logging.getLogger(__name__)
@@ -134,6 +136,7 @@ class Dispatcher:
         """Refill the ready queue from the database after a start on an empty (or flushed) Redis."""
         if not await self.queue.needs_rebuild():
             return 0
+        await self.queue.set_shares(await self.storage.shares())
         n = 0
         async for chunk in self.storage.ready_items():
             # first who already reported on these tasks, so no replica goes back to them
@@ -196,11 +199,12 @@ class Dispatcher:
                 await loop.run_in_executor(None, verify_code, spec.code)
                 if spec.results_of is not None:
                     await self._resolve_results_of(researcher_id, spec)
+                await self._check_quotas(researcher_id, spec)
                 job_id = await asyncio.shield(self.storage.create_job(researcher_id, spec, self.config.max_input_bytes))
                 async for chunk in self.storage.ready_items([job_id]):
                     await self.queue.push(chunk)
                 await self.publish_job(job_id, researcher_id)
-            except InvalidJob as exc:
+            except (InvalidJob, QuotaExceeded) as exc:
                 _settle(future, exc=exc)
             except Exception as exc:
                 logger.exception("job submission")
@@ -208,6 +212,31 @@ class Dispatcher:
             else:
                 logger.info("job %d submitted", job_id, extra={"job": job_id})
                 _settle(future, result=job_id)
+
+    async def _check_quotas(self, researcher_id: int, spec: JobSpec) -> None:
+        """Refuse a job that would take the researcher past their queued-tasks or stored-bytes quota.
+        Submissions are consumed one at a time on this instance, so two cannot both slip under."""
+        limits = await self.storage.limits(researcher_id)
+        queued, stored = await self.storage.usage(researcher_id)
+        max_queued = _default(limits.max_queued_tasks, self.config.researcher_max_queued_tasks)
+        if queued + spec.n_tasks > max_queued:
+            raise QuotaExceeded(
+                f"queued-tasks quota: you have {queued} tasks not yet finished and this job adds {spec.n_tasks}; "
+                f"the limit is {max_queued}. Wait for jobs to finish, cancel some, or ask an operator."
+            )
+        max_stored = _default(limits.max_stored_bytes, self.config.researcher_max_stored_bytes)
+        if stored >= max_stored:
+            raise QuotaExceeded(
+                f"stored-results quota: your jobs keep {stored} bytes of results; the limit is {max_stored}. "
+                "Ask an operator to raise it."
+            )
+
+    async def set_limits(self, researcher_id: int, values: dict[str, Any]) -> Limits:
+        """An operator changed a researcher's share or quotas: stored, and the share given to the queue."""
+        limits = await self.storage.set_limits(researcher_id, values)
+        if "share" in values:
+            await self.queue.set_shares({researcher_id: _default(limits.share, DEFAULT_SHARE)})
+        return limits
 
     async def _resolve_results_of(self, researcher_id: int, spec: JobSpec) -> None:
         """``{"results_of": A}``: A's results (its done tasks, in order) become the inputs."""
@@ -559,6 +588,11 @@ def check_result(outcome: Outcome, limit: int) -> None:
     if size > limit:
         outcome.result = None
         outcome.error = f"ValueError: the result of main() is {size} bytes of JSON; the limit is {limit}"
+
+
+def _default(value: Any, default: Any) -> Any:
+    """An operator's setting, or the server's default when they set none."""
+    return default if value is None else value
 
 
 def _settle(future: asyncio.Future, result: Any = None, exc: BaseException | None = None) -> None:

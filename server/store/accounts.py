@@ -11,7 +11,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from server.store.models import Conflict, NotFound, Researcher
+from server.store.models import LIMIT_FIELDS, Conflict, Limits, NotFound, Researcher
 from server.store.models import now as _now
 from server.store.tables import jobs, reputation, researchers, sessions, volunteers
 
@@ -46,7 +46,7 @@ class Accounts:
             row = (await conn.execute(sa.select(researchers).where(researchers.c.email == email))).first()
         if row is None:
             return None
-        return Researcher(row.id, row.email, row.approved, row.operator), row.password_hash
+        return _as_researcher(row), row.password_hash
 
     async def researcher_by_session(self, id_hash: str) -> Researcher | None:
         query = (
@@ -56,12 +56,12 @@ class Accounts:
         )
         async with self.engine.connect() as conn:
             row = (await conn.execute(query)).first()
-        return None if row is None else Researcher(row.id, row.email, row.approved, row.operator)
+        return None if row is None else _as_researcher(row)
 
     async def _researcher(self, where: Any) -> Researcher | None:
         async with self.engine.connect() as conn:
             row = (await conn.execute(sa.select(researchers).where(where))).first()
-        return None if row is None else Researcher(row.id, row.email, row.approved, row.operator)
+        return None if row is None else _as_researcher(row)
 
     async def add_session(self, id_hash: str, researcher_id: int, ttl: float) -> None:
         async with self.engine.begin() as conn:
@@ -95,6 +95,52 @@ class Accounts:
             )
         if result.rowcount == 0:
             raise NotFound(f"no researcher {researcher_id}")
+
+    async def limits(self, researcher_id: int) -> Limits:
+        """A researcher's share and quotas as set by an operator (None: the server default)."""
+        async with self.engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    sa.select(*(researchers.c[f] for f in LIMIT_FIELDS)).where(researchers.c.id == researcher_id)
+                )
+            ).first()
+        if row is None:
+            raise NotFound(f"no researcher {researcher_id}")
+        return Limits(*row)
+
+    async def set_limits(self, researcher_id: int, values: dict[str, Any]) -> Limits:
+        """Change some of a researcher's limits (None: back to the default); values already checked."""
+        if values:
+            async with self.engine.begin() as conn:
+                result = await conn.execute(
+                    researchers.update().where(researchers.c.id == researcher_id).values(**values)
+                )
+            if result.rowcount == 0:
+                raise NotFound(f"no researcher {researcher_id}")
+        return await self.limits(researcher_id)
+
+    async def shares(self) -> dict[int, float]:
+        """Every share an operator set: what the ready queue is given after a rebuild."""
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(
+                sa.select(researchers.c.id, researchers.c.share).where(researchers.c.share.is_not(None))
+            )
+            return {r.id: r.share for r in rows}
+
+    async def usage(self, researcher_id: int) -> tuple[int, int]:
+        """(tasks not yet finished over the researcher's unfinished jobs, result bytes stored)."""
+        unfinished = jobs.c.state.in_(["queued", "running"])
+        left = jobs.c.n_tasks - jobs.c.n_done - jobs.c.n_failed
+        async with self.engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    sa.select(
+                        sa.func.coalesce(sa.func.sum(sa.case((unfinished, left), else_=0)), 0),
+                        sa.func.coalesce(sa.func.sum(jobs.c.result_bytes), 0),
+                    ).where(jobs.c.researcher_id == researcher_id)
+                )
+            ).one()
+        return int(row[0]), int(row[1])
 
     async def list_researchers(self) -> list[dict]:
         async with self.engine.connect() as conn:
@@ -159,3 +205,7 @@ class Accounts:
             "first_seen": row.first_seen,
             "last_seen": row.last_seen,
         }
+
+
+def _as_researcher(row: Any) -> Researcher:
+    return Researcher(row.id, row.email, row.approved, row.operator, row.max_requests_per_second)

@@ -19,12 +19,35 @@ class Conflict(Exception):
     """A unique value already exists, or the row is in a state that forbids the change."""
 
 
+class QuotaExceeded(Exception):
+    """A researcher's quota (queued tasks, stored bytes, requests per second) would be passed;
+    ``str(exc)`` says which, the limit and what to do. ``retry_after``: seconds, when waiting helps."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+LIMIT_FIELDS = ("share", "max_queued_tasks", "max_stored_bytes", "max_requests_per_second")
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """A researcher's fair-share weight and quotas as an operator set them; None: the server default."""
+
+    share: float | None = None
+    max_queued_tasks: int | None = None
+    max_stored_bytes: int | None = None
+    max_requests_per_second: float | None = None
+
+
 @dataclasses.dataclass(frozen=True)
 class Researcher:
     id: int
     email: str
     approved: bool
     operator: bool
+    max_requests_per_second: float | None = None  # None: the server's default (Config)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -123,6 +123,8 @@ class Outcomes:
         now = _now()
         await self._write_attempts(conn, writes, now)
         done_rows = [self._done_row(d, now) for d in writes.decisions if d.state is TaskState.DONE]
+        for row in done_rows:  # what the researcher's stored-bytes quota counts
+            writes.count(row["job_id"], "result_bytes", len(row["result_ct"]) + len(row["output_ct"] or b""))
         if done_rows:
             await self._mark_done(conn, done_rows)
         for d in writes.decisions:

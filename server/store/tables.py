@@ -26,6 +26,11 @@ researchers = sa.Table(
     sa.Column("approved", sa.Boolean, nullable=False, default=True),
     sa.Column("operator", sa.Boolean, nullable=False, default=False),
     sa.Column("created_at", sa.Double, nullable=False),
+    # Fair share and quotas, set by operators; NULL: the server's default (``server.config``)
+    sa.Column("share", sa.Double),  # weight in hand-out between researchers
+    sa.Column("max_queued_tasks", sa.BigInteger),  # tasks not yet finished over all running jobs
+    sa.Column("max_stored_bytes", sa.BigInteger),  # result and output ciphertext kept for their jobs
+    sa.Column("max_requests_per_second", sa.Double),  # API requests, per server instance
 )
 
 sessions = sa.Table(
@@ -63,6 +68,7 @@ jobs = sa.Table(
     sa.Column("n_pending", sa.Integer, nullable=False, default=0),  # queued with a result awaiting confirmation
     sa.Column("n_disagreements", sa.Integer, nullable=False, default=0),  # tasks whose results differed
     sa.Column("n_results", sa.Integer, nullable=False, default=0),  # results and errors received (replicas)
+    sa.Column("result_bytes", sa.BigInteger, nullable=False, default=0),  # result + output ciphertext stored
     sa.Column("parent_job_id", Id, nullable=True, index=True),  # results_of / after (pipelines)
     sa.Column("created_at", sa.Double, nullable=False),
     sa.Column("finished_at", sa.Double),

@@ -13,9 +13,10 @@ from server.crypto import hash_token
 from server.jobs.error_groups import ErrorGroups
 from server.jobs.outage import is_outage
 from server.spec import InvalidJob
+from server.store.models import QuotaExceeded
 from server.store.storage import Conflict, NotFound, Researcher
 from server.web import appkeys as K
-from server.web import export
+from server.web import export, quotas
 
 logger = logging.getLogger(__name__)
 SESSION_COOKIE = "uvm_session"
@@ -68,6 +69,8 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return json_error(404, str(exc))
     except Conflict as exc:
         return json_error(409, str(exc))
+    except QuotaExceeded as exc:
+        return quotas.quota_response(exc)
     except web.HTTPRequestEntityTooLarge:
         limit = request.app[K.config].max_body_bytes
         return json_error(413, f"request body too large (limit {limit} bytes)")
@@ -107,6 +110,10 @@ async def researcher(request: web.Request) -> Researcher:
         raise web.HTTPForbidden(
             text=json.dumps({"error": "this account is not approved"}), content_type="application/json"
         )
+    rate = who.max_requests_per_second
+    request.app[quotas.BUDGET].take(
+        who.id, request.app[K.config].researcher_requests_per_second if rate is None else rate
+    )
     return who
 
 
@@ -258,6 +265,7 @@ async def health(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
+    app[quotas.BUDGET] = quotas.RequestBudget()
     app.router.add_post("/api/jobs", create_job)
     app.router.add_get("/api/jobs", list_jobs)
     app.router.add_get("/api/jobs/{job_id}", get_job)

@@ -23,7 +23,7 @@ from server.protocol import Capabilities, ThrottleState
 from server.store.storage import NotFound, Researcher
 from server.store.tables import tasks, volunteers
 from server.web import appkeys as K
-from server.web import static
+from server.web import quotas, static
 from server.web.addresses import client_address
 from server.web.api import SESSION_COOKIE, job_id, json_error, read_json, researcher
 
@@ -216,6 +216,25 @@ async def revoke(request: web.Request) -> web.Response:
     return response
 
 
+async def get_limits(request: web.Request) -> web.Response:
+    """Operators: a researcher's fair-share weight and quotas (null: the server's default)."""
+    await operator(request)
+    target = _researcher_id(request)
+    return web.json_response(quotas.limits_dict(target, await request.app[K.storage].limits(target)))
+
+
+async def set_limits(request: web.Request) -> web.Response:
+    """Operators: set some of a researcher's share and quotas; null puts one back to the default."""
+    await operator(request)
+    target = _researcher_id(request)
+    try:
+        values = quotas.parse_limits(await read_json(request))
+    except ValueError as exc:
+        return json_error(400, str(exc))
+    limits = await request.app[K.dispatcher].set_limits(target, values)  # NotFound -> 404
+    return web.json_response(quotas.limits_dict(target, limits))
+
+
 async def cancel_any_job(request: web.Request) -> web.Response:
     """Operators: cancel any researcher's job."""
     await operator(request)
@@ -312,6 +331,8 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/api/admin/researchers/{researcher_id}/revoke", revoke)
     app.router.add_get("/api/admin/volunteers", admin_volunteers)
     app.router.add_post("/api/admin/jobs/{job_id}/cancel", cancel_any_job)
+    app.router.add_get("/api/admin/researchers/{researcher_id}/limits", get_limits)
+    app.router.add_post("/api/admin/researchers/{researcher_id}/limits", set_limits)
 
 
 # ---------------------------------------------------------------------------------- OpenAPI
@@ -333,6 +354,22 @@ _ME = {
         "email": {"type": "string"},
         "approved": {"type": "boolean"},
         "operator": {"type": "boolean"},
+    },
+}
+_LIMITS = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "integer"},
+        "share": {"type": "number", "nullable": True, "exclusiveMinimum": True, "minimum": 0, "maximum": 1e6},
+        "max_queued_tasks": {"type": "integer", "nullable": True, "minimum": 0, "maximum": 1e12},
+        "max_stored_bytes": {"type": "integer", "nullable": True, "minimum": 0, "maximum": 1e15},
+        "max_requests_per_second": {
+            "type": "number",
+            "nullable": True,
+            "exclusiveMinimum": True,
+            "minimum": 0,
+            "maximum": 1e6,
+        },
     },
 }
 _RID = {"name": "researcher_id", "in": "path", "required": True, "schema": {"type": "integer"}}
@@ -397,6 +434,24 @@ DASHBOARD_PATHS: dict = {
             "parameters": [_RID],
             "responses": {"200": _resp("revoked", {"type": "object"}), **_errs(401, 403, 404, 409)},
         }
+    },
+    "/api/admin/researchers/{researcher_id}/limits": {
+        "get": {
+            "summary": "Operators: a researcher's fair-share weight and quotas (null: the server's default)",
+            "parameters": [_RID],
+            "responses": {"200": _resp("limits", _LIMITS), **_errs(401, 403, 404)},
+        },
+        "post": {
+            "summary": "Operators: set a researcher's share (weight in hand-out between researchers, default 1) and "
+            "quotas: tasks not yet finished, stored result bytes, API requests per second (per instance). "
+            "Fields left out stay; null puts one back to the server's default",
+            "parameters": [_RID],
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": {**_LIMITS, "required": [], "additionalProperties": False}}},
+            },
+            "responses": {"200": _resp("the limits now", _LIMITS), **_errs(400, 401, 403, 404, 413)},
+        },
     },
     "/api/admin/jobs/{job_id}/cancel": {
         "post": {

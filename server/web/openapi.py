@@ -127,7 +127,8 @@ def document() -> dict:
         "paths": {
             "/api/jobs": {
                 "post": {
-                    "summary": "Submit a job",
+                    "summary": "Submit a job (429: a quota of yours, queued tasks or stored result bytes, "
+                    "would be passed; every endpoint answers 429 with Retry-After past your requests per second)",
                     "requestBody": {
                         "required": True,
                         "content": {_JSON: {"schema": {"$ref": "#/components/schemas/NewJob"}}},
@@ -140,7 +141,7 @@ def document() -> dict:
                                 "properties": {"id": {"type": "integer"}, "n_tasks": {"type": "integer"}},
                             },
                         ),
-                        **_errors(400, 401, 413),
+                        **_errors(400, 401, 413, 429),
                     },
                 },
                 "get": {

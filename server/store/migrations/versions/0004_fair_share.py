@@ -1,0 +1,39 @@
+"""Fair share and quotas: each researcher's share and limits, and the result bytes each job stores.
+
+Revision ID: 0004
+Revises: 0003
+"""
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0004"
+down_revision = "0003"
+
+COLUMNS = {
+    "researchers": [
+        sa.Column("share", sa.Double),
+        sa.Column("max_queued_tasks", sa.BigInteger),
+        sa.Column("max_stored_bytes", sa.BigInteger),
+        sa.Column("max_requests_per_second", sa.Double),
+    ],
+    "jobs": [sa.Column("result_bytes", sa.BigInteger, nullable=False, server_default="0")],
+}
+
+
+def upgrade() -> None:
+    # 0001 is `metadata.create_all`: on a new database these columns exist already.
+    inspector = sa.inspect(op.get_bind())
+    for table, columns in COLUMNS.items():
+        have = {c["name"] for c in inspector.get_columns(table)}
+        with op.batch_alter_table(table) as batch:
+            for column in columns:
+                if column.name not in have:
+                    batch.add_column(column)
+
+
+def downgrade() -> None:
+    for table, columns in COLUMNS.items():
+        with op.batch_alter_table(table) as batch:
+            for column in columns:
+                batch.drop_column(column.name)
