@@ -31,13 +31,14 @@ class RequestBudget:
     def take(self, researcher_id: int, rate: float, now: float | None = None) -> None:
         """Spend one request, or raise ``QuotaExceeded`` saying when the next one is allowed."""
         now = time.monotonic() if now is None else now
-        tokens, at = self._buckets.pop(researcher_id, (BURST * rate, now))
-        tokens = min(BURST * rate, tokens + (now - at) * rate)
+        size = max(1.0, BURST * rate)  # at least one request, however low the rate
+        tokens, at = self._buckets.pop(researcher_id, (size, now))
+        tokens = min(size, tokens + (now - at) * rate)
         if tokens < 1.0:
             self._buckets[researcher_id] = (tokens, now)
             wait = (1.0 - tokens) / rate
             raise QuotaExceeded(
-                f"request-rate quota: at most {rate:g} requests per second (bursts of {BURST * rate:g}); "
+                f"request-rate quota: at most {rate:g} requests per second (bursts of {size:g}); "
                 f"try again in {wait:.2f} s",
                 retry_after=wait,
             )
