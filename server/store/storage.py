@@ -342,27 +342,31 @@ class Storage(Accounts, Outcomes):
                 rows = (await conn.execute(query)).all()
             if not rows:
                 return
-            box = self.box
-            for r in rows:  # the hot loop of a download: no call for a column that is NULL
-                aad = f"task:{r.id}"
-                yield {
-                    "index": r.idx,
-                    "input": (
-                        box.open_json(r.input_ct, f"job:{job_id}:input:{r.idx}")
-                        if r.input_ct is not None
-                        else info.input_at(r.idx)
-                    ),
-                    "state": r.state,
-                    "result": box.open_json(r.result_ct, aad + ":result") if r.result_ct is not None else None,
-                    "error": (box.open_text(r.error_ct, aad + ":error") or None) if r.error_ct is not None else None,
-                    "output": box.open_text(r.output_ct, aad + ":output") if r.output_ct is not None else "",
-                    "attempts": r.attempts,
-                    "replicas": r.replicas,
-                    "accepted": r.accepted,
-                }
+            for row in rows:
+                yield self._task_dict(job_id, info, row)
             last = rows[-1].idx
             if left is not None:
                 left -= len(rows)
+
+    def _task_dict(self, job_id: int, info: JobInfo, r: Any) -> dict:
+        """One task of a download, decrypted (the hot loop: no call for a column that is NULL)."""
+        box = self.box
+        aad = f"task:{r.id}"
+        return {
+            "index": r.idx,
+            "input": (
+                box.open_json(r.input_ct, f"job:{job_id}:input:{r.idx}")
+                if r.input_ct is not None
+                else info.input_at(r.idx)
+            ),
+            "state": r.state,
+            "result": box.open_json(r.result_ct, aad + ":result") if r.result_ct is not None else None,
+            "error": (box.open_text(r.error_ct, aad + ":error") or None) if r.error_ct is not None else None,
+            "output": box.open_text(r.output_ct, aad + ":output") if r.output_ct is not None else "",
+            "attempts": r.attempts,
+            "replicas": r.replicas,
+            "accepted": r.accepted,
+        }
 
     async def _retry(self, work: Any, attempts: int = 5) -> Any:
         """Run ``work(conn)`` in a transaction; again if it was a deadlock victim or its connection died
