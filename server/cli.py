@@ -24,9 +24,7 @@ def listen_origin(host: str, port: int) -> str:
 
 
 def _serve(args: argparse.Namespace, config: Config) -> int:
-    from aiohttp import web
 
-    from server.web.app import create_app
 
     if not config.public_url:  # the worker script's CSP names this origin (server/web/static.py)
         config = dataclasses.replace(config, public_url=listen_origin(args.host, args.port))
@@ -48,7 +46,24 @@ def _serve(args: argparse.Namespace, config: Config) -> int:
             import uvloop
 
             asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    if args.processes > 1:
+        if not (config.database_url and config.redis_url):
+            print(
+                f"refusing to start: --processes {args.processes} needs a database and a queue the processes share; "
+                "set UVM_DATABASE_URL (MySQL/MariaDB) and UVM_REDIS_URL",
+                file=sys.stderr,
+                flush=True,
+            )
+            return 2
+        return _serve_processes(args, config)
+    return _run_server(args, config)
+
+
+def _run_server(args: argparse.Namespace, config: Config) -> int:
+    from aiohttp import web
+
     from server.store.keys import KeyProblem
+    from server.web.app import create_app
 
     try:
         web.run_app(
@@ -58,11 +73,49 @@ def _serve(args: argparse.Namespace, config: Config) -> int:
             print=None,
             access_log=None,
             backlog=config.listen_backlog,  # a burst of volunteers connecting at once is queued, not refused
+            reuse_port=args.processes > 1,  # every process binds the port; the kernel spreads connections
         )
     except KeyProblem as exc:
         print(f"refusing to start: {exc}", file=sys.stderr, flush=True)
         return 2
     return 0
+
+
+def _serve_processes(args: argparse.Namespace, config: Config) -> int:
+    """N forked server processes on one port, each a server instance of its own (its own instance id,
+    as if on another machine: leases, events and rebuilds go through Redis). SIGTERM/SIGINT to this
+    parent stops them all; when one exits, the others are stopped and its exit code returned."""
+    import multiprocessing
+    import os
+    import signal
+
+    context = multiprocessing.get_context("fork")  # before any event loop or connection exists
+    children = [
+        context.Process(target=_child, args=(args, dataclasses.replace(config, instance=os.urandom(4).hex())))
+        for _ in range(args.processes)
+    ]
+    for child in children:
+        child.start()
+
+    def stop(_signum: int, _frame: object) -> None:
+        for child in children:
+            if child.is_alive():
+                child.terminate()  # SIGTERM: aiohttp shuts down gracefully
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    code = 0
+    while any(child.is_alive() for child in children):
+        for child in children:
+            child.join(timeout=0.5)
+            if child.exitcode is not None and child.exitcode != 0 and not code:
+                code = child.exitcode if child.exitcode > 0 else 0  # killed by our signal: a clean stop
+                stop(0, None)
+    return code
+
+
+def _child(args: argparse.Namespace, config: Config) -> None:
+    sys.exit(_run_server(args, config))
 
 
 async def _researcher_add(config: Config, email: str, password: str, operator: bool) -> str:
@@ -156,6 +209,13 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="run the server (SQLite + in-process queue unless configured)")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8080)
+    s.add_argument(
+        "--processes",
+        type=_positive,
+        default=1,
+        help="server processes sharing the port (SO_REUSEPORT; the kernel spreads connections between them). "
+        "More than 1 needs MySQL/MariaDB and Redis (UVM_DATABASE_URL, UVM_REDIS_URL)",
+    )
     r = sub.add_parser("researcher", help="manage researcher accounts")
     rsub = r.add_subparsers(dest="action", required=True)
     add = rsub.add_parser("add", help="create an account; prints its API token on the last line")
