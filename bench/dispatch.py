@@ -60,6 +60,14 @@ def _cpu(pid: int | None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _tree_cpu(pid: int | None) -> float:
+    """CPU seconds of a process and its children (``serve --processes N`` forks N servers)."""
+    if not pid:
+        return 0.0
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return _cpu(pid) + sum(_tree_cpu(int(c)) for c in children)
+
+
 def _mariadb_cpu() -> float:
     pids = subprocess.run(["pgrep", "-x", "mariadbd"], capture_output=True, text=True).stdout.split()
     return sum(_cpu(int(p)) for p in pids)
@@ -88,6 +96,7 @@ def main() -> None:
     p.add_argument("--tasks", type=int, default=60_000)
     p.add_argument("--prefetch", type=int, default=4)
     p.add_argument("--procs", type=int, default=2, help="processes the volunteers are spread over")
+    p.add_argument("--server-processes", type=int, default=1, help="uvm-compute serve --processes N (MariaDB only)")
     p.add_argument("--seconds", type=float, default=120.0, help="upper bound on the run")
     p.add_argument(
         "--limits",
@@ -119,7 +128,7 @@ def main() -> None:
             "UVM_KEY": os.urandom(32).hex(),  # required on MySQL
         }
     token = add_researcher(env, "bench@example.org")
-    server = ServerProcess(env).start()
+    server = ServerProcess(env, args=("--processes", str(args.server_processes))).start()
     try:
         t0 = time.perf_counter()
         body = {"code": "def main(x):\n    return x\n", "inputs": {"range": [args.tasks]}, "replication": 1}
@@ -134,7 +143,7 @@ def main() -> None:
         for proc in procs:
             proc.start()
         start = time.perf_counter()
-        cpu0 = _cpu(server.proc.pid), _mariadb_cpu()
+        cpu0 = _tree_cpu(server.proc.pid), _mariadb_cpu()
         status = {}
         while time.perf_counter() - start < args.seconds:
             status = _get(f"{server.url}/api/jobs/{job['id']}", token)
@@ -142,7 +151,7 @@ def main() -> None:
                 break
             time.sleep(0.25)
         elapsed = time.perf_counter() - start
-        cpu1 = _cpu(server.proc.pid), _mariadb_cpu()
+        cpu1 = _tree_cpu(server.proc.pid), _mariadb_cpu()
         finished.set()
         stats = [out.get(timeout=60) for _ in procs]
         for proc in procs:
@@ -155,7 +164,8 @@ def main() -> None:
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {platform.platform()}, Python {python}")
     limits = "per-address limits on" if args.limits else "loopback exempt from per-address limits"
     print(
-        f"backend: {args.backend}; volunteers: {args.volunteers} in {args.procs} processes, "
+        f"backend: {args.backend}, {args.server_processes} server process(es); "
+        f"volunteers: {args.volunteers} in {args.procs} processes, "
         f"prefetch {args.prefetch}; {limits}"
     )
     print(f"submit {args.tasks} tasks (range): {t_submit:.2f} s")
