@@ -25,7 +25,6 @@ def listen_origin(host: str, port: int) -> str:
 
 def _serve(args: argparse.Namespace, config: Config) -> int:
 
-
     if not config.public_url:  # the worker script's CSP names this origin (server/web/static.py)
         config = dataclasses.replace(config, public_url=listen_origin(args.host, args.port))
 

@@ -16,6 +16,7 @@ import json
 import logging
 import secrets
 import time
+import weakref
 from typing import Any
 
 from server.config import Config
@@ -104,6 +105,7 @@ class Dispatcher:
         # volunteer -> (expiries owed, when): see lease_room
         self.strikes: collections.OrderedDict[str, tuple[float, float]] = collections.OrderedDict()
         self._submissions: asyncio.Queue = asyncio.Queue()
+        self._submit_locks: weakref.WeakValueDictionary[int, asyncio.Lock] = weakref.WeakValueDictionary()
         self._outcomes: asyncio.Queue = asyncio.Queue()
         self.leased_total = 0
         self.db_health = DbHealth()
@@ -192,11 +194,26 @@ class Dispatcher:
         return await future
 
     async def _run_submissions(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            researcher_id, spec, future = await self._submissions.get()
+        """Each submission in a task of its own: one researcher's huge job does not hold up another's.
+        A researcher's own submissions go one at a time (their quota is checked against what is saved)."""
+        running: set[asyncio.Task] = set()
+        try:
+            while True:
+                researcher_id, spec, future = await self._submissions.get()
+                task = asyncio.create_task(self._submit_one(researcher_id, spec, future))
+                running.add(task)
+                task.add_done_callback(running.discard)
+        finally:
+            for task in running:
+                task.cancel()
+
+    async def _submit_one(self, researcher_id: int, spec: JobSpec, future: asyncio.Future) -> None:
+        lock = self._submit_locks.get(researcher_id)
+        if lock is None:
+            lock = self._submit_locks[researcher_id] = asyncio.Lock()  # forgotten when no one holds it
+        async with lock:
             try:
-                await loop.run_in_executor(None, verify_code, spec.code)
+                await asyncio.get_running_loop().run_in_executor(None, verify_code, spec.code)
                 if spec.results_of is not None:
                     await self._resolve_results_of(researcher_id, spec)
                 await self._check_quotas(researcher_id, spec)
@@ -215,7 +232,7 @@ class Dispatcher:
 
     async def _check_quotas(self, researcher_id: int, spec: JobSpec) -> None:
         """Refuse a job that would take the researcher past their queued-tasks or stored-bytes quota.
-        Submissions are consumed one at a time on this instance, so two cannot both slip under."""
+        A researcher's submissions are saved one at a time on this instance, so two cannot both slip under."""
         limits = await self.storage.limits(researcher_id)
         queued, stored = await self.storage.usage(researcher_id)
         max_queued = _default(limits.max_queued_tasks, self.config.researcher_max_queued_tasks)

@@ -27,6 +27,7 @@ from server.store.outcomes import Outcomes
 from server.store.tables import attempts, jobs, tasks
 
 INSERT_CHUNK = 1000
+TXN_TASKS = 20_000  # tasks saved per transaction when a job has more
 THROUGHPUT_WINDOW = 30.0  # seconds
 __all__ = ["Conflict", "JobInfo", "NotFound", "Recorded", "Researcher", "Storage"]
 
@@ -41,7 +42,8 @@ class Storage(Accounts, Outcomes):
 
     # -------------------------------------------------------------------------------- jobs
     async def create_job(self, researcher_id: int, spec: JobSpec, limit: int) -> int:
-        """Insert the job and its tasks (streamed in chunks) in one transaction; state running."""
+        """Insert the job and its tasks, then make it running: in one transaction, or for a job of more
+        than TXN_TASKS tasks in several (the job is "queued", so not handed out, until all are in)."""
         policy = Verification.of(spec.replication, spec.quorum, spec.max_replicas, spec.tolerance)
         async with self.engine.begin() as conn:
             n_tasks = spec.n_tasks
@@ -82,27 +84,59 @@ class Storage(Accounts, Outcomes):
                 .where(jobs.c.id == job_id)
                 .values(code_ct=self.box.seal_text(spec.code, f"job:{job_id}:code"))
             )
-            for chunk in _chunks(range(spec.n_tasks), INSERT_CHUNK):
-                rows = []
-                for index in chunk:
-                    row = {"job_id": job_id, "idx": index, "state": TaskState.QUEUED.value, "attempts": 0}
-                    row["replicas"] = 0
-                    if spec.inputs_kind == "list":
-                        try:
-                            data = encode_input(spec.inputs[index], limit)
-                        except ValueError as exc:
-                            if isinstance(exc, InvalidJob):
-                                raise
-                            raise InvalidJob(f"input {index} is not valid JSON: {exc}", field="inputs") from None
-                        row["input_ct"] = self.box.seal(data, f"job:{job_id}:input:{index}")
-                    rows.append(row)
-                await conn.execute(tasks.insert(), rows)
-            await conn.execute(jobs.update().where(jobs.c.id == job_id).values(state=JobState.RUNNING.value))
-            if spec.inputs_kind == "after":
-                rec = Recorded()
-                while await pipelines.backfill(self, conn, job_id, rec):
-                    pass
-                await self.finish_jobs(conn, {job_id})
+            if spec.n_tasks <= TXN_TASKS:  # most jobs: all in one transaction
+                await self._insert_tasks(conn, job_id, spec, range(spec.n_tasks), limit)
+                await self._start_job(conn, job_id, spec)
+                return job_id
+        # A big job's tasks go in transactions of TXN_TASKS rows, so that other writers (SQLite has
+        # one at a time) get their turns meanwhile; the job is handed out once all are in.
+        try:
+            for chunk in _chunks(range(spec.n_tasks), TXN_TASKS):
+                async with self.engine.begin() as conn:
+                    await self._insert_tasks(conn, job_id, spec, chunk, limit)
+            async with self.engine.begin() as conn:
+                await self._start_job(conn, job_id, spec)
+        except BaseException:
+            await asyncio.shield(self._drop_job(job_id))  # a bad input half way: nothing of it stays
+            raise
+        return job_id
+
+    async def _insert_tasks(
+        self, conn: AsyncConnection, job_id: int, spec: JobSpec, indices: Iterable[int], limit: int
+    ) -> None:
+        for chunk in _chunks(indices, INSERT_CHUNK):
+            rows = []
+            for index in chunk:
+                row = {"job_id": job_id, "idx": index, "state": TaskState.QUEUED.value, "attempts": 0}
+                row["replicas"] = 0
+                if spec.inputs_kind == "list":
+                    try:
+                        data = encode_input(spec.inputs[index], limit)
+                    except ValueError as exc:
+                        if isinstance(exc, InvalidJob):
+                            raise
+                        raise InvalidJob(f"input {index} is not valid JSON: {exc}", field="inputs") from None
+                    row["input_ct"] = self.box.seal(data, f"job:{job_id}:input:{index}")
+                rows.append(row)
+            await conn.execute(tasks.insert(), rows)
+
+    async def _start_job(self, conn: AsyncConnection, job_id: int, spec: JobSpec) -> None:
+        """Queued -> running (unless it was cancelled while its tasks were saved)."""
+        await conn.execute(
+            jobs.update()
+            .where(jobs.c.id == job_id, jobs.c.state == JobState.QUEUED.value)
+            .values(state=JobState.RUNNING.value)
+        )
+        if spec.inputs_kind == "after":
+            rec = Recorded()
+            while await pipelines.backfill(self, conn, job_id, rec):
+                pass
+            await self.finish_jobs(conn, {job_id})
+
+    async def _drop_job(self, job_id: int) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(tasks.delete().where(tasks.c.job_id == job_id))
+            await conn.execute(jobs.delete().where(jobs.c.id == job_id))
         return job_id
 
     async def _upstream_size(self, conn: AsyncConnection, researcher_id: int, upstream: int | None) -> int:
