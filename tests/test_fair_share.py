@@ -3,12 +3,13 @@ out by share (also after a Redis flush), and each quota answers 429 with a messa
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
 
 from server.web import appkeys as K
-from tests.conftest import add_researcher
+from tests.conftest import Api, add_researcher
 from tests.test_dashboard_api import REDIS_URL, browser_session, redis_url, sign_in  # noqa: F401
 
 CODE = "def main(x):\n    return x\n"
@@ -137,3 +138,42 @@ def test_request_budget_refills(rate):
         budget.take(1, rate, now=100.0)
     budget.take(2, rate, now=100.0)  # per researcher
     budget.take(1, rate, now=100.2)  # refilled one
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 / 2**20
+
+
+async def test_a_small_job_is_not_held_up_by_a_huge_one(serve, volunteers, backend):
+    """Done-when 1 of the scale issue, with 200,000 tasks (not 1M, to keep the suite short): another
+    researcher's 200-task job is accepted while the huge one is still being saved, and is handed
+    out at once in turns with it (before fair share it waited behind every task of the huge job)."""
+    api, app = await serve()
+    small_token = await add_researcher(app, "small@example.org")
+    big_n = 200_000
+    rss = _rss_mib()
+    big_post = asyncio.create_task(api.submit(CODE, {"range": [0, big_n]}))
+    while not (await _jobs(api, api.token)):  # the huge job's row is in; its tasks are being saved
+        await asyncio.sleep(0.01)
+    async with api.session.post(
+        f"{api.url}/api/jobs", json={"code": CODE, "inputs": list(range(200))}, headers=api.headers(small_token)
+    ) as resp:
+        assert resp.status == 201
+        small = (await resp.json())["id"]
+    assert not big_post.done()  # accepted while the huge submission was still going on
+    big = await big_post
+    growth = _rss_mib() - rss
+    print(f"{backend}: server RSS grew {growth:.1f} MiB with a {big_n}-task job queued")
+    if backend == "mariadb":  # the ready queue lives in Redis, not in the server
+        assert growth < 50
+    volunteers(api.url, 4, prefetch=2)
+    small_api = Api(api.url, api.session, small_token)
+    assert (await small_api.wait(small, timeout=120))["state"] == "done"
+    done_big = (await api.job(big))["counts"]["done"]
+    assert done_big < 1000, done_big  # turns: about as many of the huge job's as the small one's 200
+
+
+async def _jobs(api, token: str) -> list:
+    async with api.session.get(f"{api.url}/api/jobs", headers=api.headers(token)) as resp:
+        return (await resp.json())["jobs"]

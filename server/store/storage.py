@@ -94,6 +94,7 @@ class Storage(Accounts, Outcomes):
             for chunk in _chunks(range(spec.n_tasks), TXN_TASKS):
                 async with self.engine.begin() as conn:
                     await self._insert_tasks(conn, job_id, spec, chunk, limit)
+                await asyncio.sleep(0.01)  # a writer waiting on SQLite's lock polls: leave it a gap
             async with self.engine.begin() as conn:
                 await self._start_job(conn, job_id, spec)
         except BaseException:
