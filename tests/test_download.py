@@ -1,4 +1,5 @@
-"""Results download: the page query walks the (job_id, idx) index, checked with EXPLAIN on MariaDB,
+"""Results download: the page query walks the (job_id, idx) index, checked with EXPLAIN on MariaDB
+(and the query that fills the ready queue its (job_id, state, idx) index),
 and a download streams in input order across pages. Speed is measured by ``bench/download.py``."""
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ import json
 import pytest
 import sqlalchemy as sa
 
-from server.store.storage import PAGE, page_query
+from server.store.storage import PAGE, page_query, queued_page_query
 from server.web import appkeys as K
 
 CODE = "def main(x):\n    return x\n"
@@ -20,14 +21,18 @@ async def test_page_query_uses_the_job_idx_index(serve, backend):
     first = await api.submit(CODE, {"range": [0, 3000]})
     job = await api.submit(CODE, {"range": [0, 3000]})
     engine = app[K.storage].engine
-    for only_errors in (False, True):
-        query = page_query(job, 2500, PAGE, only_errors)
+    queries = {
+        "uq_tasks_job_idx": page_query(job, 2500, PAGE),
+        "uq_tasks_job_idx ": page_query(job, 2500, PAGE, only_errors=True),
+        "ix_tasks_job_state_idx": queued_page_query(job, 2500, 5000),  # filling the ready queue
+    }
+    for index, query in queries.items():
         sql = str(query.compile(dialect=engine.dialect, compile_kwargs={"literal_binds": True}))
         async with engine.connect() as conn:
             await conn.execute(sa.text("ANALYZE TABLE tasks"))
             plan = (await conn.execute(sa.text("EXPLAIN " + sql))).mappings().one()
         # a range on (job_id, idx): neither every row of the job read and filtered, nor a sort
-        assert plan["key"] == "uq_tasks_job_idx", plan
+        assert plan["key"] == index.strip(), plan
         assert plan["type"] == "range", plan
         assert "filesort" not in (plan["Extra"] or ""), plan
         assert int(plan["rows"]) < 1000, plan  # the 500 rows past idx 2500, not the job's 3000

@@ -253,18 +253,7 @@ class Storage(Accounts, Outcomes):
             last = -1
             while True:
                 async with self.engine.connect() as conn:
-                    rows = (
-                        await conn.execute(
-                            sa.select(tasks.c.id, tasks.c.idx)
-                            .where(
-                                tasks.c.job_id == job.id,
-                                tasks.c.state == TaskState.QUEUED.value,
-                                tasks.c.idx > last,
-                            )
-                            .order_by(tasks.c.idx)
-                            .limit(INSERT_CHUNK * 5)
-                        )
-                    ).all()
+                    rows = (await conn.execute(queued_page_query(job.id, last, INSERT_CHUNK * 5))).all()
                 if not rows:
                     break
                 last = rows[-1].idx
@@ -448,6 +437,18 @@ _JOB_COLUMNS = (
 
 
 PAGE = 2000  # rows per page of a results download
+
+
+def queued_page_query(job_id: int, after: int, limit: int) -> sa.Select:
+    """A page of a job's queued tasks in input order (what the ready queue is filled from): a range on
+    ``ix_tasks_job_state_idx`` (job_id, state, idx), so each page reads its own rows only; on
+    (job_id, state) alone every page read and sorted all the queued tasks left (the 1M-task submit)."""
+    return (
+        sa.select(tasks.c.id, tasks.c.idx)
+        .where(tasks.c.job_id == job_id, tasks.c.state == TaskState.QUEUED.value, tasks.c.idx > after)
+        .order_by(tasks.c.idx)
+        .limit(limit)
+    )
 
 
 def page_query(job_id: int, after: int, limit: int, only_errors: bool = False) -> sa.Select:

@@ -1,4 +1,5 @@
-"""Fair share and quotas: each researcher's share and limits, and the result bytes each job stores.
+"""Fair share and quotas: each researcher's share and limits, and the result bytes each job stores;
+the queued tasks of a job in input order from one index (job_id, state, idx).
 
 Revision ID: 0004
 Revises: 0003
@@ -30,9 +31,16 @@ def upgrade() -> None:
             for column in columns:
                 if column.name not in have:
                     batch.add_column(column)
+    indexes = {i["name"] for i in inspector.get_indexes("tasks")}
+    if "ix_tasks_job_state_idx" not in indexes:
+        op.create_index("ix_tasks_job_state_idx", "tasks", ["job_id", "state", "idx"])
+    if "ix_tasks_job_state" in indexes:
+        op.drop_index("ix_tasks_job_state", table_name="tasks")
 
 
 def downgrade() -> None:
+    op.create_index("ix_tasks_job_state", "tasks", ["job_id", "state"])
+    op.drop_index("ix_tasks_job_state_idx", table_name="tasks")
     for table, columns in COLUMNS.items():
         with op.batch_alter_table(table) as batch:
             for column in columns:
