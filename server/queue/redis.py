@@ -160,11 +160,15 @@ return n
 # KEYS: leased_tasks ; ARGV: score, member, researcher (0: the owner recorded for the job), ...
 _LUA_PUSH = """
 local n = 0
+local owners = {}  -- job -> researcher, looked up (or recorded) once per job per call
 for i = 1, #ARGV, 3 do
   local job, task = string.match(ARGV[i + 1], '^(%d+):(%d+):')
-  if ARGV[i + 2] ~= '0' then redis.call('HSET', OWNERS, job, ARGV[i + 2]) end
+  if owners[job] == nil then
+    if ARGV[i + 2] ~= '0' then redis.call('HSET', OWNERS, job, ARGV[i + 2]) end
+    owners[job] = owner_of(job)
+  end
   if redis.call('HEXISTS', KEYS[1], task) == 0 then
-    local r = owner_of(job)
+    local r = owners[job]
     if redis.call('ZADD', READY .. r, 'NX', ARGV[i], ARGV[i + 1]) == 1 then
       activate(r)
       n = n + 1
