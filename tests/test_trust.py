@@ -428,7 +428,7 @@ async def test_csv_cells_cannot_be_formulas():
     text = b"".join([chunk async for chunk in render(rows(), "csv")]).decode()
     lines = text.splitlines()
     assert lines[1].endswith(',\'=HYPERLINK(""x"")"') or "'=HYPERLINK" in lines[1]
-    assert lines[2] == "1,-5,done,-2500.0,"  # plain numbers stay numbers
+    assert lines[2] == "1,-5,done,-2500.0,,,0"  # plain numbers stay numbers (no accepted, 0 replicas)
     assert "'" not in lines[3] or lines[3].count("'") == 0  # JSON strings are quoted: "@SUM(A1)" starts with "
     from server.web.export import csv_cell
 
