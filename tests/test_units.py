@@ -1,4 +1,4 @@
-"""Protocol, encryption, configuration, migrations, OpenAPI and the CLI."""
+"""Protocol, encryption, configuration, OpenAPI and the CLI (migrations: ``test_migrations.py``)."""
 
 from __future__ import annotations
 
@@ -10,17 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import sqlalchemy as sa
-from alembic.autogenerate import compare_metadata
-from alembic.migration import MigrationContext
 
 from server import protocol as P
 from server.config import Config, ConfigError
 from server.crypto import Box, DecryptError, check_password, hash_password
-from server.store.engine import make_engine, migrate
-from server.store.tables import metadata
 from server.web.app import create_app
-from tests.conftest import mysql_url
 from workers.sim import run_task
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -141,26 +135,6 @@ def test_serve_refuses_bad_config():
         [sys.executable, "-m", "server.cli", "serve"], env=env, capture_output=True, text=True, cwd=ROOT
     )
     assert proc.returncode == 2 and "unknown setting UVM_PORT" in proc.stderr
-
-
-# ----------------------------------------------------------------------------- migrations
-@pytest.mark.parametrize("backend", ["sqlite", "mariadb"])
-async def test_migrations_match_the_declared_schema(backend, tmp_path, request):
-    if backend == "mariadb":
-        url = mysql_url(request.getfixturevalue("mariadb_database"))
-    else:
-        url = f"sqlite+aiosqlite:///{tmp_path / 'm.sqlite3'}"
-    engine = make_engine(url)
-    try:
-        await migrate(engine)
-        await migrate(engine)  # idempotent
-        async with engine.connect() as conn:
-            diff = await conn.run_sync(lambda c: compare_metadata(MigrationContext.configure(c), metadata))
-            version = (await conn.execute(sa.text("SELECT version_num FROM alembic_version"))).scalar()
-        assert diff == []
-        assert version == "0001"
-    finally:
-        await engine.dispose()
 
 
 # -------------------------------------------------------------------------------- OpenAPI
