@@ -60,8 +60,8 @@ class Config:
         }
         values: dict[str, object] = {}
         for name, raw in env.items():
-            if not name.startswith("UVM_"):
-                continue
+            if not name.startswith("UVM_") or name.startswith("UVM_TEST_"):
+                continue  # UVM_TEST_* belong to the test suite (its Redis port), not to the server
             if name not in known:
                 raise ConfigError(f"unknown setting {name}; known: {', '.join(sorted(known))}")
             field, parse = known[name]

@@ -1,8 +1,13 @@
 """The dispatcher: intake queues, leasing, outcome recording, lease reaping and rebuilds.
 
 Handlers stay thin: they validate cheaply and call one method here. Submissions and outcomes go
-through in-process intake queues whose consumers verify, encrypt and save in batches; a caller
+through in-process intake queues: submissions are verified and saved one job at a time (a job's
+tasks inserted in chunks), outcomes are committed in batches, one transaction per batch. A caller
 awaits its future, so nothing is acknowledged before it is committed.
+
+Every background loop (the two intake consumers, the lease reaper, the bus relay, the events
+listener) runs under ``supervise.Supervisor``: a failing loop is logged and restarted with backoff,
+and ``Dispatcher.loops`` holds each loop's state for ``/api/health`` and ``/metrics``.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import time
 from typing import Any
 
 from server.config import Config
+from server.jobs.supervise import Supervisor
 from server.protocol import AttemptOutcome, Cancel, Outcome, TaskSpec
 from server.queue import Bus, Lease, Queue
 from server.spec import InvalidJob, JobSpec, verify_code
@@ -49,28 +55,28 @@ class Dispatcher:
         self.conns: set[Conn] = set()
         self._submissions: asyncio.Queue = asyncio.Queue()
         self._outcomes: asyncio.Queue = asyncio.Queue()
-        self.leased_total = 0
+        self.supervisor = self._supervise()
+        self.loops = self.supervisor.loops  # name -> LoopState: /api/health and /metrics read these
 
     # ------------------------------------------------------------------------ background
     async def run(self) -> None:
-        """All background loops; cancelled at shutdown."""
-        loops = [
-            asyncio.create_task(coro)
-            for coro in (
-                self._run_submissions(),
-                self._run_outcomes(),
-                self._run_reaper(),
-                self.bus.run(),
-                self._run_events(),
-            )
-        ]
+        """All background loops, each under the supervisor (restarted with backoff if it fails);
+        cancelled at shutdown, when callers still waiting on the intake queues are told so."""
         try:
-            await self.rebuild_if_needed()
-            await asyncio.gather(*loops)
+            await self.supervisor.run()
         finally:
-            for task in loops:
-                task.cancel()
-            await asyncio.gather(*loops, return_exceptions=True)
+            for intake in (self._submissions, self._outcomes):
+                while not intake.empty():
+                    _settle(intake.get_nowait()[-1], exc=ConnectionError("the server is shutting down"))
+
+    def _supervise(self) -> Supervisor:
+        supervisor = Supervisor()
+        supervisor.add("submissions", self._run_submissions)
+        supervisor.add("outcomes", self._run_outcomes)
+        supervisor.add("reaper", self._run_reaper)
+        supervisor.add("bus", self._run_bus)
+        supervisor.add("events", self._run_events)
+        return supervisor
 
     async def rebuild_if_needed(self) -> int:
         """Refill the ready queue from the database after a start on an empty (or flushed) Redis."""
@@ -84,28 +90,31 @@ class Dispatcher:
         return n
 
     async def _run_reaper(self) -> None:
+        """Rebuild the ready queue when Redis lost it, feed pipeline stages, requeue expired leases."""
         ticks = 0
         while True:
+            await self.rebuild_if_needed()
+            ticks += 1
+            if ticks % 2 == 0:  # pipeline stages: feed anything a race left behind
+                await self._apply(await pipelines.sweep(self.storage))
+            expired = await self.queue.expire(time.time())
+            if expired:
+                for conn in self.conns:
+                    for lease in expired:
+                        conn.held.pop(lease.attempt, None)
+                await self._apply(await self.storage.record_lost(expired, AttemptOutcome.EXPIRED))
+            self.loops["reaper"].ok()
             await asyncio.sleep(self.config.reaper_interval)
-            try:
-                await self.rebuild_if_needed()
-                ticks += 1
-                if ticks % 2 == 0:  # pipeline stages: feed anything a race left behind
-                    await self._apply(await pipelines.sweep(self.storage))
-                expired = await self.queue.expire(time.time())
-                if expired:
-                    for conn in self.conns:
-                        for lease in expired:
-                            conn.held.pop(lease.attempt, None)
-                    rec = await self.storage.record_lost(expired, AttemptOutcome.EXPIRED)
-                    await self._apply(rec)
-            except Exception:  # the loop must survive a dropped database or Redis connection
-                logger.exception("lease reaper")
+
+    async def _run_bus(self) -> None:
+        """Relay events from other instances (a Redis pub/sub subscription)."""
+        await self.bus.run(alive=self.loops["bus"].ok)
 
     async def _run_events(self) -> None:
         async for event in self.bus.listen():
             if event.get("type") == "cancel":
                 await self._cancel_local(int(event["job"]))
+            self.loops["events"].ok()
 
     # ----------------------------------------------------------------------- submissions
     async def submit(self, researcher_id: int, spec: JobSpec) -> int:
@@ -114,24 +123,29 @@ class Dispatcher:
         return await future
 
     async def _run_submissions(self) -> None:
-        loop = asyncio.get_running_loop()
+        """Verify and save submissions one at a time (each job's tasks are inserted in chunks)."""
         while True:
             researcher_id, spec, future = await self._submissions.get()
             try:
-                await loop.run_in_executor(None, verify_code, spec.code)
-                if spec.results_of is not None:
-                    await self._resolve_results_of(researcher_id, spec)
-                job_id = await asyncio.shield(self.storage.create_job(researcher_id, spec, self.config.max_input_bytes))
-                async for chunk in self.storage.ready_items([job_id]):
-                    await self.queue.push(chunk)
-                await self.publish_job(job_id, researcher_id)
+                _settle(future, result=await self._save_submission(researcher_id, spec))
             except InvalidJob as exc:
                 _settle(future, exc=exc)
             except Exception as exc:
                 logger.exception("job submission")
                 _settle(future, exc=exc)
-            else:
-                _settle(future, result=job_id)
+            finally:  # cancelled half way (shutdown): the caller must not wait forever
+                _settle(future, exc=ConnectionError("the server stopped while saving this job; list your jobs"))
+            self.loops["submissions"].ok()
+
+    async def _save_submission(self, researcher_id: int, spec: JobSpec) -> int:
+        await asyncio.get_running_loop().run_in_executor(None, verify_code, spec.code)
+        if spec.results_of is not None:
+            await self._resolve_results_of(researcher_id, spec)
+        job_id = await asyncio.shield(self.storage.create_job(researcher_id, spec, self.config.max_input_bytes))
+        async for chunk in self.storage.ready_items([job_id]):
+            await self.queue.push(chunk)
+        await self.publish_job(job_id, researcher_id)
+        return job_id
 
     async def _resolve_results_of(self, researcher_id: int, spec: JobSpec) -> None:
         """``{"results_of": A}``: A's results (its done tasks, in order) become the inputs."""
@@ -158,7 +172,6 @@ class Dispatcher:
             return []
         for lease in leases:
             conn.held[lease.attempt] = lease.job
-        self.leased_total += len(leases)
         infos = {job: await self.storage.job_info(job) for job in {le.job for le in leases}}
         stored = [le.task for le in leases if infos[le.job] is not None and infos[le.job].inputs_kind in STORED_INPUTS]
         inputs = await self.storage.task_inputs(stored)  # range and none inputs are computed, not read
@@ -223,32 +236,41 @@ class Dispatcher:
         return rec
 
     async def _run_outcomes(self) -> None:
+        """Commit outcomes in batches of up to ``intake_batch``, one transaction per batch."""
         while True:
             batch = [await self._outcomes.get()]
             while not self._outcomes.empty() and sum(len(b[1]) for b in batch) < self.config.intake_batch:
                 batch.append(self._outcomes.get_nowait())
-            items = [(volunteer, o) for volunteer, outcomes, _ in batch for o in outcomes]
             try:
-                live = await self.queue.live([o.attempt for _, o in items])
-                rec = await asyncio.shield(self.storage.record(items, live))
-            except Exception as exc:  # nothing committed: the volunteers are told to send again
-                logger.exception("recording outcomes")
+                await self._record_batch(batch)
+            finally:  # cancelled half way (shutdown): nobody waits forever, the volunteers send again
                 for _, _, future in batch:
-                    _settle(future, exc=exc)
-                continue
-            try:
-                await self._apply(rec)
-            except Exception:  # committed: acknowledge anyway; the reaper tidies leases left behind
-                logger.exception("after recording outcomes")
-            for _, outcomes, future in batch:
-                mine = {o.attempt for o in outcomes}
-                _settle(
-                    future,
-                    result=Recorded(
-                        acked=[a for a in rec.acked if a in mine],
-                        ignored=[a for a in rec.ignored if a in mine and a not in rec.acked],
-                    ),
-                )
+                    _settle(future, exc=ConnectionError("the server stopped before committing these results"))
+            self.loops["outcomes"].ok()
+
+    async def _record_batch(self, batch: list[tuple[str, list[Outcome], asyncio.Future]]) -> None:
+        items = [(volunteer, o) for volunteer, outcomes, _ in batch for o in outcomes]
+        try:
+            live = await self.queue.live([o.attempt for _, o in items])
+            rec = await asyncio.shield(self.storage.record(items, live))
+        except Exception as exc:  # nothing committed: the volunteers are told to send again
+            logger.exception("recording outcomes")
+            for _, _, future in batch:
+                _settle(future, exc=exc)
+            return
+        try:
+            await self._apply(rec)
+        except Exception:  # committed: acknowledge anyway; the reaper tidies leases left behind
+            logger.exception("after recording outcomes")
+        for _, outcomes, future in batch:
+            mine = {o.attempt for o in outcomes}
+            _settle(
+                future,
+                result=Recorded(
+                    acked=[a for a in rec.acked if a in mine],
+                    ignored=[a for a in rec.ignored if a in mine and a not in rec.acked],
+                ),
+            )
 
     async def _apply(self, rec: Recorded) -> None:
         """After a commit: end or requeue leases, drop failed tasks, tell researchers."""

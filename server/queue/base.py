@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 
 PRIORITY_SHIFT = 2**40
 
@@ -142,6 +142,7 @@ class Bus:
         finally:
             self._listeners.discard(q)
 
-    async def run(self) -> None:
-        """Background task: relay events from other instances (nothing to do in-process)."""
+    async def run(self, alive: Callable[[], None] | None = None) -> None:
+        """Background task: relay events from other instances until ``stop`` (nothing to relay
+        in-process). ``alive`` is called whenever the relay is known to work (the supervisor's ``ok``)."""
         await self._stop.wait()

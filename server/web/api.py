@@ -190,13 +190,19 @@ async def volunteer_stats(request: web.Request) -> web.Response:
 
 
 async def health(request: web.Request) -> web.Response:
+    """Liveness (``ok``: the process answers), queue depth, and each background loop's state."""
     dispatcher = request.app[K.dispatcher]
+    try:
+        ready: int | None = await dispatcher.queue.ready_count()
+    except Exception:  # Redis away: say so here rather than fail the health check itself
+        ready = None
     return web.json_response(
         {
             "ok": True,
             "instance": request.app[K.config].instance,
             "volunteers": len(dispatcher.conns),
-            "ready": await dispatcher.queue.ready_count(),
+            "ready": ready,
+            "loops": {name: loop.as_dict() for name, loop in dispatcher.loops.items()},
         }
     )
 

@@ -41,7 +41,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     if config.redis_url:
         import redis.asyncio as aioredis
 
-        redis = aioredis.from_url(config.redis_url)
+        # Named, so that `CLIENT LIST` in Redis tells the server instances' connections apart.
+        redis = aioredis.from_url(config.redis_url, client_name=f"uvm-{config.instance}")
         queue, bus = RedisQueue(redis, config.instance, config.lease_grace), RedisBus(redis)
     else:
         queue, bus = MemoryQueue(config.lease_grace), Bus()

@@ -215,7 +215,8 @@ def document() -> dict:
             },
             "/api/health": {
                 "get": {
-                    "summary": "Liveness and queue depth",
+                    "summary": "Liveness, queue depth (null when the queue is unreachable) and the state of "
+                    "each background loop (running | restarting | stopped, restarts, last error, last ok)",
                     "security": [],
                     "responses": {"200": _ok("ok", {"type": "object"})},
                 }
