@@ -15,7 +15,6 @@ from server import protocol as P
 from server.config import Config, ConfigError
 from server.crypto import Box, DecryptError, check_password, hash_password
 from server.web.app import create_app
-from workers.sim import run_task
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -68,15 +67,6 @@ def test_state_enums_have_terminal_sets():
     assert {P.JobState.DONE, P.JobState.FAILED, P.JobState.CANCELLED} == P.JOB_TERMINAL
     assert P.TaskState.QUEUED not in P.TASK_TERMINAL
     assert P.JobState("done") == "done"
-
-
-def test_sim_runner_reports_errors_and_unserialisable_results():
-    ok = run_task("def main(x):\n    print('hi')\n    return x * 2\n", 21)
-    assert (ok.result, ok.error, ok.output) == (42, None, "hi\n")
-    bad = run_task("def main(x):\n    return {1, 2}\n", None)
-    assert bad.result is None and "not JSON-serialisable" in bad.error
-    boom = run_task("def main(x):\n    raise KeyError('k')\n", None)
-    assert "Traceback" in boom.error and "KeyError: 'k'" in boom.error
 
 
 # ------------------------------------------------------------------------------ encryption

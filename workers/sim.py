@@ -1,50 +1,22 @@
 """Headless volunteers: the browser's protocol, with tasks run in native CPython.
 
-For tests, load tests and benchmarks with TRUSTED jobs only: the code runs in this process with
-no sandbox and no timeout enforcement.
+Tasks run through ``workers/runner.py``, the same code the browser's Pyodide workers run, so tests
+with simulated volunteers exercise it. For tests, load tests and benchmarks with TRUSTED jobs only:
+the code runs in this process with no sandbox and no timeout enforcement.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
-import io
 import time
-import traceback
 import uuid
 from typing import Any
 
 import aiohttp
 
 from server import protocol as P
-
-
-@functools.lru_cache(maxsize=64)
-def _compiled(source: str) -> Any:
-    return compile(source, "<job>", "exec")
-
-
-def run_task(source: str, value: Any) -> P.Outcome:
-    """Run ``main(value)`` of ``source`` in a fresh namespace, as the browser's runner does."""
-    namespace: dict[str, Any] = {"__name__": "__uvm_job__"}
-    out = io.StringIO()
-    start = time.process_time()
-    outcome = P.Outcome(attempt="", task=0)
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-            exec(_compiled(source), namespace)  # noqa: S102 - trusted jobs only
-            outcome.result = namespace["main"](value)
-        P.encode(P.Results([outcome]))  # the result must be JSON-serialisable
-    except P.ProtocolError as exc:
-        outcome.result, outcome.error = None, f"TypeError: the result of main() is not JSON-serialisable: {exc}"
-    except BaseException as exc:  # noqa: BLE001 - the traceback is the researcher's
-        # Drop this runner's own frame: the researcher's traceback starts in their code.
-        tb = exc.__traceback__.tb_next if exc.__traceback__ is not None else None
-        outcome.result, outcome.error = None, "".join(traceback.format_exception(type(exc), exc, tb))
-    outcome.output = out.getvalue()[: P.MAX_OUTPUT_CHARS]
-    outcome.cpu = time.process_time() - start
-    return outcome
+from workers.runner import Runner
 
 
 class SimVolunteer:
@@ -60,7 +32,7 @@ class SimVolunteer:
         self.leased = 0
         self.latencies: list[float] = []  # seconds from `ready` to `tasks` (non-empty)
         self.task_ids: list[int] = []
-        self._code: dict[int, str] = {}
+        self.runner = Runner()  # compiled job code by hash, as in a browser's worker
         self._inbox: dict[str, asyncio.Queue] = {}
         self._closed = asyncio.Event()
 
@@ -118,10 +90,9 @@ class SimVolunteer:
                 return  # vanish holding the leases: the socket closes with no results
             outcomes = []
             for spec in batch.tasks:
-                source = await self._source(ws, spec)
-                outcome = run_task(source, spec.input)
-                outcome.attempt, outcome.task = spec.attempt, spec.task
-                outcomes.append(outcome)
+                await self._load(ws, spec)
+                ran = self.runner.run(spec.code_hash, spec.input)  # {result, output, error, cpu}
+                outcomes.append(P.Outcome(spec.attempt, spec.task, **ran))
             ack = await self._send_results(ws, outcomes)
             self.done += len(ack.attempts)
             self.errors += sum(1 for o in outcomes if o.error is not None)
@@ -147,12 +118,12 @@ class SimVolunteer:
             await asyncio.sleep(min(0.1 * 2**attempt, 2.0))
         raise ConnectionError("results not acknowledged")
 
-    async def _source(self, ws: aiohttp.ClientWebSocketResponse, spec: P.TaskSpec) -> str:
-        if spec.job not in self._code:
+    async def _load(self, ws: aiohttp.ClientWebSocketResponse, spec: P.TaskSpec) -> None:
+        """Ask for a job's code the first time one of its tasks comes (``need_code``), as the page does."""
+        if not self.runner.has(spec.code_hash):
             await ws.send_str(P.encode(P.NeedCode(spec.job, spec.code_hash)))
             code: P.Code = await self._recv("code")
-            self._code[code.job] = code.source
-        return self._code[spec.job]
+            self.runner.load(code.code_hash, code.source, code.job)
 
 
 async def run_volunteers(

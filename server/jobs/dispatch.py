@@ -82,11 +82,19 @@ class Dispatcher:
         """Refill the ready queue from the database after a start on an empty (or flushed) Redis."""
         if not await self.queue.needs_rebuild():
             return 0
-        n = 0
-        async for chunk in self.storage.ready_items():
-            n += await self.queue.push(chunk)
+        n = await self._push_ready()
         await self.queue.rebuilt()
         logger.info("ready queue rebuilt from the database: %d tasks", n)
+        return n
+
+    async def _push_ready(self, job_ids: list[int] | None = None) -> int:
+        """Make the waiting tasks of these jobs (all jobs: None) ready; returns how many were added."""
+        n = 0
+        # aclosing: a cancelled caller (shutdown) hands the generator's connection back at once,
+        # not when the garbage collector finds it after the engine is gone.
+        async with contextlib.aclosing(self.storage.ready_items(job_ids)) as chunks:
+            async for chunk in chunks:
+                n += await self.queue.push(chunk)
         return n
 
     async def _run_reaper(self) -> None:
@@ -142,8 +150,7 @@ class Dispatcher:
         if spec.results_of is not None:
             await self._resolve_results_of(researcher_id, spec)
         job_id = await asyncio.shield(self.storage.create_job(researcher_id, spec, self.config.max_input_bytes))
-        async for chunk in self.storage.ready_items([job_id]):
-            await self.queue.push(chunk)
+        await self._push_ready([job_id])
         await self.publish_job(job_id, researcher_id)
         return job_id
 
@@ -227,7 +234,7 @@ class Dispatcher:
     async def report(self, conn: Conn, outcomes: list[Outcome]) -> Recorded:
         """Queue outcomes for the batch writer; returns once they are committed."""
         for outcome in outcomes:
-            check_result(outcome, self.config.max_result_bytes)
+            validate_received_result(outcome, self.config.max_result_bytes)
         future = asyncio.get_running_loop().create_future()
         await self._outcomes.put((conn.volunteer, outcomes, future))
         rec = await future
@@ -312,8 +319,7 @@ class Dispatcher:
     async def retry_failed(self, researcher_id: int, job_id: int) -> int:
         n = await self.storage.retry_failed(researcher_id, job_id)
         if n:
-            async for chunk in self.storage.ready_items([job_id]):
-                await self.queue.push(chunk)
+            await self._push_ready([job_id])
             await self.publish_job(job_id, researcher_id)
         return n
 
@@ -336,8 +342,10 @@ class Dispatcher:
         return jobs
 
 
-def check_result(outcome: Outcome, limit: int) -> None:
-    """A result that is not strict JSON, or too large, becomes the attempt's error."""
+def validate_received_result(outcome: Outcome, limit: int) -> None:
+    """Check a result a volunteer sent: one that is not strict JSON, or too large, becomes the
+    attempt's error. Not a runner (nothing runs here): the volunteer's runner (workers/runner.py)
+    makes the same checks before sending, in the same words; this guards against one that did not."""
     if outcome.error is not None:
         outcome.result = None
         return
