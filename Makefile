@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 8080
 
-.PHONY: setup run test lint services bench clean
+.PHONY: setup run test lint typecheck services bench clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV) || (apt-get update -qq && apt-get install -y -qq python3-venv && python3 -m venv $(VENV))
@@ -31,7 +31,10 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-test: setup services lint
+typecheck: setup
+	$(VENV)/bin/mypy  # server/ and uvm_compute/, settings in pyproject.toml [tool.mypy]
+
+test: setup services lint typecheck
 	$(VENV)/bin/pytest -q -p no:cacheprovider
 
 bench: setup services

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -42,7 +43,7 @@ class Config:
     def from_env(cls, env: dict[str, str] | None = None, **overrides: object) -> Config:
         """Build from ``UVM_*`` variables; an unknown ``UVM_`` variable is an error, not ignored."""
         env = dict(os.environ if env is None else env)
-        known = {
+        known: dict[str, tuple[str, Callable[[str], object]]] = {
             "UVM_DATA_DIR": ("data_dir", Path),
             "UVM_DATABASE_URL": ("database_url", _db_url),
             "UVM_REDIS_URL": ("redis_url", _redis_url),

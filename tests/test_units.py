@@ -137,7 +137,7 @@ def test_openapi_documents_every_route_and_nothing_else(tmp_path):
         for r in app.router.routes()
         if r.resource is not None and r.resource.canonical.startswith("/api/") and r.method != "HEAD"
     }
-    doc = document()
+    doc = document(app)
     documented = {(path, method) for path, ops in doc["paths"].items() for method in ops}
     assert routes == documented
 

@@ -148,24 +148,22 @@ class Dispatcher:
     async def _save_submission(self, researcher_id: int, spec: JobSpec) -> int:
         await asyncio.get_running_loop().run_in_executor(None, verify_code, spec.code)
         if spec.results_of is not None:
-            await self._resolve_results_of(researcher_id, spec)
+            await self._resolve_results_of(researcher_id, spec, spec.results_of)
         job_id = await asyncio.shield(self.storage.create_job(researcher_id, spec, self.config.max_input_bytes))
         await self._push_ready([job_id])
         await self.publish_job(job_id, researcher_id)
         return job_id
 
-    async def _resolve_results_of(self, researcher_id: int, spec: JobSpec) -> None:
+    async def _resolve_results_of(self, researcher_id: int, spec: JobSpec, upstream_id: int) -> None:
         """``{"results_of": A}``: A's results (its done tasks, in order) become the inputs."""
-        upstream = await self.storage.get_job(researcher_id, spec.results_of)
+        upstream = await self.storage.get_job(researcher_id, upstream_id)
         if upstream["state"] not in ("done", "failed"):
             raise InvalidJob(
                 f'job {spec.results_of} has not finished; use {{"after": {spec.results_of}}} '
                 "to start on its results as they complete",
                 field="inputs",
             )
-        spec.inputs = [
-            row["result"] async for row in self.storage.iter_tasks(spec.results_of) if row["state"] == "done"
-        ]
+        spec.inputs = [row["result"] async for row in self.storage.iter_tasks(upstream_id) if row["state"] == "done"]
         if not spec.inputs:
             raise InvalidJob(f"job {spec.results_of} has no results", field="inputs")
         if len(spec.inputs) > self.config.max_tasks_per_job:
@@ -180,7 +178,7 @@ class Dispatcher:
         for lease in leases:
             conn.held[lease.attempt] = lease.job
         infos = {job: await self.storage.job_info(job) for job in {le.job for le in leases}}
-        stored = [le.task for le in leases if infos[le.job] is not None and infos[le.job].inputs_kind in STORED_INPUTS]
+        stored = [le.task for le in leases if (info := infos[le.job]) is not None and info.inputs_kind in STORED_INPUTS]
         inputs = await self.storage.task_inputs(stored)  # range and none inputs are computed, not read
         specs = []
         for lease in leases:
@@ -212,9 +210,9 @@ class Dispatcher:
             if lease.volunteer == conn.volunteer:  # the old socket's close was not handled yet
                 conn.held[attempt] = lease.job
         for attempt, item in await self.storage.resumable(conn.volunteer, [a for a in attempts if a not in conn.held]):
-            lease = await self.queue.claim(conn.volunteer, attempt, item, now)
-            if lease is not None:
-                conn.held[attempt] = lease.job
+            claimed = await self.queue.claim(conn.volunteer, attempt, item, now)
+            if claimed is not None:
+                conn.held[attempt] = claimed.job
         await self.queue.extend(list(conn.held), now)
         return len(conn.held)
 

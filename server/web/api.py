@@ -129,7 +129,7 @@ async def job_results(request: web.Request) -> web.StreamResponse:
     fmt = request.query.get("format", "json")
     if fmt not in export.FORMATS:
         return json_error(400, f"unknown format {fmt[:20]!r}; use one of {', '.join(export.FORMATS)}")
-    start, limit = _int_param(request, "start", 0), _int_param(request, "limit", None)
+    start, limit = _int_param(request, "start", 0) or 0, _int_param(request, "limit", None)
     storage = request.app[K.storage]
     await storage.get_job(who.id, jid)  # 404 for another researcher's job
     response = web.StreamResponse(
@@ -162,7 +162,7 @@ async def job_errors(request: web.Request) -> web.Response:
     jid = job_id(request)
     storage = request.app[K.storage]
     await storage.get_job(who.id, jid)
-    errors = []
+    errors: list[dict] = []
     groups: dict[str, dict] = {}
     async for row in storage.iter_tasks(jid, only_errors=True):
         entry = {

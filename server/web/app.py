@@ -15,7 +15,7 @@ from aiohttp import web
 from server.config import Config
 from server.crypto import Box, load_or_create_key
 from server.jobs.dispatch import Dispatcher
-from server.queue import Bus, MemoryQueue, RedisBus, RedisQueue
+from server.queue import Bus, MemoryQueue, Queue, RedisBus, RedisQueue
 from server.store.engine import make_engine, migrate
 from server.store.storage import Storage
 from server.web import api, openapi, ws
@@ -38,6 +38,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     await migrate(engine)
     storage = Storage(engine, make_box(config))
     redis = None
+    queue: Queue
+    bus: Bus
     if config.redis_url:
         import redis.asyncio as aioredis
 
@@ -73,5 +75,7 @@ def create_app(config: Config | None = None) -> web.Application:
     if importlib.util.find_spec("server.web.static") is not None:
         importlib.import_module("server.web.static").add_static_routes(app, ROOT / "public", ROOT)
     if importlib.util.find_spec("server.web.dashboard") is not None:
-        importlib.import_module("server.web.dashboard").add_routes(app)
+        dashboard = importlib.import_module("server.web.dashboard")
+        dashboard.add_routes(app)
+        openapi.add_paths(app, dashboard.DASHBOARD_PATHS)
     return app

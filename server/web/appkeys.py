@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from aiohttp import web
 
 from server.config import Config
-
-if TYPE_CHECKING:
-    pass
+from server.jobs.dispatch import Dispatcher
+from server.store.storage import Storage
 
 config = web.AppKey("config", Config)
-storage = web.AppKey("storage", "Storage")
-dispatcher = web.AppKey("dispatcher", "Dispatcher")
+storage = web.AppKey("storage", Storage)
+dispatcher = web.AppKey("dispatcher", Dispatcher)

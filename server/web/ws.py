@@ -22,7 +22,7 @@ from server.web.api import researcher
 
 logger = logging.getLogger(__name__)
 VOLUNTEER_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-SOCKETS = web.AppKey("sockets", weakref.WeakSet)
+SOCKETS: web.AppKey[weakref.WeakSet[web.WebSocketResponse]] = web.AppKey("sockets")
 
 
 def origin_allowed(request: web.Request) -> bool:
@@ -79,7 +79,7 @@ async def volunteer_socket(request: web.Request) -> web.WebSocketResponse:  # no
                     await send(
                         P.Welcome(msg.volunteer, request.app[K.config].heartbeat, request.app[K.config].instance)
                     )
-                else:
+                elif conn is not None:  # always, after the check above; said again for the type checker
                     await _handle(msg, conn, dispatcher, storage, send)
             except P.ProtocolError as exc:
                 await send(P.Error(str(exc), ref=_type_of(raw.data)))
@@ -161,7 +161,8 @@ async def events_socket(request: web.Request) -> web.WebSocketResponse:
 
 
 async def close_sockets(app: web.Application) -> None:
-    for ws in list(app[SOCKETS]):
+    sockets: weakref.WeakSet[web.WebSocketResponse] = app[SOCKETS]
+    for ws in list(sockets):
         await ws.close(code=1001, message=b"server shutdown")
 
 
