@@ -269,7 +269,7 @@ def _parse_range(spec: JobSpec, bounds: Any) -> None:
 def verify_code(code: str) -> None:
     """Compile (never run) the code; check that it defines ``main``. Raises ``InvalidJob``."""
     try:
-        tree = compile(code, "<job>", "exec", flags=ast.PyCF_ONLY_AST, dont_inherit=True)
+        tree = ast.parse(code, "<job>")
         compile(tree, "<job>", "exec", dont_inherit=True)
     except SyntaxError as exc:
         where = f"line {exc.lineno}" + (f", column {exc.offset}" if exc.offset else "")

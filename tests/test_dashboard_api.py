@@ -233,7 +233,7 @@ async def test_dashboard_page_and_openapi(serve, browser_session):
         assert name.endswith(".js") and name in html
         async with api.session.get(f"{api.url}{_vendor(html)}{name}") as resp:
             assert resp.status == 200, name
-    documented = openapi.document()["paths"]
+    documented = openapi.document(app)["paths"]
     for route in app.router.routes():
         path = route.resource.canonical if route.resource else ""
         if path.startswith("/api/") and route.method != "HEAD":
