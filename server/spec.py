@@ -172,7 +172,7 @@ def _parse_verification(spec: JobSpec, body: dict, config: Config) -> None:
             f"'replication' must be an integer between 1 and {MAX_REPLICATION}, or \"adaptive\"", field="replication"
         )
     spec.replication = replication
-    k = 2 if replication == ADAPTIVE else replication
+    k = 2 if replication == ADAPTIVE else int(replication)
     quorum = _typed(body, "quorum", int, None)
     if quorum is not None:
         if replication == ADAPTIVE:

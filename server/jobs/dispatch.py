@@ -304,7 +304,7 @@ class Dispatcher:
         try:
             infos = {job: await self.storage.job_info(job) for job in {le.job for le in leases}}
             stored = [
-                le.task for le in leases if infos[le.job] is not None and infos[le.job].inputs_kind in STORED_INPUTS
+                le.task for le in leases if (info := infos[le.job]) is not None and info.inputs_kind in STORED_INPUTS
             ]
             inputs = await self.storage.task_inputs(stored)  # range and none inputs are computed, not read
         except Exception as exc:
