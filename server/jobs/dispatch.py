@@ -152,6 +152,8 @@ class Dispatcher:
         # not when the garbage collector finds it after the engine is gone.
         async with contextlib.aclosing(self.storage.ready_items(job_ids)) as chunks:
             async for chunk in chunks:
+                # first who already reported on these tasks, so no replica goes back to them
+                await self.queue.exclude(await self.storage.reporters([item.task for item in chunk]))
                 n += await self.queue.push(chunk)
         return n
 
