@@ -55,6 +55,7 @@ class Dispatcher:
         self.conns: set[Conn] = set()
         self._submissions: asyncio.Queue = asyncio.Queue()
         self._outcomes: asyncio.Queue = asyncio.Queue()
+        self._passes: set[asyncio.Task] = set()  # reaper passes under way (see _run_reaper)
         self.supervisor = self._supervise()
         self.loops = self.supervisor.loops  # name -> LoopState: /api/health and /metrics read these
 
@@ -65,6 +66,8 @@ class Dispatcher:
         try:
             await self.supervisor.run()
         finally:
+            if self._passes:  # let a reaper pass end before the engine is disposed
+                await asyncio.wait(self._passes, timeout=5.0)
             for intake in (self._submissions, self._outcomes):
                 while not intake.empty():
                     _settle(intake.get_nowait()[-1], exc=ConnectionError("the server is shutting down"))
@@ -101,18 +104,34 @@ class Dispatcher:
         """Rebuild the ready queue when Redis lost it, feed pipeline stages, requeue expired leases."""
         ticks = 0
         while True:
-            await self.rebuild_if_needed()
             ticks += 1
-            if ticks % 2 == 0:  # pipeline stages: feed anything a race left behind
-                await self._apply(await pipelines.sweep(self.storage))
-            expired = await self.queue.expire(time.time())
-            if expired:
-                for conn in self.conns:
-                    for lease in expired:
-                        conn.held.pop(lease.attempt, None)
-                await self._apply(await self.storage.record_lost(expired, AttemptOutcome.EXPIRED))
+            # Shielded: a shutdown lets the pass finish (run() waits for it) rather than cut a query
+            # in half, which leaves the SQLite driver a connection it never manages to close.
+            one_pass = asyncio.ensure_future(self._reap(sweep=ticks % 2 == 0))
+            self._passes.add(one_pass)
+            one_pass.add_done_callback(self._pass_ended)
+            await asyncio.shield(one_pass)
             self.loops["reaper"].ok()
             await asyncio.sleep(self.config.reaper_interval)
+
+    def _pass_ended(self, one_pass: asyncio.Task) -> None:
+        """A reaper pass ended. Its error, if any, is raised in the reaper loop that awaited it;
+        retrieved here too, for a pass that outlived its loop (shutdown), so asyncio does not warn."""
+        self._passes.discard(one_pass)
+        if not one_pass.cancelled():
+            one_pass.exception()
+
+    async def _reap(self, sweep: bool) -> None:
+        """One pass of the reaper."""
+        await self.rebuild_if_needed()
+        if sweep:  # pipeline stages: feed anything a race left behind
+            await self._apply(await pipelines.sweep(self.storage))
+        expired = await self.queue.expire(time.time())
+        if expired:
+            for conn in self.conns:
+                for lease in expired:
+                    conn.held.pop(lease.attempt, None)
+            await self._apply(await self.storage.record_lost(expired, AttemptOutcome.EXPIRED))
 
     async def _run_bus(self) -> None:
         """Relay events from other instances (a Redis pub/sub subscription)."""
