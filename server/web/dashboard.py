@@ -18,11 +18,11 @@ import sqlalchemy as sa
 from aiohttp import web
 
 from server.crypto import check_password, hash_token, new_token
-from server.store.storage import Researcher
+from server.store.storage import THROUGHPUT_WINDOW, Researcher
 from server.store.tables import tasks, volunteers
 from server.web import appkeys as K
 from server.web import static
-from server.web.api import SESSION_COOKIE, json_error, read_json, researcher
+from server.web.api import SESSION_COOKIE, http_error, json_error, read_json, researcher
 
 ROOT = Path(__file__).resolve().parents[2]
 PUBLIC = ROOT / "public"
@@ -30,7 +30,6 @@ SESSION_TTL = 7 * 24 * 3600.0
 LOGIN_LIMIT = 10  # attempts per email and client address ...
 LOGIN_WINDOW = 60.0  # ... in this many seconds
 RECENT_VOLUNTEER_SECONDS = 600.0  # the operator sees volunteers seen this recently
-THROUGHPUT_WINDOW = 30.0
 
 
 class LoginLimiter:
@@ -173,7 +172,7 @@ async def me(request: web.Request) -> web.Response:
 async def operator(request: web.Request) -> Researcher:
     who = await researcher(request)
     if not who.operator:
-        raise web.HTTPForbidden(text=json.dumps({"error": "operators only"}), content_type="application/json")
+        raise http_error(web.HTTPForbidden, "operators only")
     return who
 
 
@@ -185,7 +184,7 @@ async def admin_researchers(request: web.Request) -> web.Response:
 def _researcher_id(request: web.Request) -> int:
     raw = request.match_info["researcher_id"]
     if not raw.isdigit() or len(raw) > 18:
-        raise web.HTTPNotFound(text=json.dumps({"error": f"no researcher {raw[:40]}"}), content_type="application/json")
+        raise http_error(web.HTTPNotFound, f"no researcher {raw[:40]}")
     return int(raw)
 
 
