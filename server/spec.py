@@ -72,12 +72,6 @@ class JobSpec:
             return len(range(self.range_start, self.range_stop, self.range_step))
         return 1
 
-    def input_at(self, index: int) -> Any:
-        """The input of task ``index`` for range and none jobs (lists are stored per task)."""
-        if self.inputs_kind == "range":
-            return self.range_start + index * self.range_step
-        return None
-
 
 _FIELDS = {
     "code",

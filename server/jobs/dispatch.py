@@ -112,6 +112,7 @@ class Dispatcher:
         self.db_health = DbHealth()
         self.metrics = Metrics()
         self.validator = Validator(storage, config)
+        self._passes: set[asyncio.Task] = set()  # reaper passes under way (see _run_reaper)
         self.supervisor = self._supervise()
         self.loops = self.supervisor.loops  # name -> LoopState: /api/health and /metrics read these
         self.metrics.attach(self)
@@ -123,6 +124,8 @@ class Dispatcher:
         try:
             await self.supervisor.run()
         finally:
+            if self._passes:  # let a reaper pass end before the engine is disposed
+                await asyncio.wait(self._passes, timeout=5.0)
             for intake in (self._submissions, self._outcomes):
                 while not intake.empty():
                     _settle(intake.get_nowait()[-1], exc=ConnectionError("the server is shutting down"))
@@ -164,19 +167,32 @@ class Dispatcher:
         ticks = 0
         while True:
             if self.db_health.down_since is None or await self.db_health.probe(self.storage.engine):
+                ticks += 1
+                # Shielded: a shutdown lets the pass finish (run() waits for it) rather than cut a query
+                # in half, which leaves the SQLite driver a connection it never manages to close.
+                one_pass = asyncio.ensure_future(self._reap(sweep=ticks % 2 == 0))
+                self._passes.add(one_pass)
+                one_pass.add_done_callback(self._pass_ended)
                 try:
-                    await self._reap(ticks)
+                    await asyncio.shield(one_pass)
                 except Exception as exc:
                     if not is_outage(exc):
                         raise  # the supervisor logs it and restarts the loop
                     self.db_health.failed(exc)
-                ticks += 1
             self.loops["reaper"].ok()
             await asyncio.sleep(self.config.reaper_interval)
 
-    async def _reap(self, ticks: int) -> None:
+    def _pass_ended(self, one_pass: asyncio.Task) -> None:
+        """A reaper pass ended. Its error, if any, is raised in the reaper loop that awaited it;
+        retrieved here too, for a pass that outlived its loop (shutdown), so asyncio does not warn."""
+        self._passes.discard(one_pass)
+        if not one_pass.cancelled():
+            one_pass.exception()
+
+    async def _reap(self, sweep: bool) -> None:
+        """One pass of the reaper."""
         await self.rebuild_if_needed()
-        if ticks % 2 == 1:  # pipeline stages: feed anything a race left behind
+        if sweep:  # pipeline stages: feed anything a race left behind
             await self._apply(await pipelines.sweep(self.storage))
         expired = await self.queue.expire(time.time())
         if not expired:
@@ -186,12 +202,8 @@ class Dispatcher:
             conn.lose(attempts)
         for lease in expired:
             self._strike(lease.volunteer)
-            fields = {"job": lease.job, "task": lease.task, "attempt": lease.attempt}
-            logger.info(
-                "lease expired: task %d goes back to the queue",
-                lease.task,
-                extra={**fields, "volunteer": lease.volunteer},
-            )
+            fields = {"job": lease.job, "task": lease.task, "attempt": lease.attempt, "volunteer": lease.volunteer}
+            logger.info("lease expired: task %d goes back to the queue", lease.task, extra=fields)
         # a lease that expired unanswered goes to another volunteer, never back to this one
         await self.queue.exclude([(lease.task, lease.volunteer) for lease in expired])
         rec = await self.storage.record_lost(expired, AttemptOutcome.EXPIRED)

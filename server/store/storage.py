@@ -383,10 +383,18 @@ class Storage(Accounts, Outcomes):
     async def _retry(self, work: Any, attempts: int = 5) -> Any:
         """Run ``work(conn)`` in a transaction; again if it was a deadlock victim or its connection died
         (a restarted database: SQLAlchemy then drops the stale pooled connections)."""
+
+        async def in_transaction() -> Any:
+            async with self.engine.begin() as conn:
+                return await work(conn)
+
+        return await self._retry_call(in_transaction, attempts)
+
+    async def _retry_call(self, call: Any, attempts: int = 5) -> Any:
+        """Await ``call()`` (which runs its own transaction); again on the errors ``_retry`` names."""
         for attempt in range(attempts):
             try:
-                async with self.engine.begin() as conn:
-                    return await work(conn)
+                return await call()
             except OperationalError as exc:
                 code = getattr(exc.orig, "args", [None])[0]
                 # deadlock, lock wait timeout, server gone away, connection lost
@@ -481,8 +489,9 @@ async def _recent_counts(conn: AsyncConnection, job_ids: list[int]) -> dict[int,
 
 
 async def _owned_job(conn: AsyncConnection, researcher_id: int, job_id: int) -> Any:
-    """The caller's job row; ``NotFound`` if not theirs. Not locked: the recorder locks tasks before
-    jobs, and taking them the other way round here would deadlock with it."""
+    """The caller's job row, locked (``SELECT ... FOR UPDATE``) until the transaction ends;
+    ``NotFound`` if not theirs. Callers retry on deadlock (``_retry``): the recorder locks tasks
+    before jobs, the other way round."""
     row = (
         await conn.execute(
             sa.select(jobs.c.state).where(jobs.c.id == job_id, jobs.c.researcher_id == researcher_id).with_for_update()

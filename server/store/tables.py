@@ -87,7 +87,7 @@ tasks = sa.Table(
     sa.Column("accepted", sa.String(32)),  # how the result was accepted: "2/3", "trusted 10%", "1/1"
     sa.UniqueConstraint("job_id", "idx", name="uq_tasks_job_idx"),
     sa.Index("ix_tasks_job_state", "job_id", "state"),
-    sa.Index("ix_tasks_job_finished", "job_id", "finished_at"),  # throughput over the last 30 s
+    sa.Index("ix_tasks_job_finished", "job_id", "finished_at"),  # throughput (storage.THROUGHPUT_WINDOW)
 )
 
 attempts = sa.Table(

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from server.store.storage import THROUGHPUT_WINDOW
+
 _JOB_ID = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "integer"}}
 _ERROR = {
     "description": "error",
@@ -112,7 +114,7 @@ COMPONENTS: dict = {
                 "state": {"type": "string", "enum": ["queued", "running", "done", "failed", "cancelled"]},
                 "n_tasks": {"type": "integer"},
                 "counts": {"$ref": "#/components/schemas/Counts"},
-                "throughput": {"type": "number", "description": "tasks/s over the last 30 s"},
+                "throughput": {"type": "number", "description": f"tasks/s over the last {THROUGHPUT_WINDOW:g} s"},
                 "volunteers": {"type": "integer"},
                 "created_at": {"type": "number"},
                 "finished_at": {"type": "number", "nullable": True},

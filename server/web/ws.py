@@ -237,9 +237,8 @@ async def events_socket(request: web.Request) -> web.WebSocketResponse:
         while True:
             await wake.wait()
             wake.clear()
-            jobs, pending_copy = list(pending), None
+            jobs = list(pending)
             pending.clear()
-            del pending_copy
             for job in jobs:
                 with contextlib.suppress(NotFound):
                     await ws.send_json({"type": "job", **await dispatcher.job_status(who.id, job)})
