@@ -1,50 +1,22 @@
 """Headless volunteers: the browser's protocol, with tasks run in native CPython.
 
-For tests, load tests and benchmarks with TRUSTED jobs only: the code runs in this process with
-no sandbox and no timeout enforcement.
+Tasks run through ``workers/runner.py``, the same code the browser's Pyodide workers run, so tests
+with simulated volunteers exercise it. For tests, load tests and benchmarks with TRUSTED jobs only:
+the code runs in this process with no sandbox and no timeout enforcement.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
-import io
 import random
 import time
-import traceback
 from typing import Any
 
 import aiohttp
 
 from server import protocol as P
-
-
-@functools.lru_cache(maxsize=64)
-def _compiled(source: str) -> Any:
-    return compile(source, "<job>", "exec")
-
-
-def run_task(source: str, value: Any) -> P.Outcome:
-    """Run ``main(value)`` of ``source`` in a fresh namespace, as the browser's runner does."""
-    namespace: dict[str, Any] = {"__name__": "__uvm_job__"}
-    out = io.StringIO()
-    start = time.process_time()
-    outcome = P.Outcome(attempt="", task=0)
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-            exec(_compiled(source), namespace)  # noqa: S102 - trusted jobs only
-            outcome.result = namespace["main"](value)
-        P.encode(P.Results([outcome]))  # the result must be JSON-serialisable
-    except P.ProtocolError as exc:
-        outcome.result, outcome.error = None, f"TypeError: the result of main() is not JSON-serialisable: {exc}"
-    except BaseException as exc:  # noqa: BLE001 - the traceback is the researcher's
-        # Drop this runner's own frame: the researcher's traceback starts in their code.
-        tb = exc.__traceback__.tb_next if exc.__traceback__ is not None else None
-        outcome.result, outcome.error = None, "".join(traceback.format_exception(type(exc), exc, tb))
-    outcome.output = out.getvalue()[: P.MAX_OUTPUT_CHARS]
-    outcome.cpu = time.process_time() - start
-    return outcome
+from workers.runner import Runner
 
 
 class SimVolunteer:
@@ -82,7 +54,7 @@ class SimVolunteer:
         self.sends: list[float] = []  # when each `results` message was sent (time.monotonic())
         self.latencies: list[float] = []  # seconds from `ready` to `tasks` (non-empty)
         self.task_ids: list[int] = []
-        self._code: dict[int, str] = {}
+        self.runner = Runner()  # compiled job code by hash, as in a browser's worker
         self._inbox: dict[str, asyncio.Queue] = {}
         self._closed = asyncio.Event()
 
@@ -144,11 +116,10 @@ class SimVolunteer:
                 return  # vanish holding the leases: the socket closes with no results
             outcomes = []
             for spec in batch.tasks:
-                source = await self._source(ws, spec)
-                if source is None:  # refused (the job was cancelled meanwhile): drop the task
+                if not await self._load(ws, spec):  # refused (the job was cancelled meanwhile): drop the task
                     continue
-                outcome = run_task(source, spec.input)
-                outcome.attempt, outcome.task = spec.attempt, spec.task
+                ran = self.runner.run(spec.code_hash, spec.input)  # {result, output, error, cpu}
+                outcome = P.Outcome(spec.attempt, spec.task, **ran)
                 if self.lie_rate and outcome.error is None and self._rng.random() < self.lie_rate:
                     outcome.result = self._rng.random()  # a forged result
                     self.lies.add(spec.task)
@@ -190,15 +161,16 @@ class SimVolunteer:
             raise ConnectionError("server closed the connection")
         return got[0].result()
 
-    async def _source(self, ws: aiohttp.ClientWebSocketResponse, spec: P.TaskSpec) -> str | None:
-        """The job's code (asked once per job); None if the server refused to send it."""
-        if spec.job not in self._code:
+    async def _load(self, ws: aiohttp.ClientWebSocketResponse, spec: P.TaskSpec) -> bool:
+        """Ask for a job's code the first time one of its tasks comes (``need_code``), as the page
+        does; False if the server refused to send it."""
+        if not self.runner.has(spec.code_hash):
             await ws.send_str(P.encode(P.NeedCode(spec.job, spec.code_hash)))
             reply = await self._recv_any("code", "error")
             if isinstance(reply, P.Error):
-                return None
-            self._code[reply.job] = reply.source
-        return self._code[spec.job]
+                return False
+            self.runner.load(reply.code_hash, reply.source, reply.job)
+        return True
 
     async def _recv_any(self, *kinds: str) -> Any:
         """The first message of any of these kinds (others stay queued)."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable
 from typing import Any
 
 import sqlalchemy as sa
@@ -21,7 +21,7 @@ from server.queue import ReadyItem
 from server.spec import ADAPTIVE, InvalidJob, JobSpec, Verification, encode_input
 from server.store import pipelines
 from server.store.accounts import Accounts
-from server.store.models import Conflict, JobInfo, NotFound, Recorded, Researcher
+from server.store.models import Conflict, JobInfo, NotFound, Recorded, Researcher, inserted_id
 from server.store.models import now as _now
 from server.store.outcomes import Outcomes
 from server.store.tables import attempts, jobs, tasks
@@ -78,7 +78,7 @@ class Storage(Accounts, Outcomes):
                     created_at=_now(),
                 )
             )
-            job_id = int(result.inserted_primary_key[0])
+            job_id = inserted_id(result)
             await conn.execute(
                 jobs.update()
                 .where(jobs.c.id == job_id)
@@ -105,6 +105,7 @@ class Storage(Accounts, Outcomes):
     async def _insert_tasks(
         self, conn: AsyncConnection, job_id: int, spec: JobSpec, indices: Iterable[int], limit: int
     ) -> None:
+        inputs = spec.inputs or []
         for chunk in _chunks(indices, INSERT_CHUNK):
             rows = []
             for index in chunk:
@@ -112,7 +113,7 @@ class Storage(Accounts, Outcomes):
                 row["replicas"] = 0
                 if spec.inputs_kind == "list":
                     try:
-                        data = encode_input(spec.inputs[index], limit)
+                        data = encode_input(inputs[index], limit)
                     except ValueError as exc:
                         if isinstance(exc, InvalidJob):
                             raise
@@ -240,7 +241,7 @@ class Storage(Accounts, Outcomes):
         self.forget_job(job_id)
         return changed
 
-    async def ready_items(self, job_ids: Iterable[int] | None = None) -> AsyncIterator[list[ReadyItem]]:
+    async def ready_items(self, job_ids: Iterable[int] | None = None) -> AsyncGenerator[list[ReadyItem]]:
         """The queued tasks of running jobs, in chunks: what the ready queue is rebuilt from."""
         query = sa.select(jobs.c.id, jobs.c.timeout, jobs.c.priority, jobs.c.researcher_id).where(
             jobs.c.state == JobState.RUNNING.value
@@ -395,10 +396,18 @@ class Storage(Accounts, Outcomes):
     async def _retry(self, work: Any, attempts: int = 5) -> Any:
         """Run ``work(conn)`` in a transaction; again if it was a deadlock victim or its connection died
         (a restarted database: SQLAlchemy then drops the stale pooled connections)."""
+
+        async def in_transaction() -> Any:
+            async with self.engine.begin() as conn:
+                return await work(conn)
+
+        return await self._retry_call(in_transaction, attempts)
+
+    async def _retry_call(self, call: Any, attempts: int = 5) -> Any:
+        """Await ``call()`` (which runs its own transaction); again on the errors ``_retry`` names."""
         for attempt in range(attempts):
             try:
-                async with self.engine.begin() as conn:
-                    return await work(conn)
+                return await call()
             except OperationalError as exc:
                 code = getattr(exc.orig, "args", [None])[0]
                 # deadlock, lock wait timeout, server gone away, connection lost
@@ -532,8 +541,9 @@ async def _recent_counts(conn: AsyncConnection, job_ids: list[int]) -> dict[int,
 
 
 async def _owned_job(conn: AsyncConnection, researcher_id: int, job_id: int) -> Any:
-    """The caller's job row; ``NotFound`` if not theirs. Not locked: the recorder locks tasks before
-    jobs, and taking them the other way round here would deadlock with it."""
+    """The caller's job row, locked (``SELECT ... FOR UPDATE``) until the transaction ends;
+    ``NotFound`` if not theirs. Callers retry on deadlock (``_retry``): the recorder locks tasks
+    before jobs, the other way round."""
     row = (
         await conn.execute(
             sa.select(jobs.c.state).where(jobs.c.id == job_id, jobs.c.researcher_id == researcher_id).with_for_update()

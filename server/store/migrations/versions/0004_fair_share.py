@@ -23,19 +23,12 @@ COLUMNS = {
 
 
 def upgrade() -> None:
-    # 0001 is `metadata.create_all`: on a new database these columns exist already.
-    inspector = sa.inspect(op.get_bind())
     for table, columns in COLUMNS.items():
-        have = {c["name"] for c in inspector.get_columns(table)}
         with op.batch_alter_table(table) as batch:
             for column in columns:
-                if column.name not in have:
-                    batch.add_column(column)
-    indexes = {i["name"] for i in inspector.get_indexes("tasks")}
-    if "ix_tasks_job_state_idx" not in indexes:
-        op.create_index("ix_tasks_job_state_idx", "tasks", ["job_id", "state", "idx"])
-    if "ix_tasks_job_state" in indexes:
-        op.drop_index("ix_tasks_job_state", table_name="tasks")
+                batch.add_column(column)
+    op.create_index("ix_tasks_job_state_idx", "tasks", ["job_id", "state", "idx"])
+    op.drop_index("ix_tasks_job_state", table_name="tasks")
 
 
 def downgrade() -> None:
