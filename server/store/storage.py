@@ -139,7 +139,6 @@ class Storage(Accounts, Outcomes):
         async with self.engine.begin() as conn:
             await conn.execute(tasks.delete().where(tasks.c.job_id == job_id))
             await conn.execute(jobs.delete().where(jobs.c.id == job_id))
-        return job_id
 
     async def _upstream_size(self, conn: AsyncConnection, researcher_id: int, upstream: int | None) -> int:
         """Lock the upstream job of a pipeline stage (so no result slips between read and feed)."""
