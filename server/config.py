@@ -32,6 +32,7 @@ class Config:
     max_result_bytes: int = 1024 * 1024  # one result, JSON-encoded
     lease_grace: float = 30.0  # seconds added to a task's timeout for its lease
     heartbeat: float = 10.0  # seconds between volunteer heartbeats
+    checkpoint_every: float = 5.0  # seconds between two updates (checkpoint, progress, partials) of one task
     reaper_interval: float = 1.0
     intake_batch: int = 256
     listen_backlog: int = 4096  # pending TCP connections the kernel queues (capped by net.core.somaxconn)
@@ -90,6 +91,7 @@ class Config:
             "UVM_MAX_TASKS_PER_JOB": ("max_tasks_per_job", _positive_int),
             "UVM_LEASE_GRACE": ("lease_grace", _positive_float),
             "UVM_HEARTBEAT": ("heartbeat", _positive_float),
+            "UVM_CHECKPOINT_EVERY": ("checkpoint_every", _positive_float),
             "UVM_LISTEN_BACKLOG": ("listen_backlog", _positive_int),
             "UVM_PACKAGE_INDEX_URL": ("package_index_url", str),
             "UVM_EVENT_LOOP": ("event_loop", _event_loop),

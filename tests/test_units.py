@@ -32,11 +32,12 @@ def test_protocol_round_trip_every_message():
         P.Hello("v1", P.Capabilities(cores=4, workers=2, resume=["a"])),
         P.Welcome("v1", 10.0, "i1"),
         P.Ready(3),
-        P.Tasks([P.TaskSpec("a", 1, 2, 0, {"x": [1]}, "h", 5.0, 99.5, ["numpy"])]),
+        P.Tasks([P.TaskSpec("a", 1, 2, 0, {"x": [1]}, "h", 5.0, 99.5, ["numpy"], restore='{"step":3}')]),
         P.NeedCode(2, "h"),
         P.Code(2, "h", "def main(x): pass", []),
         P.Heartbeat(["a"]),
         P.Progress("a", 0.5),
+        P.Update("a", '{"step":3}', 0.25, [{"mean": 0.5}]),
         P.Results([P.Outcome("a", 1, result=[1, 2], output="hi", cpu=0.1)]),
         P.Ack(["a"], ["b"]),
         P.Throttle(P.ThrottleState(workers=1, battery=P.Battery(0.5, True), network=P.Network("4g"))),
@@ -189,7 +190,7 @@ async def test_migrations_match_the_declared_schema(backend, tmp_path, request):
             diff = await conn.run_sync(lambda c: compare_metadata(MigrationContext.configure(c), metadata))
             version = (await conn.execute(sa.text("SELECT version_num FROM alembic_version"))).scalar()
         assert diff == []
-        assert version == "0003"  # the newest revision
+        assert version == "0004"  # the newest revision
     finally:
         await engine.dispose()
 

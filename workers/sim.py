@@ -1,50 +1,47 @@
 """Headless volunteers: the browser's protocol, with tasks run in native CPython.
 
 For tests, load tests and benchmarks with TRUSTED jobs only: the code runs in this process with
-no sandbox and no timeout enforcement.
+no sandbox and no timeout enforcement. Tasks run through ``workers/runner.py``, the browser worker's
+runner, in a thread: research code's ``uvm`` calls (progress, checkpoints, partials) go out on the
+socket as ``update`` messages while the task runs, as the browser's do.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
-import io
+import hashlib
+import json
 import random
+import threading
 import time
-import traceback
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
 
 from server import protocol as P
+from workers.runner import Runner, Stopped, TaskContext
+
+_RUNNER_LOCK = threading.Lock()  # the runner swaps sys.stdout and sys.modules["uvm"]: one task at a time
+_RUNNER = Runner()
 
 
-@functools.lru_cache(maxsize=64)
-def _compiled(source: str) -> Any:
-    return compile(source, "<job>", "exec")
-
-
-def run_task(source: str, value: Any) -> P.Outcome:
-    """Run ``main(value)`` of ``source`` in a fresh namespace, as the browser's runner does."""
-    namespace: dict[str, Any] = {"__name__": "__uvm_job__"}
-    out = io.StringIO()
-    start = time.process_time()
-    outcome = P.Outcome(attempt="", task=0)
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-            exec(_compiled(source), namespace)  # noqa: S102 - trusted jobs only
-            outcome.result = namespace["main"](value)
-        P.encode(P.Results([outcome]))  # the result must be JSON-serialisable
-    except P.ProtocolError as exc:
-        outcome.result, outcome.error = None, f"TypeError: the result of main() is not JSON-serialisable: {exc}"
-    except BaseException as exc:  # noqa: BLE001 - the traceback is the researcher's
-        # Drop this runner's own frame: the researcher's traceback starts in their code.
-        tb = exc.__traceback__.tb_next if exc.__traceback__ is not None else None
-        outcome.result, outcome.error = None, "".join(traceback.format_exception(type(exc), exc, tb))
-    outcome.output = out.getvalue()[: P.MAX_OUTPUT_CHARS]
-    outcome.cpu = time.process_time() - start
-    return outcome
+def run_task(
+    source: str,
+    value: Any,
+    restore: str | None = None,
+    emit: Callable[[str], Any] | None = None,
+    every: float = P.Welcome.every,
+) -> P.Outcome:
+    """Run ``main(value)`` of ``source`` with the browser worker's runner (``workers/runner.py``)."""
+    digest = hashlib.sha256(source.encode()).hexdigest()
+    with _RUNNER_LOCK:
+        _RUNNER.load(digest, source)
+        answer = _RUNNER.run(digest, value, TaskContext(restore, emit, every))
+    return P.Outcome(
+        attempt="", task=0, result=answer["result"], output=answer["output"], error=answer["error"], cpu=answer["cpu"]
+    )
 
 
 class SimVolunteer:
@@ -65,12 +62,19 @@ class SimVolunteer:
         crash_after: int | None = None,
         lie_rate: float = 0.0,
         seed: int | None = None,
+        crash_after_checkpoints: int | None = None,
     ):
         self.url = server.rstrip("/").replace("http://", "ws://").replace("https://", "wss://") + "/ws/volunteer"
         self.prefetch = prefetch
         self.token = volunteer or ""  # anything unsigned is replaced by a fresh id in `welcome`
         self.volunteer = self.token
         self.crash_after = crash_after
+        # vanish (socket closed, task stopped) once this many checkpoints were sent: a closed tab mid-task
+        self.crash_after_checkpoints = crash_after_checkpoints
+        self.checkpoints = 0  # `update`s sent with a checkpoint
+        self.last_state: str | None = None  # the JSON text of the last checkpoint sent
+        self.crashed = False
+        self.every = P.Welcome.every
         self.lie_rate = lie_rate
         self.lies: set[int] = set()  # tasks it forged a result for
         self._rng = random.Random(seed)
@@ -122,6 +126,7 @@ class SimVolunteer:
                 welcome: P.Welcome = await self._recv("welcome")
                 self.token = welcome.volunteer
                 self.volunteer = welcome.volunteer.split("-", 1)[0]
+                self.every = welcome.every
                 await self._loop(ws, stop)
             finally:
                 reader.cancel()
@@ -147,7 +152,9 @@ class SimVolunteer:
                 source = await self._source(ws, spec)
                 if source is None:  # refused (the job was cancelled meanwhile): drop the task
                     continue
-                outcome = run_task(source, spec.input)
+                outcome = await self._run_task(ws, source, spec)
+                if outcome is None:
+                    return  # vanished mid-task (crash_after_checkpoints)
                 outcome.attempt, outcome.task = spec.attempt, spec.task
                 if self.lie_rate and outcome.error is None and self._rng.random() < self.lie_rate:
                     outcome.result = self._rng.random()  # a forged result
@@ -157,6 +164,42 @@ class SimVolunteer:
             self.done += len(ack.attempts)
             self.errors += sum(1 for o in outcomes if o.error is not None)
             self.task_ids += [o.task for o in outcomes if o.attempt in set(ack.attempts) and o.error is None]
+
+    async def _run_task(self, ws: aiohttp.ClientWebSocketResponse, source: str, spec: P.TaskSpec) -> P.Outcome | None:
+        """Run one task in a thread, sending its updates as they come; None if it vanished meanwhile."""
+        loop = asyncio.get_running_loop()
+        updates: asyncio.Queue = asyncio.Queue()
+        stopped = threading.Event()
+
+        def emit(text: str) -> None:  # in the task's thread
+            if stopped.is_set():
+                raise Stopped()
+            loop.call_soon_threadsafe(updates.put_nowait, text)
+
+        work = loop.run_in_executor(None, run_task, source, spec.input, spec.restore, emit, self.every)
+        while True:
+            get = asyncio.ensure_future(updates.get())
+            done, _ = await asyncio.wait({work, get}, return_when=asyncio.FIRST_COMPLETED)
+            if get not in done:
+                get.cancel()
+                while not updates.empty():  # the partials the task's end flushed
+                    await self._send_update(ws, spec, updates.get_nowait())
+                break
+            await self._send_update(ws, spec, get.result())
+            if self.crash_after_checkpoints is not None and self.checkpoints >= self.crash_after_checkpoints:
+                self.crashed = True
+                stopped.set()  # its next uvm call ends the task's thread
+                with contextlib.suppress(Stopped):
+                    await work
+                return None
+        return await work
+
+    async def _send_update(self, ws: aiohttp.ClientWebSocketResponse, spec: P.TaskSpec, text: str) -> None:
+        data = json.loads(text)
+        if data["state"] is not None:
+            self.checkpoints += 1
+            self.last_state = data["state"]
+        await ws.send_str(P.encode(P.Update(spec.attempt, data["state"], data["progress"], data["partials"])))
 
     async def _send_results(self, ws: aiohttp.ClientWebSocketResponse, outcomes: list[P.Outcome]) -> P.Ack:
         """Send results until they are acknowledged. ``hold`` (the server's database is away): keep

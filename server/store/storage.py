@@ -19,7 +19,7 @@ from server.crypto import Box, code_hash
 from server.protocol import JOB_TERMINAL, AttemptOutcome, JobState, TaskState
 from server.queue import ReadyItem
 from server.spec import ADAPTIVE, InvalidJob, JobSpec, Verification, encode_input
-from server.store import pipelines
+from server.store import live, pipelines
 from server.store.accounts import Accounts
 from server.store.models import Conflict, JobInfo, NotFound, Recorded, Researcher
 from server.store.models import now as _now
@@ -358,6 +358,7 @@ class Storage(Accounts, Outcomes):
                 rows = (await conn.execute(query)).all()
             if not rows:
                 return
+            parts = await live.partials_of(self, job_id, [r.idx for r in rows])
             for r in rows:
                 aad = f"task:{r.id}"
                 yield {
@@ -374,6 +375,7 @@ class Storage(Accounts, Outcomes):
                     "attempts": r.attempts,
                     "replicas": r.replicas,
                     "accepted": r.accepted,
+                    "partials": parts.get(r.idx, []),
                 }
             last = rows[-1].idx
             if left is not None:
