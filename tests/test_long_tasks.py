@@ -225,3 +225,35 @@ async def test_bad_updates_get_clear_errors(serve) -> None:
         # The connection is still good: its result is taken.
         await ws.send_str(P.encode(P.Results([P.Outcome(attempt, spec["task"], result=1)])))
         assert json.loads((await ws.receive(timeout=10)).data)["type"] == "ack"
+
+
+def _simulate(steps):
+    import time
+
+    import uvm
+
+    for step in range(steps):
+        uvm.progress((step + 1) / steps)
+        uvm.partial(step)
+        time.sleep(0.2)
+    return steps
+
+
+@pytest.mark.filterwarnings("ignore::uvm_compute.client.NoVolunteersWarning")  # a loaded machine: slow to start
+async def test_client_exposes_progress_and_partials(serve, volunteers) -> None:
+    from uvm_compute import Client
+
+    api, _ = await serve(checkpoint_every=0.1)
+    client = Client(api.url, api.token)
+    job = await asyncio.to_thread(client.map, _simulate, [20], timeout=600)
+    volunteers(api.url, 1, prefetch=1)
+
+    async def reported() -> bool:
+        return bool(await asyncio.to_thread(job.progress))
+
+    await _wait(reported)
+    progress = await asyncio.to_thread(job.progress)
+    assert list(progress) == [0] and 0 < progress[0] < 1
+    assert (await asyncio.to_thread(job.results, progress=False)) == [20]
+    assert await asyncio.to_thread(job.partials) == {0: list(range(20))}
+    assert await asyncio.to_thread(job.progress) == {}

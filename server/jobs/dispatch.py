@@ -331,19 +331,21 @@ class Dispatcher:
     async def update(self, conn: Conn, msg: Update) -> int:
         """A running attempt's checkpoint, progress and partials: stored, and its lease extended.
 
-        Only for an attempt this socket holds, and at most one per attempt every half
-        ``checkpoint_every`` (the volunteer sends the latest once every ``checkpoint_every``).
+        Only for an attempt this socket holds, and at most one with a state or progress per attempt
+        every half ``checkpoint_every`` (the volunteer sends the latest once every ``checkpoint_every``;
+        partials alone may follow at once: a task's end sends those left). Partials are capped per task.
         Returns the partial results kept."""
         job = conn.held.get(msg.attempt)
         if job is None:
             raise ProtocolError(f"update: you hold no attempt {msg.attempt[:32]}")
-        now = time.monotonic()
-        last = conn.updated.get(msg.attempt)
-        if last is not None and now - last < self.config.checkpoint_every / 2:
-            raise ProtocolError(
-                f"update: at most one every {self.config.checkpoint_every:g} s per task; send the latest then"
-            )
-        conn.updated[msg.attempt] = now
+        if msg.state is not None or msg.progress is not None:  # partials alone: the end of a task
+            now = time.monotonic()
+            last = conn.updated.get(msg.attempt)
+            if last is not None and now - last < self.config.checkpoint_every / 2:
+                raise ProtocolError(
+                    f"update: at most one every {self.config.checkpoint_every:g} s per task; send the latest then"
+                )
+            conn.updated[msg.attempt] = now
         if len(conn.updated) > 2 * HARD_CAP:  # forget attempts that ended
             conn.updated = {a: t for a, t in conn.updated.items() if a in conn.held}
         lease = (await self.queue.live([msg.attempt])).get(msg.attempt)
