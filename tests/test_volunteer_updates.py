@@ -12,7 +12,8 @@ from webapp.volunteer.updates import Updates
 
 
 def _update(state: object = None, progress: object = None, partials: list | None = None) -> str:
-    return json.dumps({"state": None if state is None else json.dumps(state), "progress": progress, "partials": partials or []})
+    text = None if state is None else json.dumps(state)
+    return json.dumps({"state": text, "progress": progress, "partials": partials or []})
 
 
 async def test_updates_reach_the_listener_of_their_open_request_only() -> None:

@@ -7,7 +7,8 @@ counted (``dropped``), and the count is shown in the page's state.
 
 Messages follow Pyodide's worker guide: ``{id, type, payload}`` to the worker; ``{id, result}``
 (a JSON string) or ``{id, error}`` back. While a request runs, ``{id, type: "update", result}``
-carries its task's uvm updates (a JSON string) to the listener given when it was opened. ``fields`` are the message's fields already read out of
+carries its task's uvm updates (a JSON string) to the listener given when it was opened.
+``fields`` are the message's fields already read out of
 the JS object by the caller (``webapp/pyworker.py``): plain ``str``/``int``/``float`` or None.
 """
 

@@ -116,7 +116,7 @@ def running_tasks(job: dict) -> str:
             f'<span class="num">{fraction * 100:.0f}%</span></li>'
         )
     more = f'<li class="muted small">and {len(entries) - 50} more</li>' if len(entries) > 50 else ""
-    return f'<h2 class="small">Running tasks</h2><ul class="running-tasks">{"".join(rows)}{more}</ul>
+    return f'<h2 class="small">Running tasks</h2><ul class="running-tasks">{"".join(rows)}{more}</ul>'
 
 
 def job_name(job: dict) -> str:
