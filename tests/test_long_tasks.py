@@ -25,8 +25,8 @@ def main(x):
     for step in range(state["step"], 24):
         state["total"] += step * x
         state["step"] = step + 1
+        uvm.checkpoint(state)  # before progress: an update then carries this step's state
         uvm.progress(state["step"] / 24)
-        uvm.checkpoint(state)
         if state["step"] % 6 == 0:
             uvm.partial({"step": state["step"], "total": state["total"]})
         time.sleep(0.05)
