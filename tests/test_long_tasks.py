@@ -257,3 +257,29 @@ async def test_client_exposes_progress_and_partials(serve, volunteers) -> None:
     assert (await asyncio.to_thread(job.results, progress=False)) == [20]
     assert await asyncio.to_thread(job.partials) == {0: list(range(20))}
     assert await asyncio.to_thread(job.progress) == {}
+
+
+def test_readme_monte_carlo_example_resumes_where_it_stopped() -> None:
+    """The README's worked example, shortened: stopped part way, then resumed from its checkpoint,
+    it gives the same estimate as a run that was never stopped."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("## Long tasks", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    code = code.replace("DRAWS = 10_000_000", "DRAWS = 2_000").replace("EVERY = 100_000", "EVERY = 100")
+    whole = _run(code, 7, TaskContext(None, None))["result"]
+    states: list[str] = []
+
+    def stop_after_five(text: str) -> None:
+        update = json.loads(text)
+        if update["state"] is not None:
+            states.append(update["state"])
+            if len(states) == 5:
+                raise KeyboardInterrupt  # the tab closes
+
+    stopped = _run(code, 7, TaskContext(None, stop_after_five, every=0.0))
+    assert "KeyboardInterrupt" in stopped["error"]
+    resumed = _run(code, 7, TaskContext(states[-1], None))["result"]
+    assert resumed["pi"] == whole["pi"] and 3.0 < whole["pi"] < 3.3
+    assert whole["starts"] == [0] and resumed["starts"] == [0, 500]
