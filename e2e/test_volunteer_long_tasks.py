@@ -8,7 +8,7 @@ import dataclasses
 import json
 import uuid
 
-from e2e.conftest import _cli, fake_device, open_volunteer_page, state, wait_state
+from e2e.conftest import _cli, fake_device, open_volunteer_page, reload_watching_frames, state, wait_state
 from e2e.test_dashboard_flow import PASSWORD, signed_in
 
 # 24 steps of ~0.3 s, a checkpoint at each; the result says at which step each attempt started.
@@ -99,14 +99,7 @@ def test_refresh_resumes_from_the_tabs_own_vault(browser, live_server, screensho
     context.add_init_script(fake_device(cores=1))
     page = _start(context, server)
     seen = _wait_progress(server, job, page, 0.3)
-    frames: list[dict] = []
-
-    def watch(ws) -> None:  # noqa: ANN001
-        ws.on("framereceived", lambda payload: frames.append(json.loads(payload)))
-
-    page.on("websocket", watch)
-    page.reload()
-    page.wait_for_function("() => window.uvm_state", timeout=60_000)
+    frames = reload_watching_frames(page)
     after = wait_state(page, lambda s: s["running"])
     assert after["restored_tasks"], after  # the task came back from the vault
     done = server.wait(job, timeout=120, page=page)
