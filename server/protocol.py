@@ -285,7 +285,8 @@ class Heartbeat:
 
 @dataclasses.dataclass
 class Progress:
-    """Volunteer -> server: optional progress of one attempt (0..1); also extends its lease."""
+    """Volunteer -> server: progress of one attempt (0..1): stored as an ``update`` with progress only
+    (and throttled like one); also extends its lease. Kept for version-1 volunteers."""
 
     attempt: str
     fraction: float

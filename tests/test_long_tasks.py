@@ -283,3 +283,21 @@ def test_readme_monte_carlo_example_resumes_where_it_stopped() -> None:
     resumed = _run(code, 7, TaskContext(states[-1], None))["result"]
     assert resumed["pi"] == whole["pi"] and 3.0 < whole["pi"] < 3.3
     assert whole["starts"] == [0] and resumed["starts"] == [0, 500]
+
+
+async def test_events_socket_carries_progress_and_partials(serve, volunteers) -> None:
+    api, _ = await serve(checkpoint_every=0.1)
+    job_id = await api.submit(STEPS, [1], timeout=600)
+    async with api.session.ws_connect(f"{api.url}/api/events?job={job_id}", headers=api.headers()) as ws:
+        volunteers(api.url, 1, prefetch=1)
+        partial_events, progress_seen = [], []
+        while not partial_events:
+            event = await ws.receive_json(timeout=60)
+            if event["type"] == "partials":
+                partial_events.append(event)
+            elif event.get("progress"):
+                progress_seen.append(event["progress"][0]["progress"])
+        assert partial_events[0]["job"] == job_id
+        assert partial_events[0]["partials"]["0"][0] == {"step": 6, "total": sum(range(6))}
+        assert progress_seen and all(0 < p <= 1 for p in progress_seen)
+    assert (await api.wait(job_id, timeout=120))["state"] == "done"
