@@ -11,7 +11,7 @@ import uuid
 from e2e.conftest import _cli, fake_device, open_volunteer_page, reload_watching_frames, state, wait_state
 from e2e.test_dashboard_flow import PASSWORD, signed_in
 
-# 24 steps of ~0.3 s, a checkpoint at each; the result says at which step each attempt started.
+# 24 steps of ~0.8 s, a checkpoint at each; the result says at which step each attempt started.
 STEPS = """
 import time
 import uvm
@@ -20,7 +20,7 @@ def main(x):
     state = uvm.restore() or {"step": 0, "total": 0, "starts": []}
     state["starts"].append(state["step"])
     for step in range(state["step"], 24):
-        end = time.time() + 0.3
+        end = time.time() + 0.8
         while time.time() < end:
             pass
         state["total"] += step * x
@@ -75,6 +75,7 @@ def test_closed_tab_hands_its_checkpoint_to_a_second_tab(browser, live_server, s
     dashboard.screenshot(path=str(screenshots / "long-task-job-view.png"), full_page=True)
     dashboard.context.close()
     seen = max(seen, _progress(server, job))
+    assert server.job(job)["state"] == "running"  # still mid-task (on a slow machine: make the steps longer)
     first.close()  # the tab closes mid-task: the server puts the task back at once
 
     second = browser.new_context()  # another volunteer: its own id, its own vault
