@@ -6,8 +6,11 @@ crosses the JS/Python boundary per task.
 
 Each job's source is compiled once per worker and cached by its content hash; each task then
 runs the compiled module in a fresh namespace and calls ``main(input)``. stdout and stderr are
-captured together, capped; the result must be JSON (no NaN); a failure comes back as the
-traceback of the research code only, without this module's frames.
+captured together, capped; the result must be strict JSON (no NaN) of at most ``MAX_RESULT_BYTES``;
+a failure comes back as the traceback of the research code only, without this module's frames.
+
+This is the only code that runs ``main(x)``: the browser's workers and ``volunteer-sim`` both use
+it. The server never runs research code; it only checks what a volunteer sends back.
 
 Long tasks: while a task runs, research code can ``import uvm`` (a module made for that one task,
 see ``TaskContext``) to report progress, save a checkpoint, restore the last one and append partial
@@ -29,7 +32,9 @@ import types
 from collections.abc import Callable
 from typing import Any
 
-MAX_OUTPUT_CHARS = 64 * 1024  # same cap as protocol.MAX_OUTPUT_CHARS; kept local: no import cost
+# Kept local, no import cost in the worker; tests/test_runner.py checks they equal the server's.
+MAX_OUTPUT_CHARS = 64 * 1024  # protocol.MAX_OUTPUT_CHARS
+MAX_RESULT_BYTES = 1024 * 1024  # Config.max_result_bytes: one result, compact JSON
 MAX_ERROR_CHARS = 16 * 1024
 TRUNCATED = "\n[output truncated]\n"
 # Same caps as server/protocol.py (kept local, as above); the server checks them again.
@@ -136,7 +141,10 @@ class TaskContext:
         if self._emit is None or (self._state is None and self._progress is None and not self._partials):
             return
         # The task's end sends what partials are left; its state and progress no longer matter.
-        update = {"state": None if final else self._state, "progress": None if final else self._progress}
+        update: dict[str, Any] = {
+            "state": None if final else self._state,
+            "progress": None if final else self._progress,
+        }
         update["partials"], self._partials = self._partials, []
         self._state = self._progress = None
         self._sent_at = now
@@ -227,15 +235,26 @@ class Runner:
         context.finish()
         cpu = time.perf_counter() - start
         try:
-            encoded = json.dumps(result, allow_nan=False)
+            encoded = json.dumps(result, allow_nan=False, separators=(",", ":"))
         except (TypeError, ValueError, RecursionError) as exc:
-            error = f"the result of main() is not JSON-serialisable: {exc}"
-            return _outcome(output=out.getvalue(), error=error, cpu=cpu)
+            return _outcome(output=out.getvalue(), error=not_json_error(exc), cpu=cpu)
+        if len(encoded) > MAX_RESULT_BYTES:
+            return _outcome(output=out.getvalue(), error=too_large_error(len(encoded), MAX_RESULT_BYTES), cpu=cpu)
         return _outcome(result=json.loads(encoded), output=out.getvalue(), cpu=cpu)
 
 
 class Stopped(BaseException):  # noqa: N818 - not an error: the carrier of the task went away
     """Raised by an ``emit`` whose task was stopped from outside (volunteer-sim's killed volunteer)."""
+
+
+def not_json_error(exc: BaseException) -> str:
+    """The error of a task whose result is not strict JSON (the server words its check the same)."""
+    return f"ValueError: the result of main() is not JSON-serialisable: {exc}"
+
+
+def too_large_error(size: int, limit: int) -> str:
+    """The error of a task whose result is too large (the server words its check the same)."""
+    return f"ValueError: the result of main() is {size} bytes of JSON; the limit is {limit}"
 
 
 def _outcome(result: Any = None, output: str = "", error: str | None = None, cpu: float = 0.0) -> dict:
@@ -273,8 +292,3 @@ def handle(request: str, emit: Callable[[str], Any] | None = None) -> str:
         float(every) if isinstance(every, int | float) and not isinstance(every, bool) else CHECKPOINT_EVERY,
     )
     return json.dumps(_RUNNER.run(code_hash, data.get("input"), context), allow_nan=False)
-
-
-def has_code(code_hash: str) -> bool:
-    """Whether this worker has compiled the job with ``code_hash`` already."""
-    return _RUNNER.has(code_hash)

@@ -1,21 +1,20 @@
 """Headless volunteers: the browser's protocol, with tasks run in native CPython.
 
-For tests, load tests and benchmarks with TRUSTED jobs only: the code runs in this process with
-no sandbox and no timeout enforcement. Tasks run through ``workers/runner.py``, the browser worker's
-runner, in a thread: research code's ``uvm`` calls (progress, checkpoints, partials) go out on the
-socket as ``update`` messages while the task runs, as the browser's do.
+Tasks run through ``workers/runner.py``, the same code the browser's Pyodide workers run, so tests
+with simulated volunteers exercise it. For tests, load tests and benchmarks with TRUSTED jobs only:
+the code runs in this process with no sandbox and no timeout enforcement. A task runs in a thread:
+research code's ``uvm`` calls (progress, checkpoints, partials) go out on the socket as ``update``
+messages while it runs, as the browser's do.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import random
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -24,24 +23,6 @@ from server import protocol as P
 from workers.runner import Runner, Stopped, TaskContext
 
 _RUNNER_LOCK = threading.Lock()  # the runner swaps sys.stdout and sys.modules["uvm"]: one task at a time
-_RUNNER = Runner()
-
-
-def run_task(
-    source: str,
-    value: Any,
-    restore: str | None = None,
-    emit: Callable[[str], Any] | None = None,
-    every: float = P.Welcome.every,
-) -> P.Outcome:
-    """Run ``main(value)`` of ``source`` with the browser worker's runner (``workers/runner.py``)."""
-    digest = hashlib.sha256(source.encode()).hexdigest()
-    with _RUNNER_LOCK:
-        _RUNNER.load(digest, source)
-        answer = _RUNNER.run(digest, value, TaskContext(restore, emit, every))
-    return P.Outcome(
-        attempt="", task=0, result=answer["result"], output=answer["output"], error=answer["error"], cpu=answer["cpu"]
-    )
 
 
 class SimVolunteer:
@@ -86,7 +67,7 @@ class SimVolunteer:
         self.sends: list[float] = []  # when each `results` message was sent (time.monotonic())
         self.latencies: list[float] = []  # seconds from `ready` to `tasks` (non-empty)
         self.task_ids: list[int] = []
-        self._code: dict[int, str] = {}
+        self.runner = Runner()  # compiled job code by hash, as in a browser's worker
         self._inbox: dict[str, asyncio.Queue] = {}
         self._closed = asyncio.Event()
 
@@ -149,13 +130,11 @@ class SimVolunteer:
                 return  # vanish holding the leases: the socket closes with no results
             outcomes = []
             for spec in batch.tasks:
-                source = await self._source(ws, spec)
-                if source is None:  # refused (the job was cancelled meanwhile): drop the task
+                if not await self._load(ws, spec):  # refused (the job was cancelled meanwhile): drop the task
                     continue
-                outcome = await self._run_task(ws, source, spec)
+                outcome = await self._run_task(ws, spec)
                 if outcome is None:
                     return  # vanished mid-task (crash_after_checkpoints)
-                outcome.attempt, outcome.task = spec.attempt, spec.task
                 if self.lie_rate and outcome.error is None and self._rng.random() < self.lie_rate:
                     outcome.result = self._rng.random()  # a forged result
                     self.lies.add(spec.task)
@@ -165,7 +144,12 @@ class SimVolunteer:
             self.errors += sum(1 for o in outcomes if o.error is not None)
             self.task_ids += [o.task for o in outcomes if o.attempt in set(ack.attempts) and o.error is None]
 
-    async def _run_task(self, ws: aiohttp.ClientWebSocketResponse, source: str, spec: P.TaskSpec) -> P.Outcome | None:
+    def _run_locked(self, spec: P.TaskSpec, context: TaskContext) -> P.Outcome:
+        with _RUNNER_LOCK:
+            ran = self.runner.run(spec.code_hash, spec.input, context)  # {result, output, error, cpu}
+        return P.Outcome(spec.attempt, spec.task, **ran)
+
+    async def _run_task(self, ws: aiohttp.ClientWebSocketResponse, spec: P.TaskSpec) -> P.Outcome | None:
         """Run one task in a thread, sending its updates as they come; None if it vanished meanwhile."""
         loop = asyncio.get_running_loop()
         updates: asyncio.Queue = asyncio.Queue()
@@ -176,7 +160,7 @@ class SimVolunteer:
                 raise Stopped()
             loop.call_soon_threadsafe(updates.put_nowait, text)
 
-        work = loop.run_in_executor(None, run_task, source, spec.input, spec.restore, emit, self.every)
+        work = loop.run_in_executor(None, self._run_locked, spec, TaskContext(spec.restore, emit, self.every))
         while True:
             get = asyncio.ensure_future(updates.get())
             done, _ = await asyncio.wait({work, get}, return_when=asyncio.FIRST_COMPLETED)
@@ -233,15 +217,16 @@ class SimVolunteer:
             raise ConnectionError("server closed the connection")
         return got[0].result()
 
-    async def _source(self, ws: aiohttp.ClientWebSocketResponse, spec: P.TaskSpec) -> str | None:
-        """The job's code (asked once per job); None if the server refused to send it."""
-        if spec.job not in self._code:
+    async def _load(self, ws: aiohttp.ClientWebSocketResponse, spec: P.TaskSpec) -> bool:
+        """Ask for a job's code the first time one of its tasks comes (``need_code``), as the page
+        does; False if the server refused to send it."""
+        if not self.runner.has(spec.code_hash):
             await ws.send_str(P.encode(P.NeedCode(spec.job, spec.code_hash)))
             reply = await self._recv_any("code", "error")
             if isinstance(reply, P.Error):
-                return None
-            self._code[reply.job] = reply.source
-        return self._code[spec.job]
+                return False
+            self.runner.load(reply.code_hash, reply.source, reply.job)
+        return True
 
     async def _recv_any(self, *kinds: str) -> Any:
         """The first message of any of these kinds (others stay queued)."""

@@ -51,6 +51,7 @@ async def save(
                 row["state_ct"] = changes["state_ct"] = state_ct
             if progress is not None:
                 row["progress"] = changes["progress"] = progress
+            stmt: Any
             if conn.dialect.name == "sqlite":
                 stmt = sqlite_insert(checkpoints).values(**row)
                 stmt = stmt.on_conflict_do_update(index_elements=["task_id", "owner"], set_=changes)

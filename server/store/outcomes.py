@@ -331,7 +331,11 @@ class Outcomes:
         )
 
     async def record_lost(self, leases: list[Any], outcome: AttemptOutcome) -> Recorded:
-        """Leases that expired or whose volunteer left (already requeued in the queue)."""
+        """Leases that expired or whose volunteer left (already requeued in the queue); retried on a
+        deadlock or a lost connection, as ``record`` is."""
+        return await self._retry_call(lambda: self._record_lost(leases, outcome))
+
+    async def _record_lost(self, leases: list[Any], outcome: AttemptOutcome) -> Recorded:
         rec = Recorded()
         if not leases:
             return rec

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable
 from typing import Any
 
 import sqlalchemy as sa
@@ -21,7 +21,7 @@ from server.queue import ReadyItem
 from server.spec import ADAPTIVE, InvalidJob, JobSpec, Verification, encode_input
 from server.store import live, pipelines
 from server.store.accounts import Accounts
-from server.store.models import Conflict, JobInfo, NotFound, Recorded, Researcher
+from server.store.models import Conflict, JobInfo, NotFound, Recorded, Researcher, inserted_id
 from server.store.models import now as _now
 from server.store.outcomes import Outcomes
 from server.store.tables import attempts, jobs, tasks
@@ -76,12 +76,13 @@ class Storage(Accounts, Outcomes):
                     created_at=_now(),
                 )
             )
-            job_id = int(result.inserted_primary_key[0])
+            job_id = inserted_id(result)
             await conn.execute(
                 jobs.update()
                 .where(jobs.c.id == job_id)
                 .values(code_ct=self.box.seal_text(spec.code, f"job:{job_id}:code"))
             )
+            inputs = spec.inputs or []
             for chunk in _chunks(range(spec.n_tasks), INSERT_CHUNK):
                 rows = []
                 for index in chunk:
@@ -89,7 +90,7 @@ class Storage(Accounts, Outcomes):
                     row["replicas"] = 0
                     if spec.inputs_kind == "list":
                         try:
-                            data = encode_input(spec.inputs[index], limit)
+                            data = encode_input(inputs[index], limit)
                         except ValueError as exc:
                             if isinstance(exc, InvalidJob):
                                 raise
@@ -205,7 +206,7 @@ class Storage(Accounts, Outcomes):
         self.forget_job(job_id)
         return changed
 
-    async def ready_items(self, job_ids: Iterable[int] | None = None) -> AsyncIterator[list[ReadyItem]]:
+    async def ready_items(self, job_ids: Iterable[int] | None = None) -> AsyncGenerator[list[ReadyItem]]:
         """The queued tasks of running jobs, in chunks: what the ready queue is rebuilt from."""
         query = sa.select(jobs.c.id, jobs.c.timeout, jobs.c.priority).where(jobs.c.state == JobState.RUNNING.value)
         if job_ids is not None:
@@ -384,10 +385,18 @@ class Storage(Accounts, Outcomes):
     async def _retry(self, work: Any, attempts: int = 5) -> Any:
         """Run ``work(conn)`` in a transaction; again if it was a deadlock victim or its connection died
         (a restarted database: SQLAlchemy then drops the stale pooled connections)."""
+
+        async def in_transaction() -> Any:
+            async with self.engine.begin() as conn:
+                return await work(conn)
+
+        return await self._retry_call(in_transaction, attempts)
+
+    async def _retry_call(self, call: Any, attempts: int = 5) -> Any:
+        """Await ``call()`` (which runs its own transaction); again on the errors ``_retry`` names."""
         for attempt in range(attempts):
             try:
-                async with self.engine.begin() as conn:
-                    return await work(conn)
+                return await call()
             except OperationalError as exc:
                 code = getattr(exc.orig, "args", [None])[0]
                 # deadlock, lock wait timeout, server gone away, connection lost
@@ -482,8 +491,9 @@ async def _recent_counts(conn: AsyncConnection, job_ids: list[int]) -> dict[int,
 
 
 async def _owned_job(conn: AsyncConnection, researcher_id: int, job_id: int) -> Any:
-    """The caller's job row; ``NotFound`` if not theirs. Not locked: the recorder locks tasks before
-    jobs, and taking them the other way round here would deadlock with it."""
+    """The caller's job row, locked (``SELECT ... FOR UPDATE``) until the transaction ends;
+    ``NotFound`` if not theirs. Callers retry on deadlock (``_retry``): the recorder locks tasks
+    before jobs, the other way round."""
     row = (
         await conn.execute(
             sa.select(jobs.c.state).where(jobs.c.id == job_id, jobs.c.researcher_id == researcher_id).with_for_update()

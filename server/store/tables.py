@@ -1,7 +1,7 @@
 """The schema (SQLAlchemy Core). MySQL/MariaDB is the system of record; SQLite the embedded default.
 
-Changing a table here needs a new Alembic revision in ``server/migrations/versions``;
-``tests/test_migrations.py`` fails when the migrated schema and this module disagree.
+Changing a table here needs a new Alembic revision in ``server/store/migrations/versions`` (explicit
+operations); ``tests/test_migrations.py`` fails when the migrated schema and this module disagree.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ tasks = sa.Table(
     sa.Column("accepted", sa.String(32)),  # how the result was accepted: "2/3", "trusted 10%", "1/1"
     sa.UniqueConstraint("job_id", "idx", name="uq_tasks_job_idx"),
     sa.Index("ix_tasks_job_state", "job_id", "state"),
-    sa.Index("ix_tasks_job_finished", "job_id", "finished_at"),  # throughput over the last 30 s
+    sa.Index("ix_tasks_job_finished", "job_id", "finished_at"),  # throughput (storage.THROUGHPUT_WINDOW)
 )
 
 attempts = sa.Table(

@@ -24,7 +24,13 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def json_error(status: int, message: str, **extra: object) -> web.Response:
+    """The one shape of every API error: ``{"error": message, ...}`` with its status."""
     return web.json_response({"error": message, **extra}, status=status)
+
+
+def http_error(kind: type[web.HTTPException], message: str) -> web.HTTPException:
+    """``json_error`` as an exception to raise from a helper (``raise http_error(web.HTTPForbidden, ...)``)."""
+    return kind(text=json.dumps({"error": message}), content_type="application/json")
 
 
 def own_origin(request: web.Request) -> str:
@@ -93,20 +99,14 @@ async def researcher(request: web.Request) -> Researcher:
     if header:
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            raise web.HTTPUnauthorized(
-                text=json.dumps({"error": "use Authorization: Bearer TOKEN"}), content_type="application/json"
-            )
+            raise http_error(web.HTTPUnauthorized, "use Authorization: Bearer TOKEN")
         who = await storage.researcher_by_token(hash_token(token.strip()))
     elif SESSION_COOKIE in request.cookies:
         who = await storage.researcher_by_session(hash_token(request.cookies[SESSION_COOKIE]))
     if who is None:
-        raise web.HTTPUnauthorized(
-            text=json.dumps({"error": "unknown or missing token"}), content_type="application/json"
-        )
+        raise http_error(web.HTTPUnauthorized, "unknown or missing token")
     if not who.approved:
-        raise web.HTTPForbidden(
-            text=json.dumps({"error": "this account is not approved"}), content_type="application/json"
-        )
+        raise http_error(web.HTTPForbidden, "this account is not approved")
     return who
 
 
@@ -115,13 +115,9 @@ async def read_json(request: web.Request) -> object:
     try:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise web.HTTPBadRequest(
-            text=json.dumps({"error": f"malformed JSON: {exc}"}), content_type="application/json"
-        ) from None
+        raise http_error(web.HTTPBadRequest, f"malformed JSON: {exc}") from None
     except RecursionError:  # [[[[...]]]] thousands deep: a bad request, not a server error
-        raise web.HTTPBadRequest(
-            text=json.dumps({"error": "malformed JSON: nested too deeply"}), content_type="application/json"
-        ) from None
+        raise http_error(web.HTTPBadRequest, "malformed JSON: nested too deeply") from None
 
 
 def job_id(request: web.Request) -> int:
@@ -173,7 +169,7 @@ async def job_results(request: web.Request) -> web.StreamResponse:
     fmt = request.query.get("format", "json")
     if fmt not in export.FORMATS:
         return json_error(400, f"unknown format {fmt[:20]!r}; use one of {', '.join(export.FORMATS)}")
-    start, limit = _int_param(request, "start", 0), _int_param(request, "limit", None)
+    start, limit = _int_param(request, "start", 0) or 0, _int_param(request, "limit", None)
     storage = request.app[K.storage]
     await storage.get_job(who.id, jid)  # 404 for another researcher's job
     response = web.StreamResponse(
@@ -195,9 +191,7 @@ def _int_param(request: web.Request, name: str, default: int | None) -> int | No
     if raw is None:
         return default
     if not raw.isdigit() or len(raw) > 9:
-        raise web.HTTPBadRequest(
-            text=json.dumps({"error": f"'{name}' must be a whole number"}), content_type="application/json"
-        )
+        raise http_error(web.HTTPBadRequest, f"'{name}' must be a whole number")
     return int(raw)
 
 
@@ -239,19 +233,25 @@ async def volunteer_stats(request: web.Request) -> web.Response:
 
 
 async def health(request: web.Request) -> web.Response:
-    """200 when this server can do its work; 503 during a database outage (and says since when)."""
+    """200 when this server can do its work; 503 during a database outage (and says since when).
+    Also the queue depth (None while Redis is away) and each background loop's state."""
     dispatcher = request.app[K.dispatcher]
     if dispatcher.db_health.down_since is None:
         await dispatcher.db_health.probe(dispatcher.storage.engine)
     database = dispatcher.db_health.as_dict()
     up = database["state"] == "up"
+    try:
+        ready: int | None = await dispatcher.queue.ready_count()
+    except Exception:  # Redis away: say so here rather than fail the health check itself
+        ready = None
     return web.json_response(
         {
             "ok": up,
             "instance": request.app[K.config].instance,
             "database": database,
             "volunteers": len(dispatcher.conns),
-            "ready": await dispatcher.queue.ready_count(),
+            "ready": ready,
+            "loops": {name: loop.as_dict() for name, loop in dispatcher.loops.items()},
         },
         status=200 if up else 503,
     )

@@ -3,8 +3,8 @@
 ``add_routes`` is called by the app factory when this module exists. The page itself
 (``public/dashboard.html`` + ``webapp/dashboard/``) talks to the same JSON API as scripts; it
 authenticates with the ``uvm_session`` cookie (HttpOnly, SameSite=Strict) set by ``/api/login``.
-Every ``/api/...`` route here is documented in ``DASHBOARD_PATHS``, merged into the OpenAPI
-document by ``server/web/openapi.py``.
+Every ``/api/...`` route here is documented in ``DASHBOARD_PATHS``, added to the OpenAPI
+document (``server/web/openapi.py``) by the app factory.
 """
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ from aiohttp import web
 
 from server.crypto import check_password, hash_token, new_token
 from server.protocol import Capabilities, ThrottleState
-from server.store.storage import NotFound, Researcher
+from server.store.storage import THROUGHPUT_WINDOW, NotFound, Researcher
 from server.store.tables import tasks, volunteers
 from server.web import appkeys as K
 from server.web import static
 from server.web.addresses import client_address
-from server.web.api import SESSION_COOKIE, job_id, json_error, read_json, researcher
+from server.web.api import SESSION_COOKIE, http_error, job_id, json_error, read_json, researcher
 
 ROOT = Path(__file__).resolve().parents[2]
 PUBLIC = ROOT / "public"
@@ -40,7 +40,6 @@ DUMMY_PASSWORD_HASH = (  # of a random password, thrown away
     "scrypt$2b5057494d9b84223072c23b01efb8f5$bf115df9b7af8bd8550a012dee30f03143ac8783ef6d64cc76ca30d6058adf7c519dda49b9e9efb7e57ce10764ea529e1e9f85bd2c7df381cbc9ed066e4cf881"
 )
 RECENT_VOLUNTEER_SECONDS = 600.0  # the operator sees volunteers seen this recently
-THROUGHPUT_WINDOW = 30.0
 
 
 class LoginLimiter:
@@ -175,7 +174,7 @@ async def me(request: web.Request) -> web.Response:
 async def operator(request: web.Request) -> Researcher:
     who = await researcher(request)
     if not who.operator:
-        raise web.HTTPForbidden(text=json.dumps({"error": "operators only"}), content_type="application/json")
+        raise http_error(web.HTTPForbidden, "operators only")
     return who
 
 
@@ -187,7 +186,7 @@ async def admin_researchers(request: web.Request) -> web.Response:
 def _researcher_id(request: web.Request) -> int:
     raw = request.match_info["researcher_id"]
     if not raw.isdigit() or len(raw) > 18:
-        raise web.HTTPNotFound(text=json.dumps({"error": f"no researcher {raw[:40]}"}), content_type="application/json")
+        raise http_error(web.HTTPNotFound, f"no researcher {raw[:40]}")
     return int(raw)
 
 

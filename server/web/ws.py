@@ -35,7 +35,7 @@ from server.web.api import researcher
 from server.web.metrics import websocket_opened
 
 logger = logging.getLogger(__name__)
-SOCKETS = web.AppKey("sockets", weakref.WeakSet)
+SOCKETS: web.AppKey[weakref.WeakSet[web.WebSocketResponse]] = web.AppKey("sockets")
 PER_ADDRESS = web.AppKey("volunteer_sockets_per_address", collections.Counter)
 POLICY_VIOLATION = 1008
 
@@ -244,9 +244,8 @@ async def events_socket(request: web.Request) -> web.WebSocketResponse:
         while True:
             await wake.wait()
             wake.clear()
-            jobs, pending_copy = list(pending), None
+            jobs = list(pending)
             pending.clear()
-            del pending_copy
             for job in jobs:
                 with contextlib.suppress(NotFound):
                     await _send_job(ws, dispatcher, who.id, job, sorted(with_partials.pop(job, ())))
@@ -280,7 +279,8 @@ async def _send_job(ws: web.WebSocketResponse, dispatcher, researcher_id: int, j
 
 
 async def close_sockets(app: web.Application) -> None:
-    for ws in list(app[SOCKETS]):
+    sockets: weakref.WeakSet[web.WebSocketResponse] = app[SOCKETS]
+    for ws in list(sockets):
         await ws.close(code=1001, message=b"server shutdown")
 
 
