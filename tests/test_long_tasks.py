@@ -301,3 +301,12 @@ async def test_events_socket_carries_progress_and_partials(serve, volunteers) ->
         assert partial_events[0]["partials"]["0"][0] == {"step": 6, "total": sum(range(6))}
         assert progress_seen and all(0 < p <= 1 for p in progress_seen)
     assert (await api.wait(job_id, timeout=120))["state"] == "done"
+
+
+def test_runner_caps_are_the_protocols() -> None:
+    import workers.runner as R
+
+    assert R.MAX_CHECKPOINT_BYTES == P.MAX_CHECKPOINT_BYTES
+    assert R.MAX_PARTIAL_BYTES == P.MAX_PARTIAL_BYTES
+    assert R.MAX_PARTIALS_PER_TASK == P.MAX_PARTIALS_PER_TASK
+    assert R.CHECKPOINT_EVERY == P.Welcome.every
