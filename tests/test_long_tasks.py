@@ -309,4 +309,4 @@ def test_runner_caps_are_the_protocols() -> None:
     assert R.MAX_CHECKPOINT_BYTES == P.MAX_CHECKPOINT_BYTES
     assert R.MAX_PARTIAL_BYTES == P.MAX_PARTIAL_BYTES
     assert R.MAX_PARTIALS_PER_TASK == P.MAX_PARTIALS_PER_TASK
-    assert R.CHECKPOINT_EVERY == P.Welcome.every
+    assert P.Welcome.every == R.CHECKPOINT_EVERY
