@@ -337,6 +337,19 @@ def open_volunteer_page(context, server: LiveServer, path: str = "/"):  # noqa: 
     return page
 
 
+def reload_watching_frames(page) -> list[dict]:  # noqa: ANN001
+    """Reload the page; returns the list (filled as they arrive) of websocket frames it receives after."""
+    frames: list[dict] = []
+
+    def watch(ws) -> None:  # noqa: ANN001
+        ws.on("framereceived", lambda payload: frames.append(json.loads(payload)))
+
+    page.on("websocket", watch)
+    page.reload()
+    page.wait_for_function("() => window.uvm_state", timeout=60_000)
+    return frames
+
+
 def native_results(code: str, inputs: list) -> list:
     """Run the job's ``main`` here in CPython, as the reference."""
     namespace: dict = {}

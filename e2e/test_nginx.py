@@ -80,11 +80,11 @@ def render(upstream_port: int, port: int, cert: Path, key: Path) -> str:
 def nginx(tmp_path: Path) -> Iterator[Callable[[int], str]]:
     procs: list[subprocess.Popen] = []
 
-    def start(upstream_port: int) -> str:
+    def start(upstream_port: int, port: int | None = None) -> str:
         prefix = tmp_path / "nginx"
         prefix.mkdir()
         cert, key = self_signed(prefix)
-        port = free_port()
+        port = port or free_port()
         (prefix / "site.conf").write_text(render(upstream_port, port, cert, key))
         temp = "\n".join(
             f"    {kind}_temp_path {prefix / kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
@@ -136,8 +136,9 @@ def _open(url: str, data: bytes | None = None, headers: dict | None = None):  # 
 
 
 def test_volunteer_through_nginx_with_tls(browser, live_server, nginx) -> None:
-    server = live_server("sqlite", UVM_TRUSTED_PROXIES=PROXY_ADDRESS)
-    public = nginx(int(server.url.rsplit(":", 1)[1]))
+    port = free_port()  # nginx's: the public origin, which the workers' CSP and CSRF checks name
+    server = live_server("sqlite", UVM_TRUSTED_PROXIES=PROXY_ADDRESS, UVM_PUBLIC_URL=f"https://127.0.0.1:{port}")
+    public = nginx(int(server.url.rsplit(":", 1)[1]), port)
     email = f"ops-{uuid.uuid4().hex[:6]}@example.org"
     operator = _cli(server.env, "researcher", "add", email, "--operator", "--password-stdin", stdin="operator-pass\n")
     operator_token = operator.strip().splitlines()[-1]
@@ -161,17 +162,21 @@ def test_volunteer_through_nginx_with_tls(browser, live_server, nginx) -> None:
         connected = json.loads(resp.read())["connected"]
     assert [c["address"] for c in connected] == ["127.0.0.1"], connected
 
-    # Signing in through TLS sets a Secure cookie; directly over plain HTTP it is not Secure.
-    response = context.request.post(public + "/api/login", data={"email": email, "password": "operator-pass"})
+    # Signing in through TLS sets a Secure cookie.
+    response = context.request.post(
+        public + "/api/login", data={"email": email, "password": "operator-pass"}, headers={"Origin": public}
+    )
     assert response.status == 200, response.text()
     cookie = next(c for c in context.cookies() if c["name"] == "uvm_session")
     assert cookie["secure"] is True and cookie["httpOnly"] is True
     direct = urllib.request.Request(
         server.url + "/api/login",
         data=b'{"email": "%s", "password": "operator-pass"}' % email.encode(),
-        headers={"Content-Type": "application/json"},
+        headers={"Content-Type": "application/json", "Origin": public},
     )
     with urllib.request.urlopen(direct) as resp:
         set_cookie = resp.headers["Set-Cookie"]
-    assert "uvm_session=" in set_cookie and "secure" not in set_cookie.lower()
+    # The public origin is https, so the cookie is Secure even on a direct plain-HTTP sign-in: a
+    # browser never sends it back over plain HTTP.
+    assert "uvm_session=" in set_cookie and "secure" in set_cookie.lower()
     context.close()

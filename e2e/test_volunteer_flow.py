@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from e2e.conftest import fake_device, native_results, open_volunteer_page, state, wait_state
+from e2e.conftest import fake_device, native_results, open_volunteer_page, reload_watching_frames, state, wait_state
 
 SQUARES = """
 def main(x):
@@ -110,14 +110,7 @@ def test_refresh_resumes_cached_tasks_without_downloading_them_again(browser, se
         page, lambda s: len(s["queued"]) >= 1 and any(w["attempt"] for w in s["workers"]) and s["session"]["tasks"] >= 2
     )
     held_tasks = set(before["queued_tasks"]) | set(before["running_tasks"])
-    frames: list[dict] = []
-
-    def watch(ws) -> None:  # noqa: ANN001
-        ws.on("framereceived", lambda payload: frames.append(json.loads(payload)))
-
-    page.on("websocket", watch)
-    page.reload()
-    page.wait_for_function("() => window.uvm_state", timeout=60_000)
+    frames = reload_watching_frames(page)
     after = wait_state(page, lambda s: s["running"])
     # Decided on what the vault held at the reload (a task sampled above may have finished since).
     restored = set(after["restored_tasks"])

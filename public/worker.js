@@ -94,7 +94,10 @@ async function boot() {
       requirements.forEach((name) => loaded.add(name));
     }
     const begun = performance.now();
-    const answer = runner.handle(JSON.stringify(payload));
+    // The task's uvm updates (progress, checkpoint, partials; throttled by the runner) go to the
+    // page while it runs, tagged with this request's id: the page knows which attempt that is.
+    const emit = (text) => self.postMessage({ id, type: "update", result: String(text) });
+    const answer = runner.handle(JSON.stringify(payload), emit);
     return { id, result: answer, wall: (performance.now() - begun) / 1000 };
   }
 

@@ -37,6 +37,7 @@ class Config:
     max_result_bytes: int = 1024 * 1024  # one result, JSON-encoded
     lease_grace: float = 30.0  # seconds added to a task's timeout for its lease
     heartbeat: float = 10.0  # seconds between volunteer heartbeats
+    checkpoint_every: float = 5.0  # seconds between two updates (checkpoint, progress, partials) of one task
     reaper_interval: float = 1.0
     intake_batch: int = 256
     listen_backlog: int = 4096  # pending TCP connections the kernel queues (capped by net.core.somaxconn)
@@ -98,6 +99,7 @@ class Config:
             "UVM_RESEARCHER_REQUESTS_PER_SECOND": ("researcher_requests_per_second", _positive_float),
             "UVM_LEASE_GRACE": ("lease_grace", _positive_float),
             "UVM_HEARTBEAT": ("heartbeat", _positive_float),
+            "UVM_CHECKPOINT_EVERY": ("checkpoint_every", _positive_float),
             "UVM_LISTEN_BACKLOG": ("listen_backlog", _positive_int),
             "UVM_PACKAGE_INDEX_URL": ("package_index_url", str),
             "UVM_EVENT_LOOP": ("event_loop", _event_loop),

@@ -16,7 +16,7 @@ import json
 from enum import Enum
 from typing import Any
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: `update` (progress, checkpoints, partial results), TaskSpec.restore, Welcome.every
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # one websocket message; larger closes with 1009
 MAX_TASKS_PER_MESSAGE = 64
 MAX_OUTPUT_CHARS = 64 * 1024  # captured stdout/stderr kept per task
@@ -25,6 +25,10 @@ MAX_WORKERS = 64  # a volunteer's declared workers; also the most tasks one conn
 MAX_DECLARED_PREFETCH = 512
 MAX_TEXT_CHARS = 200  # strings in capabilities and throttle states (user agent, reasons) are cut here
 MAX_REASONS = 8
+MAX_CHECKPOINT_BYTES = 1024 * 1024  # one task's saved state, as JSON text (workers/runner.py keeps the same)
+MAX_PARTIAL_BYTES = 64 * 1024  # one partial result, as JSON
+MAX_PARTIALS_PER_UPDATE = 64
+MAX_PARTIALS_PER_TASK = 256  # kept per task; more are dropped
 
 
 class ProtocolError(ValueError):
@@ -215,6 +219,7 @@ class Welcome:
     volunteer: str
     heartbeat: float  # seconds between heartbeats the server expects
     server: str = ""
+    every: float = 5.0  # seconds between two `update`s of one task the server accepts
     TYPE = "welcome"
 
 
@@ -239,6 +244,7 @@ class TaskSpec:
     timeout: float
     deadline: float  # unix seconds; heartbeats move it
     requirements: list = dataclasses.field(default_factory=list)
+    restore: str | None = None  # JSON text of the task's last checkpoint this attempt may resume from
 
 
 @dataclasses.dataclass
@@ -279,11 +285,25 @@ class Heartbeat:
 
 @dataclasses.dataclass
 class Progress:
-    """Volunteer -> server: optional progress of one attempt (0..1); also extends its lease."""
+    """Volunteer -> server: progress of one attempt (0..1): stored as an ``update`` with progress only
+    (and throttled like one); also extends its lease. Kept for version-1 volunteers."""
 
     attempt: str
     fraction: float
     TYPE = "progress"
+
+
+@dataclasses.dataclass
+class Update:
+    """Volunteer -> server: a running attempt's latest checkpoint (JSON text, or None), progress
+    (0..1, or None) and the partial results appended since its last update. At most one per task
+    every ``Welcome.every`` seconds; it also extends the attempt's lease."""
+
+    attempt: str
+    state: str | None = None
+    progress: float | None = None
+    partials: list = dataclasses.field(default_factory=list)
+    TYPE = "update"
 
 
 @dataclasses.dataclass
@@ -365,6 +385,7 @@ MESSAGES: dict[str, type] = {
         Code,
         Heartbeat,
         Progress,
+        Update,
         Results,
         Ack,
         Throttle,
@@ -376,13 +397,18 @@ MESSAGES: dict[str, type] = {
 _FIELD_NAMES: dict[type, tuple[str, ...]] = {
     cls: tuple(f.name for f in dataclasses.fields(cls)) for cls in (*MESSAGES.values(), TaskSpec, Outcome)
 }
-FROM_VOLUNTEER = frozenset({"hello", "ready", "need_code", "heartbeat", "progress", "results", "throttle"})
+FROM_VOLUNTEER = frozenset({"hello", "ready", "need_code", "heartbeat", "progress", "update", "results", "throttle"})
 
 # Field type checks: (field, accepted python types, required)
 _JSON_ANY = (dict, list, str, int, float, bool, type(None))
 _SCHEMA: dict[str, list[tuple[str, tuple, bool]]] = {
     "hello": [("volunteer", (str,), True), ("capabilities", (dict,), False), ("protocol", (int,), False)],
-    "welcome": [("volunteer", (str,), True), ("heartbeat", (int, float), True), ("server", (str,), False)],
+    "welcome": [
+        ("volunteer", (str,), True),
+        ("heartbeat", (int, float), True),
+        ("server", (str,), False),
+        ("every", (int, float), False),
+    ],
     "ready": [("n", (int,), True)],
     "tasks": [("tasks", (list,), True)],
     "need_code": [("job", (int,), True), ("code_hash", (str,), True)],
@@ -394,6 +420,12 @@ _SCHEMA: dict[str, list[tuple[str, tuple, bool]]] = {
     ],
     "heartbeat": [("attempts", (list,), True)],
     "progress": [("attempt", (str,), True), ("fraction", (int, float), True)],
+    "update": [
+        ("attempt", (str,), True),
+        ("state", (str, type(None)), False),
+        ("progress", (int, float, type(None)), False),
+        ("partials", (list,), False),
+    ],
     "results": [("results", (list,), True)],
     "ack": [("attempts", (list,), True), ("ignored", (list,), False)],
     "throttle": [("state", (dict,), True)],
@@ -420,6 +452,7 @@ _TASK_SCHEMA = [
     ("timeout", (int, float), True),
     ("deadline", (int, float), True),
     ("requirements", (list,), False),
+    ("restore", (str, type(None)), False),
 ]
 
 
@@ -502,6 +535,8 @@ def from_dict(data: Any) -> Any:  # noqa: C901 - one flat check per message kind
         for value in fields["attempts"]:
             if not isinstance(value, str):
                 raise ProtocolError(f"{kind}: 'attempts' must be a list of strings")
+    elif kind in ("progress", "update"):
+        _check_live(kind, fields)
     if kind == "ready" and not 0 <= fields["n"] <= MAX_TASKS_PER_MESSAGE:
         raise ProtocolError(f"ready: n must be between 0 and {MAX_TASKS_PER_MESSAGE}")
     if kind == "hello":
@@ -511,6 +546,37 @@ def from_dict(data: Any) -> Any:  # noqa: C901 - one flat check per message kind
     elif kind == "throttle":
         fields["state"] = ThrottleState.from_wire(fields["state"])
     return cls(**fields)
+
+
+def _check_live(kind: str, fields: dict) -> None:
+    """``progress`` and ``update``: an attempt id, a fraction in [0, 1], a capped state and partials."""
+    if len(fields["attempt"]) > 32:
+        raise ProtocolError(f"{kind}: attempt id must be at most 32 characters")
+    fraction = fields.get("fraction" if kind == "progress" else "progress")
+    if fraction is not None and not 0.0 <= fraction <= 1.0:  # NaN fails this too
+        raise ProtocolError(f"{kind}: progress must be a number in [0, 1]")
+    state = fields.get("state")
+    if state is not None:
+        if len(state) > MAX_CHECKPOINT_BYTES or len(state.encode()) > MAX_CHECKPOINT_BYTES:
+            raise ProtocolError(f"update: the checkpoint is over {MAX_CHECKPOINT_BYTES} bytes")
+        try:
+            json.loads(state, parse_constant=_no_constant)
+        except (ValueError, RecursionError):
+            raise ProtocolError("update: the checkpoint 'state' must be JSON text") from None
+    partials = fields.get("partials", [])
+    if len(partials) > MAX_PARTIALS_PER_UPDATE:
+        raise ProtocolError(f"update: at most {MAX_PARTIALS_PER_UPDATE} partials per message")
+    for value in partials:
+        try:
+            size = len(json.dumps(value, allow_nan=False, separators=(",", ":")))
+        except ValueError:
+            raise ProtocolError("update: a partial result must be strict JSON (no NaN or Infinity)") from None
+        if size > MAX_PARTIAL_BYTES:
+            raise ProtocolError(f"update: a partial result is over {MAX_PARTIAL_BYTES} bytes")
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 def _obj(value: Any) -> dict:

@@ -193,3 +193,5 @@ async def _run_until(sim: SimVolunteer, session: aiohttp.ClientSession, stop: as
             await asyncio.sleep(0.2)
         if sim.crash_after is not None and sim.leased >= sim.crash_after:
             return
+        if sim.crashed:  # vanished mid-task (crash_after_checkpoints): gone for good
+            return

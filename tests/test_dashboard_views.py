@@ -137,3 +137,28 @@ def test_throttle_text_reads_the_volunteer_page_state():
         "paused: battery below 20%"
     )
     assert views.throttle_text({}) == "running"
+
+
+def test_running_tasks_progress_and_time_left_from_it() -> None:
+    from webapp.dashboard import views as V
+
+    job = {
+        "id": 3,
+        "state": "running",
+        "n_tasks": 2,
+        "counts": {"queued": 0, "running": 2, "done": 0, "failed": 0},
+        "progress": [{"index": 0, "progress": 0.25, "at": 10.0}, {"index": 1, "progress": 0.5, "at": 10.0}],
+    }
+    html = V.running_tasks(job)
+    assert 'data-task="0"' in html and "25%" in html and "width:50.0%" in html
+    assert V.running_tasks({**job, "state": "done"}) == ""
+    assert V.running_tasks({**job, "progress": []}) == ""
+    # No task finished lately: the slowest running task's own estimate, once nothing is queued.
+    assert V.task_eta((0.1, 0.0), (0.5, 40.0)) == 50.0  # 0.4 in 40 s: 0.5 left takes 50 s
+    assert V.task_eta((0.5, 0.0), (0.5, 40.0)) is None  # no movement: cannot tell
+    assert V.eta(job, now=20.0, task_etas=[50.0, 10.0]) == 50.0
+    assert V.eta({**job, "counts": {**job["counts"], "queued": 5}}, now=20.0, task_etas=[50.0, 10.0]) is None
+    # With a throughput, the running tasks' done share is not counted again.
+    fast = {**job, "throughput": 0.5, "created_at": -100.0}
+    assert V.eta(fast, now=20.0) == (2 - 0.75) / 0.5
+    assert "<script>" not in V.running_tasks({**job, "progress": [{"index": "<script>", "progress": 0.1}]})

@@ -332,6 +332,14 @@ class Job:
     def state(self) -> str:
         return self.status()["state"]
 
+    def progress(self) -> dict[int, float]:
+        """The progress its running tasks last reported (``uvm.progress``): ``{task index: fraction}``."""
+        return {int(p["index"]): float(p["progress"]) for p in self.status().get("progress") or []}
+
+    def partials(self) -> dict[int, list]:
+        """The partial results each task appended so far (``uvm.partial``), finished or not: ``{index: [...]}``."""
+        return {row["index"]: row["partials"] for row in self.rows() if row.get("partials")}
+
     def done(self) -> bool:
         return self.state in TERMINAL
 

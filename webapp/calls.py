@@ -6,7 +6,9 @@ request it sent and still waits for, in the shape it expects; anything else is d
 counted (``dropped``), and the count is shown in the page's state.
 
 Messages follow Pyodide's worker guide: ``{id, type, payload}`` to the worker; ``{id, result}``
-(a JSON string) or ``{id, error}`` back. ``fields`` are the message's fields already read out of
+(a JSON string) or ``{id, error}`` back. While a request runs, ``{id, type: "update", result}``
+carries its task's uvm updates (a JSON string) to the listener given when it was opened.
+``fields`` are the message's fields already read out of
 the JS object by the caller (``webapp/pyworker.py``): plain ``str``/``int``/``float`` or None.
 """
 
@@ -15,9 +17,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+from collections.abc import Callable
 from typing import Any
 
 ANSWER_FIELDS = ("type", "id", "result", "error", "boot")
+MAX_UPDATE_CHARS = 2 * 1024 * 1024  # one update: a 1 MiB checkpoint and partials, as JSON text
 
 
 class Calls:
@@ -26,15 +30,18 @@ class Calls:
     def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.loop = loop
         self.pending: dict[int, asyncio.Future] = {}
+        self.listeners: dict[int, Callable[[str], None]] = {}  # request id -> who takes its updates
         self.dropped = 0
         self._ids = itertools.count(1)
 
-    def open(self) -> tuple[int, asyncio.Future]:
-        """A new request id and the future its answer will settle."""
+    def open(self, on_update: Callable[[str], None] | None = None) -> tuple[int, asyncio.Future]:
+        """A new request id and the future its answer will settle; ``on_update`` takes its updates."""
         loop = self.loop or asyncio.get_event_loop()
         request_id = next(self._ids)
         future = loop.create_future()
         self.pending[request_id] = future
+        if on_update is not None:
+            self.listeners[request_id] = on_update
         return request_id, future
 
     def settle(self, fields: dict[str, Any]) -> bool:
@@ -44,12 +51,24 @@ class Calls:
         is not a JSON object) settles it as a crash: the worker cannot be trusted with more.
         """
         request_id = fields.get("id")
+        if fields.get("type") == "update":
+            return self.update(fields)
         if type(request_id) is not int or fields.get("type") is not None:
             return self.drop()
+        self.listeners.pop(request_id, None)
         future = self.pending.pop(request_id, None)
         if future is None or future.done():
             return self.drop()
         future.set_result(_outcome(fields))
+        return True
+
+    def update(self, fields: dict[str, Any]) -> bool:
+        """An update of a running request's task: to its listener, if it has one and is still open."""
+        request_id, text = fields.get("id"), fields.get("result")
+        listener = self.listeners.get(request_id) if type(request_id) is int else None
+        if listener is None or not isinstance(text, str) or len(text) > MAX_UPDATE_CHARS:
+            return self.drop()
+        listener(text)
         return True
 
     def drop(self) -> bool:
@@ -63,6 +82,7 @@ class Calls:
             if not future.done():
                 future.set_result(dict(answer))
         self.pending.clear()
+        self.listeners.clear()
 
 
 def _outcome(fields: dict[str, Any]) -> dict:

@@ -118,11 +118,12 @@ class PyWorker:
             self.job = job
         return self.job == job
 
-    def run(self, job: object, payload: dict) -> asyncio.Future:
-        """Send one request of ``job``; its future gets the outcome dict (or a crash)."""
+    def run(self, job: object, payload: dict, on_update: Callable[[str], None] | None = None) -> asyncio.Future:
+        """Send one request of ``job``; its future gets the outcome dict (or a crash); ``on_update``
+        gets the task's uvm updates (JSON text) while it runs."""
         if not self.claim(job):
             raise RuntimeError(f"this worker belongs to job {self.job}, not {job}")
-        request_id, future = self.calls.open()
+        request_id, future = self.calls.open(on_update)
         if self.failed is not None:
             future.set_result({"error": self.failed, "crashed": True})
             return future

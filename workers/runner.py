@@ -11,6 +11,14 @@ a failure comes back as the traceback of the research code only, without this mo
 
 This is the only code that runs ``main(x)``: the browser's workers and ``volunteer-sim`` both use
 it. The server never runs research code; it only checks what a volunteer sends back.
+
+Long tasks: while a task runs, research code can ``import uvm`` (a module made for that one task,
+see ``TaskContext``) to report progress, save a checkpoint, restore the last one and append partial
+results. What it reports leaves through ``emit`` (a callable given by whoever runs the task: the
+browser worker posts it to the page, volunteer-sim sends it on its socket) as one JSON text at
+most every ``every`` seconds, the latest checkpoint winning. A bad call (an oversized or
+non-JSON state, a progress outside [0, 1]) writes a clear message to the task's output and
+returns False: it never stops the task.
 """
 
 from __future__ import annotations
@@ -20,6 +28,8 @@ import json
 import sys
 import time
 import traceback
+import types
+from collections.abc import Callable
 from typing import Any
 
 # Kept local, no import cost in the worker; tests/test_runner.py checks they equal the server's.
@@ -27,6 +37,11 @@ MAX_OUTPUT_CHARS = 64 * 1024  # protocol.MAX_OUTPUT_CHARS
 MAX_RESULT_BYTES = 1024 * 1024  # Config.max_result_bytes: one result, compact JSON
 MAX_ERROR_CHARS = 16 * 1024
 TRUNCATED = "\n[output truncated]\n"
+# Same caps as server/protocol.py (kept local, as above); the server checks them again.
+MAX_CHECKPOINT_BYTES = 1024 * 1024
+MAX_PARTIAL_BYTES = 64 * 1024
+MAX_PARTIALS_PER_TASK = 256
+CHECKPOINT_EVERY = 5.0  # seconds between two updates of one task (the server says how often in `welcome`)
 
 
 class CappedWriter:
@@ -58,6 +73,109 @@ class CappedWriter:
         return "".join(self.parts) + (TRUNCATED if self.truncated else "")
 
 
+class TaskContext:
+    """The ``uvm`` calls of one running task, and the throttled updates they produce.
+
+    An update is ``{"state": <JSON text> | null, "progress": <0..1> | null, "partials": [...]}``;
+    the first goes out at once, the next no sooner than ``every`` seconds later, carrying the
+    latest checkpoint and progress and every partial appended meanwhile (latest wins).
+    """
+
+    def __init__(self, restore: str | None = None, emit: Callable[[str], Any] | None = None, every: float = 0.0):
+        self._restore = restore
+        self._emit = emit
+        self.every = every
+        self._sent_at: float | None = None
+        self._state: str | None = None
+        self._progress: float | None = None
+        self._partials: list[Any] = []
+        self.partials_total = 0
+
+    def module(self) -> types.ModuleType:
+        """A fresh ``uvm`` module whose functions act on this task only."""
+        mod = types.ModuleType("uvm", "UVM Compute: progress, checkpoints and partial results of this task.")
+        mod.progress = self.progress  # type: ignore[attr-defined]
+        mod.checkpoint = self.checkpoint  # type: ignore[attr-defined]
+        mod.restore = self.restore  # type: ignore[attr-defined]
+        mod.partial = self.partial  # type: ignore[attr-defined]
+        mod.MAX_CHECKPOINT_BYTES = MAX_CHECKPOINT_BYTES  # type: ignore[attr-defined]
+        return mod
+
+    def progress(self, fraction: float) -> bool:
+        """Report the fraction of this task done, in [0, 1]."""
+        if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0.0 <= fraction <= 1.0:
+            return _refuse(f"uvm.progress: the fraction must be a number in [0, 1], not {fraction!r:.40}")
+        self._progress = float(fraction)
+        self._maybe_send()
+        return True
+
+    def checkpoint(self, state: Any) -> bool:
+        """Save ``state`` (any JSON value, at most 1 MiB as JSON); a later attempt gets it from restore()."""
+        text = _json(state, "uvm.checkpoint", MAX_CHECKPOINT_BYTES)
+        if text is None:
+            return False
+        self._state = self._restore = text
+        self._maybe_send()
+        return True
+
+    def restore(self) -> Any:
+        """This task's last saved state (a fresh copy), or None if it never checkpointed."""
+        return None if self._restore is None else json.loads(self._restore)
+
+    def partial(self, value: Any) -> bool:
+        """Append a partial result (JSON, at most 64 KiB) the researcher sees before the task ends."""
+        if self.partials_total >= MAX_PARTIALS_PER_TASK:
+            return _refuse(f"uvm.partial: at most {MAX_PARTIALS_PER_TASK} partial results per task")
+        text = _json(value, "uvm.partial", MAX_PARTIAL_BYTES)
+        if text is None:
+            return False
+        self.partials_total += 1
+        self._partials.append(json.loads(text))
+        self._maybe_send()
+        return True
+
+    def _maybe_send(self, final: bool = False) -> None:
+        now = time.monotonic()
+        if not final and self._sent_at is not None and now - self._sent_at < self.every:
+            return
+        if self._emit is None or (self._state is None and self._progress is None and not self._partials):
+            return
+        # The task's end sends what partials are left; its state and progress no longer matter.
+        update: dict[str, Any] = {
+            "state": None if final else self._state,
+            "progress": None if final else self._progress,
+        }
+        update["partials"], self._partials = self._partials, []
+        self._state = self._progress = None
+        self._sent_at = now
+        self._emit(json.dumps(update, allow_nan=False))
+
+    def finish(self) -> None:
+        """The task ended: send the partials still waiting for the throttle."""
+        if self._partials:
+            self._maybe_send(final=True)
+
+
+def _refuse(message: str) -> bool:
+    """A bad uvm call: say why in the task's output, and let the task go on."""
+    print(message, file=sys.stderr)
+    return False
+
+
+def _json(value: Any, where: str, limit: int) -> str | None:
+    """``value`` as JSON text within ``limit`` bytes, or None (with the reason in the output)."""
+    try:
+        text = json.dumps(value, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError, RecursionError) as exc:
+        _refuse(f"{where}: the value is not JSON-serialisable: {exc}")
+        return None
+    size = len(text.encode())
+    if size > limit:
+        _refuse(f"{where}: the value is {size} bytes as JSON; the limit is {limit}")
+        return None
+    return text
+
+
 class Runner:
     """Compiled job code by content hash, and the running of one task at a time."""
 
@@ -77,8 +195,12 @@ class Runner:
         except SyntaxError as exc:
             self.code[code_hash] = exc
 
-    def run(self, code_hash: str, value: Any) -> dict:
-        """Run ``main(value)`` of a loaded job; returns ``{result, output, error, cpu}``."""
+    def run(self, code_hash: str, value: Any, context: TaskContext | None = None) -> dict:
+        """Run ``main(value)`` of a loaded job; returns ``{result, output, error, cpu}``.
+
+        ``context`` backs the task's ``import uvm``; the module is this task's alone and is taken
+        away when the task ends.
+        """
         code = self.code.get(code_hash)
         if code is None:
             return _outcome(error=f"runtime error: job code {code_hash[:12]} was not loaded")
@@ -89,6 +211,8 @@ class Runner:
         saved = sys.stdout, sys.stderr
         start = time.perf_counter()
         sys.stdout = sys.stderr = out
+        context = context if context is not None else TaskContext()
+        sys.modules["uvm"] = context.module()
         try:
             namespace = {"__name__": "__job__", "__builtins__": builtins}
             exec(code, namespace)
@@ -98,6 +222,8 @@ class Runner:
             result = main(value)
         except BaseException as exc:  # research code may raise anything, SystemExit included
             sys.stdout, sys.stderr = saved
+            if isinstance(exc, Stopped):
+                raise
             return _outcome(
                 output=out.getvalue(),
                 error=_job_traceback(exc),
@@ -105,6 +231,8 @@ class Runner:
             )
         finally:
             sys.stdout, sys.stderr = saved
+            sys.modules.pop("uvm", None)
+        context.finish()
         cpu = time.perf_counter() - start
         try:
             encoded = json.dumps(result, allow_nan=False, separators=(",", ":"))
@@ -113,6 +241,10 @@ class Runner:
         if len(encoded) > MAX_RESULT_BYTES:
             return _outcome(output=out.getvalue(), error=too_large_error(len(encoded), MAX_RESULT_BYTES), cpu=cpu)
         return _outcome(result=json.loads(encoded), output=out.getvalue(), cpu=cpu)
+
+
+class Stopped(BaseException):  # noqa: N818 - not an error: the carrier of the task went away
+    """Raised by an ``emit`` whose task was stopped from outside (volunteer-sim's killed volunteer)."""
 
 
 def not_json_error(exc: BaseException) -> str:
@@ -141,14 +273,22 @@ def _job_traceback(exc: BaseException) -> str:
 _RUNNER = Runner()
 
 
-def handle(request: str) -> str:
+def handle(request: str, emit: Callable[[str], Any] | None = None) -> str:
     """One request from the JS bootstrap (a JSON string) -> the answer (a JSON string).
 
-    ``{"code_hash", "input", "job"?, "source"?}``: ``source`` is sent only the first time this
-    worker sees a job; later tasks of the job reuse the compiled code.
+    ``{"code_hash", "input", "job"?, "source"?, "restore"?, "every"?}``: ``source`` is sent only
+    the first time this worker sees a job; later tasks of the job reuse the compiled code.
+    ``restore`` is the JSON text of the task's last checkpoint; ``emit`` receives its updates.
     """
     data = json.loads(request)
     code_hash = data["code_hash"]
     if data.get("source") is not None and not _RUNNER.has(code_hash):
         _RUNNER.load(code_hash, data["source"], data.get("job"))
-    return json.dumps(_RUNNER.run(code_hash, data.get("input")), allow_nan=False)
+    restore = data.get("restore")
+    every = data.get("every")
+    context = TaskContext(
+        restore if isinstance(restore, str) else None,
+        emit,
+        float(every) if isinstance(every, int | float) and not isinstance(every, bool) else CHECKPOINT_EVERY,
+    )
+    return json.dumps(_RUNNER.run(code_hash, data.get("input"), context), allow_nan=False)

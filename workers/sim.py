@@ -2,21 +2,27 @@
 
 Tasks run through ``workers/runner.py``, the same code the browser's Pyodide workers run, so tests
 with simulated volunteers exercise it. For tests, load tests and benchmarks with TRUSTED jobs only:
-the code runs in this process with no sandbox and no timeout enforcement.
+the code runs in this process with no sandbox and no timeout enforcement. A task runs in a thread:
+research code's ``uvm`` calls (progress, checkpoints, partials) go out on the socket as ``update``
+messages while it runs, as the browser's do.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import random
+import threading
 import time
 from typing import Any
 
 import aiohttp
 
 from server import protocol as P
-from workers.runner import Runner
+from workers.runner import Runner, Stopped, TaskContext
+
+_RUNNER_LOCK = threading.Lock()  # the runner swaps sys.stdout and sys.modules["uvm"]: one task at a time
 
 
 class SimVolunteer:
@@ -37,12 +43,19 @@ class SimVolunteer:
         crash_after: int | None = None,
         lie_rate: float = 0.0,
         seed: int | None = None,
+        crash_after_checkpoints: int | None = None,
     ):
         self.url = server.rstrip("/").replace("http://", "ws://").replace("https://", "wss://") + "/ws/volunteer"
         self.prefetch = prefetch
         self.token = volunteer or ""  # anything unsigned is replaced by a fresh id in `welcome`
         self.volunteer = self.token
         self.crash_after = crash_after
+        # vanish (socket closed, task stopped) once this many checkpoints were sent: a closed tab mid-task
+        self.crash_after_checkpoints = crash_after_checkpoints
+        self.checkpoints = 0  # `update`s sent with a checkpoint
+        self.last_state: str | None = None  # the JSON text of the last checkpoint sent
+        self.crashed = False
+        self.every = P.Welcome.every
         self.lie_rate = lie_rate
         self.lies: set[int] = set()  # tasks it forged a result for
         self._rng = random.Random(seed)
@@ -94,6 +107,7 @@ class SimVolunteer:
                 welcome: P.Welcome = await self._recv("welcome")
                 self.token = welcome.volunteer
                 self.volunteer = welcome.volunteer.split("-", 1)[0]
+                self.every = welcome.every
                 await self._loop(ws, stop)
             finally:
                 reader.cancel()
@@ -118,8 +132,9 @@ class SimVolunteer:
             for spec in batch.tasks:
                 if not await self._load(ws, spec):  # refused (the job was cancelled meanwhile): drop the task
                     continue
-                ran = self.runner.run(spec.code_hash, spec.input)  # {result, output, error, cpu}
-                outcome = P.Outcome(spec.attempt, spec.task, **ran)
+                outcome = await self._run_task(ws, spec)
+                if outcome is None:
+                    return  # vanished mid-task (crash_after_checkpoints)
                 if self.lie_rate and outcome.error is None and self._rng.random() < self.lie_rate:
                     outcome.result = self._rng.random()  # a forged result
                     self.lies.add(spec.task)
@@ -128,6 +143,47 @@ class SimVolunteer:
             self.done += len(ack.attempts)
             self.errors += sum(1 for o in outcomes if o.error is not None)
             self.task_ids += [o.task for o in outcomes if o.attempt in set(ack.attempts) and o.error is None]
+
+    def _run_locked(self, spec: P.TaskSpec, context: TaskContext) -> P.Outcome:
+        with _RUNNER_LOCK:
+            ran = self.runner.run(spec.code_hash, spec.input, context)  # {result, output, error, cpu}
+        return P.Outcome(spec.attempt, spec.task, **ran)
+
+    async def _run_task(self, ws: aiohttp.ClientWebSocketResponse, spec: P.TaskSpec) -> P.Outcome | None:
+        """Run one task in a thread, sending its updates as they come; None if it vanished meanwhile."""
+        loop = asyncio.get_running_loop()
+        updates: asyncio.Queue = asyncio.Queue()
+        stopped = threading.Event()
+
+        def emit(text: str) -> None:  # in the task's thread
+            if stopped.is_set():
+                raise Stopped()
+            loop.call_soon_threadsafe(updates.put_nowait, text)
+
+        work = loop.run_in_executor(None, self._run_locked, spec, TaskContext(spec.restore, emit, self.every))
+        while True:
+            get = asyncio.ensure_future(updates.get())
+            done, _ = await asyncio.wait({work, get}, return_when=asyncio.FIRST_COMPLETED)
+            if get not in done:
+                get.cancel()
+                while not updates.empty():  # the partials the task's end flushed
+                    await self._send_update(ws, spec, updates.get_nowait())
+                break
+            await self._send_update(ws, spec, get.result())
+            if self.crash_after_checkpoints is not None and self.checkpoints >= self.crash_after_checkpoints:
+                self.crashed = True
+                stopped.set()  # its next uvm call ends the task's thread
+                with contextlib.suppress(Stopped):
+                    await work
+                return None
+        return await work
+
+    async def _send_update(self, ws: aiohttp.ClientWebSocketResponse, spec: P.TaskSpec, text: str) -> None:
+        data = json.loads(text)
+        if data["state"] is not None:
+            self.checkpoints += 1
+            self.last_state = data["state"]
+        await ws.send_str(P.encode(P.Update(spec.attempt, data["state"], data["progress"], data["partials"])))
 
     async def _send_results(self, ws: aiohttp.ClientWebSocketResponse, outcomes: list[P.Outcome]) -> P.Ack:
         """Send results until they are acknowledged. ``hold`` (the server's database is away): keep

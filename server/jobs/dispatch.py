@@ -29,11 +29,21 @@ from server.jobs.metrics import Metrics
 from server.jobs.outage import DatabaseAway, DbHealth, is_outage
 from server.jobs.supervise import Supervisor
 from server.jobs.validator import Validator
-from server.protocol import MAX_WORKERS, AttemptOutcome, Cancel, Capabilities, Outcome, TaskSpec, ThrottleState
+from server.protocol import (
+    MAX_WORKERS,
+    AttemptOutcome,
+    Cancel,
+    Capabilities,
+    Outcome,
+    ProtocolError,
+    TaskSpec,
+    ThrottleState,
+    Update,
+)
 from server.queue import Bus, Lease, Queue
 from server.queue.base import DEFAULT_SHARE
 from server.spec import InvalidJob, JobSpec, verify_code
-from server.store import pipelines
+from server.store import live, pipelines
 from server.store.models import Limits, QuotaExceeded
 from server.store.storage import Recorded, Storage
 
@@ -72,6 +82,7 @@ class Conn:
     connected_at: float = dataclasses.field(default_factory=time.time)
     recent: collections.OrderedDict = dataclasses.field(default_factory=collections.OrderedDict)  # attempt -> job
     strays: int = 0  # results for attempts never held here, less those acknowledged
+    updated: dict[str, float] = dataclasses.field(default_factory=dict)  # attempt -> last update (monotonic)
 
     def declared_cap(self) -> int:
         """What the declared workers and prefetch justify: at most HARD_CAP, at least 1."""
@@ -375,6 +386,8 @@ class Dispatcher:
                 conn.held.pop(lease.attempt, None)
             await self.queue.requeue([le.attempt for le in leases])
             return []
+        owners = {le.task: self._owner(infos[le.job], conn) for le in leases if infos[le.job] is not None}
+        restores = await live.restore(self.storage, owners)
         specs = []
         for lease in leases:
             info = infos[lease.job]
@@ -392,9 +405,46 @@ class Dispatcher:
                     timeout=lease.timeout,
                     deadline=lease.deadline,
                     requirements=info.requirements,
+                    restore=restores.get(lease.task),
                 )
             )
         return specs
+
+    @staticmethod
+    def _owner(info: Any, conn: Conn) -> str:
+        """The checkpoint lineage this connection's attempt of the job writes and resumes (store/live.py)."""
+        return live.owner_of(info.verification.replication != 1, conn.volunteer)
+
+    async def update(self, conn: Conn, msg: Update) -> int:
+        """A running attempt's checkpoint, progress and partials: stored, and its lease extended.
+
+        Only for an attempt this socket holds, and at most one with a state or progress per attempt
+        every half ``checkpoint_every`` (the volunteer sends the latest once every ``checkpoint_every``;
+        partials alone may follow at once: a task's end sends those left). Partials are capped per task.
+        Returns the partial results kept."""
+        job = conn.held.get(msg.attempt)
+        if job is None:
+            raise ProtocolError(f"update: you hold no attempt {msg.attempt[:32]}")
+        if msg.state is not None or msg.progress is not None:  # partials alone: the end of a task
+            now = time.monotonic()
+            last = conn.updated.get(msg.attempt)
+            if last is not None and now - last < self.config.checkpoint_every / 2:
+                raise ProtocolError(
+                    f"update: at most one every {self.config.checkpoint_every:g} s per task; send the latest then"
+                )
+            conn.updated[msg.attempt] = now
+        if len(conn.updated) > 2 * HARD_CAP:  # forget attempts that ended
+            conn.updated = {a: t for a, t in conn.updated.items() if a in conn.held}
+        lease = (await self.queue.live([msg.attempt])).get(msg.attempt)
+        info = await self.storage.job_info(job)
+        if lease is None or info is None:
+            return 0  # the lease ended meanwhile (expired, cancelled): nothing to keep
+        await self.queue.extend([msg.attempt], time.time())
+        owner = self._owner(info, conn)
+        kept = await live.save(self.storage, lease.task, job, owner, msg.attempt, msg.state, msg.progress, msg.partials)
+        event = {"type": "job", "job": job, "researcher": info.researcher_id}
+        await self.bus.publish({**event, "partials": [lease.index]} if kept else event)
+        return kept
 
     def _network_rule(self, conn: Conn) -> str:
         """The network tag replicas must avoid for this volunteer, when volunteers of other networks
@@ -608,8 +658,10 @@ class Dispatcher:
         return n
 
     async def job_status(self, researcher_id: int | None, job_id: int) -> dict:
+        """A job's status; ``progress`` lists its running tasks' reported progress (uvm.progress)."""
         job = await self.storage.get_job(researcher_id, job_id)
         await self._add_running([job])
+        job["progress"] = await live.progress(self.storage, job_id) if job["state"] == "running" else []
         return job
 
     async def _add_running(self, jobs: list[dict]) -> None:

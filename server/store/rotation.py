@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from server.crypto import Box, key_id_of
-from server.store.tables import attempts, jobs, tasks
+from server.store.tables import attempts, checkpoints, jobs, partials, tasks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +42,9 @@ SEALED = (
     ),
     # What each replica reported, kept until its task is decided (server/jobs/validator.py).
     Sealed(attempts, ("reported_ct",), (), lambda r, c: f"attempt:{r.id}:reported", before_first=""),
+    # Long tasks (server/store/live.py): checkpoints and partial results.
+    Sealed(checkpoints, ("state_ct",), ("task_id", "owner"), lambda r, c: f"checkpoint:{r.task_id}:{r.owner}"),
+    Sealed(partials, ("value_ct",), ("task_id", "seq"), lambda r, c: f"partial:{r.task_id}:{r.seq}"),
 )
 
 

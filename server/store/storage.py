@@ -19,7 +19,7 @@ from server.crypto import Box, code_hash
 from server.protocol import JOB_TERMINAL, AttemptOutcome, JobState, TaskState
 from server.queue import ReadyItem
 from server.spec import ADAPTIVE, InvalidJob, JobSpec, Verification, encode_input
-from server.store import pipelines
+from server.store import live, pipelines
 from server.store.accounts import Accounts
 from server.store.models import Conflict, JobInfo, NotFound, Recorded, Researcher, inserted_id
 from server.store.models import now as _now
@@ -366,13 +366,14 @@ class Storage(Accounts, Outcomes):
                 rows = (await conn.execute(query)).all()
             if not rows:
                 return
+            parts = await live.partials_of(self, job_id, [r.idx for r in rows])
             for row in rows:
-                yield self._task_dict(job_id, info, row)
+                yield self._task_dict(job_id, info, row, parts.get(row.idx, []))
             last = rows[-1].idx
             if left is not None:
                 left -= len(rows)
 
-    def _task_dict(self, job_id: int, info: JobInfo, r: Any) -> dict:
+    def _task_dict(self, job_id: int, info: JobInfo, r: Any, partials: list) -> dict:
         """One task of a download, decrypted (the hot loop: no call for a column that is NULL)."""
         box = self.box
         aad = f"task:{r.id}"
@@ -390,6 +391,7 @@ class Storage(Accounts, Outcomes):
             "attempts": r.attempts,
             "replicas": r.replicas,
             "accepted": r.accepted,
+            "partials": partials,
         }
 
     async def _retry(self, work: Any, attempts: int = 5) -> Any:

@@ -142,3 +142,34 @@ reputation = sa.Table(
     sa.Column("invalid", sa.Integer, nullable=False, default=0),
     sa.Column("last_invalid_at", sa.Double),
 )
+
+# Long tasks: the latest checkpoint and progress of a task, per lineage (``owner``: "" when any
+# volunteer may resume the task, the volunteer's id under replication; see server/store/live.py).
+checkpoints = sa.Table(
+    "checkpoints",
+    metadata,
+    sa.Column("id", Id, primary_key=True, autoincrement=True),
+    sa.Column("task_id", Id, nullable=False),
+    sa.Column("owner", sa.String(64), nullable=False),
+    sa.Column("job_id", Id, nullable=False, index=True),
+    sa.Column("attempt", sa.String(32), nullable=False),
+    sa.Column("state_ct", Blob),  # NULL: progress reported, no checkpoint yet
+    sa.Column("progress", sa.Double),
+    sa.Column("updated_at", sa.Double, nullable=False),
+    sa.UniqueConstraint("task_id", "owner", name="uq_checkpoints_task_owner"),
+)
+
+# Partial results, in the order they arrived (uvm.partial), shown before the task completes.
+partials = sa.Table(
+    "partials",
+    metadata,
+    sa.Column("id", Id, primary_key=True, autoincrement=True),
+    sa.Column("task_id", Id, nullable=False),
+    sa.Column("job_id", Id, nullable=False),
+    sa.Column("attempt", sa.String(32), nullable=False),
+    sa.Column("seq", sa.Integer, nullable=False),  # 0, 1, ... per task: their order, and the cap
+    sa.Column("value_ct", Blob, nullable=False),
+    sa.Column("created_at", sa.Double, nullable=False),
+    sa.UniqueConstraint("task_id", "seq", name="uq_partials_task_seq"),
+    sa.Index("ix_partials_job_task", "job_id", "task_id"),
+)

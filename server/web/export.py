@@ -4,6 +4,7 @@ JSON, NDJSON and CSV say for each task how its result was accepted (``accepted``
 ("2/3": two of three volunteers' results agreed), by a trusted volunteer alone ("trusted,
 spot-check 10%": the rate at which that volunteer's results were being re-checked), or "1/1"
 (replication 1: one volunteer's word); and how many volunteers' results it took (``replicas``).
+JSON and NDJSON also carry each task's ``partials`` (uvm.partial), available before it finishes.
 """
 
 from __future__ import annotations
@@ -90,4 +91,5 @@ def _public(row: dict) -> dict:
         "output": row["output"],
         "accepted": row.get("accepted"),
         "replicas": row.get("replicas", 0),
+        "partials": row.get("partials", []),
     }

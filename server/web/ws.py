@@ -27,6 +27,7 @@ from server import protocol as P
 from server.jobs.dispatch import Conn, Misbehaving
 from server.jobs.outage import DatabaseAway, is_outage
 from server.logs import volunteer_context
+from server.store import live
 from server.store.storage import NotFound
 from server.web import appkeys as K
 from server.web.addresses import client_address, is_loopback
@@ -172,7 +173,7 @@ async def _hello(request: web.Request, msg: P.Hello, address: str, send) -> Conn
         if not is_outage(exc):
             raise
         dispatcher.db_health.failed(exc)  # welcome anyway: it will get work when the database is back
-    await send(P.Welcome(signed, config.heartbeat, config.instance))
+    await send(P.Welcome(signed, config.heartbeat, config.instance, config.checkpoint_every))
     return conn
 
 
@@ -195,7 +196,9 @@ async def _handle(msg: object, conn: Conn, dispatcher, storage, send) -> None:  
     elif isinstance(msg, P.Heartbeat):
         await dispatcher.heartbeat(conn, msg.attempts)
     elif isinstance(msg, P.Progress):
-        await dispatcher.heartbeat(conn, [msg.attempt])
+        await dispatcher.update(conn, P.Update(msg.attempt, progress=msg.fraction))
+    elif isinstance(msg, P.Update):
+        await dispatcher.update(conn, msg)
     elif isinstance(msg, P.NeedCode):
         info = await storage.job_info(msg.job)
         # Only for a job this socket holds (or just lost) an attempt of: a job's code is not for
@@ -216,12 +219,15 @@ def _type_of(data: str) -> str | None:
 
 
 async def events_socket(request: web.Request) -> web.WebSocketResponse:
-    """Live status of the caller's jobs: ``{"type": "job", ...the job's status}`` as it changes."""
+    """Live status of the caller's jobs: ``{"type": "job", ...the job's status}`` as it changes, and
+    ``{"type": "partials", "job", "partials": {index: [values so far]}}`` when a running task of one
+    appends partial results."""
     who = await researcher(request)
     only = request.query.get("job")
     ws = await _open(request)
     dispatcher = request.app[K.dispatcher]
     pending: set[int] = set()
+    with_partials: dict[int, set[int]] = {}  # job -> task indices with new partial results
     wake = asyncio.Event()
 
     async def listen() -> None:
@@ -231,6 +237,7 @@ async def events_socket(request: web.Request) -> web.WebSocketResponse:
                 return
             if event.get("researcher") == who.id and (only is None or str(event.get("job")) == only):
                 pending.add(int(event["job"]))
+                with_partials.setdefault(int(event["job"]), set()).update(_indices(event.get("partials")))
                 wake.set()
 
     async def flush() -> None:
@@ -241,7 +248,7 @@ async def events_socket(request: web.Request) -> web.WebSocketResponse:
             pending.clear()
             for job in jobs:
                 with contextlib.suppress(NotFound):
-                    await ws.send_json({"type": "job", **await dispatcher.job_status(who.id, job)})
+                    await _send_job(ws, dispatcher, who.id, job, sorted(with_partials.pop(job, ())))
             await asyncio.sleep(0.25)  # at most four updates a second
 
     tasks = [asyncio.create_task(listen()), asyncio.create_task(flush())]
@@ -256,6 +263,19 @@ async def events_socket(request: web.Request) -> web.WebSocketResponse:
         for task in tasks:
             task.cancel()
     return ws
+
+
+def _indices(value: object) -> list[int]:
+    """The task indices a job event says have new partial results (none, for other events)."""
+    return [i for i in value[:64] if isinstance(i, int)] if isinstance(value, list) else []
+
+
+async def _send_job(ws: web.WebSocketResponse, dispatcher, researcher_id: int, job: int, indices: list[int]) -> None:  # noqa: ANN001
+    """A job's status, then the partial results of the tasks that appended some (``indices``)."""
+    await ws.send_json({"type": "job", **await dispatcher.job_status(researcher_id, job)})
+    if indices:  # job_status above checked that the job is the caller's (NotFound otherwise)
+        values = await live.partials_of(dispatcher.storage, job, indices)
+        await ws.send_json({"type": "partials", "job": job, "partials": values})
 
 
 async def close_sockets(app: web.Application) -> None:

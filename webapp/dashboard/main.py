@@ -75,6 +75,7 @@ class Dashboard:
         self.results_loaded_at = 0.0
         self.results_done = -1
         self.results_pending = False
+        self.progress_seen: dict[tuple[int, int], tuple[float, float]] = {}  # (job, task) -> first (fraction, at)
         self.errors_failed = -1
         self.admin_task: asyncio.Task | None = None
         self.busy = False
@@ -317,7 +318,10 @@ class Dashboard:
         done, failed = views.progress(job)
         _el("job-bar-done").style.width = f"{done * 100:.2f}%"
         _el("job-bar-failed").style.width = f"{failed * 100:.2f}%"
-        _el("job-stats").innerHTML = f'<p class="muted subtitle">{views.job_subtitle(job)}</p>' + views.job_stats(job)
+        task_etas = self._task_etas(job)
+        stats = views.job_stats(job, task_etas=task_etas)
+        _el("job-stats").innerHTML = f'<p class="muted subtitle">{views.job_subtitle(job)}</p>' + stats
+        _el("job-running").innerHTML = views.running_tasks(job)
         terminal = job["state"] in views.TERMINAL
         _el("cancel-button").hidden = terminal
         _el("retry-button").hidden = job["counts"]["failed"] == 0
@@ -337,6 +341,20 @@ class Dashboard:
             # Throttled: look again when the interval is up, even if no further event comes.
             self.results_pending = True
             asyncio.get_event_loop().call_later(RESULTS_REFRESH, self._refresh_results, job["id"])
+
+    def _task_etas(self, job: dict) -> list[float]:
+        """Each running task's own estimate, from its first progress seen here and its latest."""
+        etas = []
+        for entry in job.get("progress") or []:
+            key = (job["id"], entry["index"])
+            latest = (float(entry["progress"]), float(entry["at"]))
+            first = self.progress_seen.setdefault(key, latest)
+            if latest[0] < first[0]:  # a new attempt started over (or resumed from an earlier checkpoint)
+                first = self.progress_seen[key] = latest
+            left = views.task_eta(first, latest)
+            if left is not None:
+                etas.append(left)
+        return etas
 
     def _refresh_results(self, job_id: int) -> None:
         self.results_pending = False

@@ -75,14 +75,48 @@ def speed(job: dict, now: float | None = None) -> float:
     return value
 
 
-def eta(job: dict, now: float | None = None) -> float | None:
-    """Seconds left at the current throughput, or None when it cannot be told."""
+def eta(job: dict, now: float | None = None, task_etas: list[float] | None = None) -> float | None:
+    """Seconds left, or None when it cannot be told.
+
+    At the current throughput, less the share of running tasks their progress says is done
+    (uvm.progress); while no task has finished lately (long tasks), the slowest running task's
+    own estimate (``task_etas``, see ``task_eta``) once it is the last work left."""
     if job.get("state") in TERMINAL:
         return 0.0
     counts = job.get("counts") or {}
-    left = counts.get("queued", 0) + counts.get("running", 0)
+    done_share = sum(min(1.0, max(0.0, p.get("progress") or 0.0)) for p in job.get("progress") or [])
+    left = max(0.0, counts.get("queued", 0) + counts.get("running", 0) - done_share)
     rate_now = speed(job, now)
-    return left / rate_now if rate_now > 0 else None
+    if rate_now > 0:
+        return left / rate_now
+    if task_etas and counts.get("queued", 0) == 0 and len(task_etas) >= counts.get("running", 0):
+        return max(task_etas)
+    return None
+
+
+def task_eta(first: tuple[float, float], last: tuple[float, float]) -> float | None:
+    """Seconds a running task still needs, from two of its progress reports ``(fraction, at)``."""
+    (p0, t0), (p1, t1) = first, last
+    if p1 <= p0 or t1 <= t0:
+        return None
+    return (1.0 - p1) * (t1 - t0) / (p1 - p0)
+
+
+def running_tasks(job: dict) -> str:
+    """The running tasks that report their progress (uvm.progress), each with a bar."""
+    entries = [] if job.get("state") in TERMINAL else (job.get("progress") or [])
+    if not entries:
+        return ""
+    rows = []
+    for entry in entries[:50]:
+        fraction = min(1.0, max(0.0, float(entry.get("progress") or 0.0)))
+        rows.append(
+            f'<li data-task="{esc(entry.get("index"))}"><span>task {esc(entry.get("index"))}</span>'
+            f'<div class="mini-progress"><div class="bar done" style="width:{fraction * 100:.1f}%"></div></div>'
+            f'<span class="num">{fraction * 100:.0f}%</span></li>'
+        )
+    more = f'<li class="muted small">and {len(entries) - 50} more</li>' if len(entries) > 50 else ""
+    return f'<h2 class="small">Running tasks</h2><ul class="running-tasks">{"".join(rows)}{more}</ul>'
 
 
 def job_name(job: dict) -> str:
@@ -129,7 +163,7 @@ def _chain_note(job: dict) -> str:
     return f' <span class="muted small">({kind} #{esc(parent)})</span>'
 
 
-def job_stats(job: dict, now: float | None = None) -> str:
+def job_stats(job: dict, now: float | None = None, task_etas: list[float] | None = None) -> str:
     counts = job.get("counts") or {}
     items = [
         ("queued", counts.get("queued", 0)),
@@ -138,7 +172,7 @@ def job_stats(job: dict, now: float | None = None) -> str:
         ("failed", counts.get("failed", 0)),
         ("cancelled", counts.get("cancelled", 0)),
         ("throughput", rate(speed(job, now))),
-        ("time left", "—" if job.get("state") in TERMINAL else duration(eta(job, now))),
+        ("time left", "—" if job.get("state") in TERMINAL else duration(eta(job, now, task_etas))),
         ("volunteers", job.get("volunteers", 0)),
     ]
     return "".join(

@@ -26,6 +26,7 @@ from pyscript import document, window
 from . import ui
 from .link import Link
 from .pool import Pool
+from .updates import Updates
 
 SETTINGS_KEY = "uvm.settings"
 TOTALS_KEY = "uvm.totals"
@@ -74,6 +75,8 @@ class App:
         self.totals = _load(TOTALS_KEY, {"tasks": 0, "cpu": 0.0})
         self.session = {"tasks": 0, "cpu": 0.0, "errors": 0, "timeouts": 0}
         self.pool = Pool(worker_url, self.pump, spare)
+        self.pool.on_update = self.on_update
+        self.updates = Updates(protocol)
         self.link = Link(socket_url, self.on_message, self.on_open, self.on_close)
         self.welcomed = False
         self.heartbeat = 30.0
@@ -248,6 +251,7 @@ class App:
             self.pool.resize(self.plan.workers)
             self.report_throttle()
             self.start_tasks()
+            self.send_updates()
             self.flush_results()  # before asking: the server drops finished tasks from its queue
             self.ask_for_tasks()
         now = time.monotonic()
@@ -322,12 +326,32 @@ class App:
             self.in_flight.update(chunk)
         self.oldest_result = None
 
+    def on_update(self, spec, text: str) -> None:
+        """A running task's uvm update: throttled to the server; its checkpoint into the vault, so
+        that a reload of this tab resumes from it with no server round trip."""
+        if spec.attempt not in self.running_specs:
+            return
+        state = self.updates.add(spec.attempt, text)
+        if state is not None:
+            spec.restore = state
+            asyncio.ensure_future(self.vault.put("tasks", spec.attempt, json.dumps(dataclasses.asdict(spec))))
+        self.pump()
+
+    def send_updates(self) -> None:
+        if not self.welcomed:
+            return  # kept (latest wins) until the socket is back
+        for update in self.updates.due(time.monotonic()):
+            self.link.send(update)
+
     async def run_task(self, slot, spec) -> None:
         try:
             arrived = self.arrived.pop(spec.attempt, None)
             answer = await self.pool.execute(slot, spec, self.codes[spec.code_hash], arrived)
         finally:
             self.running_specs.pop(spec.attempt, None)
+            last = self.updates.finish(spec.attempt)  # the partials its end flushed go before its result
+            if last is not None and self.welcomed:
+                self.link.send(last)
         if answer.get("stopped"):  # cancelled, or the volunteer pressed Stop: no outcome
             if spec.attempt not in self.cancelled:
                 self.queue.insert(0, spec)  # runs again after Start, from the vault after a reload
@@ -407,6 +431,7 @@ class App:
             self.volunteer = msg.volunteer
             window.localStorage.setItem(VOLUNTEER_KEY, msg.volunteer)
         self.heartbeat = float(msg.heartbeat)
+        self.pool.every = self.updates.every = float(msg.every)
         self.empty_replies = 0
         self.next_ask = 0.0
 

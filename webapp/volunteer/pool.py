@@ -67,6 +67,8 @@ class Pool:
         self.switch_count = 0
         self.supply = Supply(self._make, spare)
         self._numbers = itertools.count(1)
+        self.on_update = None  # (spec, JSON text): a running task's uvm update (the page's App sets it)
+        self.every = 5.0  # seconds between two updates of one task (from the server's `welcome`)
 
     def _make(self, prewarmed=None) -> PyWorker:  # noqa: ANN001
         worker = PyWorker(self.worker_url, self.changed, prewarmed)
@@ -208,9 +210,13 @@ class Pool:
             "input": spec.input,
             "job": spec.job,
             "requirements": list(code.requirements or spec.requirements or []),
+            "restore": spec.restore,  # the last checkpoint: from the server, or this page's vault
+            "every": self.every,
         }
         if spec.code_hash not in worker.codes:
             payload["source"] = code.source
-        answer = await asyncio.wait_for(worker.run(spec.job, payload), timeout=max(0.1, spec.timeout))
+        on_update = self.on_update
+        listener = None if on_update is None else (lambda text: on_update(spec, text))
+        answer = await asyncio.wait_for(worker.run(spec.job, payload, listener), timeout=max(0.1, spec.timeout))
         worker.codes.add(spec.code_hash)
         return answer

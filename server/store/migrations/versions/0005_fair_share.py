@@ -1,15 +1,15 @@
 """Fair share and quotas: each researcher's share and limits, and the result bytes each job stores;
 the queued tasks of a job in input order from one index (job_id, state, idx).
 
-Revision ID: 0004
-Revises: 0003
+Revision ID: 0005
+Revises: 0004
 """
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0004"
-down_revision = "0003"
+revision = "0005"
+down_revision = "0004"
 
 COLUMNS = {
     "researchers": [
