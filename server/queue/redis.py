@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
+
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from server.queue import redis_keys as keys
 from server.queue.base import (
@@ -320,11 +322,11 @@ class RedisQueue(Queue):
     async def running(self, jobs: list[int]) -> dict[int, int]:
         if not jobs:
             return {}
-        values = await self.redis.hmget(keys.RUNNING, [str(j) for j in jobs])
+        values = await _read_twice(lambda: self.redis.hmget(keys.RUNNING, [str(j) for j in jobs]))
         return {job: max(0, int(v or 0)) for job, v in zip(jobs, values, strict=True)}
 
     async def ready_count(self) -> int:
-        return int(await self._count(keys=[], args=[]))
+        return int(await _read_twice(lambda: self._count(keys=[], args=[])))
 
     async def needs_rebuild(self) -> bool:
         if await self.redis.exists(keys.EPOCH):
@@ -338,6 +340,15 @@ class RedisQueue(Queue):
 
     async def close(self) -> None:
         await self.redis.aclose()
+
+
+async def _read_twice(read: Callable[[], Awaitable[Any]]) -> Any:
+    """A read that a status page depends on: once more on a fresh connection when Redis closed the
+    pooled one (a restart, CLIENT KILL), instead of failing a researcher's request with a 500."""
+    try:
+        return await read()
+    except RedisConnectionError:
+        return await read()
 
 
 def _s(value: Any) -> str:
