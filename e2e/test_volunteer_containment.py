@@ -62,9 +62,9 @@ def patch(stolen):
         runner = getattr(module, "_RUNNER", None)
         if runner is not None:
             original_run = runner.run
-            def run(code_hash, value, _original=original_run):
+            def run(code_hash, value, *args, _original=original_run, **kwargs):
                 if isinstance(value, dict) and "b" in value:
-                    return _original(code_hash, value)
+                    return _original(code_hash, value, *args, **kwargs)
                 stolen.append(repr(value)[:300])
                 return {"result": "POISONED", "output": "", "error": None, "cpu": 0}
             runner.run = run
