@@ -7,6 +7,7 @@ database and an empty Redis database number of its own.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -190,6 +191,9 @@ async def _run_until(sim: SimVolunteer, session: aiohttp.ClientSession, stop: as
         try:
             await sim.run(session, stop)
         except (aiohttp.ClientError, ConnectionError, OSError):
+            await asyncio.sleep(0.2)
+        except Exception:  # anything else: reconnect, as a browser's page does, rather than vanish
+            logging.getLogger(__name__).exception("simulated volunteer %s reconnects", sim.volunteer)
             await asyncio.sleep(0.2)
         if sim.crash_after is not None and sim.leased >= sim.crash_after:
             return
