@@ -222,25 +222,11 @@ class SimVolunteer:
         does; False if the server refused to send it."""
         if not self.runner.has(spec.code_hash):
             await ws.send_str(P.encode(P.NeedCode(spec.job, spec.code_hash)))
-            reply = await self._recv_any("code", "error")
+            reply = await self._first_of("code", "error")
             if isinstance(reply, P.Error):
                 return False
             self.runner.load(reply.code_hash, reply.source, reply.job)
         return True
-
-    async def _recv_any(self, *kinds: str) -> Any:
-        """The first message of any of these kinds (others stay queued)."""
-        gets = {asyncio.ensure_future(self._q(kind).get()): kind for kind in kinds}
-        closed = asyncio.ensure_future(self._closed.wait())
-        done, pending = await asyncio.wait({*gets, closed}, return_when=asyncio.FIRST_COMPLETED)
-        for future in pending:
-            future.cancel()
-        got = [f for f in gets if f in done]
-        for extra in got[1:]:  # two arrived at once: keep the second for its reader
-            self._q(gets[extra]).put_nowait(extra.result())
-        if not got:
-            raise ConnectionError("server closed the connection")
-        return got[0].result()
 
 
 async def run_volunteers(
