@@ -1,10 +1,13 @@
 """Benchmark: N simulated volunteers against one server on MariaDB + Redis (or the embedded default).
 
-Prints end-to-end tasks/s (submission to the last committed result) and the p50/p99 latency
-from a volunteer's ``ready`` to its ``tasks``. Not a test: it asserts nothing, it measures.
+Prints end-to-end tasks/s (submission to the last committed result), the p50/p99 latency
+from a volunteer's ``ready`` to its ``tasks``, CPU per task (server, MariaDB, and on MariaDB + Redis
+the Redis scripts' time, where leasing runs) and the volunteers' job switches. Not a test: it
+asserts nothing, it measures.
 
     .venv/bin/python bench/dispatch.py --volunteers 500 --tasks 60000
     .venv/bin/python bench/dispatch.py --backend sqlite
+    .venv/bin/python bench/dispatch.py --jobs 4 --no-affinity   # 4 researchers' jobs, no job affinity
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ REDIS_URL = f"redis://127.0.0.1:{REDIS_PORT}/12"
 DATABASE = "uvm_bench" if REDIS_PORT == "6379" else f"uvm_bench_{REDIS_PORT}"
 
 
-def _volunteers(url: str, count: int, prefetch: int, done, out: multiprocessing.Queue) -> None:  # noqa: ANN001
+def _volunteers(url: str, count: int, prefetch: int, affinity: bool, done, out: multiprocessing.Queue) -> None:  # noqa: ANN001
     from workers.sim import run_volunteers
 
     async def go() -> dict:
@@ -45,7 +48,7 @@ def _volunteers(url: str, count: int, prefetch: int, done, out: multiprocessing.
             stop.set()
 
         watcher = asyncio.create_task(watch())
-        stats = await run_volunteers(url, count, prefetch=prefetch, quiet=True, stop=stop)
+        stats = await run_volunteers(url, count, prefetch=prefetch, quiet=True, stop=stop, affinity=affinity)
         await watcher
         return stats
 
@@ -73,6 +76,18 @@ def _mariadb_cpu() -> float:
     return sum(_cpu(int(p)) for p in pids)
 
 
+def _redis_script_seconds() -> float:
+    """Seconds Redis spent in scripts since its stats were reset (leases, ends, pushes: Lua)."""
+    info = subprocess.run(
+        ["redis-cli", "-p", REDIS_PORT, "info", "commandstats"], capture_output=True, text=True
+    ).stdout
+    total = 0
+    for line in info.splitlines():
+        if line.startswith(("cmdstat_evalsha:", "cmdstat_eval:")):
+            total += int(line.split("usec=", 1)[1].split(",", 1)[0])
+    return total / 1e6
+
+
 def _get(url: str, token: str) -> dict:
     req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
     with urllib.request.urlopen(req, timeout=30) as resp:
@@ -98,6 +113,10 @@ def main() -> None:
     p.add_argument("--procs", type=int, default=2, help="processes the volunteers are spread over")
     p.add_argument("--server-processes", type=int, default=1, help="uvm-compute serve --processes N (MariaDB only)")
     p.add_argument("--seconds", type=float, default=120.0, help="upper bound on the run")
+    p.add_argument("--jobs", type=int, default=1, help="the tasks split over this many jobs of as many researchers")
+    p.add_argument(
+        "--no-affinity", action="store_true", help="volunteers do not tell the server which jobs they have loaded"
+    )
     p.add_argument(
         "--limits",
         action="store_true",
@@ -127,31 +146,41 @@ def main() -> None:
             "UVM_REDIS_URL": REDIS_URL,
             "UVM_KEY": os.urandom(32).hex(),  # required on MySQL
         }
-    token = add_researcher(env, "bench@example.org")
+    tokens = [add_researcher(env, f"bench{i}@example.org") for i in range(args.jobs)]
     server = ServerProcess(env, args=("--processes", str(args.server_processes))).start()
     try:
         t0 = time.perf_counter()
-        body = {"code": "def main(x):\n    return x\n", "inputs": {"range": [args.tasks]}, "replication": 1}
-        job = _post(f"{server.url}/api/jobs", token, body)  # one replica: this measures dispatch
+        jobs = []
+        for i, token in enumerate(tokens):
+            size = args.tasks // args.jobs + (i < args.tasks % args.jobs)
+            body = {"code": f"def main(x):\n    return x + {i}\n", "inputs": {"range": [size]}, "replication": 1}
+            jobs.append((_post(f"{server.url}/api/jobs", token, body)["id"], token))  # one replica: dispatch
         t_submit = time.perf_counter() - t0
         out: multiprocessing.Queue = multiprocessing.Queue()
         finished = multiprocessing.Event()
         per = [args.volunteers // args.procs + (i < args.volunteers % args.procs) for i in range(args.procs)]
         procs = [
-            multiprocessing.Process(target=_volunteers, args=(server.url, n, args.prefetch, finished, out)) for n in per
+            multiprocessing.Process(
+                target=_volunteers, args=(server.url, n, args.prefetch, not args.no_affinity, finished, out)
+            )
+            for n in per
         ]
         for proc in procs:
             proc.start()
         start = time.perf_counter()
+        if args.backend == "mariadb":
+            subprocess.run(["redis-cli", "-p", REDIS_PORT, "config", "resetstat"], check=True, capture_output=True)
         cpu0 = _tree_cpu(server.proc.pid), _mariadb_cpu()
-        status = {}
+        done = 0
         while time.perf_counter() - start < args.seconds:
-            status = _get(f"{server.url}/api/jobs/{job['id']}", token)
-            if status["state"] in ("done", "failed", "cancelled"):
+            states = [_get(f"{server.url}/api/jobs/{job}", token) for job, token in jobs]
+            done = sum(s.get("counts", {}).get("done", 0) for s in states)
+            if all(s["state"] in ("done", "failed", "cancelled") for s in states):
                 break
             time.sleep(0.25)
         elapsed = time.perf_counter() - start
         cpu1 = _tree_cpu(server.proc.pid), _mariadb_cpu()
+        scripts = _redis_script_seconds() if args.backend == "mariadb" else 0.0
         finished.set()
         stats = [out.get(timeout=60) for _ in procs]
         for proc in procs:
@@ -159,7 +188,6 @@ def main() -> None:
     finally:
         server.stop()
     latencies = sorted(x for s in stats for x in s["latencies"])
-    done = status.get("counts", {}).get("done", 0)
     python = platform.python_version()
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {platform.platform()}, Python {python}")
     limits = "per-address limits on" if args.limits else "loopback exempt from per-address limits"
@@ -168,7 +196,7 @@ def main() -> None:
         f"volunteers: {args.volunteers} in {args.procs} processes, "
         f"prefetch {args.prefetch}; {limits}"
     )
-    print(f"submit {args.tasks} tasks (range): {t_submit:.2f} s")
+    print(f"submit {args.tasks} tasks (range) in {args.jobs} job(s) of as many researchers: {t_submit:.2f} s")
     print(f"completed: {done}/{args.tasks} tasks in {elapsed:.2f} s -> {done / elapsed:.0f} tasks/s end to end")
     if done:
         server_ms = (cpu1[0] - cpu0[0]) * 1000 / done
@@ -177,6 +205,11 @@ def main() -> None:
             f"CPU per task: server {server_ms:.3f} ms, MariaDB {db_ms:.3f} ms "
             f"(one core could serve ~{1000 / server_ms:.0f} tasks/s in the server process)"
         )
+        if args.backend == "mariadb":
+            print(f"Redis scripts per task: {scripts * 1e6 / done:.1f} µs (leasing, ending and pushing tasks)")
+        switches = sum(s.get("switches", 0) for s in stats)
+        affinity = "off" if args.no_affinity else "on"
+        print(f"job switches (job affinity {affinity}): {switches}, {switches * 1000 / done:.1f} per 1000 tasks")
     if latencies:
         q = statistics.quantiles(latencies, n=100)
         print(f"ready->tasks latency: p50 {q[49] * 1000:.1f} ms, p99 {q[98] * 1000:.1f} ms ({len(latencies)} samples)")

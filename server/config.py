@@ -9,6 +9,8 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+from server.queue.base import AFFINITY_SLACK
+
 
 class ConfigError(Exception):
     """A configuration value is missing or malformed; the message says which and why."""
@@ -36,6 +38,7 @@ class Config:
     max_input_bytes: int = 1024 * 1024  # one input, JSON-encoded
     max_result_bytes: int = 1024 * 1024  # one result, JSON-encoded
     lease_grace: float = 30.0  # seconds added to a task's timeout for its lease
+    affinity_slack: float = AFFINITY_SLACK  # tasks a researcher may get ahead of fair share for job affinity
     heartbeat: float = 10.0  # seconds between volunteer heartbeats
     checkpoint_every: float = 5.0  # seconds between two updates (checkpoint, progress, partials) of one task
     reaper_interval: float = 1.0
@@ -98,6 +101,7 @@ class Config:
             "UVM_RESEARCHER_MAX_STORED_BYTES": ("researcher_max_stored_bytes", _positive_int),
             "UVM_RESEARCHER_REQUESTS_PER_SECOND": ("researcher_requests_per_second", _positive_float),
             "UVM_LEASE_GRACE": ("lease_grace", _positive_float),
+            "UVM_AFFINITY_SLACK": ("affinity_slack", _slack),
             "UVM_HEARTBEAT": ("heartbeat", _positive_float),
             "UVM_CHECKPOINT_EVERY": ("checkpoint_every", _positive_float),
             "UVM_LISTEN_BACKLOG": ("listen_backlog", _positive_int),
@@ -235,6 +239,13 @@ def _fraction(raw: str) -> float:
     value = float(raw)
     if not 0 <= value <= 1:
         raise ValueError("expected a fraction between 0 and 1")
+    return value
+
+
+def _slack(raw: str) -> float:
+    value = float(raw)
+    if not 0 <= value <= 1_000_000:  # NaN fails this too
+        raise ValueError("expected a number of tasks from 0 to 1000000")
     return value
 
 

@@ -19,7 +19,8 @@ from typing import Any
 PROTOCOL_VERSION = 3
 # 2: `update` (progress, checkpoints, partial results), TaskSpec.restore, Welcome.every
 # 3: a result's run time is `elapsed` (wall-clock seconds), no longer `cpu`; a page of version 2
-#    still open during an upgrade keeps its results (`cpu` is read as `elapsed`)
+#    still open during an upgrade keeps its results (`cpu` is read as `elapsed`); `ready` may name
+#    the jobs its workers have loaded (`jobs`: job affinity; a `ready` without it still works)
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # one websocket message; larger closes with 1009
 MAX_TASKS_PER_MESSAGE = 64
 MAX_OUTPUT_CHARS = 64 * 1024  # captured stdout/stderr kept per task
@@ -32,6 +33,8 @@ MAX_CHECKPOINT_BYTES = 1024 * 1024  # one task's saved state, as JSON text (work
 MAX_PARTIAL_BYTES = 64 * 1024  # one partial result, as JSON
 MAX_PARTIALS_PER_UPDATE = 64
 MAX_PARTIALS_PER_TASK = 256  # kept per task; more are dropped
+MAX_READY_JOBS = 16  # jobs one `ready` may name as loaded (the server prefers their tasks)
+MAX_JOB_ID = 2**63 - 1  # ids are 63-bit integers in the database
 
 
 class ProtocolError(ValueError):
@@ -228,9 +231,14 @@ class Welcome:
 
 @dataclasses.dataclass
 class Ready:
-    """Volunteer -> server: I can take ``n`` more tasks (free workers + prefetch)."""
+    """Volunteer -> server: I can take ``n`` more tasks (free workers + prefetch).
+
+    ``jobs`` (protocol 3, optional): the jobs its workers have loaded, those of idle workers first,
+    at most ``MAX_READY_JOBS``. The server then prefers their tasks (job affinity), so a worker seldom
+    has to be replaced for another job; a hint only, never a claim the server acts on beyond that."""
 
     n: int
+    jobs: list = dataclasses.field(default_factory=list)
     TYPE = "ready"
 
 
@@ -412,7 +420,7 @@ _SCHEMA: dict[str, list[tuple[str, tuple, bool]]] = {
         ("server", (str,), False),
         ("every", (int, float), False),
     ],
-    "ready": [("n", (int,), True)],
+    "ready": [("n", (int,), True), ("jobs", (list,), False)],
     "tasks": [("tasks", (list,), True)],
     "need_code": [("job", (int,), True), ("code_hash", (str,), True)],
     "code": [
@@ -548,8 +556,10 @@ def from_dict(data: Any) -> Any:  # noqa: C901 - one flat check per message kind
                 raise ProtocolError(f"{kind}: 'attempts' must be a list of strings")
     elif kind in ("progress", "update"):
         _check_live(kind, fields)
-    if kind == "ready" and not 0 <= fields["n"] <= MAX_TASKS_PER_MESSAGE:
-        raise ProtocolError(f"ready: n must be between 0 and {MAX_TASKS_PER_MESSAGE}")
+    if kind == "ready":
+        if not 0 <= fields["n"] <= MAX_TASKS_PER_MESSAGE:
+            raise ProtocolError(f"ready: n must be between 0 and {MAX_TASKS_PER_MESSAGE}")
+        fields["jobs"] = _job_ids(fields.get("jobs", []))
     if kind == "hello":
         if len(fields["volunteer"]) > 64:
             raise ProtocolError("hello: volunteer id must be at most 64 characters")
@@ -557,6 +567,16 @@ def from_dict(data: Any) -> Any:  # noqa: C901 - one flat check per message kind
     elif kind == "throttle":
         fields["state"] = ThrottleState.from_wire(fields["state"])
     return cls(**fields)
+
+
+def _job_ids(value: list) -> list:
+    """``ready.jobs``: at most MAX_READY_JOBS job ids (integers in 1..MAX_JOB_ID), duplicates dropped."""
+    if len(value) > MAX_READY_JOBS:
+        raise ProtocolError(f"ready: at most {MAX_READY_JOBS} jobs in 'jobs'")
+    for job in value:
+        if isinstance(job, bool) or not isinstance(job, int) or not 0 < job <= MAX_JOB_ID:
+            raise ProtocolError(f"ready: 'jobs' must be a list of job ids (integers from 1 to {MAX_JOB_ID})")
+    return list(dict.fromkeys(value))
 
 
 def _check_live(kind: str, fields: dict) -> None:

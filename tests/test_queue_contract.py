@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
+import random
 
 import pytest
 import redis.asyncio as aioredis
@@ -270,3 +272,113 @@ async def test_fair_share_exclusions_look_past_a_researcher(queue):
 async def test_set_shares_refuses_bad_values(queue, bad):
     with pytest.raises(ValueError, match="share must be a number > 0"):
         await queue.set_shares({7: bad})
+
+
+# ------------------------------------------------------------------------------ job affinity
+_attempts = itertools.count()
+
+
+async def lease_for(queue, n: int, volunteer: str = "v", jobs: tuple = (), network: str = "") -> list:
+    """Lease ``n`` for a volunteer whose workers have ``jobs`` loaded."""
+    attempts = [f"{volunteer}-{next(_attempts)}" for _ in range(n)]
+    return await queue.lease(volunteer, attempts, now=0.0, network=network, jobs=list(jobs))
+
+
+async def test_affinity_a_loaded_job_goes_first_then_age(queue):
+    await queue.push(owned(1, researcher=7, n=5, start=1))  # the older job
+    await queue.push(owned(2, researcher=7, n=5, start=100))
+    assert [le.task for le in await lease_for(queue, 2, jobs=(2,))] == [100, 101]
+    assert [le.task for le in await lease_for(queue, 2, "w")] == [1, 2]  # nothing loaded: by age
+    # two loaded jobs: each gets its turn (a worker of each), the one named first first
+    assert [le.task for le in await lease_for(queue, 2, jobs=(2, 1))] == [102, 3]
+    assert [le.task for le in await lease_for(queue, 1, jobs=(424242,))] == [4]  # an unknown job: by age
+    await queue.cancel_job(2)
+    assert [le.task for le in await lease_for(queue, 1, jobs=(2,))] == [5]  # a cancelled job: ignored
+    assert await lease_for(queue, 1, jobs=(2,)) == []
+
+
+async def test_affinity_spreads_a_lease_over_the_loaded_jobs(queue):
+    await queue.push(owned(1, researcher=7, n=10, start=1))
+    await queue.push(owned(2, researcher=8, n=10, start=100))
+    await queue.push(owned(3, researcher=9, n=10, start=200))
+    got = [le.job for le in await lease_for(queue, 6, jobs=(3, 2))]
+    assert sorted(got) == [2, 2, 2, 3, 3, 3]  # job 1 is not loaded: it waits (within the slack)
+
+
+async def test_affinity_keeps_a_researchers_priority_first(queue):
+    await queue.push(owned(1, researcher=7, n=3, start=1))
+    await queue.push(owned(3, researcher=7, n=2, start=10, priority=5))
+    assert [le.task for le in await lease_for(queue, 4, jobs=(1,))] == [10, 11, 1, 2]
+
+
+@pytest.mark.parametrize("slack", [0.0, 4.0])
+async def test_affinity_stays_within_fair_share_by_the_slack(queue, slack):
+    """A volunteer with researcher 8's job loaded takes it while 8 is at most ``slack`` tasks ahead
+    of researcher 7 (whose job it has not loaded); never more than ``slack + 1`` ahead."""
+    queue.affinity_slack = slack
+    await queue.push(owned(1, researcher=7, n=100, start=1))
+    await queue.push(owned(2, researcher=8, n=100, start=1000))
+    counts = {1: 0, 2: 0}
+    ahead = []
+    for _ in range(40):
+        (lease,) = await lease_for(queue, 1, jobs=(2,))
+        counts[lease.job] += 1
+        ahead.append(counts[2] - counts[1])
+    assert max(ahead) == slack + 1 and min(ahead) >= 0
+    assert ahead[: int(slack) + 1] == list(range(1, int(slack) + 2))  # the loaded job first, up to the slack
+    # a volunteer with nothing loaded takes the researcher behind
+    assert [le.job for le in await lease_for(queue, 1, "fresh")] == [1]
+
+
+async def test_affinity_respects_exclusions(queue):
+    await queue.push(owned(1, researcher=7, n=3, start=1))
+    await queue.push(owned(2, researcher=8, n=3, start=10))
+    await queue.exclude([(1, "v"), (2, "net:10.0.0.0/24")])
+    got = await lease_for(queue, 1, "v", jobs=(1,), network="net:10.0.0.0/24")
+    assert [le.task for le in got] == [3]  # task 1 excludes v, task 2 its network
+    assert [le.task for le in await lease_for(queue, 1, "v", jobs=(1,), network="net:10.0.0.0/24")] == [10]
+    assert await queue.ready_count() == 4  # the excluded tasks stay ready, for the others
+    assert [le.task for le in await lease_for(queue, 2, "w", jobs=(1,), network="net:10.0.1.0/24")] == [1, 2]
+
+
+async def test_affinity_follows_claims_drops_and_requeues(queue):
+    ready = owned(1, researcher=7, n=4, start=1)
+    await queue.push(ready + owned(2, researcher=7, n=2, start=50))
+    assert await queue.claim("x", "resumed", ready[1], now=0.0) is not None
+    await queue.drop([ready[2]])
+    assert [le.task for le in await lease_for(queue, 3, jobs=(1,))] == [1, 4, 50]  # not 2 (claimed), not 3
+    await queue.requeue(["resumed"])
+    assert [le.task for le in await lease_for(queue, 2, jobs=(1,))] == [2, 51]
+    assert await queue.ready_count() == 0
+
+
+async def test_affinity_makes_job_switches_rare_and_shares_stay_fair(queue):
+    """Twelve one-worker volunteers ask in a random (seeded) order for one task at a time, over three
+    researchers' jobs: with their loaded job named, far fewer tasks need a worker switch, and no
+    researcher gets more than ``slack + 1`` tasks ahead of another."""
+
+    async def run(affinity: bool, seed: int) -> tuple[int, int]:
+        offset = 0 if affinity else 10  # other jobs and researchers for the second run
+        pushed = [owned(offset + r, offset + r + 6, n=150, start=100_000 * (offset + r)) for r in (1, 2, 3)]
+        for job in pushed:
+            await queue.push(job)
+        rng = random.Random(seed)
+        loaded: dict[str, int] = {}
+        counts = dict.fromkeys(range(offset + 1, offset + 4), 0)
+        switches = spread = 0
+        for _ in range(300):
+            volunteer = f"v{rng.randrange(12)}"
+            job = loaded.get(volunteer)
+            (lease,) = await lease_for(queue, 1, volunteer, jobs=(job,) if affinity and job else ())
+            switches += job is not None and lease.job != job
+            loaded[volunteer] = lease.job
+            counts[lease.job] += 1
+            spread = max(spread, max(counts.values()) - min(counts.values()))
+            await queue.release([lease.attempt])
+        await queue.drop([item for job in pushed for item in job])  # what is left: not for the next run
+        return switches, spread
+
+    with_affinity, spread = await run(True, seed=1)
+    without, spread_without = await run(False, seed=1)
+    assert spread_without <= 1 and spread <= queue.affinity_slack + 1
+    assert with_affinity * 5 < without, (with_affinity, without)

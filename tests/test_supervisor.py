@@ -134,3 +134,13 @@ def test_assign_keeps_each_worker_on_one_job() -> None:
     assert assign([("w1", "Z"), ("w2", None)], [("a1", "A")]) == [("w2", "a1")]
     assert assign([("w1", "Z")], [("a1", "A")]) == [("w1", "a1")]  # the pool switches w1
     assert assign([("w1", None)], []) == [] and assign([], tasks) == []
+
+
+def test_loaded_jobs_name_idle_workers_jobs_first_distinct_and_bounded() -> None:
+    """What ``ready.jobs`` names (job affinity): fresh workers (the spare) have none."""
+    from workers.supervisor import loaded_jobs
+
+    workers = [(3, False), (None, True), (5, True), (3, True), (7, False), (5, False)]
+    assert loaded_jobs(workers, 16) == [5, 3, 7]
+    assert loaded_jobs(workers, 2) == [5, 3]
+    assert loaded_jobs([(None, True)], 16) == [] and loaded_jobs([], 16) == []

@@ -33,6 +33,10 @@ class SimVolunteer:
     allows the ``ready {prefetch}`` it sends), and keeps the signed id from ``welcome`` to
     present in its next ``hello``, as the browser does. ``volunteer`` is the public part of
     that id (what the server stores); ``token`` the signed whole.
+
+    Its one worker has the job of the last task it ran loaded, as a browser's worker does: a task
+    of another job counts as a job switch (``switches``; the browser would start a fresh worker).
+    With ``affinity`` its ``ready`` names the loaded job, so the server prefers that job's tasks.
     """
 
     def __init__(
@@ -44,6 +48,7 @@ class SimVolunteer:
         lie_rate: float = 0.0,
         seed: int | None = None,
         crash_after_checkpoints: int | None = None,
+        affinity: bool = True,
     ):
         self.url = server.rstrip("/").replace("http://", "ws://").replace("https://", "wss://") + "/ws/volunteer"
         self.prefetch = prefetch
@@ -57,6 +62,9 @@ class SimVolunteer:
         self.crashed = False
         self.every = P.Welcome.every
         self.lie_rate = lie_rate
+        self.affinity = affinity
+        self.loaded: int | None = None  # the job its worker ran last
+        self.switches = 0  # tasks whose job was not the loaded one (a fresh worker in the browser)
         self.lies: set[int] = set()  # tasks it forged a result for
         self._rng = random.Random(seed)
         self.done = 0
@@ -116,7 +124,7 @@ class SimVolunteer:
         idle = 0.05
         while not stop.is_set():
             sent = time.perf_counter()
-            await ws.send_str(P.encode(P.Ready(self.prefetch)))
+            await ws.send_str(P.encode(self._ready()))
             batch: P.Tasks = await self._recv("tasks")
             if not batch.tasks:
                 with contextlib.suppress(asyncio.TimeoutError):
@@ -132,6 +140,9 @@ class SimVolunteer:
             for spec in batch.tasks:
                 if not await self._load(ws, spec):  # refused (the job was cancelled meanwhile): drop the task
                     continue
+                if self.loaded is not None and spec.job != self.loaded:
+                    self.switches += 1
+                self.loaded = spec.job
                 outcome = await self._run_task(ws, spec)
                 if outcome is None:
                     return  # vanished mid-task (crash_after_checkpoints)
@@ -143,6 +154,11 @@ class SimVolunteer:
             self.done += len(ack.attempts)
             self.errors += sum(1 for o in outcomes if o.error is not None)
             self.task_ids += [o.task for o in outcomes if o.attempt in set(ack.attempts) and o.error is None]
+
+    def _ready(self) -> P.Ready:
+        if self.affinity and self.loaded is not None:
+            return P.Ready(self.prefetch, jobs=[self.loaded])
+        return P.Ready(self.prefetch)
 
     def _run_locked(self, spec: P.TaskSpec, context: TaskContext) -> P.Outcome:
         with _RUNNER_LOCK:
@@ -237,10 +253,11 @@ async def run_volunteers(
     quiet: bool = False,
     stop: asyncio.Event | None = None,
     lie_rate: float = 0.0,
+    affinity: bool = True,
 ) -> dict:
     """Run ``count`` simulated volunteers until ``stop`` is set or ``duration`` passes."""
     stop = stop or asyncio.Event()
-    sims = [SimVolunteer(server, prefetch, lie_rate=lie_rate) for _ in range(count)]
+    sims = [SimVolunteer(server, prefetch, lie_rate=lie_rate, affinity=affinity) for _ in range(count)]
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as session:
         runs = [asyncio.create_task(_forever(sim, session, stop)) for sim in sims]
@@ -256,6 +273,7 @@ async def run_volunteers(
         "done": sum(s.done for s in sims),
         "errors": sum(s.errors for s in sims),
         "latencies": [x for s in sims for x in s.latencies],
+        "switches": sum(s.switches for s in sims),
     }
 
 

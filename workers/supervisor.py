@@ -222,3 +222,14 @@ def assign(workers: list[tuple[S, object]], tasks: list[tuple[T, object]]) -> li
     others.sort(key=lambda pair: pair[1] is not None)  # fresh workers first: no switch needed
     pairs.extend((worker, task) for (worker, _), (task, _) in zip(others, left, strict=False))
     return pairs
+
+
+def loaded_jobs(workers: list[tuple[object, bool]], limit: int) -> list:
+    """The jobs to name in ``ready`` as loaded (job affinity), from ``(owner, idle)`` per worker.
+
+    ``owner`` is the job whose code ran in the worker (None for a fresh one, such as the spare,
+    which is not listed). Distinct jobs, those of idle workers first (they take the next tasks),
+    at most ``limit``: the server then prefers their tasks, so a worker seldom has to be replaced.
+    """
+    ordered = [owner for owner, idle in workers if idle] + [owner for owner, idle in workers if not idle]
+    return list(dict.fromkeys(owner for owner in ordered if owner is not None))[:limit]

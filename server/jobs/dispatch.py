@@ -30,6 +30,7 @@ from server.jobs.outage import DatabaseAway, DbHealth, is_outage
 from server.jobs.supervise import Supervisor
 from server.jobs.validator import Validator
 from server.protocol import (
+    MAX_READY_JOBS,
     MAX_WORKERS,
     AttemptOutcome,
     Cancel,
@@ -56,6 +57,7 @@ HARD_CAP = MAX_WORKERS  # 64
 DEFAULT_PREFETCH_PER_WORKER = 1  # when a volunteer declares no prefetch
 MAX_PREFETCH_PER_WORKER = 8  # the browser's supervisor holds at most this many per worker
 RECENT_ATTEMPTS = 256  # attempts a connection lost (expired, cancelled) whose late results are not strays
+HANDED_JOBS = 2 * MAX_READY_JOBS  # jobs a connection was handed tasks of, remembered for job affinity
 STRAY_LIMIT = 128  # results for attempts a connection never held, beyond its acknowledged ones: closed
 STRIKES_KEPT = 100_000  # volunteers whose expired leases are remembered (oldest forgotten first)
 STRIKE_HALF_LIFE = 600.0  # seconds: expiries are forgiven with time (slowly), and by delivered results
@@ -83,6 +85,21 @@ class VolunteerSocket:
     recent: collections.OrderedDict = dataclasses.field(default_factory=collections.OrderedDict)  # attempt -> job
     strays: int = 0  # results for attempts never held here, less those acknowledged
     updated: dict[str, float] = dataclasses.field(default_factory=dict)  # attempt -> last update (monotonic)
+    # Jobs this connection was handed tasks of, the latest last: the only ones its `ready` may name as
+    # loaded (job affinity), so that no volunteer can pick which job's tasks it gets.
+    handed: dict[int, None] = dataclasses.field(default_factory=dict)
+
+    def hold(self, attempt: str, job: int) -> None:
+        """This connection holds ``attempt`` of ``job`` now (leased or resumed)."""
+        self.held[attempt] = job
+        self.handed.pop(job, None)
+        self.handed[job] = None
+        if len(self.handed) > HANDED_JOBS:
+            del self.handed[next(iter(self.handed))]
+
+    def loaded(self, jobs: list[int]) -> list[int]:
+        """The jobs a `ready` names as loaded that this connection was handed (the others are ignored)."""
+        return [job for job in jobs if job in self.handed]
 
     def declared_cap(self) -> int:
         """What the declared workers and prefetch justify: at most HARD_CAP, at least 1."""
@@ -359,19 +376,24 @@ class Dispatcher:
         return max(0, min(cap - len(sock.held), HARD_CAP - by_id))
 
     # -------------------------------------------------------------------------- leasing
-    async def lease(self, sock: VolunteerSocket, n: int) -> list[TaskSpec]:
+    async def lease(self, sock: VolunteerSocket, n: int, jobs: list[int] | None = None) -> list[TaskSpec]:
+        """Lease up to ``n`` tasks for this connection, preferring the tasks of the ``jobs`` its
+        workers have loaded (job affinity; only jobs it was handed count)."""
         if self.db_health.down_since is not None:
             return []  # results could not be committed; an empty answer means "ask again later"
         n = min(n, self.lease_room(sock))
         if n <= 0:
             return []
         attempts = [secrets.token_hex(8) for _ in range(n)]
-        leases = await self.queue.lease(sock.volunteer, attempts, time.time(), self._network_rule(sock))
+        loaded = sock.loaded(jobs or [])
+        leases = await self.queue.lease(sock.volunteer, attempts, time.time(), self._network_rule(sock), loaded)
         if not leases:
             return []
         for lease in leases:
-            sock.held[lease.attempt] = lease.job
+            sock.hold(lease.attempt, lease.job)
         self.metrics.handed_out.inc(len(leases))
+        if loaded:
+            self.metrics.affine.inc(sum(1 for le in leases if le.job in loaded))
         try:
             infos = {job: await self.storage.job_info(job) for job in {le.job for le in leases}}
             stored = [
@@ -461,11 +483,11 @@ class Dispatcher:
         now = time.time()
         for attempt, lease in (await self.queue.live(attempts)).items():
             if lease.volunteer == sock.volunteer:  # the old socket's close was not handled yet
-                sock.held[attempt] = lease.job
+                sock.hold(attempt, lease.job)
         for attempt, item in await self.storage.resumable(sock.volunteer, [a for a in attempts if a not in sock.held]):
             claimed = await self.queue.claim(sock.volunteer, attempt, item, now)
             if claimed is not None:
-                sock.held[attempt] = claimed.job
+                sock.hold(attempt, claimed.job)
         await self.queue.extend(list(sock.held), now)
         return len(sock.held)
 

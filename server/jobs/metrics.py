@@ -51,6 +51,11 @@ class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
         self.handed_out = Counter("uvm_tasks_handed_out", "Tasks leased to volunteers (attempts started)", registry=r)
+        self.affine = Counter(
+            "uvm_tasks_handed_out_to_loaded_jobs",
+            "Tasks leased to a volunteer that named their job as loaded (job affinity: no worker switch)",
+            registry=r,
+        )
         self.attempts = Counter(
             "uvm_attempts_finished",
             "Attempts ended, by outcome (done, error, timeout, late, expired, abandoned)",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 
 PRIORITY_SHIFT = 2**40
 DEFAULT_SHARE = 1.0  # a researcher's weight in fair share unless an operator set another
@@ -20,6 +20,13 @@ MAX_SKIPPED = 256  # excluded tasks one lease call looks past before it gives up
 # running before it on the volunteer's worker (prefetch), one to run. A socket that heartbeats
 # forever without answering loses its leases all the same.
 LEASE_SPAN = 2
+# Job affinity may lease a task of a job the volunteer has loaded from a researcher whose pass is up
+# to this much above the lowest (in tasks at share 1): no researcher gets ahead of its fair share by
+# more than this (plus one task), however long the run, and volunteers seldom have to switch jobs.
+# 0 = affinity only among the tasks of the researcher whose turn it is. UVM_AFFINITY_SLACK sets it;
+# the README's "Job affinity" weighs switches against the deviation from fair share.
+AFFINITY_SLACK = 8.0
+MAX_AFFINITY_JOBS = 16  # loaded jobs one lease call considers (the protocol's MAX_READY_JOBS)
 
 
 def lease_limit(now: float, timeout: float, grace: float) -> float:
@@ -33,6 +40,11 @@ def checked_shares(shares: dict[int, float]) -> dict[int, float]:
         if not (isinstance(share, int | float) and share > 0 and share != float("inf")):
             raise ValueError(f"researcher {researcher}: a share must be a number > 0, not {share!r}")
     return {int(r): float(v) for r, v in shares.items()}
+
+
+def priority_band(score: int | float) -> int:
+    """The priority part of a ready task's score (lower: handed out first; see ``ReadyItem.score``)."""
+    return int(score // PRIORITY_SHIFT)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,18 +93,29 @@ class Queue(abc.ABC):
     next task of the researcher with the lowest pass and adds ``1 / share`` to it. A researcher who
     becomes active starts at the lowest pass of those active, so a new small job is handed out at
     once, between the tasks of a huge one. Within a researcher: priority first, then age (task id).
+
+    Job affinity: a lease may name the jobs the volunteer has loaded. It then takes a task of one of
+    them if its researcher's pass is within ``affinity_slack`` of the lowest and the task is of that
+    researcher's highest waiting priority -- the loaded job that got the fewest tasks in this call
+    first (a volunteer's workers of different jobs each get their own), then the lowest pass, then
+    the order given. Otherwise it leases as above.
     """
 
     grace: float = 30.0
+    affinity_slack: float = AFFINITY_SLACK
 
     @abc.abstractmethod
     async def push(self, items: Iterable[ReadyItem]) -> int:
         """Make tasks ready unless already ready or leased; returns how many were added."""
 
     @abc.abstractmethod
-    async def lease(self, volunteer: str, attempts: list[str], now: float, network: str = "") -> list[Lease]:
+    async def lease(
+        self, volunteer: str, attempts: list[str], now: float, network: str = "", jobs: Sequence[int] = ()
+    ) -> list[Lease]:
         """Lease up to ``len(attempts)`` tasks, naming the attempts with the given ids. Tasks that
-        exclude ``volunteer`` (or ``network``, when given) are skipped and stay ready for others."""
+        exclude ``volunteer`` (or ``network``, when given) are skipped and stay ready for others.
+        ``jobs``: the jobs the volunteer has loaded, preferred within fair share (job affinity);
+        the first ``MAX_AFFINITY_JOBS`` count."""
 
     @abc.abstractmethod
     async def set_shares(self, shares: dict[int, float]) -> None:

@@ -3,17 +3,33 @@
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
-from server.queue.base import DEFAULT_SHARE, MAX_SKIPPED, Lease, Queue, ReadyItem, checked_shares, lease_limit
+from server.queue.base import (
+    AFFINITY_SLACK,
+    DEFAULT_SHARE,
+    MAX_AFFINITY_JOBS,
+    MAX_SKIPPED,
+    Lease,
+    Queue,
+    ReadyItem,
+    checked_shares,
+    lease_limit,
+    priority_band,
+)
+
+Entry = tuple[int, str]  # (score, member) in a heap of ready tasks
 
 
 class MemoryQueue(Queue):
     """In-process implementation for the embedded default: one process, so no await = atomic."""
 
-    def __init__(self, grace: float = 30.0) -> None:
+    def __init__(self, grace: float = 30.0, affinity_slack: float = AFFINITY_SLACK) -> None:
         self.grace = grace
-        self._heaps: dict[int, list[tuple[int, str]]] = {}  # researcher -> its ready tasks (stale entries skipped)
+        self.affinity_slack = affinity_slack
+        self._heaps: dict[int, list[Entry]] = {}  # researcher -> its ready tasks (stale entries skipped)
+        self._job_heaps: dict[int, list[Entry]] = {}  # job -> its ready tasks, for job affinity (the same)
+        self._job_ready: dict[int, int] = {}  # job -> its ready tasks: its heap goes with the last
         self._passes: dict[int, float] = {}  # active researcher -> pass (fair share, see Queue)
         self._owner: dict[int, int] = {}  # job -> researcher
         self._shares: dict[int, float] = {}
@@ -34,11 +50,29 @@ class MemoryQueue(Queue):
         if member in self._ready or task in self._leased_tasks:
             return False
         self._ready.add(member)
+        heapq.heappush(self._job_heaps.setdefault(job, []), (score, member))
+        self._job_ready[job] = self._job_ready.get(job, 0) + 1
         owner = self._owner.get(job, 0)
         if owner not in self._passes:  # becomes active at the lowest pass of those active
             self._passes[owner] = min(self._passes.values(), default=0.0)
         heapq.heappush(self._heaps.setdefault(owner, []), (score, member))
         return True
+
+    def _unready(self, member: str) -> None:
+        """Take a task out of the ready set (its heap entries are skipped from now on)."""
+        if member in self._ready:
+            self._ready.discard(member)
+            job = int(member.split(":", 1)[0])
+            self._job_ready[job] -= 1
+            if not self._job_ready[job]:
+                del self._job_ready[job]
+                self._job_heaps.pop(job, None)
+
+    def _head(self, heap: list[Entry]) -> Entry | None:
+        """A heap's first ready entry (stale ones dropped on the way)."""
+        while heap and heap[0][1] not in self._ready:
+            heapq.heappop(heap)
+        return heap[0] if heap else None
 
     def _next_owner(self, blocked: set[int]) -> int | None:
         """The active researcher with the lowest pass (ties: the lowest id), not in ``blocked``."""
@@ -78,43 +112,77 @@ class MemoryQueue(Queue):
     async def push(self, items: Iterable[ReadyItem]) -> int:
         return sum(self._add(item.score, item.member, item.researcher) for item in items)
 
-    async def lease(self, volunteer: str, attempts: list[str], now: float, network: str = "") -> list[Lease]:
+    async def lease(
+        self, volunteer: str, attempts: list[str], now: float, network: str = "", jobs: Sequence[int] = ()
+    ) -> list[Lease]:
         out: list[Lease] = []
-        skipped: list[tuple[int, int, str]] = []
+        skipped: list[tuple[bool, Entry]] = []  # (from its job's heap, not its researcher's; entry)
         blocked: set[int] = set()  # researchers with nothing (more) for this volunteer
+        loaded = [j for j in dict.fromkeys(jobs[:MAX_AFFINITY_JOBS]) if j not in self._cancelled]
+        given = dict.fromkeys(loaded, 0)  # tasks of each loaded job leased in this call
         while len(out) < len(attempts) and len(skipped) < MAX_SKIPPED:
-            owner = self._next_owner(blocked)
-            if owner is None:
+            best = self._next_owner(blocked)
+            if best is None:
                 break
-            entry = self._pop(owner)
+            owner, from_job, entry = best, False, None
+            job = self._affine(loaded, given, best, blocked) if loaded else None
+            if job is not None:
+                owner, from_job = self._owner.get(job, 0), True
+                entry = heapq.heappop(self._job_heaps[job])
+            else:
+                entry = self._pop(best)
             if entry is None:
-                blocked.add(owner)
+                blocked.add(best)
                 continue
             score, member = entry
-            job, task, _index, timeout = member.split(":")
+            job_id, task, _index, timeout = member.split(":")
             excluded = self._excluded.get(int(task))
             if excluded and (volunteer in excluded or (network and network in excluded)):
-                skipped.append((owner, score, member))
+                skipped.append((from_job, entry))
                 continue
-            self._ready.discard(member)
-            if int(job) in self._cancelled:
+            self._unready(member)
+            if int(job_id) in self._cancelled:
                 continue
+            if int(job_id) in given:
+                given[int(job_id)] += 1
             self._passes[owner] += 1.0 / self._shares.get(owner, DEFAULT_SHARE)
             attempt = attempts[len(out)]
             self._leases[attempt] = (score, member, volunteer)
             self._leased_tasks[int(task)] = attempt
             self._deadlines[attempt] = now + float(timeout) + self.grace
             self._limits[attempt] = lease_limit(now, float(timeout), self.grace)
-            self._running[int(job)] = self._running.get(int(job), 0) + 1
+            self._running[int(job_id)] = self._running.get(int(job_id), 0) + 1
             out.append(self._lease_of(attempt, self._leases[attempt]))
-        for owner, score, member in skipped:
+        for from_job, entry in skipped:
+            job = int(entry[1].split(":", 1)[0])
+            owner = self._owner.get(job, 0)
+            heapq.heappush(
+                self._job_heaps.setdefault(job, []) if from_job else self._heaps.setdefault(owner, []), entry
+            )
             if owner not in self._passes:
                 self._passes[owner] = min(self._passes.values(), default=0.0)
-            heapq.heappush(self._heaps.setdefault(owner, []), (score, member))
         for owner in [o for o in self._passes if not self._heaps.get(o)]:
             del self._passes[owner]  # no ready task left: it rejoins at the lowest pass
             self._heaps.pop(owner, None)
         return out
+
+    def _affine(self, loaded: list[int], given: dict[int, int], best: int, blocked: set[int]) -> int | None:
+        """The loaded job to lease from now (job affinity, see ``Queue``), or None; a loaded job with
+        nothing ready, or whose researcher has a task of higher priority waiting, is dropped from
+        ``loaded`` for the rest of the call."""
+        low = self._passes[best] + self.affinity_slack
+        order = sorted(
+            (given[j], self._passes[r], i, j)
+            for i, j in enumerate(loaded)
+            if (r := self._owner.get(j, 0)) in self._passes and r not in blocked and self._passes[r] <= low
+        )
+        for *_, job in order:
+            top = self._head(self._job_heaps.get(job, []))
+            first = self._head(self._heaps.get(self._owner.get(job, 0), []))
+            if top is not None and first is not None and priority_band(first[0]) == priority_band(top[0]):
+                return job
+            loaded.remove(job)
+        return None
 
     async def set_shares(self, shares: dict[int, float]) -> None:
         self._shares.update(checked_shares(shares))
@@ -130,7 +198,7 @@ class MemoryQueue(Queue):
     async def claim(self, volunteer: str, attempt: str, item: ReadyItem, now: float) -> Lease | None:
         if item.member not in self._ready or item.job in self._cancelled:
             return None
-        self._ready.discard(item.member)  # its heap entry is skipped when popped
+        self._unready(item.member)  # its heap entries are skipped when popped
         self._leases[attempt] = (item.score, item.member, volunteer)
         self._leased_tasks[item.task] = attempt
         self._deadlines[attempt] = now + item.timeout + self.grace
@@ -175,7 +243,7 @@ class MemoryQueue(Queue):
 
     async def drop(self, items: Iterable[ReadyItem]) -> None:
         for item in items:
-            self._ready.discard(item.member)
+            self._unready(item.member)
 
     async def cancel_job(self, job: int) -> None:
         self._cancelled.add(job)

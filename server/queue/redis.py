@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from server.queue import redis_keys as keys
 from server.queue.base import (
+    AFFINITY_SLACK,
     DEFAULT_SHARE,
     LEASE_SPAN,
+    MAX_AFFINITY_JOBS,
     MAX_SKIPPED,
+    PRIORITY_SHIFT,
     Bus,
     Lease,
     Queue,
@@ -23,10 +26,21 @@ from server.queue.base import (
 
 # ----------------------------------------------------------------------------------- Redis
 # Every script starts with this prelude: the fair-share keys (one ready zset per researcher, the
-# active researchers scored by their pass) and the two helpers that file a job's task under its owner.
+# active researchers scored by their pass; one ready zset per job, holding the same members, for
+# job affinity) and the helpers that file a job's task under its owner and its job.
 _PRELUDE = f"""
 local READY, ACTIVE, OWNERS, SHARES = '{keys.READY}', '{keys.ACTIVE}', '{keys.OWNERS}', '{keys.SHARES}'
+local READY_JOB = '{keys.READY_JOB}'
 local function owner_of(job) return redis.call('HGET', OWNERS, job) or '0' end
+local function unready(r, job, member)
+  redis.call('ZREM', READY_JOB .. job, member)
+  return redis.call('ZREM', READY .. r, member)
+end
+local function make_ready(r, job, score, member)
+  if redis.call('ZADD', READY .. r, 'NX', score, member) == 0 then return 0 end
+  redis.call('ZADD', READY_JOB .. job, score, member)
+  return 1
+end
 local function activate(r)
   if not redis.call('ZSCORE', ACTIVE, r) then
     local low = redis.call('ZRANGE', ACTIVE, 0, 0, 'WITHSCORES')
@@ -36,18 +50,54 @@ end
 """
 
 # KEYS: leases, deadlines, cancelled, running, leased_tasks, limits ; ARGV: now, grace, volunteer,
-# instance, network tag ('' for none), excluded-set prefix, max skipped, then the attempt ids.
+# instance, network tag ('' for none), excluded-set prefix, max skipped, affinity slack, the number of
+# loaded jobs, the loaded jobs, then the attempt ids.
 # Each task goes to the active researcher with the lowest pass (ties: the lowest id), whose pass then
-# grows by 1/share. A task with an exclusion set naming this volunteer (or network) is put back.
+# grows by 1/share -- unless a loaded job may take it (``affine``: see ``Queue``). A task with an
+# exclusion set naming this volunteer (or network) is put back.
 _LUA_LEASE = """
-local n = #ARGV - 7
 local now, grace, vol, inst, net = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], ARGV[4], ARGV[5]
-local excl, max_skipped = ARGV[6], tonumber(ARGV[7])
+local excl, max_skipped, slack, nj = ARGV[6], tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
+local first = 9 + nj
+local n = #ARGV - first
 local out, skipped, order, pass, blocked = {}, {}, {}, {}, {}
 local cand = redis.call('ZRANGE', ACTIVE, 0, -1, 'WITHSCORES')
 for j = 1, #cand, 2 do
   table.insert(order, cand[j])
   pass[cand[j]] = tonumber(cand[j + 1])
+end
+local loaded, given, owner = {}, {}, {}  -- loaded jobs of active researchers, not cancelled
+for k = 10, first do
+  local j = ARGV[k]
+  local r = owner_of(j)
+  if pass[r] and redis.call('SISMEMBER', KEYS[3], j) == 0 then
+    table.insert(loaded, j)
+    given[j], owner[j] = 0, r
+  end
+end
+local function band(score) return math.floor(tonumber(score) / SHIFT) end
+-- The loaded job to lease from now (fewest given in this call, then lowest pass, then order) and
+-- its first ready task, taken out of the job's zset; or nil. A loaded job with nothing ready, or
+-- whose researcher has a task of higher priority waiting, is dropped for the rest of the call.
+local function affine(best)
+  while true do
+    local pick = nil
+    for _, j in ipairs(loaded) do
+      local r = owner[j]
+      if given[j] and not blocked[r] and pass[r] <= pass[best] + slack and (pick == nil
+          or given[j] < given[pick] or (given[j] == given[pick] and pass[r] < pass[owner[pick]])) then
+        pick = j
+      end
+    end
+    if pick == nil then return nil end
+    local top = redis.call('ZPOPMIN', READY_JOB .. pick, 1)
+    if #top > 0 then
+      local head = redis.call('ZRANGE', READY .. owner[pick], 0, 0, 'WITHSCORES')
+      if #head > 0 and band(head[2]) == band(top[2]) then return pick, top end
+      redis.call('ZADD', READY_JOB .. pick, top[2], top[1])
+    end
+    given[pick] = nil
+  end
 end
 local i = 0
 while i < n and #skipped < max_skipped do
@@ -59,20 +109,29 @@ while i < n and #skipped < max_skipped do
     end
   end
   if best == nil then break end
-  local popped = redis.call('ZPOPMIN', READY .. best, 1)
+  local r, pick, popped = best, nil, nil
+  if #loaded > 0 then pick, popped = affine(best) end
+  if pick then
+    r = owner[pick]
+    redis.call('ZREM', READY .. r, popped[1])
+  else
+    popped = redis.call('ZPOPMIN', READY .. best, 1)
+  end
   if #popped == 0 then
     blocked[best] = true
   else
     local member, score = popped[1], popped[2]
     local job, task, idx, timeout = string.match(member, '^(%d+):(%d+):(%d+):(.+)$')
+    if not pick then redis.call('ZREM', READY_JOB .. job, member) end
     local skip = redis.call('SISMEMBER', excl .. task, vol) == 1
       or (net ~= '' and redis.call('SISMEMBER', excl .. task, net) == 1)
     if skip then
-      table.insert(skipped, {best, score, member})
+      table.insert(skipped, {r, job, score, member})
     elseif redis.call('SISMEMBER', KEYS[3], job) == 0 then
       i = i + 1
-      pass[best] = pass[best] + 1 / tonumber(redis.call('HGET', SHARES, best) or 'DEFAULT_SHARE')
-      local attempt = ARGV[7 + i]
+      if given[job] then given[job] = given[job] + 1 end
+      pass[r] = pass[r] + 1 / tonumber(redis.call('HGET', SHARES, r) or 'DEFAULT_SHARE')
+      local attempt = ARGV[first + i]
       local deadline = now + tonumber(timeout) + grace
       redis.call('HSET', KEYS[6], attempt, tostring(now + SPAN * tonumber(timeout) + grace))
       redis.call('HSET', KEYS[1], attempt, score .. '|' .. member .. '|' .. vol .. '|' .. inst)
@@ -85,7 +144,7 @@ while i < n and #skipped < max_skipped do
     end
   end
 end
-for _, e in ipairs(skipped) do redis.call('ZADD', READY .. e[1], e[2], e[3]) end
+for _, e in ipairs(skipped) do make_ready(e[1], e[2], e[3], e[4]) end
 for _, r in ipairs(order) do
   if redis.call('EXISTS', READY .. r) == 0 then
     redis.call('ZREM', ACTIVE, r)
@@ -114,7 +173,7 @@ for i = 2, #ARGV do
     redis.call('HINCRBY', KEYS[3], job, -1)
     if requeue then
       local r = owner_of(job)
-      if redis.call('ZADD', READY .. r, 'NX', score, member) == 1 then activate(r) end
+      if make_ready(r, job, score, member) == 1 then activate(r) end
     end
     table.insert(out, attempt)
     table.insert(out, value)
@@ -133,7 +192,7 @@ return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumbe
 # volunteer, instance, deadline, job, task, limit
 _LUA_CLAIM = """
 if redis.call('SISMEMBER', KEYS[3], ARGV[7]) == 1 then return 0 end
-if redis.call('ZREM', READY .. owner_of(ARGV[7]), ARGV[1]) == 0 then return 0 end
+if unready(owner_of(ARGV[7]), ARGV[7], ARGV[1]) == 0 then return 0 end
 redis.call('HSET', KEYS[1], ARGV[3], ARGV[2] .. '|' .. ARGV[1] .. '|' .. ARGV[4] .. '|' .. ARGV[5])
 redis.call('HSET', KEYS[5], ARGV[8], ARGV[3])
 redis.call('ZADD', KEYS[2], ARGV[6], ARGV[3])
@@ -171,7 +230,7 @@ for i = 1, #ARGV, 3 do
   end
   if redis.call('HEXISTS', KEYS[1], task) == 0 then
     local r = owners[job]
-    if redis.call('ZADD', READY .. r, 'NX', ARGV[i], ARGV[i + 1]) == 1 then
+    if make_ready(r, job, ARGV[i], ARGV[i + 1]) == 1 then
       activate(r)
       n = n + 1
     end
@@ -184,7 +243,7 @@ return n
 _LUA_DROP = """
 for i = 1, #ARGV do
   local job = string.match(ARGV[i], '^(%d+):')
-  redis.call('ZREM', READY .. owner_of(job), ARGV[i])
+  unready(owner_of(job), job, ARGV[i])
 end
 return 0
 """
@@ -202,11 +261,16 @@ _LEASE_KEYS = [keys.LEASES, keys.DEADLINES, keys.CANCELLED, keys.RUNNING, keys.L
 class RedisQueue(Queue):
     """Redis implementation: atomic Lua scripts, safe with several server instances."""
 
-    def __init__(self, redis: Any, instance: str, grace: float = 30.0) -> None:
+    def __init__(self, redis: Any, instance: str, grace: float = 30.0, affinity_slack: float = AFFINITY_SLACK) -> None:
         self.redis = redis
         self.instance = instance
         self.grace = grace
-        lease = _LUA_LEASE.replace("SPAN", str(LEASE_SPAN)).replace("DEFAULT_SHARE", repr(DEFAULT_SHARE))
+        self.affinity_slack = affinity_slack
+        lease = (
+            _LUA_LEASE.replace("SPAN", str(LEASE_SPAN))
+            .replace("DEFAULT_SHARE", repr(DEFAULT_SHARE))
+            .replace("SHIFT", str(PRIORITY_SHIFT))
+        )
         self._lease = redis.register_script(_PRELUDE + lease)
         self._end = redis.register_script(_PRELUDE + _LUA_END)
         self._due = redis.register_script(_LUA_DUE)
@@ -231,13 +295,15 @@ class RedisQueue(Queue):
             mapping = {str(r): repr(v) for r, v in checked_shares(shares).items()}
             await self.redis.hset(keys.SHARES, mapping=mapping)
 
-    async def lease(self, volunteer: str, attempts: list[str], now: float, network: str = "") -> list[Lease]:
+    async def lease(
+        self, volunteer: str, attempts: list[str], now: float, network: str = "", jobs: Sequence[int] = ()
+    ) -> list[Lease]:
         if not attempts:
             return []
+        loaded = [str(int(j)) for j in dict.fromkeys(jobs[:MAX_AFFINITY_JOBS])]
+        head = [repr(now), repr(self.grace), volunteer, self.instance, network, keys.EXCLUDED, MAX_SKIPPED]
         flat = await self._lease(
-            keys=_LEASE_KEYS,
-            args=[repr(now), repr(self.grace), volunteer, self.instance, network, keys.EXCLUDED, MAX_SKIPPED]
-            + attempts,
+            keys=_LEASE_KEYS, args=[*head, repr(self.affinity_slack), len(loaded), *loaded, *attempts]
         )
         return self._leases(flat)
 

@@ -2,6 +2,7 @@
 
 PREFIX = "uvm:"
 READY = PREFIX + "ready:"  # + researcher id: zset "job:task:idx:timeout" scored by (-priority << 40) + task id
+READY_JOB = PREFIX + "ready_job:"  # + job id: zset, the same members as in its researcher's READY (job affinity)
 ACTIVE = PREFIX + "active"  # zset: researchers with ready tasks, scored by their pass (fair share)
 OWNERS = PREFIX + "owners"  # hash: job id -> researcher id (which ready zset its tasks go to)
 SHARES = PREFIX + "shares"  # hash: researcher id -> weight in fair share (absent: DEFAULT_SHARE)

@@ -60,9 +60,9 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             client_name=f"uvm-{config.instance}",
         )
         redis = aioredis.Redis.from_pool(pool)  # owns the pool: closed with the client
-        queue, bus = RedisQueue(redis, config.instance, config.lease_grace), RedisBus(redis)
+        queue, bus = RedisQueue(redis, config.instance, config.lease_grace, config.affinity_slack), RedisBus(redis)
     else:
-        queue, bus = MemoryQueue(config.lease_grace), Bus()
+        queue, bus = MemoryQueue(config.lease_grace, config.affinity_slack), Bus()
     dispatcher = Dispatcher(config, storage, queue, bus)
     app[K.storage] = storage
     app[K.dispatcher] = dispatcher

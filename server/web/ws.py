@@ -181,7 +181,7 @@ async def _hello(request: web.Request, msg: P.Hello, address: str, send) -> Volu
 
 async def _handle(msg: object, sock: VolunteerSocket, dispatcher, storage, send) -> None:  # noqa: ANN001
     if isinstance(msg, P.Ready):
-        await send(P.Tasks(await dispatcher.lease(sock, msg.n)))
+        await send(P.Tasks(await dispatcher.lease(sock, msg.n, msg.jobs)))
     elif isinstance(msg, P.Results):
         try:
             rec = await dispatcher.report(sock, msg.results)

@@ -6,7 +6,8 @@ Nothing runs before the volunteer presses Start; the choice is remembered. ``sta
 by the page (``public/index.html``); ``protocol`` and ``supervisor`` are top-level modules there.
 
 Flow: ``hello`` -> ``welcome``; results not yet acknowledged are re-sent; cached tasks resume
-without being downloaded again; then ``ready {n}`` asks for what the plan allows. Each task runs
+without being downloaded again; then ``ready {n, jobs}`` asks for what the plan allows, naming the
+jobs its workers have loaded (the server prefers their tasks: fewer job switches). Each task runs
 on an idle worker; its outcome is stored, then sent; it is forgotten only on ``ack``.
 """
 
@@ -316,7 +317,7 @@ class App:
         if self.resumed.intersection(self.held_attempts() + unsent):
             return
         want = min(self.plan.want(len(self.held_attempts())), protocol.MAX_TASKS_PER_MESSAGE)
-        if want > 0 and self.link.send(protocol.Ready(n=want)):
+        if want > 0 and self.link.send(protocol.Ready(n=want, jobs=self.pool.loaded_jobs())):
             self.awaiting_tasks = True
 
     def flush_results(self) -> None:

@@ -16,6 +16,8 @@ import itertools
 import time
 
 import js
+import protocol
+import supervisor
 
 from ..pyworker import PyWorker, Supply
 
@@ -137,6 +139,13 @@ class Pool:
 
     def idle(self) -> list[Slot]:
         return [s for s in self.slots if s.ready and not s.busy and not s.retiring]
+
+    def loaded_jobs(self) -> list:
+        """The jobs the working slots' workers have loaded, idle ones first (``ready.jobs``: job
+        affinity). The spare has none: no research code ran in it."""
+        idle = set(self.idle())
+        working = [(s.owner, s in idle) for s in self.slots if not s.retiring]
+        return supervisor.loaded_jobs(working, protocol.MAX_READY_JOBS)
 
     def stop_all(self) -> None:
         for slot in list(self.slots):
