@@ -12,6 +12,7 @@ import pytest
 
 from server import protocol as P
 from tests.conftest import Api, _run_until, add_researcher
+from tests.test_metrics import TOKEN, scrape, total
 from tests.test_trust import abandoned, ask, hello, ws_url
 from workers.sim import SimVolunteer
 
@@ -32,7 +33,7 @@ def jobs_of(reply: dict) -> list[int]:
 
 
 async def test_a_volunteer_gets_its_loaded_jobs_tasks_and_only_jobs_it_was_handed_count(serve):
-    api, app = await serve(affinity_slack=4.0)
+    api, app = await serve(affinity_slack=4.0, metrics_token=TOKEN)
     other = await add_researcher(app, "other@example.org")
     first = await submit_as(api, api.token, 20)
     second = await submit_as(api, other, 20)
@@ -47,6 +48,9 @@ async def test_a_volunteer_gets_its_loaded_jobs_tasks_and_only_jobs_it_was_hande
         assert jobs_of(await ask(ws2, P.Ready(1, jobs=[second]))) == [first]
         # unknown and cancelled jobs are ignored too
         assert jobs_of(await ask(ws2, P.Ready(1, jobs=[first + second + 1000]))) == [first]
+    samples = await scrape(api)
+    assert total(samples, "uvm_tasks_handed_out_to_loaded_jobs_total") == 4  # of 8 handed out
+    assert total(samples, "uvm_tasks_handed_out_total") == 8
     await abandoned(app, 8)
 
 

@@ -120,12 +120,13 @@ class MemoryQueue(Queue):
         blocked: set[int] = set()  # researchers with nothing (more) for this volunteer
         loaded = [j for j in dict.fromkeys(jobs[:MAX_AFFINITY_JOBS]) if j not in self._cancelled]
         given = dict.fromkeys(loaded, 0)  # tasks of each loaded job leased in this call
+        checked: set[int] = set()
         while len(out) < len(attempts) and len(skipped) < MAX_SKIPPED:
             best = self._next_owner(blocked)
             if best is None:
                 break
             owner, from_job, entry = best, False, None
-            job = self._affine(loaded, given, best, blocked) if loaded else None
+            job = self._affine(loaded, given, best, blocked, checked) if loaded else None
             if job is not None:
                 owner, from_job = self._owner.get(job, 0), True
                 entry = heapq.heappop(self._job_heaps[job])
@@ -166,10 +167,13 @@ class MemoryQueue(Queue):
             self._heaps.pop(owner, None)
         return out
 
-    def _affine(self, loaded: list[int], given: dict[int, int], best: int, blocked: set[int]) -> int | None:
+    def _affine(
+        self, loaded: list[int], given: dict[int, int], best: int, blocked: set[int], checked: set[int]
+    ) -> int | None:
         """The loaded job to lease from now (job affinity, see ``Queue``), or None; a loaded job with
         nothing ready, or whose researcher has a task of higher priority waiting, is dropped from
-        ``loaded`` for the rest of the call."""
+        ``loaded`` for the rest of the call. A job's tasks share one priority and nothing is pushed
+        during a call, so ``checked`` (the jobs whose priority was found right) needs one check each."""
         low = self._passes[best] + self.affinity_slack
         order = sorted(
             (given[j], self._passes[r], i, j)
@@ -178,8 +182,11 @@ class MemoryQueue(Queue):
         )
         for *_, job in order:
             top = self._head(self._job_heaps.get(job, []))
+            if top is not None and job in checked:
+                return job
             first = self._head(self._heaps.get(self._owner.get(job, 0), []))
             if top is not None and first is not None and priority_band(first[0]) == priority_band(top[0]):
+                checked.add(job)
                 return job
             loaded.remove(job)
         return None

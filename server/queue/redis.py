@@ -79,6 +79,8 @@ local function band(score) return math.floor(tonumber(score) / SHIFT) end
 -- The loaded job to lease from now (fewest given in this call, then lowest pass, then order) and
 -- its first ready task, taken out of the job's zset; or nil. A loaded job with nothing ready, or
 -- whose researcher has a task of higher priority waiting, is dropped for the rest of the call.
+-- (A job's tasks share one priority and nothing is pushed during the call: one check per job.)
+local checked = {}
 local function affine(best)
   while true do
     local pick = nil
@@ -92,8 +94,12 @@ local function affine(best)
     if pick == nil then return nil end
     local top = redis.call('ZPOPMIN', READY_JOB .. pick, 1)
     if #top > 0 then
+      if checked[pick] then return pick, top end
       local head = redis.call('ZRANGE', READY .. owner[pick], 0, 0, 'WITHSCORES')
-      if #head > 0 and band(head[2]) == band(top[2]) then return pick, top end
+      if #head > 0 and band(head[2]) == band(top[2]) then
+        checked[pick] = true
+        return pick, top
+      end
       redis.call('ZADD', READY_JOB .. pick, top[2], top[1])
     end
     given[pick] = nil
