@@ -267,3 +267,23 @@ def test_a_worker_that_floods_the_page_is_stopped(browser, server) -> None:
     snap = state(page)
     assert snap["replaced"] == 1 and snap["dropped_messages"] > 1000
     page.context.close()
+
+
+DOUBLE = "def main(x):\n    return x * 2\n"
+
+
+def test_job_affinity_keeps_a_one_worker_page_on_its_job(browser, server, researcher_b) -> None:
+    """Two researchers' jobs queued at once: fair share takes turns between them, but the page's
+    `ready` names the job its worker has loaded, so the server keeps handing it that job's tasks (up
+    to the slack): a few switches for 32 tasks, where taking turns would need about one per task."""
+    page = one_worker_page(browser, server)
+    inputs = list(range(16))
+    a = server.submit(DOUBLE, inputs, name="affinity-a", timeout=20)
+    b = researcher_b.submit(DOUBLE, inputs, name="affinity-b", timeout=20)
+    for who, job in ((server, a), (researcher_b, b)):  # each switch may wait for the spare's boot
+        assert who.wait(job, timeout=300, page=page)["state"] == "done", who.errors(job)
+        assert [r["result"] for r in who.results(job)] == [x * 2 for x in inputs]
+    snap = state(page)
+    assert 1 <= snap["switches"] <= 8, snap["switches"]
+    assert snap["workers"][0]["owner"] in (a, b)
+    page.context.close()
