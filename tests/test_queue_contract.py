@@ -382,3 +382,18 @@ async def test_affinity_makes_job_switches_rare_and_shares_stay_fair(queue):
     without, spread_without = await run(False, seed=1)
     assert spread_without <= 1 and spread <= queue.affinity_slack + 1
     assert with_affinity * 5 < without, (with_affinity, without)
+
+
+async def test_redis_affinity_trusts_the_researchers_zset_not_the_job_index(redis_client):
+    """The job index only points the way: an entry its researcher's zset lacks (never the case
+    unless Redis was written by hand) is dropped, not leased twice; tasks made ready before the index
+    existed (an upgrade) are still leased, in fair-share order."""
+    queue = RedisQueue(redis_client, "test-instance", grace=5.0)
+    ready = owned(1, researcher=7, n=3, start=1)
+    await queue.push(ready)
+    (first,) = await lease_for(queue, 1, "x")
+    await redis_client.zadd(f"{keys.READY_JOB}1", {ready[0].member: ready[0].score})  # a stale entry
+    await redis_client.zrem(f"{keys.READY_JOB}1", ready[2].member)  # as if pushed before the index
+    got = await lease_for(queue, 3, "v", jobs=(1,))
+    assert first.task == 1 and [le.task for le in got] == [2, 3]
+    assert await queue.live([first.attempt]) != {} and await queue.ready_count() == 0

@@ -105,8 +105,8 @@ local function affine(best)
     given[pick] = nil
   end
 end
-local i = 0
-while i < n and #skipped < max_skipped do
+local i, wasted = 0, 0
+while i < n and #skipped + wasted < max_skipped do
   local best = nil
   for _, r in ipairs(order) do
     if not blocked[r] and (best == nil or pass[r] < pass[best]
@@ -115,16 +115,19 @@ while i < n and #skipped < max_skipped do
     end
   end
   if best == nil then break end
-  local r, pick, popped = best, nil, nil
+  local r, pick, popped, stale = best, nil, nil, false
   if #loaded > 0 then pick, popped = affine(best) end
   if pick then
     r = owner[pick]
-    redis.call('ZREM', READY .. r, popped[1])
+    -- the researcher's zset decides what is ready: a job index entry it lacks is dropped, not leased
+    stale = redis.call('ZREM', READY .. r, popped[1]) == 0
   else
     popped = redis.call('ZPOPMIN', READY .. best, 1)
   end
   if #popped == 0 then
     blocked[best] = true
+  elseif stale then
+    wasted = wasted + 1
   else
     local member, score = popped[1], popped[2]
     local job, task, idx, timeout = string.match(member, '^(%d+):(%d+):(%d+):(.+)$')
