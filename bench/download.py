@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from server.crypto import Box  # noqa: E402
 from server.spec import JobSpec  # noqa: E402
+from server.store.download import PAGE, result_pages  # noqa: E402
 from server.store.engine import make_engine, migrate  # noqa: E402
 from server.store.storage import Storage  # noqa: E402
 from server.store.tables import jobs, tasks  # noqa: E402
@@ -67,9 +68,9 @@ async def make_job(storage: Storage, rows: int) -> int:
     return job
 
 
-async def download(storage: Storage, job: int, fmt: str) -> tuple[int, int]:
+async def download(storage: Storage, job: int, fmt: str, page: int) -> tuple[int, int]:
     n_bytes = 0
-    async for chunk in export.render(storage.iter_tasks(job), fmt):
+    async for chunk in export.render(result_pages(storage, job, page=page), fmt):
         n_bytes += len(chunk)
     return n_bytes, 0
 
@@ -92,7 +93,7 @@ async def main(args: argparse.Namespace) -> None:
             if profiler:
                 profiler.enable()
             started = time.perf_counter()
-            n_bytes, _ = await download(storage, job, args.format)
+            n_bytes, _ = await download(storage, job, args.format, args.page)
             seconds = time.perf_counter() - started
             if profiler:
                 profiler.disable()
@@ -116,5 +117,6 @@ if __name__ == "__main__":
     parser.add_argument("--rows", type=int, default=200_000)
     parser.add_argument("--format", choices=sorted(export.FORMATS), default="ndjson")
     parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--page", type=int, default=PAGE, help="rows per page (query)")
     parser.add_argument("--profile", action="store_true")
     asyncio.run(main(parser.parse_args()))
