@@ -23,11 +23,13 @@ sys.path.insert(0, str(ROOT))
 
 from bench.harness import (  # noqa: E402
     REDIS_PORT,
+    cpu_seconds,
     fresh_mariadb_redis,
     get_json,
     post_json,
     start_volunteers,
     stop_volunteers,
+    tree_cpu,
 )
 from tests.procs import ServerProcess, add_researcher  # noqa: E402
 
@@ -35,25 +37,9 @@ REDIS_URL = f"redis://127.0.0.1:{REDIS_PORT}/12"
 DATABASE = "uvm_bench" if REDIS_PORT == "6379" else f"uvm_bench_{REDIS_PORT}"
 
 
-def _cpu(pid: int | None) -> float:
-    """CPU seconds (user + system) a process has used: a cost that contention does not inflate."""
-    if not pid:
-        return 0.0
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _tree_cpu(pid: int | None) -> float:
-    """CPU seconds of a process and its children (``serve --processes N`` forks N servers)."""
-    if not pid:
-        return 0.0
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    return _cpu(pid) + sum(_tree_cpu(int(c)) for c in children)
-
-
 def _mariadb_cpu() -> float:
     pids = subprocess.run(["pgrep", "-x", "mariadbd"], capture_output=True, text=True).stdout.split()
-    return sum(_cpu(int(p)) for p in pids)
+    return sum(cpu_seconds(int(p)) for p in pids)
 
 
 def main() -> None:
@@ -88,7 +74,7 @@ def main() -> None:
         t_submit = time.perf_counter() - t0
         procs, out, finished = start_volunteers(server.url, args.volunteers, args.prefetch, args.procs)
         start = time.perf_counter()
-        cpu0 = _tree_cpu(server.proc.pid), _mariadb_cpu()
+        cpu0 = tree_cpu(server.proc.pid), _mariadb_cpu()
         status = {}
         while time.perf_counter() - start < args.seconds:
             status = get_json(f"{server.url}/api/jobs/{job['id']}", token)
@@ -96,7 +82,7 @@ def main() -> None:
                 break
             time.sleep(0.25)
         elapsed = time.perf_counter() - start
-        cpu1 = _tree_cpu(server.proc.pid), _mariadb_cpu()
+        cpu1 = tree_cpu(server.proc.pid), _mariadb_cpu()
         stats = stop_volunteers(procs, out, finished)
     finally:
         server.stop()

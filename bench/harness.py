@@ -9,6 +9,7 @@ import multiprocessing
 import os
 import subprocess
 import urllib.request
+from pathlib import Path
 
 # UVM_TEST_REDIS_PORT, as in the tests: parallel checkouts each bench against a Redis of their own.
 REDIS_PORT = os.environ.get("UVM_TEST_REDIS_PORT", "6379")
@@ -27,6 +28,30 @@ def fresh_mariadb_redis(database: str, redis_url: str) -> dict[str, str]:
         "UVM_REDIS_URL": redis_url,
         "UVM_KEY": os.urandom(32).hex(),  # required on MySQL
     }
+
+
+def cpu_seconds(pid: int | None) -> float:
+    """CPU seconds (user + system) a process has used: a cost that contention does not inflate."""
+    if not pid:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu(pid: int | None) -> float:
+    """CPU seconds of a process and its children (``serve --processes N`` forks N servers)."""
+    if not pid:
+        return 0.0
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return cpu_seconds(pid) + sum(tree_cpu(int(c)) for c in children)
+
+
+def peak_rss_mib(pid: int) -> float:
+    """A process's peak resident memory (VmHWM)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
 
 
 def get_json(url: str, token: str) -> dict:

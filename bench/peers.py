@@ -22,11 +22,13 @@ asserts nothing, it measures. The peers come with ``pip install -e '.[bench]'``.
 from __future__ import annotations
 
 import argparse
+import logging
 import multiprocessing
 import os
 import platform
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -96,7 +98,9 @@ class Uvm:
             server.stop()
 
     def run(self, url: str, token: str, n: int) -> list:
+        started = time.perf_counter()
         job = post_json(f"{url}/api/jobs", token, {"code": CODE, "inputs": {"range": [n]}, "replication": 1})
+        submitted = time.perf_counter()
         with _bar("uvm", n) as bar:
             while True:
                 status = get_json(f"{url}/api/jobs/{job['id']}", token)
@@ -104,8 +108,15 @@ class Uvm:
                 if status["state"] in ("done", "failed", "cancelled"):
                     break
                 time.sleep(0.05)
+        finished = time.perf_counter()
         rows = get_json(f"{url}/api/jobs/{job['id']}/results?format=json", token)
-        return [row["result"] for row in rows]  # type: ignore[union-attr]
+        results = [row["result"] for row in rows]  # type: ignore[union-attr]
+        print(
+            f"  uvm: submit {submitted - started:.2f} s, run {finished - submitted:.2f} s, "
+            f"download {time.perf_counter() - finished:.2f} s",
+            flush=True,
+        )
+        return results
 
 
 # ------------------------------------------------------------------------------------------ Dask
@@ -121,7 +132,13 @@ class Dask:
         from distributed import Client, LocalCluster
 
         with (
-            LocalCluster(n_workers=CORES, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
+            LocalCluster(
+                n_workers=CORES,
+                threads_per_worker=1,
+                processes=True,
+                dashboard_address=None,
+                silence_logs=logging.CRITICAL,  # not the heartbeats that fail as the cluster closes
+            ) as cluster,
             Client(cluster) as client,
         ):
             yield lambda n: self.run(client, n)
@@ -157,6 +174,9 @@ def celery_app():  # noqa: ANN201
 
 
 def _celery_worker() -> None:
+    from celery.platforms import SecurityWarning
+
+    warnings.filterwarnings("ignore", category=SecurityWarning)  # root in a container: not this bench's topic
     celery_app().Worker(concurrency=CORES, pool="prefork", loglevel="WARNING", quiet=True).start()
 
 
