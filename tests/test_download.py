@@ -46,9 +46,9 @@ async def test_page_query_uses_the_job_idx_index(serve, backend):
 
 
 async def test_download_streams_every_page_in_order(serve, volunteers, backend, monkeypatch):
-    monkeypatch.setattr(download, "PAGE", 300)  # four pages of 300, 300, 300, 107
+    monkeypatch.setattr(download, "PAGE", 100)  # four pages of 100, 100, 100, 7
     api, _app = await serve()
-    n = 1007
+    n = 307
     job = await api.submit("def main(x):\n    return x * x + 1\n", {"range": [0, n]})
     volunteers(api.url, 4)
     assert (await api.wait(job, timeout=120))["state"] == "done"
@@ -56,7 +56,7 @@ async def test_download_streams_every_page_in_order(serve, volunteers, backend, 
     assert [json.loads(line)["result"] for line in lines] == [x * x + 1 for x in range(n)]
     assert [json.loads(line)["input"] for line in lines] == list(range(n))
     # a window across two page boundaries, and one that runs past the end
-    for start, limit, indices in ((250, 400, range(250, 650)), (1000, 50, range(1000, n))):
+    for start, limit, indices in ((80, 150, range(80, 230)), (300, 50, range(300, n))):
         url = f"{api.url}/api/jobs/{job}/results?format=json&start={start}&limit={limit}"
         async with api.session.get(url, headers=api.headers()) as resp:
             rows = await resp.json()

@@ -19,9 +19,6 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 
-MYSQL_SCHEMES = ("mysql+asyncmy://", "mysql+aiomysql://")
-
-
 def database_url(url: str) -> str:
     """The URL the engine is made from: a MySQL URL of either driver runs on asyncmy."""
     if url.startswith("mysql+aiomysql://"):
