@@ -7,6 +7,7 @@ import asyncio
 import json
 import multiprocessing
 import os
+import queue
 import subprocess
 import urllib.request
 from pathlib import Path
@@ -106,7 +107,12 @@ def start_volunteers(url: str, count: int, prefetch: int, procs: int) -> tuple[l
 def stop_volunteers(processes: list, out: multiprocessing.Queue, finished) -> list[dict]:  # noqa: ANN001
     """Stop them; each process's stats (done, errors, latencies)."""
     finished.set()
-    stats = [out.get(timeout=60) for _ in processes]
+    stats = []
+    for _ in processes:
+        try:
+            stats.append(out.get(timeout=60))
+        except queue.Empty:  # a process that died (interrupted) says nothing
+            break
     for proc in processes:
         proc.join(timeout=10)
     return stats
