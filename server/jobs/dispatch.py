@@ -383,6 +383,7 @@ class Dispatcher:
             for lease in leases:
                 sock.held.pop(lease.attempt, None)
             await self.queue.requeue([le.attempt for le in leases])
+            logger.info("database away while handing out %d tasks: back in the queue", len(leases))
             return []
         self.metrics.handed_out.inc(len(leases))
         return specs
