@@ -29,6 +29,20 @@ from tests.test_keys import Holder
 OUTAGE = 30.0
 N = 1200
 METRICS_TOKEN = "outage-metrics-token-0123"
+# Tasks from index `first` on wait until the test opens the gate: the database is stopped while every
+# volunteer holds tasks (volunteer-sim runs one task at a time in a process, so one task waiting at
+# the gate holds up the others' batches), and their results are sent while it is away.
+GATED = """import os
+import time
+
+
+def main(x):
+    if x >= {first}:
+        open({waiting!r}, "a").close()
+        while not os.path.exists({gate!r}):
+            time.sleep(0.01)
+    return x * x
+"""
 STEP = 90.0  # seconds any one step may take on a loaded machine before the test fails, naming the step
 WHOLE = 300.0  # seconds for the whole outage test (its own budget, inside pytest-timeout's)
 
@@ -93,19 +107,19 @@ async def test_mariadb_outage_of_30_seconds(tmp_path, volunteers, redis_client, 
         token = add_researcher(env, "ops@example.org")
         server = ServerProcess(env).start()
         async with asyncio.timeout(WHOLE), aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=STEP)) as session:
-            await _ride_out_an_outage(session, server, token, db, volunteers)
+            await _ride_out_an_outage(session, server, token, db, volunteers, tmp_path)
     finally:
         if server is not None:
             server.stop()
         db.stop()
 
 
-async def _ride_out_an_outage(session: aiohttp.ClientSession, server: ServerProcess, token: str, db, volunteers):  # noqa: ANN001
+async def _ride_out_an_outage(session, server, token, db, volunteers, tmp_path):  # noqa: ANN001
     url, auth = server.url, {"Authorization": f"Bearer {token}"}
+    gate, waiting = tmp_path / "gate-open", tmp_path / "waiting-at-gate"
+    code = GATED.format(first=N // 4, gate=str(gate), waiting=str(waiting))
     async with session.post(
-        f"{url}/api/jobs",
-        json={"code": "def main(x):\n    return x * x\n", "inputs": list(range(N)), "timeout": 300},
-        headers=auth,
+        f"{url}/api/jobs", json={"code": code, "inputs": list(range(N)), "timeout": 300}, headers=auth
     ) as resp:
         job = (await resp.json())["id"]
     holder = Holder(url)
@@ -124,13 +138,14 @@ async def _ride_out_an_outage(session: aiohttp.ClientSession, server: ServerProc
             return f"server unreachable: {exc!r}"
         health_fields = {k: v for k, v in json.loads(health).items() if k in ("database", "volunteers", "ready")}
         leases = _sample(metrics, "uvm_queue_leases")
-        seen = [(s.volunteer, s.connects, s.done, s.holds) for s in sims]
-        return f"job counts {counts}; health {health_fields}; leases {leases}; sims (id, connects, done, holds) {seen}"
+        seen = [(s.volunteer, s.connects, s.done, s.unrun, s.holds) for s in sims]
+        return f"job {counts}; health {health_fields}; leases {leases}; sims (id, connects, done, unrun, holds) {seen}"
 
-    async def quarter_done() -> bool:
-        return sum(s.done for s in sims) >= N // 4
+    async def each_holds_work() -> bool:  # a task waits at the gate, so no volunteer can finish its batch
+        return waiting.exists() and all(s.unrun > 0 for s in sims)
 
-    await _until("the volunteers finishing a quarter of the job", quarter_done, state)
+    await _until("every volunteer holding tasks, one waiting at the gate", each_holds_work, state)
+    assert sum(s.done for s in sims) > 0
 
     await asyncio.to_thread(db.stop)
     stopped = time.monotonic()
@@ -154,9 +169,10 @@ async def _ride_out_an_outage(session: aiohttp.ClientSession, server: ServerProc
 
     acked = sum(s.done for s in sims)
     sends = [len(s.sends) for s in sims]
+    gate.touch()  # the volunteers finish their tasks and send the results while the database is away
     await asyncio.sleep(OUTAGE - (time.monotonic() - stopped))
     assert sum(s.done for s in sims) == acked  # nothing acknowledged while the database was away
-    assert sum(s.holds for s in sims) > 0  # they were told to hold...
+    assert all(s.holds > 0 for s in sims), [s.holds for s in sims]  # each was told to hold...
     storm = [len(s.sends) - n for s, n in zip(sims, sends, strict=True)]
     assert max(storm) <= OUTAGE / HOLD_MIN + 1, storm  # ...and did not resend in a storm
     assert (await _get(session, f"{url}/api/health"))[0] == 503

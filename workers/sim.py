@@ -62,6 +62,7 @@ class SimVolunteer:
         self.done = 0
         self.errors = 0
         self.leased = 0
+        self.unrun = 0  # tasks of the batch in hand not yet run: a test sees when each volunteer holds work
         self.connects = 0  # websocket connections opened (more than one: it was dropped and came back)
         self.holds = 0  # `hold` answers: results kept and sent again later (the server's database was away)
         self.sends: list[float] = []  # when each `results` message was sent (time.monotonic())
@@ -116,10 +117,13 @@ class SimVolunteer:
             if self.crash_after is not None and self.leased >= self.crash_after:
                 return  # vanish holding the leases: the socket closes with no results
             outcomes = []
+            self.unrun = len(tasks)
             for spec in tasks:
                 if not await self._load(ws, spec):  # refused (the job was cancelled meanwhile): drop the task
+                    self.unrun -= 1
                     continue
                 outcome = await self._run_task(ws, spec)
+                self.unrun -= 1
                 if outcome is None:
                     return  # vanished mid-task (crash_after_checkpoints)
                 if self.lie_rate and outcome.error is None and self._rng.random() < self.lie_rate:
