@@ -44,7 +44,9 @@ def main(x):
     return x * x
 """
 STEP = 90.0  # seconds any one step may take on a loaded machine before the test fails, naming the step
-WHOLE = 300.0  # seconds for the whole outage test (its own budget, inside pytest-timeout's)
+WHOLE = 300.0  # seconds for all the steps of one test together
+# pytest-timeout only as a last resort, well past our own bounds (its signal lands in the event loop).
+pytestmark = pytest.mark.timeout(WHOLE + 300)
 
 
 async def _until(what: str, done: Callable[[], Awaitable[bool]], state: Callable[[], Awaitable[str]]) -> None:
@@ -91,7 +93,6 @@ def _sample(text: str, name: str) -> float:
     raise AssertionError(f"{name} not in /metrics")
 
 
-@pytest.mark.timeout(WHOLE + 60)
 async def test_mariadb_outage_of_30_seconds(tmp_path, volunteers, redis_client, redis_url):
     db = PrivateMariaDB(tmp_path / "mariadb").start()
     env = {
@@ -234,7 +235,7 @@ async def test_an_outage_beginning_mid_hand_out_gives_the_tasks_back(
         server = await aiohttp_server(app)
         url = str(server.make_url("")).rstrip("/")
         auth = {"Authorization": f"Bearer {await add_researcher_in_app(app, 'race@example.org')}"}
-        async with asyncio.timeout(4 * STEP), aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=STEP)) as s:
+        async with asyncio.timeout(WHOLE), aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=STEP)) as s:
             code, inputs = "def main(x):\n    return x + 1\n", list(range(8))
             async with s.post(f"{url}/api/jobs", json={"code": code, "inputs": inputs}, headers=auth) as resp:
                 job = (await resp.json())["id"]
