@@ -136,7 +136,7 @@ class Dask:
                 n_workers=CORES,
                 threads_per_worker=1,
                 processes=True,
-                dashboard_address=None,
+                dashboard_address=":0",  # any free port: others may hold 8787
                 silence_logs=logging.CRITICAL,  # not the heartbeats that fail as the cluster closes
             ) as cluster,
             Client(cluster) as client,
