@@ -133,7 +133,7 @@ def stat(html: str, name: str) -> str:
 
 def test_validation_state_of_a_job():
     html = verify.validation_html(job(), no_agreement=1)
-    assert "3 volunteers per task, 2 must agree (at most 6); floats within rtol 1e-09" in html
+    assert "3 volunteers per task, 2 must agree (at most 6 results per task); floats within rtol 1e-9" in html
     assert [stat(html, s) for s in ("validated", "accepted-alone", "waiting", "disagreements", "no-agreement")] == [
         "4",
         "1",
@@ -178,9 +178,12 @@ def test_no_agreement_lists_the_variants_as_the_api_does():
     ]
     table = views.results_table(rows)
     assert "<th>Input</th><th>Result</th><th" in table and ">Accepted</th>" in table and ">Replicas</th>" in table
-    assert '<td class="accepted small">2/3</td><td class="num">3</td>' in table
-    assert '<td class="accepted small">no agreement</td><td class="num">3</td>' in table
-    assert '<td class="accepted small">waiting</td><td class="num">1</td>' in table
+    assert '<td class="accepted small hide-phone">2/3</td><td class="num hide-phone">3</td>' in table
+    assert '<td class="accepted small hide-phone">no agreement</td><td class="num hide-phone">3</td>' in table
+    assert '<td class="accepted small hide-phone">waiting</td><td class="num hide-phone">1</td>' in table
+    assert "(1 result in, waiting for confirmation)" in table
+    assert '<span class="only-phone muted small replica-line">2/3 · 3 replicas</span>' in table  # phones
+    assert "no agreement · 3 replicas" in table and "waiting · 1 replica<" in table
     assert "trusted, spot-check 10%" in table
     assert "1 volunteer:</span> <code>0.25" in table  # not only the last line of the error
 
@@ -190,3 +193,11 @@ def test_no_agreement_lists_the_variants_as_the_api_does():
         ]
     }
     assert "No agreement after 3 results" in views.errors_html(groups) and "<pre" not in views.errors_html(groups)
+
+
+def test_results_with_a_result_awaiting_confirmation_are_shown():
+    waiting = job(counts={"queued": 10, "done": 0, "failed": 0}, validation={"pending_validation": 3})
+    assert verify.results_key(waiting) == (0, 0, 3)
+    confirmed = job(counts={"queued": 9, "done": 1, "failed": 0}, validation={"pending_validation": 2})
+    assert verify.results_key(confirmed) != verify.results_key(waiting)  # one confirmed: drawn again
+    assert not any(verify.results_key({"counts": {}}))

@@ -73,7 +73,7 @@ class Dashboard:
         self.events = None
         self.try_worker = TryWorker(worker_url)
         self.results_loaded_at = 0.0
-        self.results_done = -1
+        self.results_done: tuple[int, ...] = ()
         self.results_pending = False
         self.progress_seen: dict[tuple[int, int], tuple[float, float]] = {}  # (job, task) -> first (fraction, at)
         self.errors_failed = -1
@@ -292,7 +292,7 @@ class Dashboard:
     async def open_job(self, job_id: int) -> None:
         if self.job_id != job_id:
             self.job_id, self.job = job_id, None
-            self.results_done, self.errors_failed, self.results_loaded_at = -1, -1, 0.0
+            self.results_done, self.errors_failed, self.results_loaded_at = (), -1, 0.0
             self.no_agreement = 0
             _el("job-validation").innerHTML = ""
             _el("job-title").textContent = f"Job {job_id}"
@@ -337,9 +337,9 @@ class Dashboard:
             self.errors_failed = job["counts"]["failed"]
             await self.load_errors(job["id"])
         now = time.monotonic()
-        changed = job["counts"]["done"] + job["counts"]["failed"] != self.results_done
+        changed = verify.results_key(job) != self.results_done
         if changed and (force or terminal or now - self.results_loaded_at > RESULTS_REFRESH):
-            self.results_done = job["counts"]["done"] + job["counts"]["failed"]
+            self.results_done = verify.results_key(job)
             self.results_loaded_at = now
             await self.load_results(job)
         elif changed and not self.results_pending:
@@ -375,7 +375,7 @@ class Dashboard:
             _el("job-validation").innerHTML = verify.validation_html(self.job, self.no_agreement)
 
     async def load_results(self, job: dict) -> None:
-        if job["counts"]["done"] + job["counts"]["failed"] == 0:
+        if not any(verify.results_key(job)):
             return
         rows = await ndjson_rows(f"/api/jobs/{job['id']}/results?format=ndjson", limit=views.PREVIEW_ROWS)
         _el("job-results").innerHTML = views.results_table(rows, job["n_tasks"])

@@ -131,16 +131,32 @@ def setting_text(job: dict) -> str:
     replication = job.get("replication", 1)
     quorum, most = settings(replication, job.get("quorum"), job.get("max_replicas"))
     if replication == ADAPTIVE:
-        text = f"adaptive: trusted volunteers are spot-checked, others confirmed by a second (at most {most})"
+        text = "adaptive: trusted volunteers are spot-checked, others confirmed by a second "
+        text += f"(at most {most} results per task)"
     elif replication == 1:
         text = "1 volunteer per task, unchecked"
     else:
         agree = "all" if quorum == replication else str(quorum)
-        text = f"{replication} volunteers per task, {agree} must agree (at most {most})"
+        text = f"{replication} volunteers per task, {agree} must agree (at most {most} results per task)"
     tolerance = job.get("tolerance") or {}
     if tolerance:
-        text += "; floats within " + ", ".join(f"{k} {tolerance[k]:g}" for k in ("rtol", "atol") if k in tolerance)
+        text += "; floats within " + ", ".join(
+            f"{k} {_number(tolerance[k])}" for k in ("rtol", "atol") if k in tolerance
+        )
     return text
+
+
+def results_key(job: dict) -> tuple[int, int, int]:
+    """(done, failed, awaiting confirmation): the results table is drawn again when it changes, and
+    has something to show when it is not all zero (a pending result becoming done changes it too)."""
+    counts = job.get("counts") or {}
+    pending = (job.get("validation") or {}).get("pending_validation", 0)
+    return counts.get("done", 0), counts.get("failed", 0), pending
+
+
+def _number(value: float) -> str:
+    """1e-9, not Python's 1e-09."""
+    return f"{value:g}".replace("e-0", "e-").replace("e+0", "e+")
 
 
 def waiting_note(job: dict) -> str:
@@ -214,14 +230,40 @@ def no_agreement_html(error: str) -> str:
     )
 
 
+def awaiting(row: dict) -> str:
+    """The results table's Result cell for a task whose result awaits confirmation, else ""."""
+    n = row.get("replicas") or 0
+    if row.get("state") in ("done", "failed") or not n:
+        return ""
+    return f'<span class="muted">({n} result{"s" if n != 1 else ""} in, waiting for confirmation)</span>'
+
+
 def replica_cells(row: dict) -> str:
-    """The results table's two cells of verification: how the result was accepted, and replicas."""
+    """The results table's two cells of verification: how the result was accepted, and replicas
+    (on a phone these columns are hidden; ``replica_line`` says the same under the result)."""
+    return (
+        f'<td class="accepted small hide-phone">{_esc(_accepted(row) or "—")}</td>'
+        f'<td class="num hide-phone">{_esc(row.get("replicas", 0))}</td>'
+    )
+
+
+def replica_line(row: dict) -> str:
+    """On a phone, under the result: "2/3 · 3 replicas"."""
+    n = row.get("replicas", 0)
+    accepted = _accepted(row)
+    text = (f"{accepted} · " if accepted else "") + f"{n} replica{'s' if n != 1 else ''}"
+    return f'<span class="only-phone muted small replica-line">{_esc(text)}</span>'
+
+
+def _accepted(row: dict) -> str:
     accepted = row.get("accepted") or ""
     if not accepted and row.get("state") == "failed" and variants(row.get("error")) is not None:
-        accepted = "no agreement"
-    elif not accepted and row.get("state") not in ("done", "failed"):
-        accepted = "waiting" if row.get("replicas") else ""
-    return f'<td class="accepted small">{_esc(accepted or "—")}</td><td class="num">{_esc(row.get("replicas", 0))}</td>'
+        return "no agreement"
+    if not accepted and row.get("state") not in ("done", "failed") and row.get("replicas"):
+        return "waiting"
+    return accepted
 
 
-REPLICA_HEADS = '<th title="how its result was accepted">Accepted</th><th class="num">Replicas</th>'
+REPLICA_HEADS = (
+    '<th class="hide-phone" title="how its result was accepted">Accepted</th><th class="num hide-phone">Replicas</th>'
+)

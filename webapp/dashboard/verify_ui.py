@@ -72,9 +72,9 @@ def check(_event=None) -> None:
 def preset(default: object) -> None:
     """Once per page: preselect the server's default (``UVM_DEFAULT_REPLICATION``) and label it."""
     box = _el("verify")
-    if box.dataset.preset == "1":
+    if box.getAttribute("data-preset") == "1":  # an unset dataset key is undefined: AttributeError here
         return
-    box.dataset.preset = "1"
+    box.setAttribute("data-preset", "1")
     fixed = isinstance(default, int) and not isinstance(default, bool)
     if fixed:
         _el("verify-k").value = str(default)

@@ -246,10 +246,10 @@ def results_table(rows: list[dict], total: int | None = None) -> str:
             last = (row.get("error") or "").strip().splitlines()
             result = f'<span class="bad">{esc(_short(last[-1] if last else "failed"))}</span>'
         else:
-            result = f'<span class="muted">({esc(row.get("state"))})</span>'
+            result = verify.awaiting(row) or f'<span class="muted">({esc(row.get("state"))})</span>'
         body.append(
             f'<tr><td class="num">{row.get("index")}</td><td><code>{esc(_short(row.get("input"), 60))}</code></td>'
-            f"<td>{result}</td>{verify.replica_cells(row)}</tr>"
+            f"<td>{result}{verify.replica_line(row)}</td>{verify.replica_cells(row)}</tr>"
         )
     total = len(rows) if total is None else total
     more = (
