@@ -108,6 +108,14 @@ def more(page) -> None:  # noqa: ANN001
         page.click(".verify-more summary")
 
 
+def fixed(page, k: str, quorum: str, most: str, rtol: str, atol: str) -> None:  # noqa: ANN001
+    """Choose k volunteers per task and type the other verification fields."""
+    page.fill("#verify-k", k)
+    more(page)
+    for element_id, value in (("quorum", quorum), ("max", most), ("rtol", rtol), ("atol", atol)):
+        page.fill(f"#verify-{element_id}", value)
+
+
 def verify_error(page) -> str:  # noqa: ANN001
     page.wait_for_selector("#verify-error:not([hidden])")
     return page.inner_text("#verify-error")
@@ -192,12 +200,7 @@ def test_adaptive_results_wait_for_a_second_volunteer(page, server, sims, screen
 
 def test_replication_three_with_tolerance_and_a_forger(page, server, sims, screenshots) -> None:  # noqa: ANN001
     new_job(page, "three of us", [1, 2, 3, 4, 5])
-    page.fill("#verify-k", "3")
-    more(page)
-    page.fill("#verify-quorum", "2")
-    page.fill("#verify-max", "4")
-    page.fill("#verify-rtol", "1e-9")
-    page.fill("#verify-atol", "0")
+    fixed(page, k="3", quorum="2", most="4", rtol="1e-9", atol="0")
     assert "3 volunteers compute each task and 2 must agree" in page.inner_text("#verify-explain")
     shot(page, screenshots, "verify-form-three-desktop")
     three = submit(page)
@@ -224,12 +227,7 @@ def test_replication_three_with_tolerance_and_a_forger(page, server, sims, scree
 
     # All three must agree, and one of the three volunteers forges every result: no agreement.
     new_job(page, "all must agree", [6, 7])
-    page.fill("#verify-k", "3")
-    more(page)
-    page.fill("#verify-quorum", "3")
-    page.fill("#verify-max", "3")
-    page.fill("#verify-rtol", "")
-    page.fill("#verify-atol", "")
+    fixed(page, k="3", quorum="3", most="3", rtol="", atol="")
     strict = submit(page)
     assert {k: page.posted[-1].get(k) for k in ("replication", "quorum", "max_replicas", "tolerance")} == {
         "replication": 3,

@@ -148,6 +148,8 @@ def test_validation_state_of_a_job():
 def test_a_newcomer_with_one_volunteer_is_told_why_results_wait():
     adaptive = job(replication="adaptive", quorum=2, max_replicas=5, tolerance=None)
     html = verify.validation_html(adaptive)
+    nothing_finished = {**adaptive, "counts": {"queued": 10}, "validation": {"pending_validation": 4, "replicas": 4}}
+    assert stat(verify.validation_html(nothing_finished), "replicas-per-task") == "—"  # not 0.00 with 4 results in
     assert "adaptive: trusted volunteers are spot-checked" in html
     assert "2 results waiting for a second volunteer to confirm." in html and "private window" in html
     one = job(replication="adaptive", validation={**adaptive["validation"], "pending_validation": 1})

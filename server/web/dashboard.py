@@ -353,7 +353,7 @@ _ERR = {
     "description": "error",
     "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
 }
-_ME = {
+_ME: dict = {
     "type": "object",
     "properties": {
         "id": {"type": "integer"},
@@ -366,7 +366,10 @@ _ME_AND_DEFAULTS = {
     "type": "object",
     "properties": {
         **_ME["properties"],
-        "default_replication": {"oneOf": [{"type": "integer"}, {"type": "string", "enum": ["adaptive"]}]},
+        "default_replication": {
+            "oneOf": [{"type": "integer"}, {"type": "string", "enum": ["adaptive"]}],
+            "description": "a job's replication when it names none (UVM_DEFAULT_REPLICATION)",
+        },
     },
 }
 _LIMITS = {

@@ -173,13 +173,15 @@ def validation_html(job: dict, no_agreement: int = 0) -> str:
     v = job.get("validation") or {}
     done = (job.get("counts") or {}).get("done", 0)
     validated = v.get("validated", 0)
+    finished = done + (job.get("counts") or {}).get("failed", 0)
+    per_task = f"{v.get('replicas_per_task', 0.0):.2f}" if finished else "—"  # the API divides by finished tasks
     items = [
         ("validated", validated, "done, confirmed by agreeing volunteers"),
         ("accepted alone", max(0, done - validated), "done on one volunteer's word (trusted, or replication 1)"),
         ("waiting", v.get("pending_validation", 0), "results waiting for another volunteer to confirm"),
         ("disagreements", v.get("disagreements", 0), "tasks whose volunteers' results differed"),
         ("no agreement", no_agreement, "tasks failed: no quorum after the most replicas allowed"),
-        ("replicas per task", f"{v.get('replicas_per_task', 0.0):.2f}", f"{v.get('replicas', 0)} results received"),
+        ("replicas per task", per_task, f"{v.get('replicas', 0)} results received"),
     ]
     stats = "".join(
         f'<div class="stat" data-stat="{_esc(label.replace(" ", "-"))}" title="{_esc(title)}">'
