@@ -244,11 +244,11 @@ class Validator:
             return
         rec.jobs.add(task.job_id)
         replicas = batch.replicas.setdefault(task.id, [])
-        if task.state != TaskState.QUEUED.value or any(r.volunteer == volunteer for r in replicas):
+        if task.state != TaskState.OPEN.value or any(r.volunteer == volunteer for r in replicas):
             # finished meanwhile, or this volunteer already reported on the task: not counted again
             writes.attempt(o, task, volunteer, AttemptOutcome.LATE, None)
             rec.ignored.append(o.attempt)
-            if is_live and task.state == TaskState.QUEUED.value:  # still to do: by someone else
+            if is_live and task.state == TaskState.OPEN.value:  # still to do: by someone else
                 rec.requeue.append(o.attempt)
                 rec.exclude.append((task.id, volunteer))
             elif is_live:
@@ -314,7 +314,7 @@ class Validator:
                     decision.how,
                     len(replicas),
                     output=output,
-                    cpu=o.cpu,
+                    elapsed=o.elapsed,
                     failures=task.attempts,
                 )
             )

@@ -151,12 +151,12 @@ class Outcomes:
                     "capabilities": "{}",
                     "throttle": "{}",
                     "tasks_done": int(n),
-                    "cpu_seconds": c,
+                    "task_seconds": c,
                 }
                 for v, (n, c) in writes.stats.items()
             ]
             await conn.execute(
-                self._bulk_update(volunteers, ["id"], rows, replace=["last_seen"], add=["tasks_done", "cpu_seconds"])
+                self._bulk_update(volunteers, ["id"], rows, replace=["last_seen"], add=["tasks_done", "task_seconds"])
             )
 
     async def _write_attempts(self, conn: AsyncConnection, writes: OutcomeWrites, now: float) -> None:
@@ -171,7 +171,7 @@ class Outcomes:
                     "job_id": task.job_id,
                     "volunteer": a["volunteer"],
                     "outcome": a["kind"].value,
-                    "cpu": o.cpu,
+                    "elapsed": o.elapsed,
                     "finished_at": now,
                     "reported_ct": (
                         self.box.seal_json(reported, f"attempt:{o.attempt}:reported") if reported is not None else None
@@ -201,7 +201,7 @@ class Outcomes:
             "output_ct": self.box.seal_text(d.output, aad + ":output") if d.output else None,
             "error_ct": None,
             "volunteer": d.volunteer,
-            "cpu": d.cpu,
+            "elapsed": d.elapsed,
             "finished_at": now,
             "replicas": d.replicas,
             "accepted": d.how[:32],
@@ -220,7 +220,7 @@ class Outcomes:
         if d.output:
             values["output_ct"] = self.box.seal_text(d.output, aad + ":output")
         await conn.execute(
-            tasks.update().where(tasks.c.id == d.task.id, tasks.c.state == TaskState.QUEUED.value).values(**values)
+            tasks.update().where(tasks.c.id == d.task.id, tasks.c.state == TaskState.OPEN.value).values(**values)
         )
 
     async def _mark_progress(self, conn: AsyncConnection, task: TaskRow, o: Outcome) -> None:
@@ -234,7 +234,7 @@ class Outcomes:
                 output_ct=self.box.seal_text(o.output, aad + ":output") if o.output else None,
             )
         await conn.execute(
-            tasks.update().where(tasks.c.id == task.id, tasks.c.state == TaskState.QUEUED.value).values(**values)
+            tasks.update().where(tasks.c.id == task.id, tasks.c.state == TaskState.OPEN.value).values(**values)
         )
 
     async def _write_reputation(self, conn: AsyncConnection, changes: dict[str, tuple], now: float) -> None:
@@ -272,7 +272,7 @@ class Outcomes:
         await conn.execute(
             tasks.update()
             .where(tasks.c.id.in_(ids))
-            .values(state=TaskState.QUEUED.value, accepted=None, result_ct=None, finished_at=None)
+            .values(state=TaskState.OPEN.value, accepted=None, result_ct=None, finished_at=None)
         )
         await conn.execute(
             attempts.update()
@@ -296,7 +296,7 @@ class Outcomes:
         # was not locked: keep the guard in the statement (in-process, executemany is cheap).
         result = await conn.execute(
             tasks.update()
-            .where(tasks.c.id == sa.bindparam("tid"), tasks.c.state == TaskState.QUEUED.value)
+            .where(tasks.c.id == sa.bindparam("tid"), tasks.c.state == TaskState.OPEN.value)
             .values({c: sa.bindparam(f"v_{c}") for c in rows[0] if c not in ("id", "job_id", "idx", "attempts")}),
             [{"tid": r["id"], **{f"v_{c}": v for c, v in r.items()}} for r in rows],
         )
@@ -360,7 +360,7 @@ class Outcomes:
                 task = (
                     await conn.execute(sa.select(tasks.c.attempts, tasks.c.state).where(tasks.c.id == lease.task))
                 ).first()
-                if task is None or task.state != TaskState.QUEUED.value:
+                if task is None or task.state != TaskState.OPEN.value:
                     rec.drop.append(ReadyItem(lease.job, lease.task, lease.index, lease.timeout))
                     continue
                 info = await self.job_info(lease.job)
@@ -379,7 +379,7 @@ class Outcomes:
                     await conn.execute(jobs.update().where(jobs.c.id == lease.job).values(n_failed=jobs.c.n_failed + 1))
                 await conn.execute(
                     tasks.update()
-                    .where(tasks.c.id == lease.task, tasks.c.state == TaskState.QUEUED.value)
+                    .where(tasks.c.id == lease.task, tasks.c.state == TaskState.OPEN.value)
                     .values(**values)
                 )
             await pipelines.feed(self, conn, rec)
