@@ -175,7 +175,7 @@ def test_no_agreement_lists_the_variants_as_the_api_does():
     rows = [
         {"index": 0, "input": 2, "state": "done", "result": {"sq": 4}, "accepted": "2/3", "replicas": 3},
         {"index": 1, "input": 3, "state": "failed", "error": error, "accepted": None, "replicas": 3},
-        {"index": 2, "input": 4, "state": "queued", "result": None, "accepted": None, "replicas": 1},
+        {"index": 2, "input": 4, "state": "open", "result": None, "accepted": None, "replicas": 1},
         {"index": 3, "input": 5, "state": "done", "result": 25, "accepted": "trusted, spot-check 10%", "replicas": 1},
     ]
     table = views.results_table(rows)
