@@ -280,3 +280,24 @@ def test_replication_three_with_tolerance_and_a_forger(page, server, sims, scree
     page.set_viewport_size(PHONE)
     shot(page, screenshots, "verify-no-agreement-phone")
     page.set_viewport_size(DESKTOP)
+
+
+def test_the_form_preselects_a_fixed_server_default(browser, live_server, screenshots) -> None:  # noqa: ANN001
+    """UVM_DEFAULT_REPLICATION=2: the form starts on "2 volunteers per task", labelled the server default."""
+    other = live_server(UVM_DEFAULT_REPLICATION="2")
+    tab = open_dashboard(browser, other, PHONE)
+    try:
+        sign_in(tab, add_account(other))
+        tab.wait_for_selector("#view-jobs:not([hidden])")
+        go(tab, "#/new", "new")
+        tab.wait_for_function("document.getElementById('verify-explain').textContent !== ''")
+        assert tab.is_checked("input[name=verify-mode][value=fixed]") and tab.input_value("#verify-k") == "2"
+        assert tab.is_visible("[data-default=fixed]") and tab.is_hidden("[data-default=adaptive]")
+        assert tab.inner_text("#verify-explain") == (
+            "2 volunteers compute each task and all must agree. Cost: 2 results per task (up to 5 when they disagree)."
+        )
+        assert not tab.is_disabled("#verify-quorum")
+        tab.locator("#verify").scroll_into_view_if_needed()
+        tab.screenshot(path=str(screenshots / "dashboard-verify-form-default-2-phone.png"))
+    finally:
+        tab.context.close()
