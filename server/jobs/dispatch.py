@@ -372,21 +372,28 @@ class Dispatcher:
             return []
         for lease in leases:
             sock.held[lease.attempt] = lease.job
-        self.metrics.handed_out.inc(len(leases))
         try:
-            infos = {job: await self.storage.job_info(job) for job in {le.job for le in leases}}
-            stored = [
-                le.task for le in leases if (info := infos[le.job]) is not None and info.inputs_kind in STORED_INPUTS
-            ]
-            inputs = await self.storage.task_inputs(stored)  # range and none inputs are computed, not read
+            specs = await self._specs(sock, leases)
         except Exception as exc:
             if not is_outage(exc):
                 raise
-            self.db_health.failed(exc)  # an outage begins: give the tasks back, hand out nothing
+            # An outage began after the leases were taken (reading the tasks' jobs, inputs or checkpoints):
+            # give every one back and answer "none now". Kept, they would wait for their deadline while
+            # the volunteer, never told of them, asked for more: the job could not end before that.
+            self.db_health.failed(exc)
             for lease in leases:
                 sock.held.pop(lease.attempt, None)
             await self.queue.requeue([le.attempt for le in leases])
+            logger.info("database away while handing out %d tasks: back in the queue", len(leases))
             return []
+        self.metrics.handed_out.inc(len(leases))
+        return specs
+
+    async def _specs(self, sock: VolunteerSocket, leases: list[Lease]) -> list[TaskSpec]:
+        """What the volunteer is sent for these leases: each task's input, code hash and last checkpoint."""
+        infos = {job: await self.storage.job_info(job) for job in {le.job for le in leases}}
+        stored = [le.task for le in leases if (info := infos[le.job]) is not None and info.inputs_kind in STORED_INPUTS]
+        inputs = await self.storage.task_inputs(stored)  # range and none inputs are computed, not read
         owners = {le.task: self._owner(infos[le.job], sock) for le in leases if infos[le.job] is not None}
         restores = await live.restore(self.storage, owners)
         specs = []
