@@ -16,7 +16,9 @@ import json
 from enum import Enum
 from typing import Any
 
-PROTOCOL_VERSION = 1
+# 1: first release. 2: ``ready`` and ``heartbeat`` may carry ``running``, the attempts being computed
+# now (the rest of those held are prefetched); a version-1 volunteer's running count is estimated.
+PROTOCOL_VERSION = 2
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # one websocket message; larger closes with 1009
 MAX_TASKS_PER_MESSAGE = 64
 MAX_OUTPUT_CHARS = 64 * 1024  # captured stdout/stderr kept per task
@@ -25,6 +27,7 @@ MAX_WORKERS = 64  # a volunteer's declared workers; also the most tasks one conn
 MAX_DECLARED_PREFETCH = 512
 MAX_TEXT_CHARS = 200  # strings in capabilities and throttle states (user agent, reasons) are cut here
 MAX_REASONS = 8
+MAX_ATTEMPT_ID_CHARS = 64
 
 
 class ProtocolError(ValueError):
@@ -220,9 +223,12 @@ class Welcome:
 
 @dataclasses.dataclass
 class Ready:
-    """Volunteer -> server: I can take ``n`` more tasks (free workers + prefetch)."""
+    """Volunteer -> server: I can take ``n`` more tasks (free workers + prefetch).
+
+    ``running`` (protocol 2): the held attempts a worker is computing now; None = not told."""
 
     n: int
+    running: list | None = None
     TYPE = "ready"
 
 
@@ -271,9 +277,12 @@ class Code:
 
 @dataclasses.dataclass
 class Heartbeat:
-    """Volunteer -> server: still working on these attempts; extends their deadlines."""
+    """Volunteer -> server: still working on these attempts; extends their deadlines.
+
+    ``running`` (protocol 2): which of them a worker is computing now (the others are prefetched)."""
 
     attempts: list
+    running: list | None = None
     TYPE = "heartbeat"
 
 
@@ -383,7 +392,7 @@ _JSON_ANY = (dict, list, str, int, float, bool, type(None))
 _SCHEMA: dict[str, list[tuple[str, tuple, bool]]] = {
     "hello": [("volunteer", (str,), True), ("capabilities", (dict,), False), ("protocol", (int,), False)],
     "welcome": [("volunteer", (str,), True), ("heartbeat", (int, float), True), ("server", (str,), False)],
-    "ready": [("n", (int,), True)],
+    "ready": [("n", (int,), True), ("running", (list, type(None)), False)],
     "tasks": [("tasks", (list,), True)],
     "need_code": [("job", (int,), True), ("code_hash", (str,), True)],
     "code": [
@@ -392,7 +401,7 @@ _SCHEMA: dict[str, list[tuple[str, tuple, bool]]] = {
         ("source", (str,), True),
         ("requirements", (list,), False),
     ],
-    "heartbeat": [("attempts", (list,), True)],
+    "heartbeat": [("attempts", (list,), True), ("running", (list, type(None)), False)],
     "progress": [("attempt", (str,), True), ("fraction", (int, float), True)],
     "results": [("results", (list,), True)],
     "ack": [("attempts", (list,), True), ("ignored", (list,), False)],
@@ -502,6 +511,8 @@ def from_dict(data: Any) -> Any:  # noqa: C901 - one flat check per message kind
         for value in fields["attempts"]:
             if not isinstance(value, str):
                 raise ProtocolError(f"{kind}: 'attempts' must be a list of strings")
+    if kind in ("ready", "heartbeat") and fields.get("running") is not None:
+        _check_running(kind, fields["running"])
     if kind == "ready" and not 0 <= fields["n"] <= MAX_TASKS_PER_MESSAGE:
         raise ProtocolError(f"ready: n must be between 0 and {MAX_TASKS_PER_MESSAGE}")
     if kind == "hello":
@@ -511,6 +522,15 @@ def from_dict(data: Any) -> Any:  # noqa: C901 - one flat check per message kind
     elif kind == "throttle":
         fields["state"] = ThrottleState.from_wire(fields["state"])
     return cls(**fields)
+
+
+def _check_running(kind: str, running: list) -> None:
+    """``running``: at most MAX_WORKERS attempt ids (a volunteer computes no more at once)."""
+    if len(running) > MAX_WORKERS:
+        raise ProtocolError(f"{kind}: at most {MAX_WORKERS} attempts in 'running'")
+    for value in running:
+        if not isinstance(value, str) or len(value) > MAX_ATTEMPT_ID_CHARS:
+            raise ProtocolError(f"{kind}: 'running' must be a list of attempt ids (strings)")
 
 
 def _obj(value: Any) -> dict:

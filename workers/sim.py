@@ -143,6 +143,9 @@ class SimVolunteer:
             if self.crash_after is not None and self.leased >= self.crash_after:
                 return  # vanish holding the leases: the socket closes with no results
             outcomes = []
+            # One worker: one task of the batch runs at a time, the rest wait (the server counts 1 running).
+            held = [spec.attempt for spec in batch.tasks]
+            await ws.send_str(P.encode(P.Heartbeat(held, held[:1])))
             for spec in batch.tasks:
                 source = await self._source(ws, spec)
                 if source is None:  # refused (the job was cancelled meanwhile): drop the task

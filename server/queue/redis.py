@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterable
 from typing import Any
 
 from server.queue import redis_keys as keys
-from server.queue.base import LEASE_SPAN, MAX_SKIPPED, Bus, Lease, Queue, ReadyItem, lease_limit
+from server.queue.base import (
+    LEASE_SPAN,
+    MAX_SKIPPED,
+    Bus,
+    Lease,
+    Queue,
+    ReadyItem,
+    computing_entry,
+    lease_limit,
+    summarize_computing,
+)
 
 # ----------------------------------------------------------------------------------- Redis
 # KEYS: ready, leases, deadlines, cancelled, running, leased_tasks, limits ; ARGV: now, grace, volunteer,
@@ -241,6 +252,28 @@ class RedisQueue(Queue):
             return {}
         values = await self.redis.hmget(keys.RUNNING, [str(j) for j in jobs])
         return {job: max(0, int(v or 0)) for job, v in zip(jobs, values, strict=True)}
+
+    async def computing(
+        self, key: str, volunteer: str, per_job: dict[int, int], gone: Iterable[int], ttl: float
+    ) -> None:
+        expires = time.time() + ttl
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job in gone:
+                pipe.hdel(f"{keys.COMPUTING}{job}", key)
+            for job, n in per_job.items():
+                pipe.hset(f"{keys.COMPUTING}{job}", key, computing_entry(volunteer, n, expires))
+                pipe.expire(f"{keys.COMPUTING}{job}", int(ttl) + 1)  # a job nobody reports on goes away
+            await pipe.execute()
+
+    async def computing_counts(self, jobs: list[int]) -> dict[int, tuple[int, int]]:
+        if not jobs:
+            return {}
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job in jobs:
+                pipe.hvals(f"{keys.COMPUTING}{job}")
+            values = await pipe.execute()
+        now = time.time()
+        return {job: summarize_computing([_s(v) for v in vals], now) for job, vals in zip(jobs, values, strict=True)}
 
     async def ready_count(self) -> int:
         return int(await self.redis.zcard(keys.READY))

@@ -441,6 +441,7 @@ def _job_dict(row: Any) -> dict:
         "counts": {
             "queued": row.n_tasks - row.n_done - row.n_failed - cancelled,
             "running": 0,
+            "leased": 0,
             "done": row.n_done,
             "failed": row.n_failed,
             "cancelled": cancelled,

@@ -178,7 +178,10 @@ async def _hello(request: web.Request, msg: P.Hello, address: str, send) -> Conn
 
 async def _handle(msg: object, conn: Conn, dispatcher, storage, send) -> None:  # noqa: ANN001
     if isinstance(msg, P.Ready):
-        await send(P.Tasks(await dispatcher.lease(conn, msg.n)))
+        await dispatcher.report_computing(conn, msg.running)
+        specs = await dispatcher.lease(conn, msg.n)
+        await dispatcher.report_computing(conn)  # a protocol-1 volunteer's estimate counts these
+        await send(P.Tasks(specs))
     elif isinstance(msg, P.Results):
         try:
             rec = await dispatcher.report(conn, msg.results)
@@ -193,7 +196,7 @@ async def _handle(msg: object, conn: Conn, dispatcher, storage, send) -> None:  
             raise P.ProtocolError("the server could not commit these results now; send them again") from None
         await send(P.Ack(rec.acked, rec.ignored))
     elif isinstance(msg, P.Heartbeat):
-        await dispatcher.heartbeat(conn, msg.attempts)
+        await dispatcher.heartbeat(conn, msg.attempts, msg.running)
     elif isinstance(msg, P.Progress):
         await dispatcher.heartbeat(conn, [msg.attempt])
     elif isinstance(msg, P.NeedCode):

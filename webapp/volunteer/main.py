@@ -234,7 +234,7 @@ class App:
             self.heartbeat_at = now
             held = self.held_attempts()
             if self.welcomed and held:
-                self.link.send(protocol.Heartbeat(attempts=held))
+                self.link.send(protocol.Heartbeat(attempts=held, running=list(self.running_specs)))
         self.tick()
 
     # ------------------------------------------------------------------ the loop
@@ -303,7 +303,7 @@ class App:
         if self.resumed.intersection(self.held_attempts() + unsent):
             return
         want = min(self.plan.want(len(self.held_attempts())), protocol.MAX_TASKS_PER_MESSAGE)
-        if want > 0 and self.link.send(protocol.Ready(n=want)):
+        if want > 0 and self.link.send(protocol.Ready(n=want, running=list(self.running_specs))):
             self.awaiting_tasks = True
 
     def flush_results(self) -> None:
