@@ -8,43 +8,33 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
-import io
+import hashlib
 import random
 import time
-import traceback
 from typing import Any
 
 import aiohttp
 
 from server import protocol as P
+from workers.runner import Runner
+
+_RUNNER = Runner()  # the browser's runner, here in CPython: one implementation of running main(x)
 
 
-@functools.lru_cache(maxsize=64)
-def _compiled(source: str) -> Any:
-    return compile(source, "<job>", "exec")
-
-
-def run_task(source: str, value: Any) -> P.Outcome:
-    """Run ``main(value)`` of ``source`` in a fresh namespace, as the browser's runner does."""
-    namespace: dict[str, Any] = {"__name__": "__uvm_job__"}
-    out = io.StringIO()
-    start = time.process_time()
-    outcome = P.Outcome(attempt="", task=0)
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-            exec(_compiled(source), namespace)  # noqa: S102 - trusted jobs only
-            outcome.result = namespace["main"](value)
-        P.encode(P.Results([outcome]))  # the result must be JSON-serialisable
-    except P.ProtocolError as exc:
-        outcome.result, outcome.error = None, f"TypeError: the result of main() is not JSON-serialisable: {exc}"
-    except BaseException as exc:  # noqa: BLE001 - the traceback is the researcher's
-        # Drop this runner's own frame: the researcher's traceback starts in their code.
-        tb = exc.__traceback__.tb_next if exc.__traceback__ is not None else None
-        outcome.result, outcome.error = None, "".join(traceback.format_exception(type(exc), exc, tb))
-    outcome.output = out.getvalue()[: P.MAX_OUTPUT_CHARS]
-    outcome.cpu = time.process_time() - start
-    return outcome
+def run_task(source: str, value: Any, job: int | None = None) -> P.Outcome:
+    """Run ``main(value)`` of ``source`` (a task of ``job``) with the browser workers' runner."""
+    digest = hashlib.sha256(source.encode()).hexdigest()
+    if not _RUNNER.has(digest):
+        _RUNNER.load(digest, source, job)
+    answer = _RUNNER.run(digest, value, job)
+    return P.Outcome(
+        attempt="",
+        task=0,
+        result=answer["result"],
+        output=answer["output"][: P.MAX_OUTPUT_CHARS],
+        error=answer["error"],
+        cpu=answer["cpu"],
+    )
 
 
 class SimVolunteer:
@@ -150,7 +140,7 @@ class SimVolunteer:
                 source = await self._source(ws, spec)
                 if source is None:  # refused (the job was cancelled meanwhile): drop the task
                     continue
-                outcome = run_task(source, spec.input)
+                outcome = run_task(source, spec.input, spec.job)
                 outcome.attempt, outcome.task = spec.attempt, spec.task
                 if self.lie_rate and outcome.error is None and self._rng.random() < self.lie_rate:
                     outcome.result = self._rng.random()  # a forged result
