@@ -114,3 +114,31 @@ def test_running_round_trips():
     assert P.decode(P.encode(P.Heartbeat(["a", "b"], ["a"]))).running == ["a"]
     assert P.decode(P.encode(P.Ready(2))).running is None
     assert P.PROTOCOL_VERSION == 2
+
+
+async def test_throughput_has_one_definition(serve, volunteers):
+    """Once finished: tasks / (last finish - first start), in the job view and the list alike (a
+    100-task job done in a second is not 100 / 30 s); while running: over the last 30 s."""
+    api, _ = await serve()
+    job = await api.submit("def main(x):\n    return x\n", list(range(100)), description="squares for science")
+    volunteers(api.url, 2, prefetch=8)
+    status = await api.wait(job)
+    assert status["state"] == "done" and status["description"] == "squares for science"
+    ran = status["finished_at"] - status["started_at"]
+    assert 0 < ran < status["finished_at"] - status["created_at"] + 1e-6
+    assert status["throughput"] == round(100 / max(ran, 1e-3), 3)
+    async with api.session.get(f"{api.url}/api/jobs", headers=api.headers()) as resp:
+        (listed,) = [j for j in (await resp.json())["jobs"] if j["id"] == job]
+    assert listed["throughput"] == status["throughput"]
+
+
+def test_throughput_of_a_running_job_is_over_its_last_30_s():
+    from server.store.storage import throughput
+
+    running = {"state": "running", "started_at": 1000.0, "counts": {"done": 50, "failed": 0}}
+    assert throughput(running, 60, now=1100.0) == 2.0  # 60 tasks in the last 30 s
+    assert throughput(running, 60, now=1010.0) == 6.0  # started 10 s ago: over those 10 s
+    assert throughput({**running, "started_at": None}, 0, now=1010.0) == 0.0
+    ended = {"state": "failed", "started_at": 1000.0, "finished_at": 1000.5, "counts": {"done": 90, "failed": 10}}
+    assert throughput(ended, 0, now=2000.0) == 200.0
+    assert throughput({**ended, "started_at": None}, 0, now=2000.0) == 0.0

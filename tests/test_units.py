@@ -189,7 +189,7 @@ async def test_migrations_match_the_declared_schema(backend, tmp_path, request):
             diff = await conn.run_sync(lambda c: compare_metadata(MigrationContext.configure(c), metadata))
             version = (await conn.execute(sa.text("SELECT version_num FROM alembic_version"))).scalar()
         assert diff == []
-        assert version == "0003"  # the newest revision
+        assert version == "0004"  # the newest revision
     finally:
         await engine.dispose()
 

@@ -134,8 +134,14 @@ class Outcomes:
             await self._write_reputation(conn, writes.reputation, now)
         if writes.reopen:
             await self._reopen(conn, writes, rec)
+        starts: dict[int, float] = {}  # per job: when this batch's earliest task started (finish less CPU)
+        for a in writes.attempts:
+            job_id = a["task"].job_id
+            starts[job_id] = min(starts.get(job_id, now), now - max(0.0, float(a["outcome"].cpu or 0.0)))
         for job_id, deltas in writes.counts.items():
             values = {c: jobs.c[c] + n for c, n in deltas.items() if n}
+            if values and job_id in starts:  # throughput once finished counts from the first start
+                values["started_at"] = sa.func.coalesce(jobs.c.started_at, starts[job_id])
             if values:
                 await conn.execute(jobs.update().where(jobs.c.id == job_id).values(**values))
         await pipelines.feed(self, conn, rec)
