@@ -155,6 +155,7 @@ class Dashboard:
             "submit": self.submit,
             "cancel": self.cancel,
             "retry": self.retry,
+            "copy-volunteer-link": self.copy_volunteer_link,
             "chain-results": lambda: self.chain("results_of"),
             "chain-after": lambda: self.chain("after"),
             "approve": lambda: self.set_approved(target.dataset.id, True),
@@ -312,12 +313,15 @@ class Dashboard:
         self.jobs[job["id"]] = job
         _el("job-title").textContent = views.job_name(job)
         state = _el("job-state")
-        state.textContent = job["state"]
-        state.className = f"state state-{job['state']}"
+        text, css = views.state_label(job)
+        state.textContent = text
+        state.className = f"state state-{css}"
         done, failed = views.progress(job)
         _el("job-bar-done").style.width = f"{done * 100:.2f}%"
         _el("job-bar-failed").style.width = f"{failed * 100:.2f}%"
-        _el("job-stats").innerHTML = f'<p class="muted subtitle">{views.job_subtitle(job)}</p>' + views.job_stats(job)
+        hint = views.no_volunteer_hint(job, f"{window.location.origin}/")
+        subtitle = f'<p class="muted subtitle">{views.job_subtitle(job)}</p>'
+        _el("job-stats").innerHTML = subtitle + hint + views.job_stats(job)
         terminal = job["state"] in views.TERMINAL
         _el("cancel-button").hidden = terminal
         _el("retry-button").hidden = job["counts"]["failed"] == 0
@@ -355,14 +359,24 @@ class Dashboard:
         _el("job-results").innerHTML = views.results_table(rows, job["n_tasks"])
 
     async def cancel(self) -> None:
+        name = views.job_name(self.job) if self.job else f"job {self.job_id}"
+        if not window.confirm(f"Cancel {name}? Its unfinished tasks will not run; this cannot be undone."):
+            return
         job = await api("POST", f"/api/jobs/{self.job_id}/cancel")
         job.pop("cancelled", None)
         await self.update_job(job, force=True)
 
     async def retry(self) -> None:
         body = await api("POST", f"/api/jobs/{self.job_id}/retry")
-        self.flash(None if body["retried"] else "No failed tasks to retry.")
+        n = body["retried"]
+        self.flash(
+            f"{views.plural(n, 'failed task')} queued again." if n else "Nothing was retried: no task has failed."
+        )
         await self.update_job(await api("GET", f"/api/jobs/{self.job_id}"), force=True)
+
+    async def copy_volunteer_link(self) -> None:
+        await window.navigator.clipboard.writeText(f"{window.location.origin}/")
+        self.flash("Link copied: share it, and whoever opens it can volunteer.")
 
     async def chain(self, kind: str) -> None:
         self.chain_preset = (kind, self.job_id)
@@ -433,8 +447,11 @@ class Dashboard:
         try:
             text = inputs.summary(self.read_inputs())
             summary.textContent = text[:1].upper() + text[1:]
-        except inputs.InputError:
+            _show("inputs-error", None)
+        except inputs.InputError as exc:  # said as they type, with where (JSON: line and column)
             summary.textContent = ""
+            typed = self.mode not in ("json", "csv", "lines") or str(_el(f"inputs-{self.mode}").value).strip()
+            _show("inputs-error", str(exc) if typed else None)
 
     async def load_file(self, mode: str, field) -> None:
         files = field.files
@@ -472,6 +489,7 @@ class Dashboard:
         requirements = [r.strip() for r in str(_el("opt-requirements").value).replace(",", " ").split() if r.strip()]
         return {
             "name": str(_el("opt-name").value).strip(),
+            "description": str(_el("opt-description").value).strip(),
             "timeout": number("opt-timeout", "the timeout", float),
             "max_attempts": number("opt-attempts", "attempts per task"),
             "priority": number("opt-priority", "the priority"),
@@ -505,7 +523,9 @@ class Dashboard:
         status.textContent = "Running…" if booted else "Starting Python in a worker…"
         try:
             started = time.monotonic()
-            answer = await self.try_worker.run(str(self.editor.get()), value, options["timeout"])
+            answer = await self.try_worker.run(
+                str(self.editor.get()), value, options["timeout"], options["requirements"]
+            )
             seconds = time.monotonic() - started
         finally:
             button.disabled = False
