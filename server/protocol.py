@@ -28,6 +28,8 @@ MAX_DECLARED_PREFETCH = 512
 MAX_TEXT_CHARS = 200  # strings in capabilities and throttle states (user agent, reasons) are cut here
 MAX_REASONS = 8
 MAX_ATTEMPT_ID_CHARS = 64
+MAX_JOB_NAME_CHARS = 200  # a job's name and public description, as the server caps them (server/spec.py)
+MAX_DESCRIPTION_CHARS = 500
 
 
 class ProtocolError(ValueError):
@@ -272,6 +274,8 @@ class Code:
     code_hash: str
     source: str
     requirements: list = dataclasses.field(default_factory=list)
+    name: str = ""  # protocol 2: the job's name and public description, shown to the volunteer
+    description: str = ""
     TYPE = "code"
 
 
@@ -400,6 +404,8 @@ _SCHEMA: dict[str, list[tuple[str, tuple, bool]]] = {
         ("code_hash", (str,), True),
         ("source", (str,), True),
         ("requirements", (list,), False),
+        ("name", (str,), False),
+        ("description", (str,), False),
     ],
     "heartbeat": [("attempts", (list,), True), ("running", (list, type(None)), False)],
     "progress": [("attempt", (str,), True), ("fraction", (int, float), True)],
@@ -521,6 +527,9 @@ def from_dict(data: Any) -> Any:  # noqa: C901 - one flat check per message kind
         fields["capabilities"] = Capabilities.from_wire(fields.get("capabilities"))
     elif kind == "throttle":
         fields["state"] = ThrottleState.from_wire(fields["state"])
+    elif kind == "code":  # shown in the volunteer's page: cut to the server's own caps
+        fields["name"] = fields.get("name", "")[:MAX_JOB_NAME_CHARS]
+        fields["description"] = fields.get("description", "")[:MAX_DESCRIPTION_CHARS]
     return cls(**fields)
 
 

@@ -21,6 +21,7 @@ from server.queue import ReadyItem
 from server.spec import ADAPTIVE, InvalidJob, JobSpec, Verification, encode_input
 from server.store import pipelines
 from server.store.accounts import Accounts
+from server.store.credit import Credit
 from server.store.models import Conflict, JobInfo, NotFound, Recorded, Researcher
 from server.store.models import now as _now
 from server.store.outcomes import Outcomes
@@ -31,8 +32,8 @@ THROUGHPUT_WINDOW = 30.0  # seconds: a running job's throughput is over this muc
 __all__ = ["Conflict", "JobInfo", "NotFound", "Recorded", "Researcher", "Storage"]
 
 
-class Storage(Accounts, Outcomes):
-    """Jobs and tasks here; accounts and outcome recording in their own modules."""
+class Storage(Accounts, Outcomes, Credit):
+    """Jobs and tasks here; accounts, outcome recording and volunteers' credit in their own modules."""
 
     def __init__(self, engine: AsyncEngine, box: Box) -> None:
         self.engine = engine
@@ -157,6 +158,14 @@ class Storage(Accounts, Outcomes):
         if blob is None:
             raise NotFound(f"no job {job_id}")
         return self.box.open_text(blob, f"job:{job_id}:code")
+
+    async def job_about(self, job_id: int) -> tuple[str, str]:
+        """A job's name and public description: what its volunteers are shown."""
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(sa.select(jobs.c.name, jobs.c.description).where(jobs.c.id == job_id))).first()
+        if row is None:
+            raise NotFound(f"no job {job_id}")
+        return row.name, row.description
 
     async def get_job(self, researcher_id: int | None, job_id: int) -> dict:
         where = [jobs.c.id == job_id]

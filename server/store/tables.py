@@ -104,6 +104,7 @@ attempts = sa.Table(
     sa.Column("finished_at", sa.Double, nullable=False),
     sa.Column("reported_ct", Blob),  # what it reported, for the validator: {"result": v} or {"error": key}
     sa.Column("verdict", sa.String(8)),  # pending | valid | invalid | trusted | single (NULL: no report)
+    sa.Index("ix_attempts_volunteer_verdict", "volunteer", "verdict"),  # credit and the leaderboard
 )
 
 volunteers = sa.Table(

@@ -247,6 +247,36 @@ def document() -> dict:
                     "responses": {"200": _ok("stats", {"type": "object"}), **_errors(401, 403, 404)},
                 }
             },
+            "/api/volunteers/{volunteer_id}/nickname": {
+                "put": {
+                    "summary": 'A volunteer\'s opt-in public nickname (by its signed id; null or "" = not listed)',
+                    "security": [],
+                    "parameters": [
+                        {"name": "volunteer_id", "in": "path", "required": True, "schema": {"type": "string"}}
+                    ],
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            _JSON: {
+                                "schema": {
+                                    "type": "object",
+                                    "properties": {"nickname": {"type": "string", "maxLength": 32, "nullable": True}},
+                                    "required": ["nickname"],
+                                    "additionalProperties": False,
+                                }
+                            }
+                        },
+                    },
+                    "responses": {"200": _ok("set", {"type": "object"}), **_errors(400, 404, 409, 413)},
+                }
+            },
+            "/api/leaderboard": {
+                "get": {
+                    "summary": "Public: volunteers with a nickname, ranked by the CPU time of their validated results",
+                    "security": [],
+                    "responses": {"200": _ok("the top 50", {"type": "object"})},
+                }
+            },
             "/api/health": {
                 "get": {
                     "summary": "Liveness, database state and queue depth",

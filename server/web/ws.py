@@ -207,7 +207,8 @@ async def _handle(msg: object, conn: Conn, dispatcher, storage, send) -> None:  
         if info is None or info.code_hash != msg.code_hash or not mine:
             raise P.ProtocolError(f"need_code: you hold no task of job {msg.job} with that code hash")
         source = await storage.job_code(msg.job)
-        await send(P.Code(msg.job, msg.code_hash, source, info.requirements))
+        name, description = await storage.job_about(msg.job)
+        await send(P.Code(msg.job, msg.code_hash, source, info.requirements, name, description))
     elif isinstance(msg, P.Throttle):
         conn.throttle = msg.state
         await storage.volunteer_throttle(conn.volunteer, msg.state.to_wire())

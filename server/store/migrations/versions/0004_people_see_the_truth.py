@@ -1,5 +1,6 @@
 """Researchers and volunteers see the truth (issue 11): a job's public description and the time its
-first task started (throughput once finished), and volunteers' opt-in public nicknames.
+first task started (throughput once finished), volunteers' opt-in public nicknames, and an index for
+their credit (validated results by volunteer).
 
 Revision ID: 0004
 Revises: 0003
@@ -31,9 +32,12 @@ def upgrade() -> None:
                     batch.add_column(column)
     if "ix_volunteers_nickname" not in {i["name"] for i in inspector.get_indexes("volunteers")}:
         op.create_index("ix_volunteers_nickname", "volunteers", ["nickname"], unique=True)
+    if "ix_attempts_volunteer_verdict" not in {i["name"] for i in inspector.get_indexes("attempts")}:
+        op.create_index("ix_attempts_volunteer_verdict", "attempts", ["volunteer", "verdict"])
 
 
 def downgrade() -> None:
+    op.drop_index("ix_attempts_volunteer_verdict", table_name="attempts")
     op.drop_index("ix_volunteers_nickname", table_name="volunteers")
     for table, columns in COLUMNS.items():
         with op.batch_alter_table(table) as batch:
