@@ -24,6 +24,7 @@ from pyodide.ffi import create_proxy
 from pyscript import document, window
 
 from . import ui
+from .credit import Credit
 from .link import Link
 from .pool import Pool
 
@@ -73,6 +74,7 @@ class App:
         self.volunteer = _volunteer_id()
         self.totals = _load(TOTALS_KEY, {"tasks": 0, "cpu": 0.0})
         self.session = {"tasks": 0, "cpu": 0.0, "errors": 0, "timeouts": 0}
+        self.credit = Credit()
         self.pool = Pool(worker_url, self.pump, spare)
         self.link = Link(socket_url, self.on_message, self.on_open, self.on_close)
         self.welcomed = False
@@ -235,6 +237,8 @@ class App:
             held = self.held_attempts()
             if self.welcomed and held:
                 self.link.send(protocol.Heartbeat(attempts=held, running=list(self.running_specs)))
+        if self.welcomed and self.credit.due():
+            asyncio.ensure_future(self.credit.refresh(self.volunteer))
         self.tick()
 
     # ------------------------------------------------------------------ the loop
@@ -476,6 +480,21 @@ class App:
             self.resumed.difference_update(gone)
             await self.vault.remove("tasks", json.dumps(gone))
 
+    def save_nickname(self, nickname: str) -> None:
+        async def save() -> None:
+            await self.credit.set_nickname(self.volunteer, nickname)
+            self.rendered_at = 0.0
+            self.pump()
+
+        asyncio.ensure_future(save())
+
+    def jobs_shown(self) -> dict:
+        """Name and public description of the jobs this page holds code of, by job id."""
+        return {
+            str(code.job): {"name": getattr(code, "name", ""), "description": getattr(code, "description", "")}
+            for code in self.codes.values()
+        }
+
     def snapshot(self) -> dict:
         """Everything the page shows, as plain data (also read by the tests)."""
         now = time.monotonic()
@@ -505,6 +524,8 @@ class App:
             "recent_switches": list(self.pool.switches),
             "dropped_messages": self.pool.dropped,
             "volunteer": self.volunteer,
+            "jobs": self.jobs_shown(),
+            "credit": self.credit.snapshot(),
             "queued": [s.attempt for s in self.queue],
             "queued_tasks": [s.task for s in self.queue],
             "running_tasks": [s.task for s in self.running_specs.values()],
