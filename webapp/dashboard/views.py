@@ -11,6 +11,8 @@ import time
 from html import escape
 from typing import Any
 
+from ..words import plural
+
 TERMINAL = ("done", "failed", "cancelled")
 PREVIEW_ROWS = 50
 FORMATS = (("txt", ".txt"), ("json", "JSON"), ("ndjson", "NDJSON"), ("csv", "CSV"))
@@ -77,11 +79,6 @@ def eta(job: dict, now: float | None = None) -> float | None:
 
 def job_name(job: dict) -> str:
     return job.get("name") or f"Job {job['id']}"
-
-
-def plural(n: int, word: str, many: str | None = None) -> str:
-    """ "1 task", "2 tasks" (``many`` for irregular plurals)."""
-    return f"{n} {word if n == 1 else many or word + 's'}"
 
 
 def state_label(job: dict) -> tuple[str, str]:

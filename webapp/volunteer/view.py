@@ -8,11 +8,7 @@ from __future__ import annotations
 
 import html
 
-
-def plural(n: int, word: str, many: str | None = None) -> str:
-    """ "1 task", "3 tasks": never "task(s)"."""
-    return f"{n} {word if n == 1 else many or word + 's'}"
-
+from ..words import plural
 
 HEADLINES = {
     "stopped": ("Not running", "Lend this tab to research"),
