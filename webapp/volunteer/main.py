@@ -483,6 +483,7 @@ class App:
     def save_nickname(self, nickname: str) -> None:
         async def save() -> None:
             await self.credit.set_nickname(self.volunteer, nickname)
+            await self.credit.refresh(self.volunteer)  # and show the credit as it is now
             self.rendered_at = 0.0
             self.pump()
 
