@@ -236,9 +236,9 @@ def test_volunteer_credit_nickname_and_leaderboard(browser, server, screenshots)
         page.wait_for_function(
             f"document.getElementById('nickname-status').textContent.includes({nickname!r})", timeout=STEP_MS
         )
-        page.wait_for_function(
-            "Number(document.getElementById('stat-validated').textContent) > 0", timeout=STEP_MS
-        )
+        snap = wait_state(page, lambda s: s["credit"]["validated"] > 0, timeout=45)
+        assert page.inner_text("#stat-validated") == str(snap["credit"]["validated_session"]), snap["credit"]
+        assert snap["credit"]["validated_session"] > 0, (snap["credit"], server.volunteer(snap["volunteer"]))
         assert "all time" in page.inner_text("#stat-validated-sub")
         assert page.inner_text("#stat-tasks-label") in ("task this session", "tasks this session")
         page.screenshot(path=str(screenshots / "truth-volunteer-credit.png"), full_page=True)

@@ -411,6 +411,8 @@ class App:
             self.volunteer = msg.volunteer
             window.localStorage.setItem(VOLUNTEER_KEY, msg.volunteer)
         self.heartbeat = float(msg.heartbeat)
+        if self.credit.at_start is None:  # before any task of this session: "this session" counts from here
+            asyncio.ensure_future(self.credit.refresh(self.volunteer))
         self.empty_replies = 0
         self.next_ask = 0.0
 
