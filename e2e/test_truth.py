@@ -132,6 +132,7 @@ def test_one_tab_is_one_volunteer_and_sees_the_job_by_name(browser, dashboard, s
         assert "Squares, slowly: a test of honest counts." in page.inner_text("#helping")
         assert "Slow squares · task #" in page.inner_text("#workers")
         page.screenshot(path=str(screenshots / "truth-volunteer-job-name.png"), full_page=True)
+        assert "Traceback" not in page.inner_text("body")  # the page's Python raised nothing
         page.get_by_role("button", name="Stop").click()
     finally:
         context.close()
@@ -242,6 +243,7 @@ def test_volunteer_credit_nickname_and_leaderboard(browser, server, screenshots)
         assert "all time" in page.inner_text("#stat-validated-sub")
         assert page.inner_text("#stat-tasks-label") in ("task this session", "tasks this session")
         page.screenshot(path=str(screenshots / "truth-volunteer-credit.png"), full_page=True)
+        assert "Traceback" not in page.inner_text("body")
         board = context.new_page()
         board.goto(f"{server.url}/leaderboard")
         board.wait_for_selector(f'#board tr[data-nickname="{nickname}"]')

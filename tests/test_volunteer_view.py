@@ -109,6 +109,8 @@ def test_the_page_names_the_job_and_credits_the_volunteer() -> None:
         '<span class="about">Twin primes for a course &amp; more</span></p>'
     )
     assert detail("running", snap) == "1 task running in the background. You can keep using your device."
+    between = snapshot(workers=[{**busy(1), "job": None}], jobs=jobs)  # a slot given a task, its job not yet set
+    assert helping(between) == ""
     assert credit_text(snap)["validated"] == "—"
     credit = {"known": True, "validated": 1, "validated_session": 1, "validated_cpu": 2.5, "nickname": "Ada"}
     texts = credit_text(snapshot(credit=credit))

@@ -81,8 +81,10 @@ class Dashboard:
         self.offline = False
 
     # ----------------------------------------------------------------------- plumbing
-    def flash(self, message: str | None) -> None:
+    def flash(self, message: str | None, ok: bool = False) -> None:
+        """Show a message over the page: a problem (red), or with ``ok`` news of what was done (green)."""
         _show("flash", message)
+        _el("flash").classList.toggle("ok", ok)
 
     def run(self, coroutine) -> None:
         """Run a handler's coroutine; any error it raises ends as a message on the page."""
@@ -370,13 +372,14 @@ class Dashboard:
         body = await api("POST", f"/api/jobs/{self.job_id}/retry")
         n = body["retried"]
         self.flash(
-            f"{views.plural(n, 'failed task')} queued again." if n else "Nothing was retried: no task has failed."
+            f"{views.plural(n, 'failed task')} queued again." if n else "Nothing was retried: no task has failed.",
+            ok=bool(n),
         )
         await self.update_job(await api("GET", f"/api/jobs/{self.job_id}"), force=True)
 
     async def copy_volunteer_link(self) -> None:
         await window.navigator.clipboard.writeText(f"{window.location.origin}/")
-        self.flash("Link copied: share it, and whoever opens it can volunteer.")
+        self.flash("Link copied: share it, and whoever opens it can volunteer.", ok=True)
 
     async def chain(self, kind: str) -> None:
         self.chain_preset = (kind, self.job_id)

@@ -72,7 +72,7 @@ def eta(job: dict, now: float | None = None) -> float | None:
     if job.get("state") in TERMINAL:
         return 0.0
     counts = job.get("counts") or {}
-    left = counts.get("queued", 0) + counts.get("running", 0)
+    left = counts.get("queued", 0) + counts.get("running", 0) + counts.get("leased", 0)
     rate_now = speed(job, now)
     return left / rate_now if rate_now > 0 else None
 

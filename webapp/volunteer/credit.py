@@ -53,7 +53,7 @@ class Credit:
         answer = await window.fetch(f"/api/volunteers/{js.encodeURIComponent(volunteer)}/nickname", init)
         body = json.loads(await answer.text())
         if answer.ok:
-            self.note = f"Listed as {body['nickname']}." if body["listed"] else "Not listed on the leaderboard."
+            self.note = ""  # the status line above the form says it
             if self.server is not None:
                 self.server["nickname"] = body["nickname"]
         else:

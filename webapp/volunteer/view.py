@@ -107,7 +107,7 @@ def helping(snap: dict) -> str:
     """HTML: the jobs the workers compute now, by name, with their public descriptions."""
     jobs = []
     for w in snap["workers"]:
-        if w["attempt"] and w["job"] not in jobs:
+        if w["attempt"] and w.get("job") is not None and w["job"] not in jobs:  # a slot between tasks: no job
             jobs.append(w["job"])
     items = []
     for job in jobs:
