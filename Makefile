@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 8080
 
-.PHONY: setup setup-test run test lint services bench clean
+.PHONY: setup setup-test run test lint typecheck services bench clean
 
 # `make run` installs what the server needs; `make test` adds the test tools (pytest, playwright, ruff).
 $(VENV)/.installed: pyproject.toml
@@ -39,7 +39,10 @@ lint: setup-test
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-test: setup-test services lint
+typecheck: setup-test
+	$(VENV)/bin/mypy  # server/ and uvm_compute/, settings in pyproject.toml [tool.mypy]
+
+test: setup-test services lint typecheck
 	$(VENV)/bin/pytest -q -p no:cacheprovider
 
 bench: setup-test services

@@ -6,6 +6,7 @@ import dataclasses
 import ipaddress
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -75,7 +76,7 @@ class Config:
     def from_env(cls, env: dict[str, str] | None = None, **overrides: object) -> Config:
         """Build from ``UVM_*`` variables; an unknown ``UVM_`` variable is an error, not ignored."""
         env = dict(os.environ if env is None else env)
-        known = {
+        known: dict[str, tuple[str, Callable[[str], object]]] = {
             "UVM_DATA_DIR": ("data_dir", Path),
             "UVM_DATABASE_URL": ("database_url", _db_url),
             "UVM_REDIS_URL": ("redis_url", _redis_url),
@@ -107,8 +108,8 @@ class Config:
         }
         values: dict[str, object] = {}
         for name, raw in env.items():
-            if not name.startswith("UVM_"):
-                continue
+            if not name.startswith("UVM_") or name.startswith("UVM_TEST_"):
+                continue  # UVM_TEST_* belong to the test suite (its Redis port), not to the server
             if name not in known:
                 raise ConfigError(f"unknown setting {name}; known: {', '.join(sorted(known))}")
             field, parse = known[name]

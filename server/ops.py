@@ -9,7 +9,7 @@ import asyncio
 import sys
 
 from server.config import Config
-from server.crypto import DecryptError
+from server.crypto import Box, DecryptError
 
 
 async def rotate_key(config: Config, batch: int = 500, max_rows: int | None = None) -> int:
@@ -82,7 +82,7 @@ async def check_config(config: Config) -> int:
     return 0 if not problems else 1
 
 
-async def _check_database(config: Config, box: object) -> int:
+async def _check_database(config: Config, box: Box | None) -> int:
     import sqlalchemy as sa
 
     from server.store import keys

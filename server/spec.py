@@ -180,7 +180,7 @@ def _parse_verification(spec: JobSpec, body: dict, config: Config) -> None:
             f"'replication' must be an integer between 1 and {MAX_REPLICATION}, or \"adaptive\"", field="replication"
         )
     spec.replication = replication
-    k = 2 if replication == ADAPTIVE else replication
+    k = 2 if replication == ADAPTIVE else int(replication)
     quorum = _typed(body, "quorum", int, None)
     if quorum is not None:
         if replication == ADAPTIVE:
@@ -277,7 +277,7 @@ def _parse_range(spec: JobSpec, bounds: Any) -> None:
 def verify_code(code: str) -> None:
     """Compile (never run) the code; check that it defines ``main``. Raises ``InvalidJob``."""
     try:
-        tree = compile(code, "<job>", "exec", flags=ast.PyCF_ONLY_AST, dont_inherit=True)
+        tree = ast.parse(code, "<job>")
         compile(tree, "<job>", "exec", dont_inherit=True)
     except SyntaxError as exc:
         where = f"line {exc.lineno}" + (f", column {exc.offset}" if exc.offset else "")

@@ -80,7 +80,7 @@ async def test_counters_move_during_a_job(serve, volunteers):
 
 async def test_loop_restarts_are_exported(serve):
     api, app = await serve(metrics_token=TOKEN)
-    app[K.dispatcher].loop_restarts = {"reaper": 2, "outcomes": 0}  # as the loop supervisor counts them
+    app[K.dispatcher].loops["reaper"].restarts = 2  # as the loop supervisor counts them
     samples = await scrape(api)
     assert total(samples, "uvm_loop_restarts_total", loop="reaper") == 2
 

@@ -99,7 +99,7 @@ async def test_mariadb_outage_of_30_seconds(tmp_path, volunteers, redis_client, 
                 if isinstance(answer, P.Ack):
                     break
                 assert isinstance(answer, P.Hold)
-            assert answer.attempts == [held.attempt]
+            assert answer.attempts == [held.attempt], answer
 
             while True:
                 async with session.get(f"{server.url}/api/jobs/{job}", headers=auth) as resp:

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 import redis.asyncio as aioredis
 
-from server.queue import Bus, MemoryQueue, ReadyItem, RedisBus, RedisQueue
+from server.queue import Bus, MemoryQueue, Queue, ReadyItem, RedisBus, RedisQueue
 from server.queue import redis_keys as keys
 from tests.conftest import REDIS_URL
 
@@ -18,6 +18,19 @@ async def queue(request, redis_client):
         yield MemoryQueue(grace=5.0)
     else:
         yield RedisQueue(redis_client, "test-instance", grace=5.0)
+
+
+def test_the_contract_is_abstract():
+    """``Queue`` carries the contract: a backend missing a method cannot even be made."""
+
+    class HalfQueue(Queue):
+        async def push(self, items):  # noqa: ANN001, ANN202
+            return 0
+
+    with pytest.raises(TypeError, match="abstract"):
+        HalfQueue()
+    with pytest.raises(TypeError, match="abstract"):
+        Queue()
 
 
 def items(job: int, n: int, start: int = 1, priority: int = 0, timeout: float = 10.0) -> list[ReadyItem]:

@@ -1,10 +1,23 @@
-"""The worker-side runner, run here in CPython: namespaces, capture, errors, JSON results."""
+"""The worker-side runner, run here in CPython: namespaces, capture, errors, JSON results.
+
+It is the only runner of ``main(x)``: the simulated volunteer uses it, and nothing under ``server/``
+runs research code (the server compiles it in ``server/spec.py`` and checks received results).
+"""
 
 from __future__ import annotations
 
+import ast
 import json
+from pathlib import Path
 
-from workers.runner import MAX_OUTPUT_CHARS, Runner, handle
+import pytest
+
+from server import protocol as P
+from server.config import Config
+from server.jobs.dispatch import validate_received_result
+from workers.runner import MAX_OUTPUT_CHARS, MAX_RESULT_BYTES, Runner, handle
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def run(source: str, value: object = None) -> dict:
@@ -68,6 +81,55 @@ def test_syntax_error_and_missing_main() -> None:
 def test_result_must_be_json() -> None:
     assert "not JSON-serialisable" in run("def main(x):\n    return {1, 2}\n")["error"]
     assert "not JSON-serialisable" in run("def main(x):\n    return float('nan')\n")["error"]
+
+
+def test_result_size_is_capped() -> None:
+    at_limit = run("def main(x):\n    return 'y' * x\n", MAX_RESULT_BYTES - 2)  # two quotes
+    assert at_limit["error"] is None and len(at_limit["result"]) == MAX_RESULT_BYTES - 2
+    over = run("def main(x):\n    return 'y' * x\n", MAX_RESULT_BYTES - 1)
+    assert over["result"] is None and over["error"].endswith(f"the limit is {MAX_RESULT_BYTES}")
+
+
+def test_runner_limits_are_the_servers() -> None:
+    assert MAX_OUTPUT_CHARS == P.MAX_OUTPUT_CHARS
+    assert Config.from_env({}).max_result_bytes == MAX_RESULT_BYTES
+
+
+@pytest.mark.parametrize("value", [float("nan"), "z" * MAX_RESULT_BYTES])
+def test_the_server_words_a_refused_result_as_the_runner_does(value: object) -> None:
+    """A hostile volunteer's result is refused in the same words an honest runner would use."""
+    ran = run("def main(x):\n    return x\n", value)
+    received = P.Outcome("a", 1, result=value)
+    validate_received_result(received, Config.from_env({}).max_result_bytes)
+    assert received.result is None and received.error == ran["error"]
+
+
+def _calls(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    return {n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+
+
+def test_only_the_runner_runs_research_code() -> None:
+    """No ``exec``/``eval`` under server/ (``compile`` in spec.py only) nor in the simulated volunteer."""
+    for path in sorted((ROOT / "server").rglob("*.py")):
+        calls = _calls(path)
+        assert not calls & {"exec", "eval"}, path
+        assert "compile" not in calls or path.name == "spec.py", path
+    assert not _calls(ROOT / "workers" / "sim.py") & {"exec", "eval", "compile"}
+    assert {"exec", "compile"} <= _calls(ROOT / "workers" / "runner.py")
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+async def test_simulated_volunteers_run_tasks_through_the_runner(serve, volunteers) -> None:
+    """The runner's marks: its ``<job N>`` file name in tracebacks, and its checks of results."""
+    api, _ = await serve()
+    job = await api.submit("def main(x):\n    if x:\n        return 1 / 0\n    return {1}\n", [0, 1], max_attempts=1)
+    volunteers(api.url, 1)
+    assert (await api.wait(job))["state"] == "failed"
+    async with api.session.get(f"{api.url}/api/jobs/{job}/errors", headers=api.headers()) as resp:
+        errors = {e["index"]: e["error"] for e in (await resp.json())["errors"]}
+    assert errors[0].startswith("ValueError: the result of main() is not JSON-serialisable")
+    assert f'File "<job {job}>", line 3, in main' in errors[1] and "runner.py" not in errors[1]
 
 
 def test_output_is_capped() -> None:

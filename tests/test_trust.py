@@ -100,6 +100,49 @@ async def test_hoarder_never_holds_more_than_its_cap_and_the_job_finishes(serve,
     assert received <= dispatch.HARD_CAP + 1  # its first 64 expired unanswered: then (almost) nothing
 
 
+async def test_a_saboteur_and_a_hoarder_beside_two_honest_volunteers(serve, volunteers):
+    """Issue 7, done-when 2, as one attack: a socket that answers every task with an error and
+    another that keeps asking for 64 tasks and never answers, beside two honest simulated
+    volunteers. The 400-task job ends done with every result correct; the hoarder never holds
+    more than its cap."""
+    api, app = await serve(lease_grace=0.5, reaper_interval=0.1)
+    job = await api.submit(SQUARE, list(range(400)), timeout=1.0, replication=1)
+    sabotaged, most = 0, 0
+    async with api.session.ws_connect(ws_url(api)) as saboteur, api.session.ws_connect(ws_url(api)) as hoarder:
+        await hello(saboteur, workers=4, prefetch=12)
+        hoarder_conn = conn_of(app, (await hello(hoarder, workers=64, prefetch=512))["volunteer"])
+
+        async def sabotage() -> None:
+            nonlocal sabotaged
+            while True:
+                tasks = (await ask(saboteur, P.Ready(16)))["tasks"]
+                if tasks:
+                    errors = [P.Outcome(t["attempt"], t["task"], error="Traceback\nValueError: no") for t in tasks]
+                    await saboteur.send_str(P.encode(P.Results(errors)))
+                    sabotaged += len(tasks)
+                await asyncio.sleep(0.01)
+
+        async def hoard() -> None:
+            nonlocal most
+            held: list[str] = []
+            while True:
+                held += [t["attempt"] for t in (await ask(hoarder, P.Ready(64)))["tasks"]]
+                most = max(most, len(hoarder_conn.held))
+                await hoarder.send_str(P.encode(P.Heartbeat(held[-64:])))
+                await asyncio.sleep(0.02)
+
+        attackers = [asyncio.create_task(sabotage()), asyncio.create_task(hoard())]
+        await asyncio.sleep(0.3)  # the attackers take the first tasks before anyone honest is there
+        volunteers(api.url, 2)
+        final = await api.wait(job, timeout=90)
+        for attacker in attackers:
+            attacker.cancel()
+        await asyncio.gather(*attackers, return_exceptions=True)
+    assert sabotaged > 0 and 0 < most <= dispatch.HARD_CAP
+    assert final["state"] == "done" and final["counts"]["done"] == 400
+    assert [r["result"] for r in json.loads(await api.results(job))] == [x * x for x in range(400)]
+
+
 async def test_a_connection_gets_what_its_declared_workers_justify(serve):
     api, app = await serve()
     await api.submit(SQUARE, list(range(300)))
@@ -428,7 +471,7 @@ async def test_csv_cells_cannot_be_formulas():
     text = b"".join([chunk async for chunk in render(rows(), "csv")]).decode()
     lines = text.splitlines()
     assert lines[1].endswith(',\'=HYPERLINK(""x"")"') or "'=HYPERLINK" in lines[1]
-    assert lines[2] == "1,-5,done,-2500.0,"  # plain numbers stay numbers
+    assert lines[2] == "1,-5,done,-2500.0,,,0"  # plain numbers stay numbers (no accepted, 0 replicas)
     assert "'" not in lines[3] or lines[3].count("'") == 0  # JSON strings are quoted: "@SUM(A1)" starts with "
     from server.web.export import csv_cell
 

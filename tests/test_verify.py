@@ -25,9 +25,10 @@ FLOAT = "def main(x):\n    return x\n"
 class Scripted:
     """A websocket volunteer that answers as it is told."""
 
-    def __init__(self, ws, volunteer: str) -> None:  # noqa: ANN001
+    def __init__(self, ws, token: str) -> None:  # noqa: ANN001
         self.ws = ws
-        self.volunteer = volunteer
+        self.token = token  # the signed id the server issued (presented in a later hello)
+        self.volunteer = token.split("-", 1)[0]  # its public part: what the server stores
 
     @classmethod
     async def connect(cls, api, volunteer: str) -> Scripted:  # noqa: ANN001
@@ -35,7 +36,7 @@ class Scripted:
         await ws.send_str(P.encode(P.Hello(volunteer, {"cores": 1})))
         welcome = json.loads((await ws.receive(timeout=10)).data)
         assert welcome["type"] == "welcome"
-        return cls(ws, welcome["volunteer"])  # the id the server knows us by
+        return cls(ws, welcome["volunteer"])
 
     async def lease(self, n: int) -> list[dict]:
         await self.ws.send_str(P.encode(P.Ready(n)))
@@ -232,11 +233,12 @@ async def test_reputation_survives_a_reconnect_and_a_new_id_starts_untrusted(ser
     await asyncio.gather(*runs)
     async with app[K.storage].engine.connect() as conn:
         known = {r.volunteer: r.consecutive for r in (await conn.execute(sa.select(reputation))).all()}
-    trusted = next(s.volunteer for s in sims if known.get(s.volunteer, 0) >= 3)
+    trusted_sim = next(s for s in sims if known.get(s.volunteer, 0) >= 3)
+    trusted = trusted_sim.volunteer
     shown = await app[K.storage].reputation_of(trusted, 3)  # as /api/admin/volunteers shows it
     assert shown["trusted"] and shown["validated"] >= 3 and shown["invalid"] == 0
     job = await api.submit(SQUARE, [5, 6], replication="adaptive")
-    back = await Scripted.connect(api, trusted)  # the same id, on a new connection
+    back = await Scripted.connect(api, trusted_sim.token)  # the same signed id, on a new connection
     newcomer = await Scripted.connect(api, "forged-or-new")
     assert back.volunteer == trusted
     for socket in (back, newcomer):
@@ -313,7 +315,8 @@ def test_replicas_avoid_the_network_of_a_reporter_when_others_are_connected(tmp_
     assert network_of("2001:db8:1:2:3:4:5:6") == "net:2001:db8:1:2::/64"
     assert network_of("127.0.0.1") == network_of("::1") == network_of("") == ""  # loopback: by id alone
     dispatcher = Dispatcher(Config(data_dir=tmp_path), None, None, None)  # type: ignore[arg-type]
-    home, neighbour, elsewhere = Conn("a", None, "192.0.2.1"), Conn("b", None, "192.0.2.9"), Conn("c", None, "10.1.1.1")
+    home, neighbour = Conn("a", None, address="192.0.2.1"), Conn("b", None, address="192.0.2.9")
+    elsewhere = Conn("c", None, address="10.1.1.1")
     dispatcher.conns = {home, neighbour}
     assert dispatcher._network_rule(home) == ""  # one network only: distinct volunteers will do
     dispatcher.conns.add(elsewhere)

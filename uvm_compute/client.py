@@ -95,7 +95,7 @@ def _short(value: Any, limit: int = 60) -> str:
 
 
 # ------------------------------------------------------------------------- function -> source
-def function_source(fn: Callable) -> str:
+def function_source(fn: Callable | str) -> str:
     """The source to send for ``fn``: its own ``def``, plus ``main = <name>`` when it is not ``main``,
     placed at its line number in its file so that remote tracebacks point at your lines.
 

@@ -6,10 +6,14 @@ crosses the JS/Python boundary per task.
 
 Each job's source is compiled once per worker and cached by its content hash; each task then
 runs the compiled module in a fresh namespace and calls ``main(input)``. stdout and stderr are
-captured together, capped; the result must be JSON (no NaN); a failure comes back as the
-traceback of the research code only, without this module's frames, with its source lines (the
-source is registered with ``linecache``) and the id of the job the task belongs to (two jobs with
-the same code share a hash, so the compiled code is named again for the job that runs it).
+captured together, capped; the result must be strict JSON (no NaN) of at most ``MAX_RESULT_BYTES``;
+a failure comes back as the traceback of the research code only, without this module's frames,
+with its source lines (the source is registered with ``linecache``) and the id of the job the task
+belongs to (two jobs with the same code share a hash, so the compiled code is named again for the
+job that runs it).
+
+This is the only code that runs ``main(x)``: the browser's workers and ``volunteer-sim`` both use
+it. The server never runs research code; it only checks what a volunteer sends back.
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ import time
 import traceback
 from typing import Any
 
-MAX_OUTPUT_CHARS = 64 * 1024  # same cap as protocol.MAX_OUTPUT_CHARS; kept local: no import cost
+# Kept local, no import cost in the worker; tests/test_runner.py checks they equal the server's.
+MAX_OUTPUT_CHARS = 64 * 1024  # protocol.MAX_OUTPUT_CHARS
+MAX_RESULT_BYTES = 1024 * 1024  # Config.max_result_bytes: one result, compact JSON
 MAX_ERROR_CHARS = 16 * 1024
 TRUNCATED = "\n[output truncated]\n"
 
@@ -113,11 +119,22 @@ class Runner:
             sys.stdout, sys.stderr = saved
         cpu = time.perf_counter() - start
         try:
-            encoded = json.dumps(result, allow_nan=False)
+            encoded = json.dumps(result, allow_nan=False, separators=(",", ":"))
         except (TypeError, ValueError, RecursionError) as exc:
-            error = f"the result of main() is not JSON-serialisable: {exc}"
-            return _outcome(output=out.getvalue(), error=error, cpu=cpu)
+            return _outcome(output=out.getvalue(), error=not_json_error(exc), cpu=cpu)
+        if len(encoded) > MAX_RESULT_BYTES:
+            return _outcome(output=out.getvalue(), error=too_large_error(len(encoded), MAX_RESULT_BYTES), cpu=cpu)
         return _outcome(result=json.loads(encoded), output=out.getvalue(), cpu=cpu)
+
+
+def not_json_error(exc: BaseException) -> str:
+    """The error of a task whose result is not strict JSON (the server words its check the same)."""
+    return f"ValueError: the result of main() is not JSON-serialisable: {exc}"
+
+
+def too_large_error(size: int, limit: int) -> str:
+    """The error of a task whose result is too large (the server words its check the same)."""
+    return f"ValueError: the result of main() is {size} bytes of JSON; the limit is {limit}"
 
 
 def _outcome(result: Any = None, output: str = "", error: str | None = None, cpu: float = 0.0) -> dict:
@@ -147,8 +164,3 @@ def handle(request: str) -> str:
     if data.get("source") is not None and not _RUNNER.has(code_hash):
         _RUNNER.load(code_hash, data["source"], data.get("job"))
     return json.dumps(_RUNNER.run(code_hash, data.get("input"), data.get("job")), allow_nan=False)
-
-
-def has_code(code_hash: str) -> bool:
-    """Whether this worker has compiled the job with ``code_hash`` already."""
-    return _RUNNER.has(code_hash)

@@ -1,14 +1,14 @@
 """Headless volunteers: the browser's protocol, with tasks run in native CPython.
 
-For tests, load tests and benchmarks with TRUSTED jobs only: the code runs in this process with
-no sandbox and no timeout enforcement.
+Tasks run through ``workers/runner.py``, the same code the browser's Pyodide workers run, so tests
+with simulated volunteers exercise it. For tests, load tests and benchmarks with TRUSTED jobs only:
+the code runs in this process with no sandbox and no timeout enforcement.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import random
 import time
 from typing import Any
@@ -17,24 +17,6 @@ import aiohttp
 
 from server import protocol as P
 from workers.runner import Runner
-
-_RUNNER = Runner()  # the browser's runner, here in CPython: one implementation of running main(x)
-
-
-def run_task(source: str, value: Any, job: int | None = None) -> P.Outcome:
-    """Run ``main(value)`` of ``source`` (a task of ``job``) with the browser workers' runner."""
-    digest = hashlib.sha256(source.encode()).hexdigest()
-    if not _RUNNER.has(digest):
-        _RUNNER.load(digest, source, job)
-    answer = _RUNNER.run(digest, value, job)
-    return P.Outcome(
-        attempt="",
-        task=0,
-        result=answer["result"],
-        output=answer["output"][: P.MAX_OUTPUT_CHARS],
-        error=answer["error"],
-        cpu=answer["cpu"],
-    )
 
 
 class SimVolunteer:
@@ -72,7 +54,7 @@ class SimVolunteer:
         self.sends: list[float] = []  # when each `results` message was sent (time.monotonic())
         self.latencies: list[float] = []  # seconds from `ready` to `tasks` (non-empty)
         self.task_ids: list[int] = []
-        self._code: dict[int, str] = {}
+        self.runner = Runner()  # compiled job code by hash, as in a browser's worker
         self._inbox: dict[str, asyncio.Queue] = {}
         self._closed = asyncio.Event()
 
@@ -137,11 +119,10 @@ class SimVolunteer:
             held = [spec.attempt for spec in batch.tasks]
             await ws.send_str(P.encode(P.Heartbeat(held, held[:1])))
             for spec in batch.tasks:
-                source = await self._source(ws, spec)
-                if source is None:  # refused (the job was cancelled meanwhile): drop the task
+                if not await self._load(ws, spec):  # refused (the job was cancelled meanwhile): drop the task
                     continue
-                outcome = run_task(source, spec.input, spec.job)
-                outcome.attempt, outcome.task = spec.attempt, spec.task
+                ran = self.runner.run(spec.code_hash, spec.input, spec.job)  # {result, output, error, cpu}
+                outcome = P.Outcome(spec.attempt, spec.task, **ran)
                 if self.lie_rate and outcome.error is None and self._rng.random() < self.lie_rate:
                     outcome.result = self._rng.random()  # a forged result
                     self.lies.add(spec.task)
@@ -183,15 +164,16 @@ class SimVolunteer:
             raise ConnectionError("server closed the connection")
         return got[0].result()
 
-    async def _source(self, ws: aiohttp.ClientWebSocketResponse, spec: P.TaskSpec) -> str | None:
-        """The job's code (asked once per job); None if the server refused to send it."""
-        if spec.job not in self._code:
+    async def _load(self, ws: aiohttp.ClientWebSocketResponse, spec: P.TaskSpec) -> bool:
+        """Ask for a job's code the first time one of its tasks comes (``need_code``), as the page
+        does; False if the server refused to send it."""
+        if not self.runner.has(spec.code_hash):
             await ws.send_str(P.encode(P.NeedCode(spec.job, spec.code_hash)))
             reply = await self._recv_any("code", "error")
             if isinstance(reply, P.Error):
-                return None
-            self._code[reply.job] = reply.source
-        return self._code[spec.job]
+                return False
+            self.runner.load(reply.code_hash, reply.source, reply.job)
+        return True
 
     async def _recv_any(self, *kinds: str) -> Any:
         """The first message of any of these kinds (others stay queued)."""

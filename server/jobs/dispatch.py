@@ -1,8 +1,13 @@
 """The dispatcher: intake queues, leasing, outcome recording, lease reaping and rebuilds.
 
 Handlers stay thin: they validate cheaply and call one method here. Submissions and outcomes go
-through in-process intake queues whose consumers verify, encrypt and save in batches; a caller
+through in-process intake queues: submissions are verified and saved one job at a time (a job's
+tasks inserted in chunks), outcomes are committed in batches, one transaction per batch. A caller
 awaits its future, so nothing is acknowledged before it is committed.
+
+Every background loop (the two intake consumers, the lease reaper, the bus relay, the events
+listener) runs under ``supervise.Supervisor``: a failing loop is logged and restarted with backoff,
+and ``Dispatcher.loops`` holds each loop's state for ``/api/health`` and ``/metrics``.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import Any
 from server.config import Config
 from server.jobs.metrics import Metrics
 from server.jobs.outage import DatabaseAway, DbHealth, is_outage
+from server.jobs.supervise import Supervisor
 from server.jobs.validator import Validator
 from server.protocol import MAX_WORKERS, AttemptOutcome, Cancel, Capabilities, Outcome, TaskSpec, ThrottleState
 from server.queue import Bus, Lease, Queue
@@ -121,84 +127,104 @@ class Dispatcher:
         self.strikes: collections.OrderedDict[str, tuple[float, float]] = collections.OrderedDict()
         self._submissions: asyncio.Queue = asyncio.Queue()
         self._outcomes: asyncio.Queue = asyncio.Queue()
-        self.leased_total = 0
         self.db_health = DbHealth()
         self.metrics = Metrics()
-        self.metrics.attach(self)
         self.validator = Validator(storage, config)
+        self.supervisor = self._supervise()
+        self.loops = self.supervisor.loops  # name -> LoopState: /api/health and /metrics read these
+        self.metrics.attach(self)
 
     # ------------------------------------------------------------------------ background
     async def run(self) -> None:
-        """All background loops; cancelled at shutdown."""
-        loops = [
-            asyncio.create_task(coro)
-            for coro in (
-                self._run_submissions(),
-                self._run_outcomes(),
-                self._run_reaper(),
-                self.bus.run(),
-                self._run_events(),
-            )
-        ]
+        """All background loops, each under the supervisor (restarted with backoff if it fails);
+        cancelled at shutdown, when callers still waiting on the intake queues are told so."""
         try:
-            await self.rebuild_if_needed()
-            await asyncio.gather(*loops)
+            await self.supervisor.run()
         finally:
-            for task in loops:
-                task.cancel()
-            await asyncio.gather(*loops, return_exceptions=True)
+            for intake in (self._submissions, self._outcomes):
+                while not intake.empty():
+                    _settle(intake.get_nowait()[-1], exc=ConnectionError("the server is shutting down"))
+
+    def _supervise(self) -> Supervisor:
+        supervisor = Supervisor()
+        supervisor.add("submissions", self._run_submissions)
+        supervisor.add("outcomes", self._run_outcomes)
+        supervisor.add("reaper", self._run_reaper)
+        supervisor.add("bus", self._run_bus)
+        supervisor.add("events", self._run_events)
+        return supervisor
 
     async def rebuild_if_needed(self) -> int:
         """Refill the ready queue from the database after a start on an empty (or flushed) Redis."""
         if not await self.queue.needs_rebuild():
             return 0
-        n = 0
-        async for chunk in self.storage.ready_items():
-            # first who already reported on these tasks, so no replica goes back to them
-            await self.queue.exclude(await self.storage.reporters([item.task for item in chunk]))
-            n += await self.queue.push(chunk)
+        n = await self._push_ready()
         await self.queue.rebuilt()
         logger.info("ready queue rebuilt from the database: %d tasks", n)
         return n
 
+    async def _push_ready(self, job_ids: list[int] | None = None) -> int:
+        """Make the waiting tasks of these jobs (all jobs: None) ready; returns how many were added."""
+        n = 0
+        # aclosing: a cancelled caller (shutdown) hands the generator's connection back at once,
+        # not when the garbage collector finds it after the engine is gone.
+        async with contextlib.aclosing(self.storage.ready_items(job_ids)) as chunks:
+            async for chunk in chunks:
+                # first who already reported on these tasks, so no replica goes back to them
+                await self.queue.exclude(await self.storage.reporters([item.task for item in chunk]))
+                n += await self.queue.push(chunk)
+        return n
+
     async def _run_reaper(self) -> None:
+        """Rebuild the ready queue when Redis lost it, feed pipeline stages, requeue expired leases.
+        During a database outage it only probes: no expiries while they cannot be recorded
+        (volunteers hold their results meanwhile)."""
         ticks = 0
         while True:
-            await asyncio.sleep(self.config.reaper_interval)
-            if self.db_health.down_since is not None and not await self.db_health.probe(self.storage.engine):
-                continue  # no expiries while they cannot be recorded: volunteers hold their results meanwhile
-            try:
-                await self.rebuild_if_needed()
-                ticks += 1
-                if ticks % 2 == 0:  # pipeline stages: feed anything a race left behind
-                    await self._apply(await pipelines.sweep(self.storage))
-                expired = await self.queue.expire(time.time())
-                if expired:
-                    attempts = [lease.attempt for lease in expired]
-                    for conn in self.conns:
-                        conn.lose(attempts)
-                    for lease in expired:
-                        self._strike(lease.volunteer)
-                        fields = {"job": lease.job, "task": lease.task, "attempt": lease.attempt}
-                        logger.info(
-                            "lease expired: task %d goes back to the queue",
-                            lease.task,
-                            extra={**fields, "volunteer": lease.volunteer},
-                        )
-                    # a lease that expired unanswered goes to another volunteer, never back to this one
-                    await self.queue.exclude([(lease.task, lease.volunteer) for lease in expired])
-                    rec = await self.storage.record_lost(expired, AttemptOutcome.EXPIRED)
-                    self.metrics.attempts.labels("expired").inc(len(expired))
-                    await self._apply(rec)
-            except Exception as exc:  # the loop must survive a dropped database or Redis connection
-                if is_outage(exc):
+            if self.db_health.down_since is None or await self.db_health.probe(self.storage.engine):
+                try:
+                    await self._reap(ticks)
+                except Exception as exc:
+                    if not is_outage(exc):
+                        raise  # the supervisor logs it and restarts the loop
                     self.db_health.failed(exc)
-                logger.exception("lease reaper")
+                ticks += 1
+            self.loops["reaper"].ok()
+            await asyncio.sleep(self.config.reaper_interval)
+
+    async def _reap(self, ticks: int) -> None:
+        await self.rebuild_if_needed()
+        if ticks % 2 == 1:  # pipeline stages: feed anything a race left behind
+            await self._apply(await pipelines.sweep(self.storage))
+        expired = await self.queue.expire(time.time())
+        if not expired:
+            return
+        attempts = [lease.attempt for lease in expired]
+        for conn in self.conns:
+            conn.lose(attempts)
+        for lease in expired:
+            self._strike(lease.volunteer)
+            fields = {"job": lease.job, "task": lease.task, "attempt": lease.attempt}
+            logger.info(
+                "lease expired: task %d goes back to the queue",
+                lease.task,
+                extra={**fields, "volunteer": lease.volunteer},
+            )
+        # a lease that expired unanswered goes to another volunteer, never back to this one
+        await self.queue.exclude([(lease.task, lease.volunteer) for lease in expired])
+        rec = await self.storage.record_lost(expired, AttemptOutcome.EXPIRED)
+        self.metrics.attempts.labels("expired").inc(len(expired))
+        await self._apply(rec)
+
+    async def _run_bus(self) -> None:
+        """Relay events from other instances (a Redis pub/sub subscription)."""
+        await self.bus.run(alive=self.loops["bus"].ok)
 
     async def _run_events(self) -> None:
         async for event in self.bus.listen():
             if event.get("type") == "cancel":
                 await self._cancel_local(int(event["job"]))
+            self.loops["events"].ok()
 
     # ----------------------------------------------------------------------- submissions
     async def submit(self, researcher_id: int, spec: JobSpec) -> int:
@@ -207,17 +233,11 @@ class Dispatcher:
         return await future
 
     async def _run_submissions(self) -> None:
-        loop = asyncio.get_running_loop()
+        """Verify and save submissions one at a time (each job's tasks are inserted in chunks)."""
         while True:
             researcher_id, spec, future = await self._submissions.get()
             try:
-                await loop.run_in_executor(None, verify_code, spec.code)
-                if spec.results_of is not None:
-                    await self._resolve_results_of(researcher_id, spec)
-                job_id = await asyncio.shield(self.storage.create_job(researcher_id, spec, self.config.max_input_bytes))
-                async for chunk in self.storage.ready_items([job_id]):
-                    await self.queue.push(chunk)
-                await self.publish_job(job_id, researcher_id)
+                job_id = await self._save_submission(researcher_id, spec)
             except InvalidJob as exc:
                 _settle(future, exc=exc)
             except Exception as exc:
@@ -226,19 +246,29 @@ class Dispatcher:
             else:
                 logger.info("job %d submitted", job_id, extra={"job": job_id})
                 _settle(future, result=job_id)
+            finally:  # cancelled half way (shutdown): the caller must not wait forever
+                _settle(future, exc=ConnectionError("the server stopped while saving this job; list your jobs"))
+            self.loops["submissions"].ok()
 
-    async def _resolve_results_of(self, researcher_id: int, spec: JobSpec) -> None:
+    async def _save_submission(self, researcher_id: int, spec: JobSpec) -> int:
+        await asyncio.get_running_loop().run_in_executor(None, verify_code, spec.code)
+        if spec.results_of is not None:
+            await self._resolve_results_of(researcher_id, spec, spec.results_of)
+        job_id = await asyncio.shield(self.storage.create_job(researcher_id, spec, self.config.max_input_bytes))
+        await self._push_ready([job_id])
+        await self.publish_job(job_id, researcher_id)
+        return job_id
+
+    async def _resolve_results_of(self, researcher_id: int, spec: JobSpec, upstream_id: int) -> None:
         """``{"results_of": A}``: A's results (its done tasks, in order) become the inputs."""
-        upstream = await self.storage.get_job(researcher_id, spec.results_of)
+        upstream = await self.storage.get_job(researcher_id, upstream_id)
         if upstream["state"] not in ("done", "failed"):
             raise InvalidJob(
                 f'job {spec.results_of} has not finished; use {{"after": {spec.results_of}}} '
                 "to start on its results as they complete",
                 field="inputs",
             )
-        spec.inputs = [
-            row["result"] async for row in self.storage.iter_tasks(spec.results_of) if row["state"] == "done"
-        ]
+        spec.inputs = [row["result"] async for row in self.storage.iter_tasks(upstream_id) if row["state"] == "done"]
         if not spec.inputs:
             raise InvalidJob(f"job {spec.results_of} has no results", field="inputs")
         if len(spec.inputs) > self.config.max_tasks_per_job:
@@ -290,12 +320,11 @@ class Dispatcher:
             return []
         for lease in leases:
             conn.held[lease.attempt] = lease.job
-        self.leased_total += len(leases)
         self.metrics.handed_out.inc(len(leases))
         try:
             infos = {job: await self.storage.job_info(job) for job in {le.job for le in leases}}
             stored = [
-                le.task for le in leases if infos[le.job] is not None and infos[le.job].inputs_kind in STORED_INPUTS
+                le.task for le in leases if (info := infos[le.job]) is not None and info.inputs_kind in STORED_INPUTS
             ]
             inputs = await self.storage.task_inputs(stored)  # range and none inputs are computed, not read
         except Exception as exc:
@@ -344,9 +373,9 @@ class Dispatcher:
             if lease.volunteer == conn.volunteer:  # the old socket's close was not handled yet
                 conn.held[attempt] = lease.job
         for attempt, item in await self.storage.resumable(conn.volunteer, [a for a in attempts if a not in conn.held]):
-            lease = await self.queue.claim(conn.volunteer, attempt, item, now)
-            if lease is not None:
-                conn.held[attempt] = lease.job
+            claimed = await self.queue.claim(conn.volunteer, attempt, item, now)
+            if claimed is not None:
+                conn.held[attempt] = claimed.job
         await self.queue.extend(list(conn.held), now)
         return len(conn.held)
 
@@ -420,7 +449,7 @@ class Dispatcher:
         self.db_health.check()
         never_held = set()
         for outcome in outcomes:
-            check_result(outcome, self.config.max_result_bytes)
+            validate_received_result(outcome, self.config.max_result_bytes)
             job = conn.job_of(outcome.attempt)
             if job is None:
                 never_held.add(outcome.attempt)
@@ -447,42 +476,51 @@ class Dispatcher:
         outcome.cpu = min(max(0.0, float(cpu)), top)
 
     async def _run_outcomes(self) -> None:
+        """Commit outcomes in batches of up to ``intake_batch``, one transaction per batch."""
         while True:
             batch = [await self._outcomes.get()]
             while not self._outcomes.empty() and sum(len(b[1]) for b in batch) < self.config.intake_batch:
                 batch.append(self._outcomes.get_nowait())
-            items = [(conn.volunteer, o) for conn, outcomes, _ in batch for o in outcomes]
-            networks = {conn.volunteer: network_of(conn.address) for conn, _, _ in batch}
             try:
-                live = await self.queue.live([o.attempt for _, o in items])
-                started = time.perf_counter()
-                rec = await asyncio.shield(self.validator.record(items, live))
-                self.metrics.commit_seconds.observe(time.perf_counter() - started)
-                rec.exclude += [(task, networks[who]) for task, who in rec.exclude if networks.get(who)]
-            except Exception as exc:  # nothing committed: the volunteers are told to send again
-                if is_outage(exc):
-                    self.db_health.failed(exc)
-                    exc = DatabaseAway(self.db_health.error)
-                else:
-                    logger.exception("recording outcomes")
+                await self._record_batch(batch)
+            finally:  # cancelled half way (shutdown): nobody waits forever, the volunteers send again
                 for _, _, future in batch:
-                    _settle(future, exc=exc)
-                continue
-            self.db_health.ok()
-            self._count(items, rec)
-            try:
-                await self._apply(rec)
-            except Exception:  # committed: acknowledge anyway; the reaper tidies leases left behind
-                logger.exception("after recording outcomes")
-            for _, outcomes, future in batch:
-                mine = {o.attempt for o in outcomes}
-                _settle(
-                    future,
-                    result=Recorded(
-                        acked=[a for a in rec.acked if a in mine],
-                        ignored=[a for a in rec.ignored if a in mine and a not in rec.acked],
-                    ),
-                )
+                    _settle(future, exc=ConnectionError("the server stopped before committing these results"))
+            self.loops["outcomes"].ok()
+
+    async def _record_batch(self, batch: list[tuple[Conn, list[Outcome], asyncio.Future]]) -> None:
+        items = [(conn.volunteer, o) for conn, outcomes, _ in batch for o in outcomes]
+        networks = {conn.volunteer: network_of(conn.address) for conn, _, _ in batch}
+        try:
+            live = await self.queue.live([o.attempt for _, o in items])
+            started = time.perf_counter()
+            rec = await asyncio.shield(self.validator.record(items, live))
+            self.metrics.commit_seconds.observe(time.perf_counter() - started)
+            rec.exclude += [(task, networks[who]) for task, who in rec.exclude if networks.get(who)]
+        except Exception as exc:  # nothing committed: the volunteers are told to send again
+            if is_outage(exc):
+                self.db_health.failed(exc)
+                exc = DatabaseAway(self.db_health.error)
+            else:
+                logger.exception("recording outcomes")
+            for _, _, future in batch:
+                _settle(future, exc=exc)
+            return
+        self.db_health.ok()
+        self._count(items, rec)
+        try:
+            await self._apply(rec)
+        except Exception:  # committed: acknowledge anyway; the reaper tidies leases left behind
+            logger.exception("after recording outcomes")
+        for _, outcomes, future in batch:
+            mine = {o.attempt for o in outcomes}
+            _settle(
+                future,
+                result=Recorded(
+                    acked=[a for a in rec.acked if a in mine],
+                    ignored=[a for a in rec.ignored if a in mine and a not in rec.acked],
+                ),
+            )
 
     def _count(self, items: list[tuple[str, Outcome]], rec: Recorded) -> None:
         ignored = set(rec.ignored) - set(rec.acked)
@@ -543,8 +581,7 @@ class Dispatcher:
     async def retry_failed(self, researcher_id: int, job_id: int) -> int:
         n = await self.storage.retry_failed(researcher_id, job_id)
         if n:
-            async for chunk in self.storage.ready_items([job_id]):
-                await self.queue.push(chunk)
+            await self._push_ready([job_id])
             await self.publish_job(job_id, researcher_id)
         return n
 
@@ -589,8 +626,10 @@ def network_of(address: str) -> str:
     return "net:" + str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
 
 
-def check_result(outcome: Outcome, limit: int) -> None:
-    """A result that is not strict JSON, or too large, becomes the attempt's error."""
+def validate_received_result(outcome: Outcome, limit: int) -> None:
+    """Check a result a volunteer sent: one that is not strict JSON, or too large, becomes the
+    attempt's error. Not a runner (nothing runs here): the volunteer's runner (workers/runner.py)
+    makes the same checks before sending, in the same words; this guards against one that did not."""
     if outcome.error is not None:
         outcome.result = None
         return

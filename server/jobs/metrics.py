@@ -41,13 +41,8 @@ class _LoopRestarts(Collector):
 
 
 def loop_restarts(dispatcher: Any) -> dict[str, int]:
-    """Restarts per background loop. MERGE NOTE: the loop supervisor (health branch) keeps these counts;
-    read them here from wherever it puts them (``dispatcher.loop_restarts``: {name: count})."""
-    counts = getattr(dispatcher, "loop_restarts", None)
-    if counts is None:
-        supervisor = getattr(dispatcher, "supervisor", None)
-        counts = getattr(supervisor, "restarts", None) or {}
-    return {str(k): int(v) for k, v in dict(counts).items()}
+    """Restarts per background loop, as the loop supervisor (server/jobs/supervise.py) counts them."""
+    return {name: state.restarts for name, state in dispatcher.loops.items()}
 
 
 class Metrics:

@@ -206,7 +206,8 @@ class Validator:
         """Commit (volunteer, outcome) pairs; idempotent per attempt: an attempt reported twice, in one
         message or in several, counts once. ``live`` maps attempt -> Lease for the live leases."""
         seen: set[str] = set()
-        unique, duplicates = [], []
+        unique: list[tuple[str, Outcome]] = []
+        duplicates: list[tuple[str, Outcome]] = []
         for volunteer, outcome in items:
             (duplicates if outcome.attempt in seen else unique).append((volunteer, outcome))
             seen.add(outcome.attempt)

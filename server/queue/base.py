@@ -7,9 +7,10 @@ Nothing here is the system of record; after a Redis flush ``rebuild`` refills it
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 
 PRIORITY_SHIFT = 2**40
 MAX_SKIPPED = 256  # excluded tasks one lease call looks past before it gives up (bounds its cost)
@@ -59,91 +60,96 @@ class Lease:
         return cls(attempt, int(job), int(task), int(index), float(timeout), volunteer, deadline)
 
 
-class Queue:
-    """What dispatch needs: push ready tasks, lease them atomically, extend, release, requeue."""
+class Queue(abc.ABC):
+    """What dispatch needs: push ready tasks, lease them atomically, extend, release, requeue.
+
+    Every method but ``close`` is abstract: a backend that misses one cannot be instantiated.
+    """
 
     grace: float = 30.0
 
+    @abc.abstractmethod
     async def push(self, items: Iterable[ReadyItem]) -> int:
         """Make tasks ready unless already ready or leased; returns how many were added."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     async def lease(self, volunteer: str, attempts: list[str], now: float, network: str = "") -> list[Lease]:
         """Lease up to ``len(attempts)`` tasks, naming the attempts with the given ids. Tasks that
         exclude ``volunteer`` (or ``network``, when given) are skipped and stay ready for others."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     async def exclude(self, pairs: list[tuple[int, str]]) -> None:
         """Never lease task ``t`` to ``who`` again, for each (t, who): a volunteer id or a network tag.
         Only tasks that have exclusions carry a set, so leasing other tasks costs nothing more."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     async def forget(self, tasks: list[int]) -> None:
         """Drop the exclusions of tasks that were decided."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     async def extend(self, attempts: list[str], now: float) -> int:
         """Move the deadlines of live leases to now + timeout + grace, capped at their
         ``lease_limit``; returns how many were live."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     async def claim(self, volunteer: str, attempt: str, item: ReadyItem, now: float) -> Lease | None:
         """Lease one given task under a given attempt id if it is waiting in the ready queue
         (a volunteer resuming, after a reconnect, a task it still holds); None if it is not."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     async def live(self, attempts: list[str]) -> dict[str, Lease]:
         """The live leases among ``attempts``."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     async def release(self, attempts: list[str]) -> list[Lease]:
         """End leases (a result was committed, or the task finished); returns those that were live."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     async def requeue(self, attempts: list[str]) -> list[Lease]:
         """End leases and make their tasks ready again; returns those that were live."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     async def expire(self, now: float, limit: int = 1000) -> list[Lease]:
         """Requeue the leases whose deadline passed; returns them (each to exactly one caller)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     async def drop(self, items: Iterable[ReadyItem]) -> None:
         """Remove tasks from the ready queue (they failed or finished)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     async def cancel_job(self, job: int) -> None:
         """Stop handing out a job's tasks (ready entries are skipped from now on)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     async def running(self, jobs: list[int]) -> dict[int, int]:
         """Live leases per job."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     async def computing(
         self, key: str, volunteer: str, per_job: dict[int, int], gone: Iterable[int], ttl: float
     ) -> None:
         """Connection ``key`` (unique over all instances) of ``volunteer`` computes ``per_job[job]``
         tasks of each job now (workers busy, prefetch not counted), until ``ttl`` seconds from now
         unless told again; for the jobs in ``gone`` it computes nothing any more."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     async def computing_counts(self, jobs: list[int]) -> dict[int, tuple[int, int]]:
         """Per job: (distinct volunteers computing it, tasks being computed), from live reports."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     async def ready_count(self) -> int:
-        raise NotImplementedError
+        """Tasks waiting in the ready queue."""
 
+    @abc.abstractmethod
     async def needs_rebuild(self) -> bool:
         """True when the queue state is missing (a new or flushed Redis) and nobody rebuilds it."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     async def rebuilt(self) -> None:
         """Mark the queue state as rebuilt from the database."""
-        raise NotImplementedError
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027 - optional: only backends with a connection close one
+        """Release the backend's connections."""
         return None
 
 
@@ -193,6 +199,7 @@ class Bus:
         finally:
             self._listeners.discard(q)
 
-    async def run(self) -> None:
-        """Background task: relay events from other instances (nothing to do in-process)."""
+    async def run(self, alive: Callable[[], None] | None = None) -> None:
+        """Background task: relay events from other instances until ``stop`` (nothing to relay
+        in-process). ``alive`` is called whenever the relay is known to work (the supervisor's ``ok``)."""
         await self._stop.wait()

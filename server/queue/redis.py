@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from server.queue import redis_keys as keys
@@ -304,7 +304,8 @@ class RedisBus(Bus):
     async def publish(self, event: dict) -> None:
         await self.redis.publish(keys.EVENTS, json.dumps(event))
 
-    async def run(self) -> None:
+    async def run(self, alive: Callable[[], None] | None = None) -> None:
+        """Relay the events channel to local listeners; a lost connection raises (the supervisor restarts it)."""
         pubsub = self.redis.pubsub()
         await pubsub.subscribe(keys.EVENTS)
         try:
@@ -312,5 +313,7 @@ class RedisBus(Bus):
                 message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.2)
                 if message is not None and message.get("type") == "message":
                     self._deliver(json.loads(message["data"]))
+                if alive is not None:
+                    alive()
         finally:
             await pubsub.aclose()

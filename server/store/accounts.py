@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import sqlalchemy as sa
@@ -11,7 +12,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from server.store.models import Conflict, NotFound, Researcher
+from server.store.models import Conflict, NotFound, Researcher, inserted_id
 from server.store.models import now as _now
 from server.store.tables import jobs, reputation, researchers, sessions, volunteers
 
@@ -20,6 +21,7 @@ class Accounts:
     """Mixed into ``Storage``; uses its ``engine`` and ``_retry``."""
 
     engine: AsyncEngine
+    _retry: Callable[..., Awaitable[Any]]  # Storage._retry
 
     async def add_researcher(self, email: str, password_hash: str, token_hash: str, operator: bool = False) -> int:
         try:
@@ -34,7 +36,7 @@ class Accounts:
                         created_at=_now(),
                     )
                 )
-                return int(result.inserted_primary_key[0])
+                return inserted_id(result)
         except IntegrityError:
             raise Conflict(f"a researcher with email {email} exists") from None
 
@@ -117,6 +119,7 @@ class Accounts:
             "tasks_done": 0,
             "cpu_seconds": 0.0,
         }
+        stmt: Any  # an upsert: each dialect spells it its own way
         if self.engine.dialect.name in ("mysql", "mariadb"):
             stmt = mysql_insert(volunteers).values(**row)
             stmt = stmt.on_duplicate_key_update(last_seen=now, capabilities=caps)

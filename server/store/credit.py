@@ -67,7 +67,7 @@ class Credit:
                         attempts.c.volunteer == volunteer, attempts.c.verdict.in_(VALIDATED)
                     )
                 )
-            ).first()
+            ).one()  # an aggregate: always one row
         return {"nickname": nickname[0], "validated": int(row[0]), "validated_cpu_seconds": round(float(row[1]), 3)}
 
     async def set_nickname(self, volunteer: str, nickname: str | None) -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -35,7 +36,12 @@ def private_sqlite_file(path: Path) -> None:
     """Create the SQLite file (or tighten an existing one) with mode 0600 before SQLite opens it:
     it holds password hashes and ciphertext. SQLite gives its -wal and -shm files the same mode."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+    # Never open an existing database file here: closing any descriptor of a file drops every POSIX
+    # lock this process holds on it, so a SQLite engine already open in this process would lose its
+    # locks (seen as "disk I/O error" and lost writes). Create it only when it does not exist yet.
+    if not path.exists():
+        with contextlib.suppress(FileExistsError):
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     os.chmod(path, 0o600)
 
 

@@ -113,3 +113,11 @@ class OutcomeWrites:
 
 def now() -> float:
     return time.time()
+
+
+def inserted_id(result: Any) -> int:
+    """The primary key a single-row INSERT generated."""
+    key = result.inserted_primary_key
+    if key is None:
+        raise RuntimeError("the INSERT generated no primary key")
+    return int(key[0])

@@ -9,7 +9,7 @@ goes on where it stopped.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -108,7 +108,7 @@ async def rotate(
     return report
 
 
-async def _rewrite(conn: Any, spec: Sealed, rows: list[Any], box: Box, report: Report) -> None:
+async def _rewrite(conn: Any, spec: Sealed, rows: Sequence[Any], box: Box, report: Report) -> None:
     """One compare-and-swap UPDATE per value, sent as one executemany per column."""
     table = spec.table
     for name in spec.columns:

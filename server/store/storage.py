@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable
 from typing import Any
 
 import sqlalchemy as sa
@@ -22,7 +22,7 @@ from server.spec import ADAPTIVE, InvalidJob, JobSpec, Verification, encode_inpu
 from server.store import pipelines
 from server.store.accounts import Accounts
 from server.store.credit import Credit
-from server.store.models import Conflict, JobInfo, NotFound, Recorded, Researcher
+from server.store.models import Conflict, JobInfo, NotFound, Recorded, Researcher, inserted_id
 from server.store.models import now as _now
 from server.store.outcomes import Outcomes
 from server.store.tables import attempts, jobs, tasks
@@ -78,12 +78,13 @@ class Storage(Accounts, Outcomes, Credit):
                     created_at=_now(),
                 )
             )
-            job_id = int(result.inserted_primary_key[0])
+            job_id = inserted_id(result)
             await conn.execute(
                 jobs.update()
                 .where(jobs.c.id == job_id)
                 .values(code_ct=self.box.seal_text(spec.code, f"job:{job_id}:code"))
             )
+            inputs = spec.inputs or []
             for chunk in _chunks(range(spec.n_tasks), INSERT_CHUNK):
                 rows = []
                 for index in chunk:
@@ -91,7 +92,7 @@ class Storage(Accounts, Outcomes, Credit):
                     row["replicas"] = 0
                     if spec.inputs_kind == "list":
                         try:
-                            data = encode_input(spec.inputs[index], limit)
+                            data = encode_input(inputs[index], limit)
                         except ValueError as exc:
                             if isinstance(exc, InvalidJob):
                                 raise
@@ -216,7 +217,7 @@ class Storage(Accounts, Outcomes, Credit):
         self.forget_job(job_id)
         return changed
 
-    async def ready_items(self, job_ids: Iterable[int] | None = None) -> AsyncIterator[list[ReadyItem]]:
+    async def ready_items(self, job_ids: Iterable[int] | None = None) -> AsyncGenerator[list[ReadyItem]]:
         """The queued tasks of running jobs, in chunks: what the ready queue is rebuilt from."""
         query = sa.select(jobs.c.id, jobs.c.timeout, jobs.c.priority).where(jobs.c.state == JobState.RUNNING.value)
         if job_ids is not None:

@@ -1,7 +1,7 @@
 """The schema (SQLAlchemy Core). MySQL/MariaDB is the system of record; SQLite the embedded default.
 
-Changing a table here needs a new Alembic revision in ``server/migrations/versions``;
-``tests/test_migrations.py`` fails when the migrated schema and this module disagree.
+Changing a table here needs a new Alembic revision in ``server/store/migrations/versions`` (explicit
+operations); ``tests/test_migrations.py`` fails when the migrated schema and this module disagree.
 """
 
 from __future__ import annotations

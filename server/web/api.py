@@ -173,7 +173,7 @@ async def job_results(request: web.Request) -> web.StreamResponse:
     fmt = request.query.get("format", "json")
     if fmt not in export.FORMATS:
         return json_error(400, f"unknown format {fmt[:20]!r}; use one of {', '.join(export.FORMATS)}")
-    start, limit = _int_param(request, "start", 0), _int_param(request, "limit", None)
+    start, limit = _int_param(request, "start", 0) or 0, _int_param(request, "limit", None)
     storage = request.app[K.storage]
     await storage.get_job(who.id, jid)  # 404 for another researcher's job
     response = web.StreamResponse(
@@ -240,19 +240,25 @@ async def volunteer_stats(request: web.Request) -> web.Response:
 
 
 async def health(request: web.Request) -> web.Response:
-    """200 when this server can do its work; 503 during a database outage (and says since when)."""
+    """200 when this server can do its work; 503 during a database outage (and says since when).
+    Also the queue depth (None while Redis is away) and each background loop's state."""
     dispatcher = request.app[K.dispatcher]
     if dispatcher.db_health.down_since is None:
         await dispatcher.db_health.probe(dispatcher.storage.engine)
     database = dispatcher.db_health.as_dict()
     up = database["state"] == "up"
+    try:
+        ready: int | None = await dispatcher.queue.ready_count()
+    except Exception:  # Redis away: say so here rather than fail the health check itself
+        ready = None
     return web.json_response(
         {
             "ok": up,
             "instance": request.app[K.config].instance,
             "database": database,
             "volunteers": len(dispatcher.conns),
-            "ready": await dispatcher.queue.ready_count(),
+            "ready": ready,
+            "loops": {name: loop.as_dict() for name, loop in dispatcher.loops.items()},
         },
         status=200 if up else 503,
     )

@@ -16,7 +16,7 @@ from server.config import Config
 from server.crypto import load_or_create_key
 from server.jobs.dispatch import Dispatcher
 from server.jobs.identity import VolunteerIds
-from server.queue import Bus, MemoryQueue, RedisBus, RedisQueue
+from server.queue import Bus, MemoryQueue, Queue, RedisBus, RedisQueue
 from server.store.engine import make_engine, migrate, private_sqlite_file
 from server.store.keys import box_for, check_keys
 from server.store.storage import Storage
@@ -45,13 +45,19 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     # Volunteer ids are signed under a key derived from the current data key (box_for loaded it).
     app[K.volunteer_ids] = VolunteerIds(config.key or load_or_create_key(config.data_dir / "secret.key"))
     redis = None
+    queue: Queue
+    bus: Bus
     if config.redis_url:
         import redis.asyncio as aioredis
 
         # A blocking pool: under a burst a command waits for a free connection instead of raising
-        # MaxConnectionsError (which used to escape a socket handler and drop the volunteer).
+        # MaxConnectionsError (which used to escape a socket handler and drop the volunteer). Named,
+        # so that `CLIENT LIST` in Redis tells the server instances' connections apart.
         pool = aioredis.BlockingConnectionPool.from_url(
-            config.redis_url, max_connections=config.redis_pool_size, timeout=config.redis_pool_timeout
+            config.redis_url,
+            max_connections=config.redis_pool_size,
+            timeout=config.redis_pool_timeout,
+            client_name=f"uvm-{config.instance}",
         )
         redis = aioredis.Redis.from_pool(pool)  # owns the pool: closed with the client
         queue, bus = RedisQueue(redis, config.instance, config.lease_grace), RedisBus(redis)
@@ -91,5 +97,7 @@ def create_app(config: Config | None = None) -> web.Application:
     if importlib.util.find_spec("server.web.static") is not None:
         importlib.import_module("server.web.static").add_static_routes(app, ROOT / "public", ROOT)
     if importlib.util.find_spec("server.web.dashboard") is not None:
-        importlib.import_module("server.web.dashboard").add_routes(app)
+        dashboard = importlib.import_module("server.web.dashboard")
+        dashboard.add_routes(app)
+        openapi.add_paths(app, dashboard.DASHBOARD_PATHS)
     return app

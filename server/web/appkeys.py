@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from aiohttp import web
 
 from server.config import Config
-
-if TYPE_CHECKING:
-    pass
+from server.jobs.dispatch import Dispatcher
+from server.jobs.identity import VolunteerIds
+from server.store.storage import Storage
 
 config = web.AppKey("config", Config)
-storage = web.AppKey("storage", "Storage")
-dispatcher = web.AppKey("dispatcher", "Dispatcher")
-volunteer_ids = web.AppKey("volunteer_ids", "VolunteerIds")  # server.jobs.identity
+storage = web.AppKey("storage", Storage)
+dispatcher = web.AppKey("dispatcher", Dispatcher)
+volunteer_ids = web.AppKey("volunteer_ids", VolunteerIds)

@@ -9,6 +9,7 @@ from aiohttp import web
 
 from server.store.credit import InvalidNickname, clean_nickname
 from server.web import appkeys as K
+from server.web import openapi
 from server.web.api import json_error
 
 MAX_NICKNAME_BODY = 1024  # bytes: {"nickname": "<32 characters>"} needs far less
@@ -44,6 +45,43 @@ async def leaderboard(request: web.Request) -> web.Response:
     return web.json_response({"volunteers": await request.app[K.storage].leaderboard()})
 
 
+_VOLUNTEER_ID = {"name": "volunteer_id", "in": "path", "required": True, "schema": {"type": "string"}}
+PATHS = {
+    "/api/volunteers/{volunteer_id}/nickname": {
+        "put": {
+            "summary": 'A volunteer\'s opt-in public nickname (by its signed id; null or "" = not listed)',
+            "security": [],
+            "parameters": [_VOLUNTEER_ID],
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            "type": "object",
+                            "properties": {"nickname": {"type": "string", "maxLength": 32, "nullable": True}},
+                            "required": ["nickname"],
+                            "additionalProperties": False,
+                        }
+                    }
+                },
+            },
+            "responses": {
+                "200": {"description": "set"},
+                **{str(c): {"description": "refused: {error}"} for c in (400, 404, 409, 413)},
+            },
+        }
+    },
+    "/api/leaderboard": {
+        "get": {
+            "summary": "Public: volunteers with a nickname, ranked by the CPU time of their validated results",
+            "security": [],
+            "responses": {"200": {"description": "the top 50: {volunteers: [{rank, nickname, ...}]}"}},
+        }
+    },
+}
+
+
 def add_routes(app: web.Application) -> None:
     app.router.add_put("/api/volunteers/{volunteer_id}/nickname", set_nickname)
     app.router.add_get("/api/leaderboard", leaderboard)
+    openapi.add_paths(app, PATHS)

@@ -3,8 +3,8 @@
 ``add_routes`` is called by the app factory when this module exists. The page itself
 (``public/dashboard.html`` + ``webapp/dashboard/``) talks to the same JSON API as scripts; it
 authenticates with the ``uvm_session`` cookie (HttpOnly, SameSite=Strict) set by ``/api/login``.
-Every ``/api/...`` route here is documented in ``DASHBOARD_PATHS``, merged into the OpenAPI
-document by ``server/web/openapi.py``.
+Every ``/api/...`` route here is documented in ``DASHBOARD_PATHS``, added to the OpenAPI
+document (``server/web/openapi.py``) by the app factory.
 """
 
 from __future__ import annotations

@@ -1,6 +1,8 @@
 """The OpenAPI document of the researchers' API, served at ``/api/openapi.json``.
 
-``tests/test_openapi.py`` checks that every route of the app is documented and vice versa.
+The document is data: ``COMPONENTS`` and ``PATHS`` here for the core API, and the paths each other
+module documents (the dashboard's ``DASHBOARD_PATHS``) added with ``add_paths`` when its routes are
+added. ``tests/test_units.py`` checks that every ``/api/`` route of the app is documented and vice versa.
 """
 
 from __future__ import annotations
@@ -26,298 +28,261 @@ def _errors(*codes: int) -> dict:
     return {str(code): _ERROR for code in codes}
 
 
-def document() -> dict:
-    job_ref = {"$ref": "#/components/schemas/Job"}
+JOB_REF = {"$ref": "#/components/schemas/Job"}
+
+COMPONENTS: dict = {
+    "securitySchemes": {
+        "bearer": {"type": "http", "scheme": "bearer"},
+        "session": {"type": "apiKey", "in": "cookie", "name": "uvm_session"},
+    },
+    "schemas": {
+        "Error": {
+            "type": "object",
+            "required": ["error"],
+            "properties": {
+                "error": {"type": "string"},
+                "line": {"type": "integer", "description": "line of a syntax error"},
+                "field": {"type": "string"},
+            },
+        },
+        "NewJob": {
+            "type": "object",
+            "required": ["code"],
+            "additionalProperties": False,
+            "properties": {
+                "code": {"type": "string", "description": "Python source defining main(x)"},
+                "inputs": {
+                    "nullable": True,
+                    "description": 'a JSON list, {"range": [start, stop, step]}, or null (one task, x=None)',
+                    "oneOf": [
+                        {"type": "array", "items": {}},
+                        {
+                            "type": "object",
+                            "description": "job B's inputs are job A's results: all at once once A has "
+                            "finished (results_of), or each as soon as it completes (after: a pipeline)",
+                            "properties": {"results_of": {"type": "integer"}, "after": {"type": "integer"}},
+                            "minProperties": 1,
+                            "maxProperties": 1,
+                        },
+                        {
+                            "type": "object",
+                            "required": ["range"],
+                            "properties": {
+                                "range": {
+                                    "type": "array",
+                                    "items": {"type": "integer"},
+                                    "minItems": 1,
+                                    "maxItems": 3,
+                                }
+                            },
+                        },
+                    ],
+                },
+                "name": {"type": "string", "maxLength": 200},
+                "description": {
+                    "type": "string",
+                    "maxLength": 500,
+                    "description": "public: shown to the volunteers who compute the job",
+                },
+                "timeout": {"type": "number", "description": "seconds per task", "default": 60},
+                "max_attempts": {"type": "integer", "minimum": 1, "maximum": 20, "default": 3},
+                "priority": {"type": "integer", "minimum": -100, "maximum": 100, "default": 0},
+                "requirements": {"type": "array", "items": {"type": "string"}},
+                "replication": {
+                    "oneOf": [
+                        {"type": "integer", "minimum": 1, "maximum": 10},
+                        {"type": "string", "enum": ["adaptive"]},
+                    ],
+                    "description": "volunteers per task, or adaptive (trusted volunteers are spot-checked);"
+                    " default UVM_DEFAULT_REPLICATION",
+                },
+                "quorum": {"type": "integer", "minimum": 1, "description": "agreeing results; default k//2+1"},
+                "max_replicas": {"type": "integer", "maximum": 20, "description": "default k+3"},
+                "tolerance": {
+                    "type": "object",
+                    "properties": {"rtol": {"type": "number"}, "atol": {"type": "number"}},
+                    "additionalProperties": False,
+                },
+            },
+        },
+        "Counts": {
+            "type": "object",
+            "properties": {
+                s: {"type": "integer"} for s in ("queued", "running", "leased", "done", "failed", "cancelled")
+            },
+            "description": "running: computed by a worker now; leased: handed out, waiting in a volunteer's prefetch",
+        },
+        "Job": {
+            "type": "object",
+            "properties": {
+                "id": {"type": "integer"},
+                "name": {"type": "string"},
+                "description": {"type": "string"},
+                "state": {"type": "string", "enum": ["queued", "running", "done", "failed", "cancelled"]},
+                "n_tasks": {"type": "integer"},
+                "counts": {"$ref": "#/components/schemas/Counts"},
+                "throughput": {
+                    "type": "number",
+                    "description": "tasks/s: over the last 30 s while running; once ended, tasks /"
+                    " (last finish - first start)",
+                },
+                "volunteers": {"type": "integer", "description": "distinct volunteers computing it now"},
+                "created_at": {"type": "number"},
+                "started_at": {"type": "number", "nullable": True},
+                "finished_at": {"type": "number", "nullable": True},
+            },
+        },
+    },
+}
+
+PATHS: dict = {
+    "/api/jobs": {
+        "post": {
+            "summary": "Submit a job",
+            "requestBody": {
+                "required": True,
+                "content": {_JSON: {"schema": {"$ref": "#/components/schemas/NewJob"}}},
+            },
+            "responses": {
+                "201": _ok(
+                    "created",
+                    {
+                        "type": "object",
+                        "properties": {"id": {"type": "integer"}, "n_tasks": {"type": "integer"}},
+                    },
+                ),
+                **_errors(400, 401, 413),
+            },
+        },
+        "get": {
+            "summary": "My jobs, newest first",
+            "responses": {
+                "200": _ok("jobs", {"type": "object", "properties": {"jobs": {"type": "array", "items": JOB_REF}}}),
+                **_errors(401),
+            },
+        },
+    },
+    "/api/jobs/{job_id}": {
+        "get": {
+            "summary": "A job's status",
+            "parameters": [_JOB_ID],
+            "responses": {"200": _ok("job", JOB_REF), **_errors(401, 404)},
+        }
+    },
+    "/api/jobs/{job_id}/cancel": {
+        "post": {
+            "summary": "Cancel a job",
+            "parameters": [_JOB_ID],
+            "responses": {"200": _ok("job", JOB_REF), **_errors(401, 404)},
+        }
+    },
+    "/api/jobs/{job_id}/retry": {
+        "post": {
+            "summary": "Queue the failed tasks of a job again",
+            "parameters": [_JOB_ID],
+            "responses": {
+                "200": _ok("retried", {"type": "object", "properties": {"retried": {"type": "integer"}}}),
+                **_errors(401, 404, 409),
+            },
+        }
+    },
+    "/api/jobs/{job_id}/results": {
+        "get": {
+            "summary": "Results in input order (streamed)",
+            "parameters": [
+                _JOB_ID,
+                {
+                    "name": "format",
+                    "in": "query",
+                    "schema": {"type": "string", "enum": ["txt", "json", "ndjson", "csv"], "default": "json"},
+                },
+                {
+                    "name": "start",
+                    "in": "query",
+                    "description": "first input index (paging)",
+                    "schema": {"type": "integer", "minimum": 0, "default": 0},
+                },
+                {
+                    "name": "limit",
+                    "in": "query",
+                    "description": "at most this many tasks",
+                    "schema": {"type": "integer", "minimum": 0},
+                },
+            ],
+            "responses": {"200": _ok("the results file"), **_errors(400, 401, 404)},
+        }
+    },
+    "/api/jobs/{job_id}/errors": {
+        "get": {
+            "summary": "Failed attempts' errors with tracebacks, and grouped by message",
+            "parameters": [_JOB_ID],
+            "responses": {"200": _ok("errors", {"type": "object"}), **_errors(401, 404)},
+        }
+    },
+    "/api/jobs/{job_id}/finished": {
+        "get": {
+            "summary": "Finished task indices from `start`, as runs [a, b): fetch each result once, by range",
+            "parameters": [_JOB_ID, {"name": "start", "in": "query", "schema": {"type": "integer"}}],
+            "responses": {"200": _ok("runs and where to go on", {"type": "object"}), **_errors(400, 401, 404)},
+        }
+    },
+    "/api/events": {
+        "get": {
+            "summary": "Websocket: live status of my jobs ({type: job, ...Job})",
+            "parameters": [{"name": "job", "in": "query", "schema": {"type": "integer"}}],
+            "responses": {"101": _ok("switching protocols"), **_errors(401, 403)},
+        }
+    },
+    "/api/volunteers/{volunteer_id}": {
+        "get": {
+            "summary": "A volunteer's all-time contribution: by its signed id (the volunteer itself, "
+            "no credentials) or by its public id (signed-in researchers)",
+            "parameters": [{"name": "volunteer_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "responses": {"200": _ok("stats", {"type": "object"}), **_errors(401, 403, 404)},
+        }
+    },
+    "/api/health": {
+        "get": {
+            "summary": "Liveness, database state and queue depth",
+            "security": [],
+            "responses": {
+                "200": _ok("ok", {"type": "object"}),
+                "503": _ok("the database is unreachable (since when, and why)", {"type": "object"}),
+            },
+        }
+    },
+    "/api/openapi.json": {
+        "get": {
+            "summary": "This document",
+            "security": [],
+            "responses": {"200": _ok("OpenAPI 3 document", {"type": "object"})},
+        }
+    },
+}
+
+DOCUMENTED = web.AppKey("openapi_paths", dict)
+
+
+def add_paths(app: web.Application, paths: dict) -> None:
+    """Document routes a module adds to the app (path -> method -> OpenAPI operation)."""
+    app.setdefault(DOCUMENTED, {}).update(paths)
+
+
+def document(app: web.Application) -> dict:
+    """The OpenAPI document of this app: the core API and what the other modules added."""
     return {
         "openapi": "3.0.3",
         "info": {"title": "UVM Compute researchers' API", "version": "1"},
-        "components": {
-            "securitySchemes": {
-                "bearer": {"type": "http", "scheme": "bearer"},
-                "session": {"type": "apiKey", "in": "cookie", "name": "uvm_session"},
-            },
-            "schemas": {
-                "Error": {
-                    "type": "object",
-                    "required": ["error"],
-                    "properties": {
-                        "error": {"type": "string"},
-                        "line": {"type": "integer", "description": "line of a syntax error"},
-                        "field": {"type": "string"},
-                    },
-                },
-                "NewJob": {
-                    "type": "object",
-                    "required": ["code"],
-                    "additionalProperties": False,
-                    "properties": {
-                        "code": {"type": "string", "description": "Python source defining main(x)"},
-                        "inputs": {
-                            "nullable": True,
-                            "description": 'a JSON list, {"range": [start, stop, step]}, or null (one task, x=None)',
-                            "oneOf": [
-                                {"type": "array", "items": {}},
-                                {
-                                    "type": "object",
-                                    "description": "job B's inputs are job A's results: all at once once A has "
-                                    "finished (results_of), or each as soon as it completes (after: a pipeline)",
-                                    "properties": {"results_of": {"type": "integer"}, "after": {"type": "integer"}},
-                                    "minProperties": 1,
-                                    "maxProperties": 1,
-                                },
-                                {
-                                    "type": "object",
-                                    "required": ["range"],
-                                    "properties": {
-                                        "range": {
-                                            "type": "array",
-                                            "items": {"type": "integer"},
-                                            "minItems": 1,
-                                            "maxItems": 3,
-                                        }
-                                    },
-                                },
-                            ],
-                        },
-                        "name": {"type": "string", "maxLength": 200},
-                        "description": {
-                            "type": "string",
-                            "maxLength": 500,
-                            "description": "public: shown to the volunteers who compute the job",
-                        },
-                        "timeout": {"type": "number", "description": "seconds per task", "default": 60},
-                        "max_attempts": {"type": "integer", "minimum": 1, "maximum": 20, "default": 3},
-                        "priority": {"type": "integer", "minimum": -100, "maximum": 100, "default": 0},
-                        "requirements": {"type": "array", "items": {"type": "string"}},
-                        "replication": {
-                            "oneOf": [
-                                {"type": "integer", "minimum": 1, "maximum": 10},
-                                {"type": "string", "enum": ["adaptive"]},
-                            ],
-                            "description": "volunteers per task, or adaptive (trusted volunteers are spot-checked);"
-                            " default UVM_DEFAULT_REPLICATION",
-                        },
-                        "quorum": {"type": "integer", "minimum": 1, "description": "agreeing results; default k//2+1"},
-                        "max_replicas": {"type": "integer", "maximum": 20, "description": "default k+3"},
-                        "tolerance": {
-                            "type": "object",
-                            "properties": {"rtol": {"type": "number"}, "atol": {"type": "number"}},
-                            "additionalProperties": False,
-                        },
-                    },
-                },
-                "Counts": {
-                    "type": "object",
-                    "properties": {
-                        s: {"type": "integer"} for s in ("queued", "running", "leased", "done", "failed", "cancelled")
-                    },
-                    "description": "running: computed by a worker now; leased: handed out, waiting in a"
-                    " volunteer's prefetch",
-                },
-                "Job": {
-                    "type": "object",
-                    "properties": {
-                        "id": {"type": "integer"},
-                        "name": {"type": "string"},
-                        "description": {"type": "string"},
-                        "state": {"type": "string", "enum": ["queued", "running", "done", "failed", "cancelled"]},
-                        "n_tasks": {"type": "integer"},
-                        "counts": {"$ref": "#/components/schemas/Counts"},
-                        "throughput": {
-                            "type": "number",
-                            "description": "tasks/s: over the last 30 s while running; once ended, tasks /"
-                            " (last finish - first start)",
-                        },
-                        "volunteers": {"type": "integer", "description": "distinct volunteers computing it now"},
-                        "created_at": {"type": "number"},
-                        "started_at": {"type": "number", "nullable": True},
-                        "finished_at": {"type": "number", "nullable": True},
-                    },
-                },
-            },
-        },
+        "components": COMPONENTS,
         "security": [{"bearer": []}, {"session": []}],
-        "paths": {
-            "/api/jobs": {
-                "post": {
-                    "summary": "Submit a job",
-                    "requestBody": {
-                        "required": True,
-                        "content": {_JSON: {"schema": {"$ref": "#/components/schemas/NewJob"}}},
-                    },
-                    "responses": {
-                        "201": _ok(
-                            "created",
-                            {
-                                "type": "object",
-                                "properties": {"id": {"type": "integer"}, "n_tasks": {"type": "integer"}},
-                            },
-                        ),
-                        **_errors(400, 401, 413),
-                    },
-                },
-                "get": {
-                    "summary": "My jobs, newest first",
-                    "responses": {
-                        "200": _ok(
-                            "jobs", {"type": "object", "properties": {"jobs": {"type": "array", "items": job_ref}}}
-                        ),
-                        **_errors(401),
-                    },
-                },
-            },
-            "/api/jobs/{job_id}": {
-                "get": {
-                    "summary": "A job's status",
-                    "parameters": [_JOB_ID],
-                    "responses": {"200": _ok("job", job_ref), **_errors(401, 404)},
-                }
-            },
-            "/api/jobs/{job_id}/cancel": {
-                "post": {
-                    "summary": "Cancel a job",
-                    "parameters": [_JOB_ID],
-                    "responses": {"200": _ok("job", job_ref), **_errors(401, 404)},
-                }
-            },
-            "/api/jobs/{job_id}/retry": {
-                "post": {
-                    "summary": "Queue the failed tasks of a job again",
-                    "parameters": [_JOB_ID],
-                    "responses": {
-                        "200": _ok("retried", {"type": "object", "properties": {"retried": {"type": "integer"}}}),
-                        **_errors(401, 404, 409),
-                    },
-                }
-            },
-            "/api/jobs/{job_id}/results": {
-                "get": {
-                    "summary": "Results in input order (streamed)",
-                    "parameters": [
-                        _JOB_ID,
-                        {
-                            "name": "format",
-                            "in": "query",
-                            "schema": {"type": "string", "enum": ["txt", "json", "ndjson", "csv"], "default": "json"},
-                        },
-                        {
-                            "name": "start",
-                            "in": "query",
-                            "description": "first input index (paging)",
-                            "schema": {"type": "integer", "minimum": 0, "default": 0},
-                        },
-                        {
-                            "name": "limit",
-                            "in": "query",
-                            "description": "at most this many tasks",
-                            "schema": {"type": "integer", "minimum": 0},
-                        },
-                    ],
-                    "responses": {"200": _ok("the results file"), **_errors(400, 401, 404)},
-                }
-            },
-            "/api/jobs/{job_id}/errors": {
-                "get": {
-                    "summary": "Failed attempts' errors with tracebacks, and grouped by message",
-                    "parameters": [_JOB_ID],
-                    "responses": {"200": _ok("errors", {"type": "object"}), **_errors(401, 404)},
-                }
-            },
-            "/api/jobs/{job_id}/finished": {
-                "get": {
-                    "summary": "Finished task indices from `start`, as runs [a, b): fetch each result once, by range",
-                    "parameters": [_JOB_ID, {"name": "start", "in": "query", "schema": {"type": "integer"}}],
-                    "responses": {"200": _ok("runs and where to go on", {"type": "object"}), **_errors(400, 401, 404)},
-                }
-            },
-            "/api/events": {
-                "get": {
-                    "summary": "Websocket: live status of my jobs ({type: job, ...Job})",
-                    "parameters": [{"name": "job", "in": "query", "schema": {"type": "integer"}}],
-                    "responses": {"101": _ok("switching protocols"), **_errors(401, 403)},
-                }
-            },
-            "/api/volunteers/{volunteer_id}": {
-                "get": {
-                    "summary": "A volunteer's all-time contribution: by its signed id (the volunteer itself, "
-                    "no credentials) or by its public id (signed-in researchers)",
-                    "parameters": [
-                        {"name": "volunteer_id", "in": "path", "required": True, "schema": {"type": "string"}}
-                    ],
-                    "responses": {"200": _ok("stats", {"type": "object"}), **_errors(401, 403, 404)},
-                }
-            },
-            "/api/volunteers/{volunteer_id}/nickname": {
-                "put": {
-                    "summary": 'A volunteer\'s opt-in public nickname (by its signed id; null or "" = not listed)',
-                    "security": [],
-                    "parameters": [
-                        {"name": "volunteer_id", "in": "path", "required": True, "schema": {"type": "string"}}
-                    ],
-                    "requestBody": {
-                        "required": True,
-                        "content": {
-                            _JSON: {
-                                "schema": {
-                                    "type": "object",
-                                    "properties": {"nickname": {"type": "string", "maxLength": 32, "nullable": True}},
-                                    "required": ["nickname"],
-                                    "additionalProperties": False,
-                                }
-                            }
-                        },
-                    },
-                    "responses": {"200": _ok("set", {"type": "object"}), **_errors(400, 404, 409, 413)},
-                }
-            },
-            "/api/leaderboard": {
-                "get": {
-                    "summary": "Public: volunteers with a nickname, ranked by the CPU time of their validated results",
-                    "security": [],
-                    "responses": {"200": _ok("the top 50", {"type": "object"})},
-                }
-            },
-            "/api/health": {
-                "get": {
-                    "summary": "Liveness, database state and queue depth",
-                    "security": [],
-                    "responses": {
-                        "200": _ok("ok", {"type": "object"}),
-                        "503": _ok("the database is unreachable (since when, and why)", {"type": "object"}),
-                    },
-                }
-            },
-            "/api/openapi.json": {
-                "get": {
-                    "summary": "This document",
-                    "security": [],
-                    "responses": {"200": _ok("OpenAPI 3 document", {"type": "object"})},
-                }
-            },
-        },
+        "paths": app.get(DOCUMENTED, {}),
     }
 
 
 async def serve(request: web.Request) -> web.Response:
-    return web.json_response(document())
+    return web.json_response(document(request.app))
 
 
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/api/openapi.json", serve)
-
-
-# ---- BEGIN dashboard block (owned by server/web/dashboard.py; additive: merges DASHBOARD_PATHS) ----
-_core_document = document
-
-
-def document() -> dict:  # noqa: F811 -- extends the core document with the dashboard's routes
-    doc = _core_document()
-    try:
-        from server.web.dashboard import DASHBOARD_PATHS
-    except ImportError:
-        return doc
-    doc["paths"].update(DASHBOARD_PATHS)
-    return doc
-
-
-# ---- END dashboard block ----
+    add_paths(app, PATHS)

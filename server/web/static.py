@@ -19,6 +19,7 @@ import hashlib
 import json
 import mimetypes
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 from aiohttp import web
@@ -79,7 +80,7 @@ def python_sources(root: Path) -> dict[str, Path]:
     return sources
 
 
-def pyscript_files(sources: dict[str, str | Path], app_name: str) -> str:
+def pyscript_files(sources: Mapping[str, str | Path], app_name: str) -> str:
     """PyScript's ``files`` (JSON) for a page running ``webapp.<app_name>``: URL -> place in its FS."""
     wanted = [
         name

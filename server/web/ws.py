@@ -34,7 +34,7 @@ from server.web.api import researcher
 from server.web.metrics import websocket_opened
 
 logger = logging.getLogger(__name__)
-SOCKETS = web.AppKey("sockets", weakref.WeakSet)
+SOCKETS: web.AppKey[weakref.WeakSet[web.WebSocketResponse]] = web.AppKey("sockets")
 PER_ADDRESS = web.AppKey("volunteer_sockets_per_address", collections.Counter)
 POLICY_VIOLATION = 1008
 
@@ -264,7 +264,8 @@ async def events_socket(request: web.Request) -> web.WebSocketResponse:
 
 
 async def close_sockets(app: web.Application) -> None:
-    for ws in list(app[SOCKETS]):
+    sockets: weakref.WeakSet[web.WebSocketResponse] = app[SOCKETS]
+    for ws in list(sockets):
         await ws.close(code=1001, message=b"server shutdown")
 
 

@@ -14,7 +14,7 @@ down_revision = "0001"
 
 Blob = sa.LargeBinary().with_variant(mysql.LONGBLOB(), "mysql", "mariadb")
 
-COLUMNS = {
+COLUMNS: dict[str, list[sa.Column]] = {
     "jobs": [
         sa.Column("quorum", sa.Integer, nullable=False, server_default="1"),
         sa.Column("max_replicas", sa.Integer, nullable=False, server_default="4"),
@@ -36,23 +36,18 @@ COLUMNS = {
 
 
 def upgrade() -> None:
-    # Until 0001 became explicit operations it created the whole current schema: skip what exists.
-    inspector = sa.inspect(op.get_bind())
     for table, columns in COLUMNS.items():
-        have = {c["name"] for c in inspector.get_columns(table)}
         with op.batch_alter_table(table) as batch:
             for column in columns:
-                if column.name not in have:
-                    batch.add_column(column)
-    if not inspector.has_table("reputation"):
-        op.create_table(
-            "reputation",
-            sa.Column("volunteer", sa.String(64), primary_key=True),
-            sa.Column("consecutive", sa.Integer, nullable=False),
-            sa.Column("validated", sa.Integer, nullable=False),
-            sa.Column("invalid", sa.Integer, nullable=False),
-            sa.Column("last_invalid_at", sa.Double),
-        )
+                batch.add_column(column)
+    op.create_table(
+        "reputation",
+        sa.Column("volunteer", sa.String(64), primary_key=True),
+        sa.Column("consecutive", sa.Integer, nullable=False),
+        sa.Column("validated", sa.Integer, nullable=False),
+        sa.Column("invalid", sa.Integer, nullable=False),
+        sa.Column("last_invalid_at", sa.Double),
+    )
 
 
 def downgrade() -> None:

@@ -14,10 +14,6 @@ down_revision = "0002"
 
 
 def upgrade() -> None:
-    # 0001 on this branch is still `metadata.create_all` (which already made this table on a fresh
-    # database); the explicit 0001 of the "health" branch does not, so create it when missing.
-    if sa.inspect(op.get_bind()).has_table("key_fingerprints"):
-        return
     op.create_table(
         "key_fingerprints",
         sa.Column("key_id", sa.String(16), primary_key=True),
