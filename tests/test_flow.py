@@ -95,7 +95,7 @@ async def test_always_raising_task_fails_after_max_attempts(serve, volunteers):
     volunteers(api.url, 3)
     job = await api.wait(job_id)
     assert job["state"] == "failed"
-    assert job["counts"] == {"queued": 0, "running": 0, "done": 9, "failed": 1, "cancelled": 0}
+    assert job["counts"] == {"queued": 0, "running": 0, "leased": 0, "done": 9, "failed": 1, "cancelled": 0}
     async with api.session.get(f"{api.url}/api/jobs/{job_id}/errors", headers=api.headers()) as resp:
         errors = await resp.json()
     (err,) = errors["errors"]

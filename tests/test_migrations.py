@@ -47,7 +47,7 @@ async def test_upgrade_head_builds_the_declared_schema(empty_engine: AsyncEngine
     await migrate(empty_engine)  # idempotent: a restart migrates nothing
     assert await _diff(empty_engine, metadata) == []
     async with empty_engine.connect() as conn:
-        assert (await conn.execute(sa.text("SELECT version_num FROM alembic_version"))).scalar() == "0005"
+        assert (await conn.execute(sa.text("SELECT version_num FROM alembic_version"))).scalar() == "0007"
 
 
 async def test_the_comparison_sees_a_column_without_a_revision(empty_engine: AsyncEngine) -> None:

@@ -355,8 +355,13 @@ class Job:
                     bar = bar or _progress_bar(self.id, status)
                     bar.total = status["n_tasks"]
                     bar.update(status["counts"]["done"] + status["counts"]["failed"] - bar.n)
-                    bar.set_postfix(
-                        failed=status["counts"]["failed"], volunteers=status.get("volunteers", 0), refresh=False
+                    counts = status["counts"]
+                    bar.set_postfix(  # honest counts: computed now, apart from the prefetched (leased)
+                        failed=counts["failed"],
+                        running=counts.get("running", 0),
+                        prefetched=counts.get("leased", 0),
+                        volunteers=status.get("volunteers", 0),
+                        refresh=False,
                     )
                     bar.set_description(
                         f"job {self.id}" + (f" ({waiting})" if (waiting := waiting_note(status)) else "")

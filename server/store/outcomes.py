@@ -118,6 +118,19 @@ class Outcomes:
         )
         return {r.volunteer: r for r in rows.all()}
 
+    async def _write_job_counts(self, conn: AsyncConnection, writes: OutcomeWrites, now: float) -> None:
+        """Add the batch's deltas to its jobs' counters, and set a job's ``started_at`` the first time."""
+        starts: dict[int, float] = {}  # per job: when this batch's earliest task started (finish less CPU)
+        for a in writes.attempts:
+            job_id = a["task"].job_id
+            starts[job_id] = min(starts.get(job_id, now), now - max(0.0, float(a["outcome"].cpu or 0.0)))
+        for job_id, deltas in writes.counts.items():
+            values = {c: jobs.c[c] + n for c, n in deltas.items() if n}
+            if values and job_id in starts:  # throughput once finished counts from the first start
+                values["started_at"] = sa.func.coalesce(jobs.c.started_at, starts[job_id])
+            if values:
+                await conn.execute(jobs.update().where(jobs.c.id == job_id).values(**values))
+
     async def write_outcomes(self, conn: AsyncConnection, writes: OutcomeWrites, rec: Recorded) -> None:
         """Write what the validator decided: attempts, verdicts, tasks, job counters, reputations."""
         now = _now()
@@ -136,10 +149,7 @@ class Outcomes:
             await self._write_reputation(conn, writes.reputation, now)
         if writes.reopen:
             await self._reopen(conn, writes, rec)
-        for job_id, deltas in writes.counts.items():
-            values = {c: jobs.c[c] + n for c, n in deltas.items() if n}
-            if values:
-                await conn.execute(jobs.update().where(jobs.c.id == job_id).values(**values))
+        await self._write_job_counts(conn, writes, now)
         await pipelines.feed(self, conn, rec)
         await self.finish_jobs(conn, rec.jobs)
         if writes.stats:

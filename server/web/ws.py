@@ -179,7 +179,10 @@ async def _hello(request: web.Request, msg: P.Hello, address: str, send) -> Conn
 
 async def _handle(msg: object, conn: Conn, dispatcher, storage, send) -> None:  # noqa: ANN001
     if isinstance(msg, P.Ready):
-        await send(P.Tasks(await dispatcher.lease(conn, msg.n)))
+        await dispatcher.report_computing(conn, msg.running)
+        specs = await dispatcher.lease(conn, msg.n)
+        await dispatcher.report_computing(conn)  # a protocol-1 volunteer's estimate counts these
+        await send(P.Tasks(specs))
     elif isinstance(msg, P.Results):
         try:
             rec = await dispatcher.report(conn, msg.results)
@@ -194,7 +197,7 @@ async def _handle(msg: object, conn: Conn, dispatcher, storage, send) -> None:  
             raise P.ProtocolError("the server could not commit these results now; send them again") from None
         await send(P.Ack(rec.acked, rec.ignored))
     elif isinstance(msg, P.Heartbeat):
-        await dispatcher.heartbeat(conn, msg.attempts)
+        await dispatcher.heartbeat(conn, msg.attempts, msg.running)
     elif isinstance(msg, P.Progress):
         await dispatcher.update(conn, P.Update(msg.attempt, progress=msg.fraction))
     elif isinstance(msg, P.Update):
@@ -207,7 +210,8 @@ async def _handle(msg: object, conn: Conn, dispatcher, storage, send) -> None:  
         if info is None or info.code_hash != msg.code_hash or not mine:
             raise P.ProtocolError(f"need_code: you hold no task of job {msg.job} with that code hash")
         source = await storage.job_code(msg.job)
-        await send(P.Code(msg.job, msg.code_hash, source, info.requirements))
+        name, description = await storage.job_about(msg.job)
+        await send(P.Code(msg.job, msg.code_hash, source, info.requirements, name, description))
     elif isinstance(msg, P.Throttle):
         conn.throttle = msg.state
         await storage.volunteer_throttle(conn.volunteer, msg.state.to_wire())

@@ -24,6 +24,7 @@ from pyodide.ffi import create_proxy
 from pyscript import document, window
 
 from . import ui
+from .credit import Credit
 from .link import Link
 from .pool import Pool
 from .updates import Updates
@@ -74,6 +75,7 @@ class App:
         self.volunteer = _volunteer_id()
         self.totals = _load(TOTALS_KEY, {"tasks": 0, "cpu": 0.0})
         self.session = {"tasks": 0, "cpu": 0.0, "errors": 0, "timeouts": 0}
+        self.credit = Credit()
         self.pool = Pool(worker_url, self.pump, spare)
         self.pool.on_update = self.on_update
         self.updates = Updates(protocol)
@@ -237,7 +239,9 @@ class App:
             self.heartbeat_at = now
             held = self.held_attempts()
             if self.welcomed and held:
-                self.link.send(protocol.Heartbeat(attempts=held))
+                self.link.send(protocol.Heartbeat(attempts=held, running=list(self.running_specs)))
+        if self.welcomed and self.credit.due():
+            asyncio.ensure_future(self.credit.refresh(self.volunteer))
         self.tick()
 
     # ------------------------------------------------------------------ the loop
@@ -307,7 +311,7 @@ class App:
         if self.resumed.intersection(self.held_attempts() + unsent):
             return
         want = min(self.plan.want(len(self.held_attempts())), protocol.MAX_TASKS_PER_MESSAGE)
-        if want > 0 and self.link.send(protocol.Ready(n=want)):
+        if want > 0 and self.link.send(protocol.Ready(n=want, running=list(self.running_specs))):
             self.awaiting_tasks = True
 
     def flush_results(self) -> None:
@@ -432,6 +436,8 @@ class App:
             window.localStorage.setItem(VOLUNTEER_KEY, msg.volunteer)
         self.heartbeat = float(msg.heartbeat)
         self.pool.every = self.updates.every = float(msg.every)
+        if self.credit.at_start is None:  # before any task of this session: "this session" counts from here
+            asyncio.ensure_future(self.credit.refresh(self.volunteer))
         self.empty_replies = 0
         self.next_ask = 0.0
 
@@ -501,6 +507,22 @@ class App:
             self.resumed.difference_update(gone)
             await self.vault.remove("tasks", json.dumps(gone))
 
+    def save_nickname(self, nickname: str) -> None:
+        async def save() -> None:
+            await self.credit.set_nickname(self.volunteer, nickname)
+            await self.credit.refresh(self.volunteer)  # and show the credit as it is now
+            self.rendered_at = 0.0
+            self.pump()
+
+        asyncio.ensure_future(save())
+
+    def jobs_shown(self) -> dict:
+        """Name and public description of the jobs this page holds code of, by job id."""
+        return {
+            str(code.job): {"name": getattr(code, "name", ""), "description": getattr(code, "description", "")}
+            for code in self.codes.values()
+        }
+
     def snapshot(self) -> dict:
         """Everything the page shows, as plain data (also read by the tests)."""
         now = time.monotonic()
@@ -530,6 +552,8 @@ class App:
             "recent_switches": list(self.pool.switches),
             "dropped_messages": self.pool.dropped,
             "volunteer": self.volunteer,
+            "jobs": self.jobs_shown(),
+            "credit": self.credit.snapshot(),
             "queued": [s.attempt for s in self.queue],
             "queued_tasks": [s.task for s in self.queue],
             "running_tasks": [s.task for s in self.running_specs.values()],
