@@ -309,7 +309,8 @@ class Storage(Accounts, Outcomes, Credit):
         return {r.id: self.box.open_json(r.input_ct, f"job:{r.job_id}:input:{r.idx}") for r in rows}
 
     async def retry_failed(self, researcher_id: int, job_id: int) -> int:
-        """Failed tasks become queued again with fresh attempts; the job runs again."""
+        """Failed tasks become queued again with fresh attempts and no error (the job's errors and
+        error groups list what fails from now on); the job runs again."""
 
         async def work(conn: AsyncConnection) -> int:
             row = await _owned_job(conn, researcher_id, job_id)
@@ -318,7 +319,15 @@ class Storage(Accounts, Outcomes, Credit):
             result = await conn.execute(
                 tasks.update()
                 .where(tasks.c.job_id == job_id, tasks.c.state == TaskState.FAILED.value)
-                .values(state=TaskState.QUEUED.value, attempts=0, replicas=0, accepted=None, finished_at=None)
+                .values(
+                    state=TaskState.QUEUED.value,
+                    attempts=0,
+                    replicas=0,
+                    accepted=None,
+                    finished_at=None,
+                    error_ct=None,
+                    output_ct=None,
+                )
             )
             if result.rowcount:
                 await conn.execute(
