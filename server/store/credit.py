@@ -1,8 +1,12 @@
 """Volunteers' credit: validated results and their CPU time, opt-in nicknames, the public leaderboard.
 
 A result counts as validated when the validator accepted it with a quorum of distinct volunteers
-("valid") or from a trusted volunteer ("trusted"); a result that stood alone under replication 1
-("single") is credited as a task but not as validated. A volunteer with no nickname is never listed.
+("valid") or from a trusted volunteer ("trusted"). Only those earn credit: the CPU seconds the
+validator granted (``attempts.credit``: the least any member of the quorum claimed). A result
+waiting for its replica ("pending"), a minority result ("invalid"), an error, and a result that
+stood alone under replication 1 ("single", which nobody checked) earn none; a trusted volunteer
+caught lying loses the credit of the lone results that go back to be re-checked. A volunteer with
+no nickname is never listed.
 """
 
 from __future__ import annotations
@@ -63,7 +67,7 @@ class Credit:
                 raise NotFound(f"no volunteer {volunteer}")
             row = (
                 await conn.execute(
-                    sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(attempts.c.cpu), 0.0)).where(
+                    sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(attempts.c.credit), 0.0)).where(
                         attempts.c.volunteer == volunteer, attempts.c.verdict.in_(VALIDATED)
                     )
                 )
@@ -89,12 +93,12 @@ class Credit:
         now = time.monotonic()
         if self._board is not None and now - self._board[0] < LEADERBOARD_TTL:
             return self._board[1]
-        cpu = sa.func.coalesce(sa.func.sum(attempts.c.cpu), 0.0).label("cpu")
+        cpu = sa.func.coalesce(sa.func.sum(attempts.c.credit), 0.0).label("cpu")
         query = (
-            sa.select(volunteers.c.nickname, cpu, sa.func.count().label("validated"), volunteers.c.tasks_done)
+            sa.select(volunteers.c.nickname, cpu, sa.func.count().label("validated"))
             .join(attempts, attempts.c.volunteer == volunteers.c.id)
             .where(volunteers.c.nickname.is_not(None), attempts.c.verdict.in_(VALIDATED))
-            .group_by(volunteers.c.id, volunteers.c.nickname, volunteers.c.tasks_done)
+            .group_by(volunteers.c.id, volunteers.c.nickname)
             .order_by(cpu.desc(), volunteers.c.nickname)
             .limit(LEADERBOARD_SIZE)
         )
@@ -106,7 +110,6 @@ class Credit:
                 "nickname": r.nickname,
                 "validated_cpu_seconds": round(float(r.cpu), 3),
                 "validated": r.validated,
-                "tasks_done": r.tasks_done,
             }
             for rank, r in enumerate(rows, start=1)
         ]

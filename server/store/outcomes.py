@@ -82,18 +82,19 @@ class Outcomes:
         return {r.id: TaskRow(*r) for r in rows.all()}
 
     async def pending_reports(self, conn: AsyncConnection, task_ids: list[int]) -> dict[int, list[tuple]]:
-        """Reports awaiting a decision, per task, oldest first: (attempt, volunteer, {"result"|"error": v})."""
+        """Reports awaiting a decision, per task, oldest first: (attempt, volunteer, {"result"|"error": v},
+        CPU seconds claimed)."""
         out: dict[int, list[tuple]] = {}
         if not task_ids:
             return out
         rows = await conn.execute(
-            sa.select(attempts.c.id, attempts.c.task_id, attempts.c.volunteer, attempts.c.reported_ct)
+            sa.select(attempts.c.id, attempts.c.task_id, attempts.c.volunteer, attempts.c.reported_ct, attempts.c.cpu)
             .where(attempts.c.task_id.in_(task_ids), attempts.c.verdict == "pending")
             .order_by(attempts.c.finished_at, attempts.c.id)
         )
         for r in rows.all():
             reported = self.box.open_json(r.reported_ct, f"attempt:{r.id}:reported")
-            out.setdefault(r.task_id, []).append((r.id, r.volunteer, reported))
+            out.setdefault(r.task_id, []).append((r.id, r.volunteer, reported, r.cpu or 0.0))
         return out
 
     async def reporters(self, task_ids: list[int]) -> list[tuple[int, str]]:
@@ -187,17 +188,19 @@ class Outcomes:
                         self.box.seal_json(reported, f"attempt:{o.attempt}:reported") if reported is not None else None
                     ),
                     "verdict": writes.verdicts.get(o.attempt, "pending") if reported is not None else None,
+                    "credit": writes.credit.get(o.attempt),
                 }
             )
         if rows:
             await conn.execute(self._bulk_update(attempts, ["id"], rows, replace=list(rows[0])))
         mine = {r["id"] for r in rows}
-        by_verdict: dict[str, list[str]] = {}
+        # earlier replicas decided now: few statements, the replicas of one quorum share their credit
+        by_verdict: dict[tuple[str, float | None], list[str]] = {}
         for attempt, verdict in writes.verdicts.items():
             if attempt not in mine:
-                by_verdict.setdefault(verdict, []).append(attempt)
-        for verdict, ids in by_verdict.items():
-            await conn.execute(attempts.update().where(attempts.c.id.in_(ids)).values(verdict=verdict))
+                by_verdict.setdefault((verdict, writes.credit.get(attempt)), []).append(attempt)
+        for (verdict, credit), ids in by_verdict.items():
+            await conn.execute(attempts.update().where(attempts.c.id.in_(ids)).values(verdict=verdict, credit=credit))
 
     def _done_row(self, d: TaskDecision, now: float) -> dict:
         aad = f"task:{d.task.id}"
@@ -287,7 +290,7 @@ class Outcomes:
         await conn.execute(
             attempts.update()
             .where(attempts.c.task_id.in_(ids), attempts.c.verdict == "trusted")
-            .values(verdict="pending")
+            .values(verdict="pending", credit=None)  # re-checked: no credit unless confirmed
         )
         for r in rows:
             writes.count(r.job_id, "n_done", -1)

@@ -110,6 +110,8 @@ attempts = sa.Table(
     sa.Column("finished_at", sa.Double, nullable=False),
     sa.Column("reported_ct", Blob),  # what it reported, for the validator: {"result": v} or {"error": key}
     sa.Column("verdict", sa.String(8)),  # pending | valid | invalid | trusted | single (NULL: no report)
+    # CPU seconds credited to the volunteer: set only for a validated result (valid or trusted)
+    sa.Column("credit", sa.Double),
     sa.Index("ix_attempts_volunteer_verdict", "volunteer", "verdict"),  # credit and the leaderboard
 )
 

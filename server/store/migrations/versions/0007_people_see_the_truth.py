@@ -1,6 +1,6 @@
 """Researchers and volunteers see the truth (issue 11): a job's public description and the time its
-first task started (throughput once finished), volunteers' opt-in public nicknames, and an index for
-their credit (validated results by volunteer).
+first task started (throughput once finished), volunteers' opt-in public nicknames, the CPU seconds
+credited to each validated result, and an index for their credit (validated results by volunteer).
 
 Revision ID: 0007
 Revises: 0005
@@ -21,12 +21,16 @@ def upgrade() -> None:
     with op.batch_alter_table("volunteers") as batch:
         batch.add_column(sa.Column("nickname", sa.String(32)))
     op.create_index("ix_volunteers_nickname", "volunteers", ["nickname"], unique=True)
+    with op.batch_alter_table("attempts") as batch:
+        batch.add_column(sa.Column("credit", sa.Double))
     op.create_index("ix_attempts_volunteer_verdict", "attempts", ["volunteer", "verdict"])
 
 
 def downgrade() -> None:
     op.drop_index("ix_attempts_volunteer_verdict", table_name="attempts")
     op.drop_index("ix_volunteers_nickname", table_name="volunteers")
+    with op.batch_alter_table("attempts") as batch:
+        batch.drop_column("credit")
     with op.batch_alter_table("volunteers") as batch:
         batch.drop_column("nickname")
     with op.batch_alter_table("jobs") as batch:
