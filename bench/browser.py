@@ -128,7 +128,7 @@ def run_job(context, server: LiveServer, code: str, n: int, cores: int) -> dict:
         "workers": len(last["workers"]),
         "tasks_per_s": done / wall,
         "per_task_ms": 1000 * wall / done,
-        "utilisation": (last["session"]["cpu"] - first["session"]["cpu"]) / (wall * len(last["workers"])),
+        "utilisation": (last["session"]["elapsed"] - first["session"]["elapsed"]) / (wall * len(last["workers"])),
     }
 
 

@@ -38,7 +38,7 @@ def main(x):
 
 def patch(stolen):
     patched = []
-    poison = json.dumps({"result": "POISONED", "output": "", "error": None, "cpu": 0})
+    poison = json.dumps({"result": "POISONED", "output": "", "error": None, "elapsed": 0})
 
     def spy_handle(original):
         def handle(request, *args, **kwargs):
@@ -66,7 +66,7 @@ def patch(stolen):
                 if isinstance(value, dict) and "b" in value:
                     return _original(code_hash, value, *args, **kwargs)
                 stolen.append(repr(value)[:300])
-                return {"result": "POISONED", "output": "", "error": None, "cpu": 0}
+                return {"result": "POISONED", "output": "", "error": None, "elapsed": 0}
             runner.run = run
             patched.append(f"{name}._RUNNER.run")
     for name in ("sum", "sorted", "abs", "len", "print"):  # the runner itself needs len and print

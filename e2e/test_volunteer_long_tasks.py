@@ -68,7 +68,7 @@ def test_closed_tab_hands_its_checkpoint_to_a_second_tab(browser, live_server, s
     seen = _wait_progress(server, job, page, 0.25)
     # Live feedback before the task finishes: partial results in the export, progress in the job view.
     [row] = server.results(job)
-    assert row["state"] == "queued" and row["partials"] and row["partials"][0] == {"step": 6}
+    assert row["state"] == "open" and row["partials"] and row["partials"][0] == {"step": 6}
     bar = dashboard.wait_for_selector('#job-running li[data-task="0"]')
     shown = float(bar.inner_text().split()[-1].rstrip("%"))
     assert 0 < shown < 100, bar.inner_text()

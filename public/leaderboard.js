@@ -1,6 +1,6 @@
 // The public leaderboard: GET /api/leaderboard, drawn with textContent (nicknames are never HTML).
 
-function cpu(seconds) {
+function duration(seconds) {
   if (seconds < 60) return `${seconds.toFixed(1)} s`;
   if (seconds < 3600) return `${Math.floor(seconds / 60)} min ${Math.floor(seconds % 60)} s`;
   return `${Math.floor(seconds / 3600)} h ${Math.floor((seconds % 3600) / 60)} min`;
@@ -27,7 +27,7 @@ async function load() {
     }
     for (const v of volunteers) {
       const results = `${v.validated} result${v.validated === 1 ? "" : "s"}`;
-      const tr = row([String(v.rank), v.nickname, cpu(v.validated_cpu_seconds), results]);
+      const tr = row([String(v.rank), v.nickname, duration(v.validated_seconds), results]);
       tr.dataset.nickname = v.nickname;
       body.appendChild(tr);
     }

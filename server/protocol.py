@@ -16,11 +16,14 @@ import json
 from enum import Enum
 from typing import Any
 
-# 1: first release. 2: `update` (progress, checkpoints, partial results), TaskSpec.restore, Welcome.every;
-# ``ready`` and ``heartbeat`` may carry ``running``, the attempts being computed now (the rest of those
-# held are prefetched; a version-1 volunteer's running count is estimated); ``code`` carries the job's
-# name and public description.
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
+# 1: first release.
+# 2: `update` (progress, checkpoints, partial results), TaskSpec.restore, Welcome.every
+# 3: a result's run time is `elapsed` (wall-clock seconds), no longer `cpu`; a page of version 2
+#    still open during an upgrade keeps its results (`cpu` is read as `elapsed`). ``ready`` and
+#    ``heartbeat`` may carry ``running``, the attempts being computed now (the rest of those held
+#    are prefetched; an older volunteer's running count is estimated); ``code`` carries the job's
+#    name and public description.
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # one websocket message; larger closes with 1009
 MAX_TASKS_PER_MESSAGE = 64
 MAX_OUTPUT_CHARS = 64 * 1024  # captured stdout/stderr kept per task
@@ -55,7 +58,7 @@ JOB_TERMINAL = frozenset({JobState.DONE, JobState.FAILED, JobState.CANCELLED})
 
 
 class TaskState(str, Enum):
-    QUEUED = "queued"  # waiting in the ready queue, or leased (running) -- Redis knows which
+    OPEN = "open"  # not final yet: waiting in the ready queue, leased or running -- the queue knows which
     RUNNING = "running"  # reported from live leases only, never stored
     DONE = "done"
     FAILED = "failed"
@@ -331,7 +334,7 @@ class Outcome:
     output: str = ""
     error: str | None = None
     timeout: bool = False  # the worker stopped it at its timeout
-    cpu: float = 0.0  # seconds of worker time spent
+    elapsed: float = 0.0  # seconds of worker time spent
 
 
 @dataclasses.dataclass
@@ -457,7 +460,7 @@ _OUTCOME_SCHEMA = [
     ("output", (str,), False),
     ("error", (str, type(None)), False),
     ("timeout", (bool,), False),
-    ("cpu", (int, float), False),
+    ("elapsed", (int, float), False),
 ]
 _TASK_SCHEMA = [
     ("attempt", (str,), True),
@@ -471,6 +474,13 @@ _TASK_SCHEMA = [
     ("requirements", (list,), False),
     ("restore", (str, type(None)), False),
 ]
+
+
+def _version_2_outcome(data: dict) -> dict:
+    """A version-2 result named its run time `cpu`."""
+    if "cpu" in data and "elapsed" not in data:
+        data = {("elapsed" if k == "cpu" else k): v for k, v in data.items()}
+    return data
 
 
 def _check_fields(where: str, data: dict, schema: list) -> dict:
@@ -540,7 +550,8 @@ def from_dict(data: Any) -> Any:  # noqa: C901 - one flat check per message kind
     if kind == "results":
         if len(fields["results"]) > MAX_TASKS_PER_MESSAGE:
             raise ProtocolError(f"results: at most {MAX_TASKS_PER_MESSAGE} per message")
-        fields["results"] = [Outcome(**_check_fields("results[]", _obj(r), _OUTCOME_SCHEMA)) for r in fields["results"]]
+        outcomes = [_version_2_outcome(_obj(r)) for r in fields["results"]]
+        fields["results"] = [Outcome(**_check_fields("results[]", r, _OUTCOME_SCHEMA)) for r in outcomes]
         for outcome in fields["results"]:
             if len(outcome.output) > MAX_OUTPUT_CHARS:
                 outcome.output = outcome.output[:MAX_OUTPUT_CHARS]

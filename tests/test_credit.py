@@ -30,11 +30,11 @@ async def _lease(ws, n: int) -> list[dict]:
     return tasks
 
 
-async def _compute(ws, n: int, cpu: float = 1.5, lie: bool = False) -> int:
-    """Lease n tasks and answer them (correctly, unless ``lie``), claiming ``cpu`` seconds each;
+async def _compute(ws, n: int, elapsed: float = 1.5, lie: bool = False) -> int:
+    """Lease n tasks and answer them (correctly, unless ``lie``), claiming ``elapsed`` seconds each;
     returns how many."""
     tasks = await _lease(ws, n)
-    outcomes = [P.Outcome(t["attempt"], t["task"], result=t["input"] * 2 + lie, cpu=cpu) for t in tasks]
+    outcomes = [P.Outcome(t["attempt"], t["task"], result=t["input"] * 2 + lie, elapsed=elapsed) for t in tasks]
     if outcomes:
         await ws.send_str(P.encode(P.Results(outcomes)))
         assert json.loads((await ws.receive(timeout=10)).data)["type"] == "ack"
@@ -80,7 +80,7 @@ async def test_validated_credit_nickname_and_leaderboard(serve):
         await api.wait(job)
     async with api.session.get(f"{api.url}/api/volunteers/{me}") as resp:
         mine = await resp.json()
-    assert (mine["validated"], mine["validated_cpu_seconds"], mine["nickname"]) == (4, 6.0, None)
+    assert (mine["validated"], mine["validated_seconds"], mine["nickname"]) == (4, 6.0, None)
     assert await _board(api) == []  # no nickname: not listed
     assert await _put(api, me, {"nickname": "  Ada <script>  "}) == (
         400,
@@ -88,7 +88,7 @@ async def test_validated_credit_nickname_and_leaderboard(serve):
     )
     assert await _put(api, me, {"nickname": " Ada L. "}) == (200, {"nickname": "Ada L.", "listed": True})
     (row,) = await _board(api)
-    assert row == {"rank": 1, "nickname": "Ada L.", "validated_cpu_seconds": 6.0, "validated": 4}
+    assert row == {"rank": 1, "nickname": "Ada L.", "validated_seconds": 6.0, "validated": 4}
     status, body = await _put(api, other, {"nickname": "Ada L."})  # duplicate
     assert status == 409 and "taken" in body["error"]
     assert (await _put(api, other, {"nickname": "Grace"}))[0] == 200
@@ -110,25 +110,25 @@ async def test_credit_rewards_no_liar_and_no_inflated_claim(serve):
         api.session.ws_connect(url) as honest_ws,
     ):
         liar, boaster, honest = [await _volunteer(api, ws) for ws in (liar_ws, boaster_ws, honest_ws)]
-        assert await _compute(liar_ws, 3, cpu=1e6, lie=True) == 3  # claims far past the timeout
-        assert await _compute(boaster_ws, 3, cpu=50.0) == 3  # right, but claims 50 s a task
+        assert await _compute(liar_ws, 3, elapsed=1e6, lie=True) == 3  # claims far past the timeout
+        assert await _compute(boaster_ws, 3, elapsed=50.0) == 3  # right, but claims 50 s a task
         for who in (liar, boaster):  # 1 against 1: nothing decided, nothing credited
             async with api.session.get(f"{api.url}/api/volunteers/{who}") as resp:
                 body = await resp.json()
-            assert (body["validated"], body["validated_cpu_seconds"]) == (0, 0.0)
-        assert await _compute(honest_ws, 3, cpu=0.5) == 3  # the third replica decides: 2 against 1
+            assert (body["validated"], body["validated_seconds"]) == (0, 0.0)
+        assert await _compute(honest_ws, 3, elapsed=0.5) == 3  # the third replica decides: 2 against 1
         status = await api.wait(job)
     assert status["state"] == "done" and status["counts"]["done"] == 3
     credit = {}
     for name, who in (("liar", liar), ("boaster", boaster), ("honest", honest)):
         async with api.session.get(f"{api.url}/api/volunteers/{who}") as resp:
             body = await resp.json()
-        credit[name] = (body["validated"], body["validated_cpu_seconds"], body["tasks_done"])
+        credit[name] = (body["validated"], body["validated_seconds"], body["tasks_done"])
     # tasks_done is the work each reported; credit only what was validated, at the least claim
     assert credit == {"liar": (0, 0.0, 3), "boaster": (3, 1.5, 3), "honest": (3, 1.5, 3)}
     for who, nickname in ((liar, "Mallory"), (boaster, "Bob"), (honest, "Alice")):
         assert (await _put(api, who, {"nickname": nickname}))[0] == 200
-    assert [(r["nickname"], r["validated_cpu_seconds"]) for r in await _board(api)] == [("Alice", 1.5), ("Bob", 1.5)]
+    assert [(r["nickname"], r["validated_seconds"]) for r in await _board(api)] == [("Alice", 1.5), ("Bob", 1.5)]
 
 
 async def test_nickname_bad_input(serve):

@@ -190,7 +190,7 @@ async def test_retry_clears_the_errors_of_the_tasks_it_queues_again(serve):
         assert job["state"] == "running" and job["counts"]["failed"] == 0
         assert await errors() == {"errors": [], "groups": []}  # queued again: not errors any more
         rows = json.loads(await api.results(job_id))
-        assert [(r["state"], r["error"]) for r in rows] == [("queued", None)] * 3
+        assert [(r["state"], r["error"]) for r in rows] == [("open", None)] * 3
         await fail_all(ws, 3)  # they fail again: counted once each
         assert (await api.wait(job_id))["counts"]["failed"] == 3
         (group,) = (await errors())["groups"]

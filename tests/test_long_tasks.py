@@ -125,7 +125,7 @@ async def test_killed_volunteer_resumes_elsewhere_from_last_checkpoint(serve, vo
         saved = (await conn.execute(sa.select(checkpoints.c.progress))).scalars().all()
     assert len(saved) == 1 and 0 < saved[0] < 1
     before = json.loads(await api.results(job_id, "json"))[0]
-    assert before["state"] == "queued" and before["result"] is None
+    assert before["state"] == "open" and before["result"] is None
     last = json.loads(crasher.last_state)
     sent = [{"step": s, "total": 2 * sum(range(s))} for s in range(6, last["step"] + 1, 6)]
     assert before["partials"] and before["partials"] == sent[: len(before["partials"])]

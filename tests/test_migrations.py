@@ -17,7 +17,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from server.store.engine import MIGRATIONS, make_engine, migrate
+from server.store.engine import MIGRATIONS, _upgrade, make_engine, migrate
 from server.store.tables import metadata
 from tests.conftest import mysql_url
 
@@ -47,7 +47,42 @@ async def test_upgrade_head_builds_the_declared_schema(empty_engine: AsyncEngine
     await migrate(empty_engine)  # idempotent: a restart migrates nothing
     assert await _diff(empty_engine, metadata) == []
     async with empty_engine.connect() as conn:
-        assert (await conn.execute(sa.text("SELECT version_num FROM alembic_version"))).scalar() == "0007"
+        assert (await conn.execute(sa.text("SELECT version_num FROM alembic_version"))).scalar() == _head()
+
+
+def _head() -> str:
+    return max(p.name.split("_")[0] for p in (MIGRATIONS / "versions").glob("0*.py"))
+
+
+async def test_0006_renames_cpu_and_stores_unfinished_tasks_as_open(empty_engine: AsyncEngine) -> None:
+    """Rows written before 0006 keep their meaning: run time in `elapsed`, a queued task is "open"."""
+    async with empty_engine.begin() as conn:
+        await conn.run_sync(lambda c: _upgrade(c, "0005"))
+        await conn.execute(
+            sa.text(
+                "INSERT INTO researchers (id, email, password_hash, token_hash, approved, operator, created_at)"
+                " VALUES (1, 'a@b.c', 'x', 't', 1, 0, 1.0)"
+            )
+        )
+        await conn.execute(
+            sa.text(
+                "INSERT INTO jobs (id, researcher_id, name, state, code_ct, code_hash, inputs_kind, n_tasks, n_done,"
+                " n_failed, timeout, max_attempts, priority, requirements, replication, quorum, max_replicas,"
+                " n_validated, n_pending, n_disagreements, n_results, created_at) VALUES"
+                " (1, 1, 'j', 'running', :b, 'h', 'list', 2, 1, 0, 1.0, 3, 0, '[]', 1, 1, 4, 0, 0, 0, 1, 1.0)"
+            ),
+            {"b": b"x"},
+        )
+        for idx, state in ((0, "queued"), (1, "done")):
+            await conn.execute(
+                sa.text(
+                    "INSERT INTO tasks (job_id, idx, state, attempts, cpu, replicas) VALUES (1, :i, :s, 0, 2.5, 0)"
+                ),
+                {"i": idx, "s": state},
+            )
+        await conn.run_sync(_upgrade)
+        rows = (await conn.execute(sa.text("SELECT idx, state, elapsed FROM tasks ORDER BY idx"))).all()
+    assert [tuple(r) for r in rows] == [(0, "open", 2.5), (1, "done", 2.5)]
 
 
 async def test_the_comparison_sees_a_column_without_a_revision(empty_engine: AsyncEngine) -> None:

@@ -58,16 +58,16 @@ async def abandoned(app, expected: int) -> None:  # noqa: ANN001
     from server.store.tables import attempts
 
     for _ in range(200):
-        async with app[K.storage].engine.connect() as conn:
+        async with app[K.storage].engine.connect() as sock:
             query = sa.select(sa.func.count()).where(attempts.c.outcome == "abandoned")
-            if (await conn.execute(query)).scalar() >= expected:
+            if (await sock.execute(query)).scalar() >= expected:
                 return
         await asyncio.sleep(0.05)
 
 
-def conn_of(app, signed: str) -> dispatch.Conn:  # noqa: ANN001
+def socket_of(app, signed: str) -> dispatch.VolunteerSocket:  # noqa: ANN001
     public = signed.split("-")[0]
-    return next(c for c in app[K.dispatcher].conns if c.volunteer == public)
+    return next(c for c in app[K.dispatcher].sockets if c.volunteer == public)
 
 
 # ------------------------------------------------------------------------------- leases capped
@@ -81,14 +81,14 @@ async def test_hoarder_never_holds_more_than_its_cap_and_the_job_finishes(serve,
     most, received = 0, 0
     async with api.session.ws_connect(ws_url(api)) as ws:
         me = (await hello(ws, workers=64, prefetch=512))["volunteer"]
-        conn = conn_of(app, me)
+        sock = socket_of(app, me)
         volunteers(api.url, 2)
         held: list[str] = []
         for _ in range(400):
             reply = await ask(ws, P.Ready(64))
             held += [t["attempt"] for t in reply["tasks"]]
             received += len(reply["tasks"])
-            most = max(most, len(conn.held))
+            most = max(most, len(sock.held))
             await ws.send_str(P.encode(P.Heartbeat(held[-64:])))  # keep them, as long as allowed
             if (await api.job(job))["state"] == "done":
                 break
@@ -110,7 +110,7 @@ async def test_a_saboteur_and_a_hoarder_beside_two_honest_volunteers(serve, volu
     sabotaged, most = 0, 0
     async with api.session.ws_connect(ws_url(api)) as saboteur, api.session.ws_connect(ws_url(api)) as hoarder:
         await hello(saboteur, workers=4, prefetch=12)
-        hoarder_conn = conn_of(app, (await hello(hoarder, workers=64, prefetch=512))["volunteer"])
+        hoarder_conn = socket_of(app, (await hello(hoarder, workers=64, prefetch=512))["volunteer"])
 
         async def sabotage() -> None:
             nonlocal sabotaged
@@ -179,17 +179,17 @@ async def test_results_for_attempts_never_held_get_the_socket_closed(serve):
     assert (await api.job(job))["counts"]["done"] == 0
 
 
-async def test_cpu_is_clamped_to_the_tasks_timeout(serve):
+async def test_elapsed_is_clamped_to_the_tasks_timeout(serve):
     api, _ = await serve()
     await api.submit(SQUARE, [4], timeout=2.0)
     async with api.session.ws_connect(ws_url(api)) as ws:
         me = (await hello(ws))["volunteer"]
         (task,) = (await ask(ws, P.Ready(1)))["tasks"]
-        claim = P.Outcome(task["attempt"], task["task"], result=16, cpu=1e9)
+        claim = P.Outcome(task["attempt"], task["task"], result=16, elapsed=1e9)
         assert (await ask(ws, P.Results([claim])))["attempts"] == [task["attempt"]]
     async with api.session.get(f"{api.url}/api/volunteers/{me}") as resp:
         stats = await resp.json()
-    assert stats["tasks_done"] == 1 and stats["cpu_seconds"] == 2.0
+    assert stats["tasks_done"] == 1 and stats["task_seconds"] == 2.0
 
 
 # --------------------------------------------------------------------------- server-issued ids
@@ -209,7 +209,7 @@ async def test_forged_or_missing_id_gets_a_fresh_one_and_a_genuine_one_survives_
         async with api.session.ws_connect(ws_url(api)) as ws:
             got = (await hello(ws, attempt))["volunteer"]
             assert got != attempt and got.split("-")[0] != public
-            assert conn_of(app, got).volunteer == got.split("-")[0]  # Conn holds the verified id
+            assert socket_of(app, got).volunteer == got.split("-")[0]  # VolunteerSocket holds the verified id
     # a second server on the same data key (a restart, or another instance) accepts it
     other, _ = await serve()
     async with other.session.ws_connect(ws_url(other)) as ws:
@@ -249,8 +249,8 @@ async def test_oversized_capabilities_are_cut_over_the_socket(serve, browser_ses
         state = {"battery": {"level": 42}, "reasons": ["r" * 20_000] * 100, "more": huge}
         await ws.send_str(P.encode(P.Throttle(state)))
         await ask(ws, P.Ready(0))  # the throttle was handled before this answer
-        conn = conn_of(app, me)
-        assert len(json.dumps(conn.capabilities.to_wire())) < 2000 and len(json.dumps(conn.throttle.to_wire())) < 2000
+        sock = socket_of(app, me)
+        assert len(json.dumps(sock.capabilities.to_wire())) < 2000 and len(json.dumps(sock.throttle.to_wire())) < 2000
         async with op.get(f"{api.url}/api/admin/volunteers") as resp:
             body = await resp.text()
     assert resp.status == 200 and len(body) < 20_000 and "junk" not in body and "more" not in body

@@ -31,7 +31,7 @@ def test_protocol_round_trip_every_message():
         P.Heartbeat(["a"]),
         P.Progress("a", 0.5),
         P.Update("a", '{"step":3}', 0.25, [{"mean": 0.5}]),
-        P.Results([P.Outcome("a", 1, result=[1, 2], output="hi", cpu=0.1)]),
+        P.Results([P.Outcome("a", 1, result=[1, 2], output="hi", elapsed=0.1)]),
         P.Ack(["a"], ["b"]),
         P.Throttle(P.ThrottleState(workers=1, battery=P.Battery(0.5, True), network=P.Network("4g"))),
         P.Cancel(["a"], 2),
@@ -97,7 +97,7 @@ def test_protocol_caps_output_and_rejects_unserialisable():
 
 def test_state_enums_have_terminal_sets():
     assert {P.JobState.DONE, P.JobState.FAILED, P.JobState.CANCELLED} == P.JOB_TERMINAL
-    assert P.TaskState.QUEUED not in P.TASK_TERMINAL
+    assert P.TaskState.OPEN not in P.TASK_TERMINAL
     assert P.JobState("done") == "done"
 
 

@@ -145,8 +145,8 @@ async def test_an_attempt_reported_three_times_counts_once(serve):
     await second.report([error(retry)])  # the same error from a second volunteer: corroborated
     final = await api.wait(job, timeout=10)
     assert final["state"] == "failed" and final["counts"]["failed"] == 1
-    async with app[K.storage].engine.connect() as conn:
-        assert (await conn.execute(sa.select(tasks.c.attempts))).scalar() == 2
+    async with app[K.storage].engine.connect() as sock:
+        assert (await sock.execute(sa.select(tasks.c.attempts))).scalar() == 2
     await saboteur.close()
     await second.close()
 
@@ -194,8 +194,8 @@ async def test_replication_3_outvotes_two_forgers(serve, volunteers):
     assert validation["validated"] == 300 and validation["pending_validation"] == 0
     forged = sum(len(s.lies) for s in liars)
     assert forged > 0 and validation["disagreements"] > 0
-    async with app[K.storage].engine.connect() as conn:
-        bad = {r.volunteer: r for r in (await conn.execute(sa.select(reputation))).all()}
+    async with app[K.storage].engine.connect() as sock:
+        bad = {r.volunteer: r for r in (await sock.execute(sa.select(reputation))).all()}
     assert all(bad[s.volunteer].invalid > 0 and bad[s.volunteer].consecutive == 0 for s in liars)
 
 
@@ -231,8 +231,8 @@ async def test_reputation_survives_a_reconnect_and_a_new_id_starts_untrusted(ser
     assert (await api.wait(warmup, timeout=60))["state"] == "done"
     stop.set()
     await asyncio.gather(*runs)
-    async with app[K.storage].engine.connect() as conn:
-        known = {r.volunteer: r.consecutive for r in (await conn.execute(sa.select(reputation))).all()}
+    async with app[K.storage].engine.connect() as sock:
+        known = {r.volunteer: r.consecutive for r in (await sock.execute(sa.select(reputation))).all()}
     trusted_sim = next(s for s in sims if known.get(s.volunteer, 0) >= 3)
     trusted = trusted_sim.volunteer
     shown = await app[K.storage].reputation_of(trusted, 3)  # as /api/admin/volunteers shows it
@@ -308,18 +308,18 @@ async def test_after_a_redis_flush_a_replica_still_never_goes_back_to_its_report
 
 def test_replicas_avoid_the_network_of_a_reporter_when_others_are_connected(tmp_path):
     from server.config import Config
-    from server.jobs.dispatch import Conn, Dispatcher, network_of
+    from server.jobs.dispatch import Dispatcher, VolunteerSocket, network_of
 
     assert network_of("192.0.2.77") == "net:192.0.2.0/24"
     assert network_of("::ffff:192.0.2.5") == "net:192.0.2.0/24"
     assert network_of("2001:db8:1:2:3:4:5:6") == "net:2001:db8:1:2::/64"
     assert network_of("127.0.0.1") == network_of("::1") == network_of("") == ""  # loopback: by id alone
     dispatcher = Dispatcher(Config(data_dir=tmp_path), None, None, None)  # type: ignore[arg-type]
-    home, neighbour = Conn("a", None, address="192.0.2.1"), Conn("b", None, address="192.0.2.9")
-    elsewhere = Conn("c", None, address="10.1.1.1")
-    dispatcher.conns = {home, neighbour}
+    home, neighbour = VolunteerSocket("a", None, address="192.0.2.1"), VolunteerSocket("b", None, address="192.0.2.9")
+    elsewhere = VolunteerSocket("c", None, address="10.1.1.1")
+    dispatcher.sockets = {home, neighbour}
     assert dispatcher._network_rule(home) == ""  # one network only: distinct volunteers will do
-    dispatcher.conns.add(elsewhere)
+    dispatcher.sockets.add(elsewhere)
     assert dispatcher._network_rule(neighbour) == "net:192.0.2.0/24"
 
 

@@ -26,7 +26,7 @@ async def test_updates_reach_the_listener_of_their_open_request_only() -> None:
     assert not calls.settle({"id": request_id, "type": "update", "result": None})  # not text
     assert not calls.settle({"id": 999, "type": "update", "result": "u3"})  # no such request
     assert got == ["u1"] and calls.dropped == 3
-    assert calls.settle({"id": request_id, "result": json.dumps({"result": 1, "output": "", "cpu": 0})})
+    assert calls.settle({"id": request_id, "result": json.dumps({"result": 1, "output": "", "elapsed": 0})})
     assert (await future)["result"] == 1
     assert not calls.settle({"id": request_id, "type": "update", "result": "late"})  # answered: closed
     assert got == ["u1"]

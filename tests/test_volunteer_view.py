@@ -112,7 +112,7 @@ def test_the_page_names_the_job_and_credits_the_volunteer() -> None:
     between = snapshot(workers=[{**busy(1), "job": None}], jobs=jobs)  # a slot given a task, its job not yet set
     assert helping(between) == ""
     assert credit_text(snap)["validated"] == "—"
-    credit = {"known": True, "validated": 1, "validated_session": 1, "validated_cpu": 2.5, "nickname": "Ada"}
+    credit = {"known": True, "validated": 1, "validated_session": 1, "validated_seconds": 2.5, "nickname": "Ada"}
     texts = credit_text(snapshot(credit=credit))
     assert texts["validated_sub"] == "1 result all time · 2.5 s CPU"
     assert texts["nickname"] == "Listed on the leaderboard as Ada."

@@ -7,7 +7,7 @@ import json
 
 from webapp.calls import Calls
 
-OUTCOME = {"result": [1, 2], "output": "hi\n", "error": None, "cpu": 0.25}
+OUTCOME = {"result": [1, 2], "output": "hi\n", "error": None, "elapsed": 0.25}
 
 
 async def test_an_answer_settles_its_own_request_only() -> None:
@@ -41,9 +41,9 @@ async def test_messages_that_answer_nothing_asked_are_dropped_and_counted() -> N
 async def test_an_answer_carries_only_what_an_outcome_holds() -> None:
     calls = Calls()
     request, future = calls.open()
-    claims = {"result": 1, "output": 5, "error": ["x"], "cpu": "fast", "stopped": True, "timeout": True}
+    claims = {"result": 1, "output": 5, "error": ["x"], "elapsed": "fast", "stopped": True, "timeout": True}
     calls.settle({"id": request, "result": json.dumps(claims)})
-    assert future.result() == {"result": 1, "output": "", "error": None, "cpu": 0.0}  # the page decides the rest
+    assert future.result() == {"result": 1, "output": "", "error": None, "elapsed": 0.0}  # the page decides the rest
 
 
 async def test_a_garbled_or_failed_answer_is_a_crash() -> None:

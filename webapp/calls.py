@@ -98,10 +98,10 @@ def _outcome(fields: dict[str, Any]) -> dict:
     if not isinstance(outcome, dict):
         return {"error": "worker error: the answer is not an outcome", "crashed": True}
     # Only what a task's outcome holds: ``timeout``, ``stopped`` and ``crashed`` are the page's to say.
-    error, output, cpu = outcome.get("error"), outcome.get("output"), outcome.get("cpu")
+    error, output, elapsed = outcome.get("error"), outcome.get("output"), outcome.get("elapsed")
     return {
         "result": outcome.get("result"),
         "output": output if isinstance(output, str) else "",
         "error": error if isinstance(error, str) else None,
-        "cpu": float(cpu) if type(cpu) in (int, float) else 0.0,
+        "elapsed": float(elapsed) if type(elapsed) in (int, float) else 0.0,
     }

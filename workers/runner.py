@@ -205,7 +205,7 @@ class Runner:
 
     def run(self, code_hash: str, value: Any, job: int | None = None, context: TaskContext | None = None) -> dict:
         """Run ``main(value)`` of a loaded job (as a task of ``job``, when given); returns
-        ``{result, output, error, cpu}``.
+        ``{result, output, error, elapsed}``.
 
         ``context`` backs the task's ``import uvm``; the module is this task's alone and is taken
         away when the task ends.
@@ -239,20 +239,22 @@ class Runner:
             return _outcome(
                 output=out.getvalue(),
                 error=_job_traceback(exc),
-                cpu=time.perf_counter() - start,
+                elapsed=time.perf_counter() - start,
             )
         finally:
             sys.stdout, sys.stderr = saved
             sys.modules.pop("uvm", None)
         context.finish()
-        cpu = time.perf_counter() - start
+        elapsed = time.perf_counter() - start
         try:
             encoded = json.dumps(result, allow_nan=False, separators=(",", ":"))
         except (TypeError, ValueError, RecursionError) as exc:
-            return _outcome(output=out.getvalue(), error=not_json_error(exc), cpu=cpu)
+            return _outcome(output=out.getvalue(), error=not_json_error(exc), elapsed=elapsed)
         if len(encoded) > MAX_RESULT_BYTES:
-            return _outcome(output=out.getvalue(), error=too_large_error(len(encoded), MAX_RESULT_BYTES), cpu=cpu)
-        return _outcome(result=json.loads(encoded), output=out.getvalue(), cpu=cpu)
+            return _outcome(
+                output=out.getvalue(), error=too_large_error(len(encoded), MAX_RESULT_BYTES), elapsed=elapsed
+            )
+        return _outcome(result=json.loads(encoded), output=out.getvalue(), elapsed=elapsed)
 
 
 class Stopped(BaseException):  # noqa: N818 - not an error: the carrier of the task went away
@@ -269,8 +271,8 @@ def too_large_error(size: int, limit: int) -> str:
     return f"ValueError: the result of main() is {size} bytes of JSON; the limit is {limit}"
 
 
-def _outcome(result: Any = None, output: str = "", error: str | None = None, cpu: float = 0.0) -> dict:
-    return {"result": result, "output": output, "error": error, "cpu": round(cpu, 6)}
+def _outcome(result: Any = None, output: str = "", error: str | None = None, elapsed: float = 0.0) -> dict:
+    return {"result": result, "output": output, "error": error, "elapsed": round(elapsed, 6)}
 
 
 def _job_traceback(exc: BaseException) -> str:

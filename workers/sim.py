@@ -149,7 +149,7 @@ class SimVolunteer:
 
     def _run_locked(self, spec: P.TaskSpec, context: TaskContext) -> P.Outcome:
         with _RUNNER_LOCK:
-            ran = self.runner.run(spec.code_hash, spec.input, spec.job, context)  # {result, output, error, cpu}
+            ran = self.runner.run(spec.code_hash, spec.input, spec.job, context)  # {result, output, error, elapsed}
         return P.Outcome(spec.attempt, spec.task, **ran)
 
     async def _run_task(self, ws: aiohttp.ClientWebSocketResponse, spec: P.TaskSpec) -> P.Outcome | None:

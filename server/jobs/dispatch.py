@@ -67,7 +67,7 @@ class Misbehaving(Exception):
 
 
 @dataclasses.dataclass(eq=False)
-class Conn:
+class VolunteerSocket:
     """One connected volunteer socket on this instance and the attempts it holds.
 
     ``volunteer`` is the verified public id (``server.jobs.identity``), ``address`` the client's
@@ -134,8 +134,8 @@ class Dispatcher:
         self.storage = storage
         self.queue = queue
         self.bus = bus
-        self.conns: set[Conn] = set()
-        self._by_volunteer: dict[str, set[Conn]] = {}
+        self.sockets: set[VolunteerSocket] = set()
+        self._by_volunteer: dict[str, set[VolunteerSocket]] = {}
         self._leaving: set[asyncio.Task] = set()  # abandon() of closed sockets, awaited at shutdown
         # volunteer -> (expiries owed, when): see lease_room
         self.strikes: collections.OrderedDict[str, tuple[float, float]] = collections.OrderedDict()
@@ -232,8 +232,8 @@ class Dispatcher:
         if not expired:
             return
         attempts = [lease.attempt for lease in expired]
-        for conn in self.conns:
-            conn.lose(attempts)
+        for sock in self.sockets:
+            sock.lose(attempts)
         for lease in expired:
             self._strike(lease.volunteer)
             fields = {"job": lease.job, "task": lease.task, "attempt": lease.attempt, "volunteer": lease.volunteer}
@@ -344,10 +344,10 @@ class Dispatcher:
             raise InvalidJob(f"at most {self.config.max_tasks_per_job} tasks per job", field="inputs")
 
     # ----------------------------------------------------------------- connections, caps
-    def connect(self, conn: Conn) -> None:
+    def connect(self, sock: VolunteerSocket) -> None:
         """A volunteer said hello on this instance."""
-        self.conns.add(conn)
-        self._by_volunteer.setdefault(conn.volunteer, set()).add(conn)
+        self.sockets.add(sock)
+        self._by_volunteer.setdefault(sock.volunteer, set()).add(sock)
 
     def _strikes(self, volunteer: str, now: float | None = None) -> float:
         """Expiries this volunteer owes, halving every STRIKE_HALF_LIFE seconds."""
@@ -365,30 +365,30 @@ class Dispatcher:
         while len(self.strikes) > STRIKES_KEPT:
             self.strikes.popitem(last=False)
 
-    def lease_room(self, conn: Conn) -> int:
+    def lease_room(self, sock: VolunteerSocket) -> int:
         """How many more tasks this connection may lease now.
 
         Its declared cap, divided by one plus the expiries it owes (a volunteer whose leases keep
         expiring gets fewer; none once it owes as many as its cap, until it is forgiven with
         time), less what it holds; and its volunteer id's connections together never above HARD_CAP.
         """
-        cap = int(conn.declared_cap() // (1.0 + self._strikes(conn.volunteer)))
-        by_id = sum(len(c.held) for c in self._by_volunteer.get(conn.volunteer, ()))
-        return max(0, min(cap - len(conn.held), HARD_CAP - by_id))
+        cap = int(sock.declared_cap() // (1.0 + self._strikes(sock.volunteer)))
+        by_id = sum(len(c.held) for c in self._by_volunteer.get(sock.volunteer, ()))
+        return max(0, min(cap - len(sock.held), HARD_CAP - by_id))
 
     # -------------------------------------------------------------------------- leasing
-    async def lease(self, conn: Conn, n: int) -> list[TaskSpec]:
+    async def lease(self, sock: VolunteerSocket, n: int) -> list[TaskSpec]:
         if self.db_health.down_since is not None:
             return []  # results could not be committed; an empty answer means "ask again later"
-        n = min(n, self.lease_room(conn))
+        n = min(n, self.lease_room(sock))
         if n <= 0:
             return []
         attempts = [secrets.token_hex(8) for _ in range(n)]
-        leases = await self.queue.lease(conn.volunteer, attempts, time.time(), self._network_rule(conn))
+        leases = await self.queue.lease(sock.volunteer, attempts, time.time(), self._network_rule(sock))
         if not leases:
             return []
         for lease in leases:
-            conn.held[lease.attempt] = lease.job
+            sock.held[lease.attempt] = lease.job
         self.metrics.handed_out.inc(len(leases))
         try:
             infos = {job: await self.storage.job_info(job) for job in {le.job for le in leases}}
@@ -401,10 +401,10 @@ class Dispatcher:
                 raise
             self.db_health.failed(exc)  # an outage begins: give the tasks back, hand out nothing
             for lease in leases:
-                conn.held.pop(lease.attempt, None)
+                sock.held.pop(lease.attempt, None)
             await self.queue.requeue([le.attempt for le in leases])
             return []
-        owners = {le.task: self._owner(infos[le.job], conn) for le in leases if infos[le.job] is not None}
+        owners = {le.task: self._owner(infos[le.job], sock) for le in leases if infos[le.job] is not None}
         restores = await live.restore(self.storage, owners)
         specs = []
         for lease in leases:
@@ -429,88 +429,88 @@ class Dispatcher:
         return specs
 
     @staticmethod
-    def _owner(info: Any, conn: Conn) -> str:
+    def _owner(info: Any, sock: VolunteerSocket) -> str:
         """The checkpoint lineage this connection's attempt of the job writes and resumes (store/live.py)."""
-        return live.owner_of(info.verification.replication != 1, conn.volunteer)
+        return live.owner_of(info.verification.replication != 1, sock.volunteer)
 
-    async def update(self, conn: Conn, msg: Update) -> int:
+    async def update(self, sock: VolunteerSocket, msg: Update) -> int:
         """A running attempt's checkpoint, progress and partials: stored, and its lease extended.
 
         Only for an attempt this socket holds, and at most one with a state or progress per attempt
         every half ``checkpoint_every`` (the volunteer sends the latest once every ``checkpoint_every``;
         partials alone may follow at once: a task's end sends those left). Partials are capped per task.
         Returns the partial results kept."""
-        job = conn.held.get(msg.attempt)
+        job = sock.held.get(msg.attempt)
         if job is None:
             raise ProtocolError(f"update: you hold no attempt {msg.attempt[:32]}")
         if msg.state is not None or msg.progress is not None:  # partials alone: the end of a task
             now = time.monotonic()
-            last = conn.updated.get(msg.attempt)
+            last = sock.updated.get(msg.attempt)
             if last is not None and now - last < self.config.checkpoint_every / 2:
                 raise ProtocolError(
                     f"update: at most one every {self.config.checkpoint_every:g} s per task; send the latest then"
                 )
-            conn.updated[msg.attempt] = now
-        if len(conn.updated) > 2 * HARD_CAP:  # forget attempts that ended
-            conn.updated = {a: t for a, t in conn.updated.items() if a in conn.held}
+            sock.updated[msg.attempt] = now
+        if len(sock.updated) > 2 * HARD_CAP:  # forget attempts that ended
+            sock.updated = {a: t for a, t in sock.updated.items() if a in sock.held}
         lease = (await self.queue.live([msg.attempt])).get(msg.attempt)
         info = await self.storage.job_info(job)
         if lease is None or info is None:
             return 0  # the lease ended meanwhile (expired, cancelled): nothing to keep
         await self.queue.extend([msg.attempt], time.time())
-        owner = self._owner(info, conn)
+        owner = self._owner(info, sock)
         kept = await live.save(self.storage, lease.task, job, owner, msg.attempt, msg.state, msg.progress, msg.partials)
         event = {"type": "job", "job": job, "researcher": info.researcher_id}
         await self.bus.publish({**event, "partials": [lease.index]} if kept else event)
         return kept
 
-    def _network_rule(self, conn: Conn) -> str:
+    def _network_rule(self, sock: VolunteerSocket) -> str:
         """The network tag replicas must avoid for this volunteer, when volunteers of other networks
         are connected (replicas go to distinct networks when they can); "" when they cannot."""
-        tag = network_of(conn.address)
-        if not tag or not any(network_of(c.address) not in ("", tag) for c in self.conns):
+        tag = network_of(sock.address)
+        if not tag or not any(network_of(c.address) not in ("", tag) for c in self.sockets):
             return ""
         return tag
 
-    async def resume(self, conn: Conn, attempts: list[str]) -> int:
+    async def resume(self, sock: VolunteerSocket, attempts: list[str]) -> int:
         """A volunteer reconnected still holding these attempts (a refresh, a dropped network):
         give them back to it if nobody else has taken the tasks meanwhile, so no work is repeated."""
         attempts = [a for a in attempts[:P_MAX_RESUME] if isinstance(a, str) and len(a) <= 32]
         now = time.time()
         for attempt, lease in (await self.queue.live(attempts)).items():
-            if lease.volunteer == conn.volunteer:  # the old socket's close was not handled yet
-                conn.held[attempt] = lease.job
-        for attempt, item in await self.storage.resumable(conn.volunteer, [a for a in attempts if a not in conn.held]):
-            claimed = await self.queue.claim(conn.volunteer, attempt, item, now)
+            if lease.volunteer == sock.volunteer:  # the old socket's close was not handled yet
+                sock.held[attempt] = lease.job
+        for attempt, item in await self.storage.resumable(sock.volunteer, [a for a in attempts if a not in sock.held]):
+            claimed = await self.queue.claim(sock.volunteer, attempt, item, now)
             if claimed is not None:
-                conn.held[attempt] = claimed.job
-        await self.queue.extend(list(conn.held), now)
-        return len(conn.held)
+                sock.held[attempt] = claimed.job
+        await self.queue.extend(list(sock.held), now)
+        return len(sock.held)
 
-    async def heartbeat(self, conn: Conn, attempts: list[str], running: list[str] | None = None) -> int:
-        mine = [a for a in attempts if a in conn.held]
+    async def heartbeat(self, sock: VolunteerSocket, attempts: list[str], running: list[str] | None = None) -> int:
+        mine = [a for a in attempts if a in sock.held]
         extended = await self.queue.extend(mine, time.time())
-        await self.report_computing(conn, running)
+        await self.report_computing(sock, running)
         return extended
 
-    async def report_computing(self, conn: Conn, running: list[str] | None = None) -> None:
+    async def report_computing(self, sock: VolunteerSocket, running: list[str] | None = None) -> None:
         """Publish what this connection computes now (``running`` from its ready or heartbeat, when
         it says), so that every instance's job status counts volunteers and running tasks, not leases.
         Written when it changed, and again each heartbeat period so the report does not expire."""
         if running is not None:
-            conn.running = {a for a in running if a in conn.held}
+            sock.running = {a for a in running if a in sock.held}
         now = time.time()
-        per_job = conn.computing()
-        if per_job == conn.reported and now - conn.reported_at < self.config.heartbeat:
+        per_job = sock.computing()
+        if per_job == sock.reported and now - sock.reported_at < self.config.heartbeat:
             return
-        gone = [job for job in conn.reported if job not in per_job]
-        await self.queue.computing(conn.key, conn.volunteer, per_job, gone, COMPUTING_TTL_BEATS * self.config.heartbeat)
-        conn.reported, conn.reported_at = per_job, now
+        gone = [job for job in sock.reported if job not in per_job]
+        await self.queue.computing(sock.key, sock.volunteer, per_job, gone, COMPUTING_TTL_BEATS * self.config.heartbeat)
+        sock.reported, sock.reported_at = per_job, now
 
-    def leave(self, conn: Conn) -> asyncio.Task:
+    def leave(self, sock: VolunteerSocket) -> asyncio.Task:
         """A socket closed: abandon its leases in a task that outlives the socket's handler (even
         one cancelled at shutdown) and that ``drain`` awaits before the queue and database close."""
-        task = asyncio.ensure_future(self.abandon(conn))
+        task = asyncio.ensure_future(self.abandon(sock))
         self._leaving.add(task)
         task.add_done_callback(self._leaving.discard)
         return task
@@ -520,23 +520,23 @@ class Dispatcher:
         if self._leaving:
             await asyncio.wait(set(self._leaving), timeout=5.0)
 
-    async def abandon(self, conn: Conn) -> None:
+    async def abandon(self, sock: VolunteerSocket) -> None:
         """The socket closed: its leases go back to the ready queue at once."""
-        self.conns.discard(conn)
-        same = self._by_volunteer.get(conn.volunteer)
+        self.sockets.discard(sock)
+        same = self._by_volunteer.get(sock.volunteer)
         if same is not None:
-            same.discard(conn)
+            same.discard(sock)
             if not same:
-                del self._by_volunteer[conn.volunteer]
-        held, conn.held = list(conn.held), {}
-        await self.queue.computing(conn.key, conn.volunteer, {}, list(conn.reported), 0)
+                del self._by_volunteer[sock.volunteer]
+        held, sock.held = list(sock.held), {}
+        await self.queue.computing(sock.key, sock.volunteer, {}, list(sock.reported), 0)
         leases = await self.queue.requeue(held)
         if leases:
             logger.info(
                 "volunteer %s left holding %d attempts: back in the queue",
-                conn.volunteer,
+                sock.volunteer,
                 len(leases),
-                extra={"volunteer": conn.volunteer, "attempts": [le.attempt for le in leases]},
+                extra={"volunteer": sock.volunteer, "attempts": [le.attempt for le in leases]},
             )
             self.metrics.attempts.labels("abandoned").inc(len(leases))
             try:
@@ -547,7 +547,7 @@ class Dispatcher:
                 self.db_health.failed(exc)
 
     # -------------------------------------------------------------------------- outcomes
-    async def report(self, conn: Conn, outcomes: list[Outcome]) -> Recorded:
+    async def report(self, sock: VolunteerSocket, outcomes: list[Outcome]) -> Recorded:
         """Queue outcomes for the batch writer; returns once they are committed.
 
         Raises ``DatabaseAway`` at once during a database outage (the volunteer holds them and
@@ -558,30 +558,30 @@ class Dispatcher:
         never_held = set()
         for outcome in outcomes:
             validate_received_result(outcome, self.config.max_result_bytes)
-            job = conn.job_of(outcome.attempt)
+            job = sock.job_of(outcome.attempt)
             if job is None:
                 never_held.add(outcome.attempt)
-            await self._clamp_cpu(outcome, job)
+            await self._clamp_elapsed(outcome, job)
         future = asyncio.get_running_loop().create_future()
-        await self._outcomes.put((conn, outcomes, future))
+        await self._outcomes.put((sock, outcomes, future))
         rec = await future
         for attempt in rec.acked + rec.ignored:
-            conn.held.pop(attempt, None)
-        await self.report_computing(conn)
-        if rec.acked and conn.volunteer in self.strikes:
-            self._strike(conn.volunteer, -len(rec.acked))
-        conn.strays = max(0, conn.strays + len(never_held.intersection(rec.ignored)) - len(rec.acked))
-        if conn.strays > STRAY_LIMIT:
+            sock.held.pop(attempt, None)
+        await self.report_computing(sock)
+        if rec.acked and sock.volunteer in self.strikes:
+            self._strike(sock.volunteer, -len(rec.acked))
+        sock.strays = max(0, sock.strays + len(never_held.intersection(rec.ignored)) - len(rec.acked))
+        if sock.strays > STRAY_LIMIT:
             raise Misbehaving("too many results for attempts this connection does not hold")
         return rec
 
-    async def _clamp_cpu(self, outcome: Outcome, job: int | None) -> None:
+    async def _clamp_elapsed(self, outcome: Outcome, job: int | None) -> None:
         """The reported CPU time is a claim: within [0, the job's timeout], and 0 for an attempt
         this connection never held (it earns no credit)."""
         info = None if job is None else await self.storage.job_info(job)
         top = 0.0 if info is None else float(info.timeout)
-        cpu = outcome.cpu if outcome.cpu == outcome.cpu else 0.0  # NaN
-        outcome.cpu = min(max(0.0, float(cpu)), top)
+        elapsed = outcome.elapsed if outcome.elapsed == outcome.elapsed else 0.0  # NaN
+        outcome.elapsed = min(max(0.0, float(elapsed)), top)
 
     async def _run_outcomes(self) -> None:
         """Commit outcomes in batches of up to ``intake_batch``, one transaction per batch."""
@@ -596,9 +596,9 @@ class Dispatcher:
                     _settle(future, exc=ConnectionError("the server stopped before committing these results"))
             self.loops["outcomes"].ok()
 
-    async def _record_batch(self, batch: list[tuple[Conn, list[Outcome], asyncio.Future]]) -> None:
-        items = [(conn.volunteer, o) for conn, outcomes, _ in batch for o in outcomes]
-        networks = {conn.volunteer: network_of(conn.address) for conn, _, _ in batch}
+    async def _record_batch(self, batch: list[tuple[VolunteerSocket, list[Outcome], asyncio.Future]]) -> None:
+        items = [(sock.volunteer, o) for sock, outcomes, _ in batch for o in outcomes]
+        networks = {sock.volunteer: network_of(sock.address) for sock, _, _ in batch}
         try:
             live = await self.queue.live([o.attempt for _, o in items])
             started = time.perf_counter()
@@ -677,14 +677,14 @@ class Dispatcher:
 
     async def _cancel_local(self, job_id: int) -> None:
         """Tell this instance's volunteers to stop the job's attempts, and end those leases."""
-        for conn in list(self.conns):
-            attempts = [a for a, j in conn.held.items() if j == job_id]
+        for sock in list(self.sockets):
+            attempts = [a for a, j in sock.held.items() if j == job_id]
             if not attempts:
                 continue
-            conn.lose(attempts)
+            sock.lose(attempts)
             await self.queue.release(attempts)
             with contextlib.suppress(ConnectionError, RuntimeError):
-                await conn.send(Cancel(attempts=attempts, job=job_id))
+                await sock.send(Cancel(attempts=attempts, job=job_id))
 
     async def retry_failed(self, researcher_id: int, job_id: int) -> int:
         n = await self.storage.retry_failed(researcher_id, job_id)
@@ -767,4 +767,4 @@ def _settle(future: asyncio.Future, result: Any = None, exc: BaseException | Non
         future.set_result(result)
 
 
-__all__ = ["Conn", "Dispatcher", "Lease", "Misbehaving"]
+__all__ = ["VolunteerSocket", "Dispatcher", "Lease", "Misbehaving"]

@@ -3,7 +3,7 @@
 An id is ``v<20 hex>-<32 hex>``: a random public part and an HMAC-SHA256 of it (first 128 bits)
 under a key derived from the data key (``UVM_KEY`` or ``data/secret.key``), so it survives
 restarts and every instance on one database (which must share the data key anyway) accepts the
-ids of the others. The public part is what the server stores and shows (``Conn.volunteer``,
+ids of the others. The public part is what the server stores and shows (``VolunteerSocket.volunteer``,
 the volunteers table, leases); the whole signed id is a credential kept by the browser alone.
 A missing, malformed or forged id gets a fresh one: a volunteer cannot choose its identity, so a
 track record (reputation, lease strikes) cannot be borrowed from another volunteer.

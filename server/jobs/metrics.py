@@ -93,10 +93,10 @@ class Metrics:
 
     async def refresh(self, dispatcher: Dispatcher) -> None:
         """Read the gauges: the queue and sockets always; the jobs table when the database answers."""
-        self.connected.set(len(dispatcher.conns))
+        self.connected.set(len(dispatcher.sockets))
         states = dict.fromkeys(THROTTLE_STATES, 0)
-        for conn in dispatcher.conns:
-            states[throttle_state(conn.throttle)] += 1
+        for sock in dispatcher.sockets:
+            states[throttle_state(sock.throttle)] += 1
         for state, n in states.items():
             self.throttle.labels(state).set(n)
         self.ready.set(await dispatcher.queue.ready_count())

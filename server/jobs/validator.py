@@ -39,7 +39,7 @@ class Replica:
     volunteer: str
     result: Any = None
     error: str | None = None  # the error key ("ValueError: bad x", "timeout"); None for a result
-    cpu: float = 0.0  # CPU seconds claimed (clamped to the job's timeout)
+    elapsed: float = 0.0  # seconds the run took, as claimed (clamped to the job's timeout)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -245,18 +245,18 @@ class Validator:
             return
         rec.jobs.add(task.job_id)
         replicas = batch.replicas.setdefault(task.id, [])
-        if task.state != TaskState.QUEUED.value or any(r.volunteer == volunteer for r in replicas):
+        if task.state != TaskState.OPEN.value or any(r.volunteer == volunteer for r in replicas):
             # finished meanwhile, or this volunteer already reported on the task: not counted again
             writes.attempt(o, task, volunteer, AttemptOutcome.LATE, None)
             rec.ignored.append(o.attempt)
-            if is_live and task.state == TaskState.QUEUED.value:  # still to do: by someone else
+            if is_live and task.state == TaskState.OPEN.value:  # still to do: by someone else
                 rec.requeue.append(o.attempt)
                 rec.exclude.append((task.id, volunteer))
             elif is_live:
                 rec.release.append(o.attempt)
             return
         before = len(groups(replicas, info.verification.tolerance))
-        replica = Replica(o.attempt, volunteer, o.result if o.error is None else None, _key(o), float(o.cpu))
+        replica = Replica(o.attempt, volunteer, o.result if o.error is None else None, _key(o), float(o.elapsed))
         replicas.append(replica)
         failures = task.attempts + (o.error is not None)
         task = task._replace(replicas=task.replicas + 1, attempts=failures)
@@ -315,7 +315,7 @@ class Validator:
                     decision.how,
                     len(replicas),
                     output=output,
-                    cpu=o.cpu,
+                    elapsed=o.elapsed,
                     failures=task.attempts,
                 )
             )
@@ -337,14 +337,14 @@ class Validator:
         """The verdict on each replica of a decided task; the quorum's members gain reputation, the
         minority lose it, and a trusted volunteer found invalid has its lone results re-checked.
 
-        Credit goes to validated results only: each member of the quorum is credited the least CPU
+        Credit goes to validated results only: each member of the quorum is credited the least run
         time any of them claimed (a claim is not a fact: inflating it gains nothing), a trusted
         volunteer's lone result its own claim (taken back if it is caught lying and re-checked)."""
         writes = batch.writes
         valid = {r.attempt for r in decision.valid}
         invalid = {r.attempt for r in decision.invalid}
         trusted_alone = decision.kind == ACCEPT and decision.how.startswith("trusted")
-        granted = min((r.cpu for r in decision.valid), default=0.0)
+        granted = min((r.elapsed for r in decision.valid), default=0.0)
         now = time.time()
         for r in replicas:
             if r.attempt in valid or r.attempt in invalid:
@@ -360,11 +360,11 @@ class Validator:
             else:
                 writes.verdicts[r.attempt] = "trusted" if trusted_alone else "single"
                 if trusted_alone:
-                    writes.credit[r.attempt] = r.cpu
+                    writes.credit[r.attempt] = r.elapsed
 
 
-def _replica(attempt: str, volunteer: str, reported: dict, cpu: float) -> Replica:
-    return Replica(attempt, volunteer, reported.get("result"), reported.get("error"), cpu)
+def _replica(attempt: str, volunteer: str, reported: dict, elapsed: float) -> Replica:
+    return Replica(attempt, volunteer, reported.get("result"), reported.get("error"), elapsed)
 
 
 def _reported(o: Outcome) -> dict:

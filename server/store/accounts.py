@@ -163,7 +163,7 @@ class Accounts:
             "capabilities": caps,
             "throttle": "{}",
             "tasks_done": 0,
-            "cpu_seconds": 0.0,
+            "task_seconds": 0.0,
         }
         stmt: Any  # an upsert: each dialect spells it its own way
         if self.engine.dialect.name in ("mysql", "mariadb"):
@@ -203,7 +203,7 @@ class Accounts:
         return {
             "id": row.id,
             "tasks_done": row.tasks_done,
-            "cpu_seconds": row.cpu_seconds,
+            "task_seconds": row.task_seconds,
             "throttle": json.loads(row.throttle),
             "first_seen": row.first_seen,
             "last_seen": row.last_seen,

@@ -72,7 +72,7 @@ class Credit:
                     )
                 )
             ).one()  # an aggregate: always one row
-        return {"nickname": nickname[0], "validated": int(row[0]), "validated_cpu_seconds": round(float(row[1]), 3)}
+        return {"nickname": nickname[0], "validated": int(row[0]), "validated_seconds": round(float(row[1]), 3)}
 
     async def set_nickname(self, volunteer: str, nickname: str | None) -> str | None:
         """Set (or with None clear) a volunteer's public nickname; ``Conflict`` if another has it."""
@@ -93,13 +93,13 @@ class Credit:
         now = time.monotonic()
         if self._board is not None and now - self._board[0] < LEADERBOARD_TTL:
             return self._board[1]
-        cpu = sa.func.coalesce(sa.func.sum(attempts.c.credit), 0.0).label("cpu")
+        credited = sa.func.coalesce(sa.func.sum(attempts.c.credit), 0.0).label("credited")
         query = (
-            sa.select(volunteers.c.nickname, cpu, sa.func.count().label("validated"))
+            sa.select(volunteers.c.nickname, credited, sa.func.count().label("validated"))
             .join(attempts, attempts.c.volunteer == volunteers.c.id)
             .where(volunteers.c.nickname.is_not(None), attempts.c.verdict.in_(VALIDATED))
             .group_by(volunteers.c.id, volunteers.c.nickname)
-            .order_by(cpu.desc(), volunteers.c.nickname)
+            .order_by(credited.desc(), volunteers.c.nickname)
             .limit(LEADERBOARD_SIZE)
         )
         async with self.engine.connect() as conn:
@@ -108,7 +108,7 @@ class Credit:
             {
                 "rank": rank,
                 "nickname": r.nickname,
-                "validated_cpu_seconds": round(float(r.cpu), 3),
+                "validated_seconds": round(float(r.credited), 3),
                 "validated": r.validated,
             }
             for rank, r in enumerate(rows, start=1)

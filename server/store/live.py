@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.mysql import insert as mysql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-from server.protocol import MAX_PARTIALS_PER_TASK
+from server.protocol import MAX_PARTIALS_PER_TASK, TaskState
 from server.store.tables import checkpoints, partials, tasks
 
 if TYPE_CHECKING:
@@ -105,7 +105,7 @@ async def progress(storage: Storage, job: int) -> list[dict]:
     query = (
         sa.select(tasks.c.idx, sa.func.max(checkpoints.c.progress), sa.func.max(checkpoints.c.updated_at))
         .select_from(checkpoints.join(tasks, tasks.c.id == checkpoints.c.task_id))
-        .where(checkpoints.c.job_id == job, tasks.c.state == "queued", checkpoints.c.progress.is_not(None))
+        .where(checkpoints.c.job_id == job, tasks.c.state == TaskState.OPEN.value, checkpoints.c.progress.is_not(None))
         .group_by(tasks.c.idx)
         .order_by(tasks.c.idx)
         .limit(1000)

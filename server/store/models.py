@@ -99,7 +99,7 @@ class TaskDecision:
     replicas: int
     error: str | None = None
     output: str | None = None  # None: keep the task's output as it is
-    cpu: float = 0.0
+    elapsed: float = 0.0
     failures: int = 0  # errors and timeouts so far (tasks.attempts)
 
 
@@ -115,7 +115,7 @@ class OutcomeWrites:
     counts: dict[int, dict[str, int]] = dataclasses.field(default_factory=dict)  # job -> column -> delta
     # volunteer -> (consecutive, validated, invalid, last_invalid_at): the new values
     reputation: dict[str, tuple] = dataclasses.field(default_factory=dict)
-    stats: dict[str, list[float]] = dataclasses.field(default_factory=dict)  # volunteer -> [results, cpu]
+    stats: dict[str, list[float]] = dataclasses.field(default_factory=dict)  # volunteer -> [results, elapsed seconds]
     reopen: list[str] = dataclasses.field(default_factory=list)  # volunteers whose trusted results go back
 
     def attempt(self, o: Outcome, task: Any, volunteer: str, outcome: AttemptOutcome, reported: Any) -> None:
@@ -125,7 +125,7 @@ class OutcomeWrites:
         if outcome is not AttemptOutcome.LATE:
             stats = self.stats.setdefault(volunteer, [0, 0.0])
             stats[0] += outcome is AttemptOutcome.DONE
-            stats[1] += max(0.0, float(o.cpu))
+            stats[1] += max(0.0, float(o.elapsed))
 
     def count(self, job: int, column: str, delta: int = 1) -> None:
         per_job = self.counts.setdefault(job, {})

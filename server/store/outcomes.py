@@ -83,18 +83,20 @@ class Outcomes:
 
     async def pending_reports(self, conn: AsyncConnection, task_ids: list[int]) -> dict[int, list[tuple]]:
         """Reports awaiting a decision, per task, oldest first: (attempt, volunteer, {"result"|"error": v},
-        CPU seconds claimed)."""
+        seconds the run took as claimed)."""
         out: dict[int, list[tuple]] = {}
         if not task_ids:
             return out
         rows = await conn.execute(
-            sa.select(attempts.c.id, attempts.c.task_id, attempts.c.volunteer, attempts.c.reported_ct, attempts.c.cpu)
+            sa.select(
+                attempts.c.id, attempts.c.task_id, attempts.c.volunteer, attempts.c.reported_ct, attempts.c.elapsed
+            )
             .where(attempts.c.task_id.in_(task_ids), attempts.c.verdict == "pending")
             .order_by(attempts.c.finished_at, attempts.c.id)
         )
         for r in rows.all():
             reported = self.box.open_json(r.reported_ct, f"attempt:{r.id}:reported")
-            out.setdefault(r.task_id, []).append((r.id, r.volunteer, reported, r.cpu or 0.0))
+            out.setdefault(r.task_id, []).append((r.id, r.volunteer, reported, r.elapsed or 0.0))
         return out
 
     async def reporters(self, task_ids: list[int]) -> list[tuple[int, str]]:
@@ -121,10 +123,10 @@ class Outcomes:
 
     async def _write_job_counts(self, conn: AsyncConnection, writes: OutcomeWrites, now: float) -> None:
         """Add the batch's deltas to its jobs' counters, and set a job's ``started_at`` the first time."""
-        starts: dict[int, float] = {}  # per job: when this batch's earliest task started (finish less CPU)
+        starts: dict[int, float] = {}  # per job: when this batch's earliest task started (finish less run time)
         for a in writes.attempts:
             job_id = a["task"].job_id
-            starts[job_id] = min(starts.get(job_id, now), now - max(0.0, float(a["outcome"].cpu or 0.0)))
+            starts[job_id] = min(starts.get(job_id, now), now - max(0.0, float(a["outcome"].elapsed or 0.0)))
         for job_id, deltas in writes.counts.items():
             values = {c: jobs.c[c] + n for c, n in deltas.items() if n}
             if values and job_id in starts:  # throughput once finished counts from the first start
@@ -162,12 +164,12 @@ class Outcomes:
                     "capabilities": "{}",
                     "throttle": "{}",
                     "tasks_done": int(n),
-                    "cpu_seconds": c,
+                    "task_seconds": c,
                 }
                 for v, (n, c) in writes.stats.items()
             ]
             await conn.execute(
-                self._bulk_update(volunteers, ["id"], rows, replace=["last_seen"], add=["tasks_done", "cpu_seconds"])
+                self._bulk_update(volunteers, ["id"], rows, replace=["last_seen"], add=["tasks_done", "task_seconds"])
             )
 
     async def _write_attempts(self, conn: AsyncConnection, writes: OutcomeWrites, now: float) -> None:
@@ -182,7 +184,7 @@ class Outcomes:
                     "job_id": task.job_id,
                     "volunteer": a["volunteer"],
                     "outcome": a["kind"].value,
-                    "cpu": o.cpu,
+                    "elapsed": o.elapsed,
                     "finished_at": now,
                     "reported_ct": (
                         self.box.seal_json(reported, f"attempt:{o.attempt}:reported") if reported is not None else None
@@ -214,7 +216,7 @@ class Outcomes:
             "output_ct": self.box.seal_text(d.output, aad + ":output") if d.output else None,
             "error_ct": None,
             "volunteer": d.volunteer,
-            "cpu": d.cpu,
+            "elapsed": d.elapsed,
             "finished_at": now,
             "replicas": d.replicas,
             "accepted": d.how[:32],
@@ -233,7 +235,7 @@ class Outcomes:
         if d.output:
             values["output_ct"] = self.box.seal_text(d.output, aad + ":output")
         await conn.execute(
-            tasks.update().where(tasks.c.id == d.task.id, tasks.c.state == TaskState.QUEUED.value).values(**values)
+            tasks.update().where(tasks.c.id == d.task.id, tasks.c.state == TaskState.OPEN.value).values(**values)
         )
 
     async def _mark_progress(self, conn: AsyncConnection, task: TaskRow, o: Outcome) -> None:
@@ -247,7 +249,7 @@ class Outcomes:
                 output_ct=self.box.seal_text(o.output, aad + ":output") if o.output else None,
             )
         await conn.execute(
-            tasks.update().where(tasks.c.id == task.id, tasks.c.state == TaskState.QUEUED.value).values(**values)
+            tasks.update().where(tasks.c.id == task.id, tasks.c.state == TaskState.OPEN.value).values(**values)
         )
 
     async def _write_reputation(self, conn: AsyncConnection, changes: dict[str, tuple], now: float) -> None:
@@ -285,7 +287,7 @@ class Outcomes:
         await conn.execute(
             tasks.update()
             .where(tasks.c.id.in_(ids))
-            .values(state=TaskState.QUEUED.value, accepted=None, result_ct=None, finished_at=None)
+            .values(state=TaskState.OPEN.value, accepted=None, result_ct=None, finished_at=None)
         )
         await conn.execute(
             attempts.update()
@@ -309,7 +311,7 @@ class Outcomes:
         # was not locked: keep the guard in the statement (in-process, executemany is cheap).
         result = await conn.execute(
             tasks.update()
-            .where(tasks.c.id == sa.bindparam("tid"), tasks.c.state == TaskState.QUEUED.value)
+            .where(tasks.c.id == sa.bindparam("tid"), tasks.c.state == TaskState.OPEN.value)
             .values({c: sa.bindparam(f"v_{c}") for c in rows[0] if c not in ("id", "job_id", "idx", "attempts")}),
             [{"tid": r["id"], **{f"v_{c}": v for c, v in r.items()}} for r in rows],
         )
@@ -373,7 +375,7 @@ class Outcomes:
                 task = (
                     await conn.execute(sa.select(tasks.c.attempts, tasks.c.state).where(tasks.c.id == lease.task))
                 ).first()
-                if task is None or task.state != TaskState.QUEUED.value:
+                if task is None or task.state != TaskState.OPEN.value:
                     rec.drop.append(ReadyItem(lease.job, lease.task, lease.index, lease.timeout))
                     continue
                 info = await self.job_info(lease.job)
@@ -392,7 +394,7 @@ class Outcomes:
                     await conn.execute(jobs.update().where(jobs.c.id == lease.job).values(n_failed=jobs.c.n_failed + 1))
                 await conn.execute(
                     tasks.update()
-                    .where(tasks.c.id == lease.task, tasks.c.state == TaskState.QUEUED.value)
+                    .where(tasks.c.id == lease.task, tasks.c.state == TaskState.OPEN.value)
                     .values(**values)
                 )
             await pipelines.feed(self, conn, rec)

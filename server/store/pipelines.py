@@ -57,7 +57,7 @@ async def _create(
 ) -> None:
     row: dict[str, Any] = {"job_id": job.id, "idx": idx, "attempts": 0}
     if state == TaskState.DONE.value:
-        row["state"] = TaskState.QUEUED.value
+        row["state"] = TaskState.OPEN.value
         row["input_ct"] = storage.box.seal(
             json.dumps(result, separators=(",", ":")).encode(), f"job:{job.id}:input:{idx}"
         )

@@ -111,7 +111,7 @@ class Storage(Accounts, Outcomes, Credit):
         for chunk in _chunks(indices, INSERT_CHUNK):
             rows = []
             for index in chunk:
-                row = {"job_id": job_id, "idx": index, "state": TaskState.QUEUED.value, "attempts": 0}
+                row = {"job_id": job_id, "idx": index, "state": TaskState.OPEN.value, "attempts": 0}
                 row["replicas"] = 0
                 if spec.inputs_kind == "list":
                     try:
@@ -239,7 +239,7 @@ class Storage(Accounts, Outcomes, Credit):
                 return False
             await conn.execute(
                 tasks.update()
-                .where(tasks.c.job_id == job_id, tasks.c.state == TaskState.QUEUED.value)
+                .where(tasks.c.job_id == job_id, tasks.c.state == TaskState.OPEN.value)
                 .values(state=TaskState.CANCELLED.value, finished_at=_now())
             )
             await conn.execute(
@@ -283,7 +283,7 @@ class Storage(Accounts, Outcomes, Credit):
                         attempts.c.id.in_(attempt_ids),
                         attempts.c.volunteer == volunteer,
                         attempts.c.outcome == AttemptOutcome.ABANDONED.value,
-                        tasks.c.state == TaskState.QUEUED.value,
+                        tasks.c.state == TaskState.OPEN.value,
                     )
                 )
             ).all()
@@ -320,7 +320,7 @@ class Storage(Accounts, Outcomes, Credit):
                 tasks.update()
                 .where(tasks.c.job_id == job_id, tasks.c.state == TaskState.FAILED.value)
                 .values(
-                    state=TaskState.QUEUED.value,
+                    state=TaskState.OPEN.value,
                     attempts=0,
                     replicas=0,
                     accepted=None,
@@ -477,7 +477,7 @@ def queued_page_query(job_id: int, after: int, limit: int) -> sa.Select:
     (job_id, state) alone every page read and sorted all the queued tasks left (the 1M-task submit)."""
     return (
         sa.select(tasks.c.id, tasks.c.idx)
-        .where(tasks.c.job_id == job_id, tasks.c.state == TaskState.QUEUED.value, tasks.c.idx > after)
+        .where(tasks.c.job_id == job_id, tasks.c.state == TaskState.OPEN.value, tasks.c.idx > after)
         .order_by(tasks.c.idx)
         .limit(limit)
     )

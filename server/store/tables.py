@@ -89,7 +89,7 @@ tasks = sa.Table(
     sa.Column("output_ct", Blob),
     sa.Column("error_ct", Blob),
     sa.Column("volunteer", sa.String(64)),
-    sa.Column("cpu", sa.Double),
+    sa.Column("elapsed", sa.Double),
     sa.Column("finished_at", sa.Double),
     sa.Column("replicas", sa.Integer, nullable=False, default=0),  # results and errors received
     sa.Column("accepted", sa.String(32)),  # how the result was accepted: "2/3", "trusted 10%", "1/1"
@@ -106,7 +106,7 @@ attempts = sa.Table(
     sa.Column("job_id", Id, nullable=False),
     sa.Column("volunteer", sa.String(64), nullable=False),
     sa.Column("outcome", sa.String(16), nullable=False),
-    sa.Column("cpu", sa.Double),
+    sa.Column("elapsed", sa.Double),
     sa.Column("finished_at", sa.Double, nullable=False),
     sa.Column("reported_ct", Blob),  # what it reported, for the validator: {"result": v} or {"error": key}
     sa.Column("verdict", sa.String(8)),  # pending | valid | invalid | trusted | single (NULL: no report)
@@ -124,7 +124,7 @@ volunteers = sa.Table(
     sa.Column("capabilities", sa.Text, nullable=False, default="{}"),
     sa.Column("throttle", sa.Text, nullable=False, default="{}"),
     sa.Column("tasks_done", sa.Integer, nullable=False, default=0),
-    sa.Column("cpu_seconds", sa.Double, nullable=False, default=0.0),
+    sa.Column("task_seconds", sa.Double, nullable=False, default=0.0),
     sa.Column("nickname", sa.String(32)),  # opt-in, public on the leaderboard; NULL: not listed
     sa.Index("ix_volunteers_nickname", "nickname", unique=True),
 )

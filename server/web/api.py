@@ -257,7 +257,7 @@ async def health(request: web.Request) -> web.Response:
             "ok": up,
             "instance": request.app[K.config].instance,
             "database": database,
-            "volunteers": len(dispatcher.conns),
+            "volunteers": len(dispatcher.sockets),
             "ready": ready,
             "loops": {name: loop.as_dict() for name, loop in dispatcher.loops.items()},
         },

@@ -283,7 +283,7 @@ async def _volunteer_rows(engine, since: float) -> tuple[list[dict], float]:  # 
             "capabilities": Capabilities.from_wire(_loads(r.capabilities)).to_wire(),
             "throttle": ThrottleState.from_wire(_loads(r.throttle)).to_wire(),
             "tasks_done": r.tasks_done,
-            "cpu_seconds": round(r.cpu_seconds, 3),
+            "task_seconds": round(r.task_seconds, 3),
         }
         for r in rows
     ]
@@ -302,7 +302,7 @@ async def admin_volunteers(request: web.Request) -> web.Response:
             "held": len(c.held),
             "connected_at": c.connected_at,
         }
-        for c in sorted(dispatcher.conns, key=lambda c: c.connected_at)
+        for c in sorted(dispatcher.sockets, key=lambda c: c.connected_at)
     ]
     seen, throughput = await _volunteer_rows(request.app[K.storage].engine, time.time() - RECENT_VOLUNTEER_SECONDS)
     trust_after = request.app[K.config].trust_after

@@ -24,7 +24,7 @@ import weakref
 from aiohttp import WSMsgType, web
 
 from server import protocol as P
-from server.jobs.dispatch import Conn, Misbehaving
+from server.jobs.dispatch import Misbehaving, VolunteerSocket
 from server.jobs.outage import DatabaseAway, is_outage
 from server.logs import volunteer_context
 from server.store import live
@@ -108,7 +108,7 @@ async def _volunteer_session(
 ) -> None:
     """Read the volunteer's messages until it leaves, floods, or misbehaves."""
     dispatcher = request.app[K.dispatcher]
-    conn: Conn | None = None
+    sock: VolunteerSocket | None = None
 
     async def send(msg: object) -> None:
         if not ws.closed:
@@ -124,7 +124,7 @@ async def _volunteer_session(
                     await send(P.Error("send JSON text messages, not binary"))
                 continue
             try:
-                conn = await _message(request, raw.data, conn, address, send)
+                sock = await _message(request, raw.data, sock, address, send)
             except P.ProtocolError as exc:
                 await send(P.Error(str(exc), ref=_type_of(raw.data)))
             except Misbehaving as exc:
@@ -138,54 +138,56 @@ async def _volunteer_session(
                 dispatcher.db_health.failed(exc)
                 await send(P.Error("the server's database is unavailable; try again shortly"))
     finally:
-        if conn is not None:
-            await asyncio.shield(dispatcher.leave(conn))
+        if sock is not None:
+            await asyncio.shield(dispatcher.leave(sock))
 
 
-async def _message(request: web.Request, data: str, conn: Conn | None, address: str, send) -> Conn | None:  # noqa: ANN001
+async def _message(
+    request: web.Request, data: str, sock: VolunteerSocket | None, address: str, send
+) -> VolunteerSocket | None:  # noqa: ANN001
     """Decode and handle one message; returns the connection (made by ``hello``)."""
     msg = P.decode(data)
     if msg.TYPE not in P.FROM_VOLUNTEER:
         raise P.ProtocolError(f"'{msg.TYPE}' is not a message a volunteer sends")
     if isinstance(msg, P.Hello):
-        if conn is not None:
+        if sock is not None:
             raise P.ProtocolError("'hello' was already sent on this connection")
         return await _hello(request, msg, address, send)
-    if conn is None:
+    if sock is None:
         raise P.ProtocolError("send 'hello' first")
-    await _handle(msg, conn, request.app[K.dispatcher], request.app[K.storage], send)
-    return conn
+    await _handle(msg, sock, request.app[K.dispatcher], request.app[K.storage], send)
+    return sock
 
 
-async def _hello(request: web.Request, msg: P.Hello, address: str, send) -> Conn:  # noqa: ANN001
+async def _hello(request: web.Request, msg: P.Hello, address: str, send) -> VolunteerSocket:  # noqa: ANN001
     """Verify (or issue) the volunteer's id, register the connection, resume what it holds."""
     config, dispatcher, storage = request.app[K.config], request.app[K.dispatcher], request.app[K.storage]
     public, signed = request.app[K.volunteer_ids].verify_or_issue(msg.volunteer)
     caps: P.Capabilities = msg.capabilities
-    conn = Conn(public, send, capabilities=caps, address=address)
+    sock = VolunteerSocket(public, send, capabilities=caps, address=address)
     volunteer_context.set(public)  # this socket's task: its log lines name the volunteer
-    dispatcher.connect(conn)
+    dispatcher.connect(sock)
     try:
         await storage.volunteer_seen(public, {k: v for k, v in dataclasses.asdict(caps).items() if k != "resume"})
         if caps.resume:  # attempts this browser still holds
-            await dispatcher.resume(conn, caps.resume[: conn.declared_cap()])
+            await dispatcher.resume(sock, caps.resume[: sock.declared_cap()])
     except Exception as exc:
         if not is_outage(exc):
             raise
         dispatcher.db_health.failed(exc)  # welcome anyway: it will get work when the database is back
     await send(P.Welcome(signed, config.heartbeat, config.instance, config.checkpoint_every))
-    return conn
+    return sock
 
 
-async def _handle(msg: object, conn: Conn, dispatcher, storage, send) -> None:  # noqa: ANN001
+async def _handle(msg: object, sock: VolunteerSocket, dispatcher, storage, send) -> None:  # noqa: ANN001
     if isinstance(msg, P.Ready):
-        await dispatcher.report_computing(conn, msg.running)
-        specs = await dispatcher.lease(conn, msg.n)
-        await dispatcher.report_computing(conn)  # a protocol-1 volunteer's estimate counts these
+        await dispatcher.report_computing(sock, msg.running)
+        specs = await dispatcher.lease(sock, msg.n)
+        await dispatcher.report_computing(sock)  # a protocol-1 volunteer's estimate counts these
         await send(P.Tasks(specs))
     elif isinstance(msg, P.Results):
         try:
-            rec = await dispatcher.report(conn, msg.results)
+            rec = await dispatcher.report(sock, msg.results)
         except DatabaseAway as exc:  # nothing committed, nothing acknowledged: keep them, send later
             dispatcher.metrics.held.inc()
             await send(P.Hold([o.attempt for o in msg.results], exc.retry_after, exc.reason))
@@ -193,28 +195,28 @@ async def _handle(msg: object, conn: Conn, dispatcher, storage, send) -> None:  
         except Misbehaving:
             raise
         except Exception:  # nothing was committed, nothing acknowledged
-            logger.exception("results from %s not recorded", conn.volunteer, extra={"volunteer": conn.volunteer})
+            logger.exception("results from %s not recorded", sock.volunteer, extra={"volunteer": sock.volunteer})
             raise P.ProtocolError("the server could not commit these results now; send them again") from None
         await send(P.Ack(rec.acked, rec.ignored))
     elif isinstance(msg, P.Heartbeat):
-        await dispatcher.heartbeat(conn, msg.attempts, msg.running)
+        await dispatcher.heartbeat(sock, msg.attempts, msg.running)
     elif isinstance(msg, P.Progress):
-        await dispatcher.update(conn, P.Update(msg.attempt, progress=msg.fraction))
+        await dispatcher.update(sock, P.Update(msg.attempt, progress=msg.fraction))
     elif isinstance(msg, P.Update):
-        await dispatcher.update(conn, msg)
+        await dispatcher.update(sock, msg)
     elif isinstance(msg, P.NeedCode):
         info = await storage.job_info(msg.job)
         # Only for a job this socket holds (or just lost) an attempt of: a job's code is not for
         # anyone who knows (or guesses) its id and hash.
-        mine = msg.job in conn.held.values() or msg.job in conn.recent.values()
+        mine = msg.job in sock.held.values() or msg.job in sock.recent.values()
         if info is None or info.code_hash != msg.code_hash or not mine:
             raise P.ProtocolError(f"need_code: you hold no task of job {msg.job} with that code hash")
         source = await storage.job_code(msg.job)
         name, description = await storage.job_about(msg.job)
         await send(P.Code(msg.job, msg.code_hash, source, info.requirements, name, description))
     elif isinstance(msg, P.Throttle):
-        conn.throttle = msg.state
-        await storage.volunteer_throttle(conn.volunteer, msg.state.to_wire())
+        sock.throttle = msg.state
+        await storage.volunteer_throttle(sock.volunteer, msg.state.to_wire())
 
 
 def _type_of(data: str) -> str | None:

@@ -1,7 +1,7 @@
 """The volunteer's credit as the server counts it (``GET /api/volunteers/{signed id}``), and its
 opt-in public nickname (``PUT .../nickname``). The signed id is the credential: no account needed.
 
-Fetched now and then, not per task: what the page counts itself (tasks, CPU time this session) is
+Fetched now and then, not per task: what the page counts itself (tasks, time given this session) is
 drawn every second; validated results need other volunteers' replicas and come in later anyway.
 """
 
@@ -67,9 +67,9 @@ class Credit:
             "known": self.server is not None,
             "validated": validated,
             "validated_session": validated - int(start.get("validated", validated)),
-            "validated_cpu": float(server.get("validated_cpu_seconds", 0.0)),
+            "validated_seconds": float(server.get("validated_seconds", 0.0)),
             "tasks_all": int(server.get("tasks_done", 0)),
-            "cpu_all": float(server.get("cpu_seconds", 0.0)),
+            "elapsed_all": float(server.get("task_seconds", 0.0)),
             "nickname": server.get("nickname"),
             "note": self.note,
         }

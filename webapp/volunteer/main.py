@@ -45,6 +45,10 @@ def _load(key: str, default):
         return default
 
 
+def _number(value) -> float:
+    return float(value) if type(value) in (int, float) and value == value and value >= 0 else 0.0
+
+
 def _save(key: str, value) -> None:
     window.localStorage.setItem(key, json.dumps(value))
 
@@ -73,8 +77,13 @@ class App:
             paused=not saved.get("running", False),
         )
         self.volunteer = _volunteer_id()
-        self.totals = _load(TOTALS_KEY, {"tasks": 0, "cpu": 0.0})
-        self.session = {"tasks": 0, "cpu": 0.0, "errors": 0, "timeouts": 0}
+        totals = _load(TOTALS_KEY, {})
+        totals = totals if isinstance(totals, dict) else {}
+        self.totals = {  # "cpu" is the name older pages saved the seconds under
+            "tasks": int(_number(totals.get("tasks"))),
+            "elapsed": _number(totals.get("elapsed", totals.get("cpu"))),
+        }
+        self.session = {"tasks": 0, "elapsed": 0.0, "errors": 0, "timeouts": 0}
         self.credit = Credit()
         self.pool = Pool(worker_url, self.pump, spare)
         self.pool.on_update = self.on_update
@@ -369,7 +378,7 @@ class App:
             "output": answer.get("output", ""),
             "error": answer.get("error"),
             "timeout": bool(answer.get("timeout", False)),
-            "cpu": float(answer.get("cpu", 0.0)),
+            "elapsed": float(answer.get("elapsed", 0.0)),
         }
         self.results[spec.attempt] = outcome
         self.count(outcome)
@@ -382,16 +391,16 @@ class App:
         await self.vault.remove("tasks", json.dumps([spec.attempt]))
 
     def count(self, outcome: dict) -> None:
-        cpu = outcome["cpu"]
-        self.task_seconds = cpu if self.task_seconds is None else 0.8 * self.task_seconds + 0.2 * cpu
+        elapsed = outcome["elapsed"]
+        self.task_seconds = elapsed if self.task_seconds is None else 0.8 * self.task_seconds + 0.2 * elapsed
         if self.first_result_at is None:
             self.first_result_at = time.monotonic() - self.opened_at
         self.session["tasks"] += 1
-        self.session["cpu"] += outcome["cpu"]
+        self.session["elapsed"] += outcome["elapsed"]
         self.session["errors"] += outcome["error"] is not None and not outcome["timeout"]
         self.session["timeouts"] += outcome["timeout"]
         self.totals["tasks"] += 1
-        self.totals["cpu"] += outcome["cpu"]
+        self.totals["elapsed"] += outcome["elapsed"]
         _save(TOTALS_KEY, self.totals)
 
     # ------------------------------------------------------------------ the socket

@@ -172,7 +172,7 @@ class Pool:
         return slot.worker.ready and not slot.worker.stopped
 
     async def execute(self, slot: Slot, spec, code, arrived: float | None = None) -> dict:  # noqa: ANN001
-        """Run one task on ``slot``; returns ``{result, output, error, cpu, timeout}``.
+        """Run one task on ``slot``; returns ``{result, output, error, elapsed, timeout}``.
 
         The task runs on a worker of its own job (switching workers if needed); the source goes
         along only the first time that worker sees the job. Past the task's timeout the worker is
@@ -193,7 +193,7 @@ class Pool:
             answer = {
                 "error": f"timed out after {seconds} s: the worker running it was stopped",
                 "timeout": True,
-                "cpu": spec.timeout,
+                "elapsed": spec.timeout,
                 "crashed": True,
             }
         finally:

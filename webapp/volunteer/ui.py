@@ -49,8 +49,8 @@ def render(app) -> None:
     credit = snap.get("credit") or {}
     known = credit.get("known")  # all time as the server counts it, over every browser of this id
     _set("stat-tasks-all", f"{credit['tasks_all'] if known else snap['totals']['tasks']} all time")
-    _set("stat-cpu", seconds(snap["session"]["cpu"]))
-    _set("stat-cpu-all", f"{seconds(credit['cpu_all'] if known else snap['totals']['cpu'])} all time")
+    _set("stat-elapsed", seconds(snap["session"]["elapsed"]))
+    _set("stat-elapsed-all", f"{seconds(credit['elapsed_all'] if known else snap['totals']['elapsed'])} all time")
     held = len(snap["queued"]) + sum(1 for w in snap["workers"] if w["attempt"])
     _set("stat-queue", str(held))
     unacked = len(snap["unacked"])

@@ -63,7 +63,7 @@ def detail(state: str, snap: dict) -> str:
 
 
 def seconds(value: float) -> str:
-    """CPU time for people: 4.2 s, 3 min 5 s, 2 h 10 min."""
+    """Durations for people: 4.2 s, 3 min 5 s, 2 h 10 min."""
     value = max(0.0, float(value))
     if value < 60:
         return f"{value:.1f} s" if value < 10 else f"{value:.0f} s"
@@ -119,14 +119,16 @@ def helping(snap: dict) -> str:
 
 def credit_text(snap: dict) -> dict[str, str]:
     """The contribution card's texts: validated results (this session, all time), the server's
-    all-time tasks and CPU time, and the nickname line."""
+    all-time tasks and time given, and the nickname line."""
     credit = snap.get("credit") or {}
     if not credit.get("known"):
         return {"validated": "—", "validated_sub": "not counted yet", "nickname": "Not listed on the leaderboard."}
     nickname = credit.get("nickname")
     return {
         "validated": str(credit["validated_session"]),
-        "validated_sub": f"{plural(credit['validated'], 'result')} all time · {seconds(credit['validated_cpu'])} CPU",
+        "validated_sub": (
+            f"{plural(credit['validated'], 'result')} all time · {seconds(credit['validated_seconds'])} credited"
+        ),
         "nickname": f"Listed on the leaderboard as {nickname}." if nickname else "Not listed on the leaderboard.",
         "note": credit.get("note") or "",
     }

@@ -3,14 +3,14 @@ first task started (throughput once finished), volunteers' opt-in public nicknam
 credited to each validated result, and an index for their credit (validated results by volunteer).
 
 Revision ID: 0007
-Revises: 0005
+Revises: 0006
 """
 
 import sqlalchemy as sa
 from alembic import op
 
 revision = "0007"
-down_revision = "0005"
+down_revision = "0006"
 
 
 def upgrade() -> None:
