@@ -136,7 +136,8 @@ class Dispatcher:
         self.bus = bus
         self.sockets: set[VolunteerSocket] = set()
         self._by_volunteer: dict[str, set[VolunteerSocket]] = {}
-        self._leaving: set[asyncio.Task] = set()  # abandon() of closed sockets, awaited at shutdown
+        # abandon() of closed sockets (-> their volunteer): awaited at shutdown, and by a resume of that volunteer
+        self._leaving: dict[asyncio.Task, str] = {}
         # volunteer -> (expiries owed, when): see lease_room
         self.strikes: collections.OrderedDict[str, tuple[float, float]] = collections.OrderedDict()
         self._submissions: asyncio.Queue = asyncio.Queue()
@@ -476,10 +477,23 @@ class Dispatcher:
         """A volunteer reconnected still holding these attempts (a refresh, a dropped network):
         give them back to it if nobody else has taken the tasks meanwhile, so no work is repeated."""
         attempts = [a for a in attempts[:P_MAX_RESUME] if isinstance(a, str) and len(a) <= 32]
-        now = time.time()
+        # An old socket whose close is being handled gives its leases back first (they are claimed
+        # below): adopting a live lease it is about to requeue would leave this socket holding an
+        # attempt whose task goes to someone else.
+        await self._abandoned(sock.volunteer)
         for attempt, lease in (await self.queue.live(attempts)).items():
-            if lease.volunteer == sock.volunteer:  # the old socket's close was not handled yet
-                sock.held[attempt] = lease.job
+            if lease.volunteer != sock.volunteer:
+                continue
+            holder = next(
+                (o for o in self._by_volunteer.get(sock.volunteer, ()) if o is not sock and attempt in o.held), None
+            )
+            if holder is not None:  # the old socket's close was not noticed yet: it will not requeue this one
+                del holder.held[attempt]
+            elif any(v == sock.volunteer for v in self._leaving.values()):
+                continue  # a close noticed meanwhile requeues it: claimed below
+            sock.held[attempt] = lease.job
+        await self._abandoned(sock.volunteer)
+        now = time.time()
         for attempt, item in await self.storage.resumable(sock.volunteer, [a for a in attempts if a not in sock.held]):
             claimed = await self.queue.claim(sock.volunteer, attempt, item, now)
             if claimed is not None:
@@ -511,14 +525,22 @@ class Dispatcher:
         """A socket closed: abandon its leases in a task that outlives the socket's handler (even
         one cancelled at shutdown) and that ``drain`` awaits before the queue and database close."""
         task = asyncio.ensure_future(self.abandon(sock))
-        self._leaving.add(task)
-        task.add_done_callback(self._leaving.discard)
+        self._leaving[task] = sock.volunteer
+        task.add_done_callback(lambda t: self._leaving.pop(t, None))
         return task
+
+    async def _abandoned(self, volunteer: str) -> bool:
+        """Wait for the closed sockets of ``volunteer`` to have given back their leases; returns
+        whether there were any."""
+        pending = [t for t, v in self._leaving.items() if v == volunteer]
+        if pending:
+            await asyncio.wait(pending)
+        return bool(pending)
 
     async def drain(self) -> None:
         """Shutdown: let the closed sockets' leases be requeued and recorded."""
         if self._leaving:
-            await asyncio.wait(set(self._leaving), timeout=5.0)
+            await asyncio.wait(list(self._leaving), timeout=5.0)
 
     async def abandon(self, sock: VolunteerSocket) -> None:
         """The socket closed: its leases go back to the ready queue at once."""
