@@ -531,11 +531,14 @@ class _Finished:
         return True
 
     def unseen(self, runs: list[list[int]]) -> Iterator[tuple[int, int]]:
-        """The parts of the runs ``[a, b)`` not yielded yet, as ``(first, stop)`` ranges."""
+        """The parts of the runs ``[a, b)`` not yielded yet, as ``(first, stop)`` ranges.
+
+        Lazy: the caller adds the rows of each range before the next is made, which may move
+        indices from ``above`` to below ``frontier``; both count as seen."""
         for a, b in runs:
             first = None
             for index in range(max(a, self.frontier), b):
-                if index in self.above:
+                if index < self.frontier or index in self.above:
                     if first is not None:
                         yield first, index
                         first = None
