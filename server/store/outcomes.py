@@ -359,17 +359,33 @@ class Outcomes:
         now = _now()
         counted = outcome in (AttemptOutcome.EXPIRED,)
         async with self.engine.begin() as conn:
+            # An attempt may have a row already: abandoned, then resumed by its volunteer (same id),
+            # or its result arrived just before the lease ended (then the result stands).
+            found = await conn.execute(
+                sa.select(attempts.c.id, attempts.c.outcome).where(attempts.c.id.in_([le.attempt for le in leases]))
+            )
+            existing = {r.id: r.outcome for r in found.all()}
             for lease in leases:
-                await conn.execute(
-                    attempts.insert().values(
-                        id=lease.attempt,
-                        task_id=lease.task,
-                        job_id=lease.job,
-                        volunteer=lease.volunteer,
-                        outcome=outcome.value,
-                        finished_at=now,
+                before = existing.get(lease.attempt)
+                if before is None:
+                    await conn.execute(
+                        attempts.insert().values(
+                            id=lease.attempt,
+                            task_id=lease.task,
+                            job_id=lease.job,
+                            volunteer=lease.volunteer,
+                            outcome=outcome.value,
+                            finished_at=now,
+                        )
                     )
-                )
+                elif before == AttemptOutcome.ABANDONED.value:
+                    await conn.execute(
+                        attempts.update()
+                        .where(attempts.c.id == lease.attempt)
+                        .values(outcome=outcome.value, finished_at=now)
+                    )
+                else:
+                    continue
                 if not counted:
                     continue
                 task = (
