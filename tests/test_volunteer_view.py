@@ -114,7 +114,7 @@ def test_the_page_names_the_job_and_credits_the_volunteer() -> None:
     assert credit_text(snap)["validated"] == "—"
     credit = {"known": True, "validated": 1, "validated_session": 1, "validated_seconds": 2.5, "nickname": "Ada"}
     texts = credit_text(snapshot(credit=credit))
-    assert texts["validated_sub"] == "1 result all time · 2.5 s CPU"
+    assert texts["validated_sub"] == "1 result all time · 2.5 s credited"
     assert texts["nickname"] == "Listed on the leaderboard as Ada."
     assert plural(2, "result") == "2 results" and plural(1, "worker") == "1 worker"
 
