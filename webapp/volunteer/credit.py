@@ -70,6 +70,10 @@ class Credit:
             "validated_seconds": float(server.get("validated_seconds", 0.0)),
             "tasks_all": int(server.get("tasks_done", 0)),
             "elapsed_all": float(server.get("task_seconds", 0.0)),
+            # the server's all-time numbers when this session began: all time is never less than that
+            # plus what this session did, whatever the age of the last fetch
+            "tasks_at_start": int(start.get("tasks_done", 0)),
+            "elapsed_at_start": float(start.get("task_seconds", 0.0)),
             "nickname": server.get("nickname"),
             "note": self.note,
         }

@@ -108,6 +108,7 @@ class App:
         self.in_flight: set[str] = set()  # attempts sent, waiting for their ack
         self.oldest_result: float | None = None
         self.awaiting_tasks = False
+        self.sent_running: set[str] | None = None  # the running attempts the server was last told of
         self.empty_replies = 0
         self.next_ask = 0.0
         self.battery_api = None
@@ -247,8 +248,9 @@ class App:
         if now - self.heartbeat_at >= max(1.0, self.heartbeat / 3):
             self.heartbeat_at = now
             held = self.held_attempts()
-            if self.welcomed and held:
-                self.link.send(protocol.Heartbeat(attempts=held, running=list(self.running_specs)))
+            beat = protocol.Heartbeat(attempts=held, running=list(self.running_specs))
+            if self.welcomed and held and self.link.send(beat):
+                self.sent_running = set(self.running_specs)
         if self.welcomed and self.credit.due():
             asyncio.ensure_future(self.credit.refresh(self.volunteer))
         self.tick()
@@ -264,6 +266,7 @@ class App:
             self.pool.resize(self.plan.workers)
             self.report_throttle()
             self.start_tasks()
+            self.report_running()  # before the results: the server never sees this tab compute nothing
             self.send_updates()
             self.flush_results()  # before asking: the server drops finished tasks from its queue
             self.ask_for_tasks()
@@ -276,6 +279,15 @@ class App:
         state = self.throttle_state()
         if self.welcomed and state != self.sent_throttle and self.link.send(protocol.Throttle(state)):
             self.sent_throttle = state
+
+    def report_running(self) -> None:
+        """Tell the server which held attempts run now whenever that changes (a task ended, the next
+        started): the job view counts this tab's running tasks and volunteers from it, not leases."""
+        running = set(self.running_specs)
+        if self.welcomed and running != self.sent_running:
+            held = self.held_attempts()
+            if self.link.send(protocol.Heartbeat(attempts=held, running=list(running))):
+                self.sent_running = running
 
     def throttle_state(self) -> dict:
         state = self.plan.state()
@@ -304,7 +316,8 @@ class App:
         ):
             self.queue.remove(spec)
             self.running_specs[spec.attempt] = spec  # held from now on, not only once it runs
-            slot.attempt = spec.attempt
+            # what the page shows of the slot, from now on (not only once the worker was handed the task)
+            slot.attempt, slot.job, slot.index, slot.started = spec.attempt, spec.job, spec.index, time.monotonic()
             asyncio.ensure_future(self.run_task(slot, spec))
         for spec in self.queue:
             missing = spec.code_hash not in self.codes and spec.code_hash not in self.asked_code
@@ -322,6 +335,7 @@ class App:
         want = min(self.plan.want(len(self.held_attempts())), protocol.MAX_TASKS_PER_MESSAGE)
         if want > 0 and self.link.send(protocol.Ready(n=want, running=list(self.running_specs))):
             self.awaiting_tasks = True
+            self.sent_running = set(self.running_specs)
 
     def flush_results(self) -> None:
         if self.in_flight or time.monotonic() < self.flush_after:
@@ -422,6 +436,7 @@ class App:
         self.in_flight.clear()  # re-sent after the next welcome
         self.asked_code.clear()
         self.sent_throttle = None
+        self.sent_running = None
         ui.render(self)
 
     def on_message(self, msg) -> None:

@@ -48,9 +48,12 @@ def render(app) -> None:
     _set("stat-tasks-label", "task this session" if snap["session"]["tasks"] == 1 else "tasks this session")
     credit = snap.get("credit") or {}
     known = credit.get("known")  # all time as the server counts it, over every browser of this id
-    _set("stat-tasks-all", f"{credit['tasks_all'] if known else snap['totals']['tasks']} all time")
-    _set("stat-elapsed", seconds(snap["session"]["elapsed"]))
-    _set("stat-elapsed-all", f"{seconds(credit['elapsed_all'] if known else snap['totals']['elapsed'])} all time")
+    session = snap["session"]
+    tasks_all = max(credit["tasks_all"], credit["tasks_at_start"] + session["tasks"]) if known else None
+    elapsed_all = max(credit["elapsed_all"], credit["elapsed_at_start"] + session["elapsed"]) if known else None
+    _set("stat-tasks-all", f"{snap['totals']['tasks'] if tasks_all is None else tasks_all} all time")
+    _set("stat-elapsed", seconds(session["elapsed"]))
+    _set("stat-elapsed-all", f"{seconds(snap['totals']['elapsed'] if elapsed_all is None else elapsed_all)} all time")
     held = len(snap["queued"]) + sum(1 for w in snap["workers"] if w["attempt"])
     _set("stat-queue", str(held))
     unacked = len(snap["unacked"])

@@ -139,7 +139,7 @@ def worker_rows(snap: dict) -> str:
     for w in snap["workers"]:
         if w["attempt"]:
             cls, badge = "busy", f"Worker {w['number']}"
-            what = f"{job_about(snap, w['job'])[0]} · task #{w['index']}"
+            what = job_about(snap, w["job"])[0] + (f" · task #{w['index']}" if w.get("index") is not None else "")
             time = f"{w['elapsed']:.1f} s"
         elif not w["ready"]:
             cls, badge, what, time = "boot", f"Worker {w['number']}", "starting Python…", ""
