@@ -237,7 +237,7 @@ class Welcome:
 class Ready:
     """Volunteer -> server: I can take ``n`` more tasks (free workers + prefetch).
 
-    ``running`` (protocol 2): the held attempts a worker is computing now; None = not told."""
+    ``running`` (protocol 3): the held attempts a worker is computing now; None = not told."""
 
     n: int
     running: list | None = None
@@ -285,7 +285,7 @@ class Code:
     code_hash: str
     source: str
     requirements: list = dataclasses.field(default_factory=list)
-    name: str = ""  # protocol 2: the job's name and public description, shown to the volunteer
+    name: str = ""  # protocol 3: the job's name and public description, shown to the volunteer
     description: str = ""
     TYPE = "code"
 
@@ -294,7 +294,7 @@ class Code:
 class Heartbeat:
     """Volunteer -> server: still working on these attempts; extends their deadlines.
 
-    ``running`` (protocol 2): which of them a worker is computing now (the others are prefetched)."""
+    ``running`` (protocol 3): which of them a worker is computing now (the others are prefetched)."""
 
     attempts: list
     running: list | None = None

@@ -84,7 +84,7 @@ class VolunteerSocket:
     recent: collections.OrderedDict = dataclasses.field(default_factory=collections.OrderedDict)  # attempt -> job
     strays: int = 0  # results for attempts never held here, less those acknowledged
     updated: dict[str, float] = dataclasses.field(default_factory=dict)  # attempt -> last update (monotonic)
-    # Honest counts: the held attempts a worker computes now (protocol 2's ``running``; None: not told),
+    # Honest counts: the held attempts a worker computes now (protocol 3's ``running``; None: not told),
     # and what was last published to the queue for the job view's running/volunteers.
     running: set[str] | None = None
     reported: dict[int, int] = dataclasses.field(default_factory=dict)
@@ -136,7 +136,7 @@ class Dispatcher:
         self.bus = bus
         self.sockets: set[VolunteerSocket] = set()
         self._by_volunteer: dict[str, set[VolunteerSocket]] = {}
-        # abandon() of closed sockets (-> their volunteer): awaited at shutdown, and by a resume of that volunteer
+        # abandon() of closed sockets -> their volunteer; awaited at shutdown and by that volunteer's resume
         self._leaving: dict[asyncio.Task, str] = {}
         # volunteer -> (expiries owed, when): see lease_room
         self.strikes: collections.OrderedDict[str, tuple[float, float]] = collections.OrderedDict()
@@ -477,23 +477,16 @@ class Dispatcher:
         """A volunteer reconnected still holding these attempts (a refresh, a dropped network):
         give them back to it if nobody else has taken the tasks meanwhile, so no work is repeated."""
         attempts = [a for a in attempts[:P_MAX_RESUME] if isinstance(a, str) and len(a) <= 32]
-        # An old socket whose close is being handled gives its leases back first (they are claimed
-        # below): adopting a live lease it is about to requeue would leave this socket holding an
-        # attempt whose task goes to someone else.
-        await self._abandoned(sock.volunteer)
-        for attempt, lease in (await self.queue.live(attempts)).items():
-            if lease.volunteer != sock.volunteer:
-                continue
-            holder = next(
-                (o for o in self._by_volunteer.get(sock.volunteer, ()) if o is not sock and attempt in o.held), None
-            )
-            if holder is not None:  # the old socket's close was not noticed yet: it will not requeue this one
-                del holder.held[attempt]
-            elif any(v == sock.volunteer for v in self._leaving.values()):
-                continue  # a close noticed meanwhile requeues it: claimed below
-            sock.held[attempt] = lease.job
-        await self._abandoned(sock.volunteer)
+        leaving = [t for t, who in self._leaving.items() if who == sock.volunteer]
+        if leaving:  # the old socket's leases are being requeued: let that end, then claim them back
+            await asyncio.wait(leaving, timeout=5.0)
         now = time.time()
+        for attempt, lease in (await self.queue.live(attempts)).items():
+            if lease.volunteer == sock.volunteer:  # the old socket's close was not seen yet
+                sock.held[attempt] = lease.job
+                for old in self._by_volunteer.get(sock.volunteer, ()):
+                    if old is not sock:  # its close must not requeue what this socket now holds
+                        old.held.pop(attempt, None)
         for attempt, item in await self.storage.resumable(sock.volunteer, [a for a in attempts if a not in sock.held]):
             claimed = await self.queue.claim(sock.volunteer, attempt, item, now)
             if claimed is not None:
@@ -529,18 +522,10 @@ class Dispatcher:
         task.add_done_callback(lambda t: self._leaving.pop(t, None))
         return task
 
-    async def _abandoned(self, volunteer: str) -> bool:
-        """Wait for the closed sockets of ``volunteer`` to have given back their leases; returns
-        whether there were any."""
-        pending = [t for t, v in self._leaving.items() if v == volunteer]
-        if pending:
-            await asyncio.wait(pending)
-        return bool(pending)
-
     async def drain(self) -> None:
         """Shutdown: let the closed sockets' leases be requeued and recorded."""
         if self._leaving:
-            await asyncio.wait(list(self._leaving), timeout=5.0)
+            await asyncio.wait(set(self._leaving), timeout=5.0)
 
     async def abandon(self, sock: VolunteerSocket) -> None:
         """The socket closed: its leases go back to the ready queue at once."""
