@@ -40,7 +40,7 @@ from server.protocol import (
     ThrottleState,
     Update,
 )
-from server.queue import Bus, Lease, Queue
+from server.queue import Bus, Lease, Queue, ReadyItem
 from server.queue.base import DEFAULT_SHARE
 from server.spec import InvalidJob, JobSpec, verify_code
 from server.store import live, pipelines
@@ -183,8 +183,9 @@ class Dispatcher:
         logger.info("ready queue rebuilt from the database: %d tasks", n)
         return n
 
-    async def _push_ready(self, job_ids: list[int] | None = None) -> int:
-        """Make the waiting tasks of these jobs (all jobs: None) ready; returns how many were added."""
+    async def _push_ready(self, job_ids: list[int] | None = None, pushed: list[ReadyItem] | None = None) -> int:
+        """Make the waiting tasks of these jobs (all jobs: None) ready; returns how many were added.
+        ``pushed``, when given, collects the items offered (a push skips those ready or leased)."""
         n = 0
         # aclosing: a cancelled caller (shutdown) hands the generator's connection back at once,
         # not when the garbage collector finds it after the engine is gone.
@@ -193,7 +194,30 @@ class Dispatcher:
                 # first who already reported on these tasks, so no replica goes back to them
                 await self.queue.exclude(await self.storage.reporters([item.task for item in chunk]))
                 n += await self.queue.push(chunk)
+                if pushed is not None:
+                    pushed.extend(chunk)
         return n
+
+    async def restore_strays(self) -> int:
+        """The safety net under every queue write: when nothing is ready, each open task of a running
+        job should be leased. One that is neither (a queue write lost to a crash, a flush of part of
+        Redis, a bug) would keep its job from ever ending, so it is pushed again; a push skips tasks
+        already ready or leased. A task that became final between the read and the push (its lease
+        released meanwhile) is taken out again. Returns how many strays went back."""
+        if await self.queue.ready_count():
+            return 0
+        offered: list[ReadyItem] = []
+        added = await self._push_ready(pushed=offered)
+        if not added:
+            return 0
+        still = await self.storage.still_open([item.task for item in offered])
+        await self.queue.drop([item for item in offered if item.task not in still])
+        # each added one was missing, but for the rare lease released between the read and the push
+        strays = added
+        if strays:
+            logger.warning("%d open task(s) were neither ready nor leased: back in the ready queue", strays)
+            self.metrics.strays.inc(strays)
+        return strays
 
     async def _run_reaper(self) -> None:
         """Rebuild the ready queue when Redis lost it, feed pipeline stages, requeue expired leases.
@@ -227,8 +251,9 @@ class Dispatcher:
     async def _reap(self, sweep: bool) -> None:
         """One pass of the reaper."""
         await self.rebuild_if_needed()
-        if sweep:  # pipeline stages: feed anything a race left behind
+        if sweep:  # pipeline stages, and open tasks the queue lost: whatever a race left behind
             await self._apply(await pipelines.sweep(self.storage))
+            await self.restore_strays()
         expired = await self.queue.expire(time.time())
         if not expired:
             return
@@ -390,21 +415,28 @@ class Dispatcher:
             return []
         for lease in leases:
             sock.held[lease.attempt] = lease.job
-        self.metrics.handed_out.inc(len(leases))
         try:
-            infos = {job: await self.storage.job_info(job) for job in {le.job for le in leases}}
-            stored = [
-                le.task for le in leases if (info := infos[le.job]) is not None and info.inputs_kind in STORED_INPUTS
-            ]
-            inputs = await self.storage.task_inputs(stored)  # range and none inputs are computed, not read
+            specs = await self._specs(sock, leases)
         except Exception as exc:
             if not is_outage(exc):
                 raise
-            self.db_health.failed(exc)  # an outage begins: give the tasks back, hand out nothing
+            # An outage began after the leases were taken (reading the tasks' jobs, inputs or checkpoints):
+            # give every one back and answer "none now". Kept, they would wait for their deadline while
+            # the volunteer, never told of them, asked for more: the job could not end before that.
+            self.db_health.failed(exc)
             for lease in leases:
                 sock.held.pop(lease.attempt, None)
             await self.queue.requeue([le.attempt for le in leases])
+            logger.info("database away while handing out %d tasks: back in the queue", len(leases))
             return []
+        self.metrics.handed_out.inc(len(leases))
+        return specs
+
+    async def _specs(self, sock: VolunteerSocket, leases: list[Lease]) -> list[TaskSpec]:
+        """What the volunteer is sent for these leases: each task's input, code hash and last checkpoint."""
+        infos = {job: await self.storage.job_info(job) for job in {le.job for le in leases}}
+        stored = [le.task for le in leases if (info := infos[le.job]) is not None and info.inputs_kind in STORED_INPUTS]
+        inputs = await self.storage.task_inputs(stored)  # range and none inputs are computed, not read
         owners = {le.task: self._owner(infos[le.job], sock) for le in leases if infos[le.job] is not None}
         restores = await live.restore(self.storage, owners)
         specs = []
