@@ -169,7 +169,8 @@ def test_errors_group_show_source_and_partial_failure_is_amber(browser, dashboar
     assert f'File "<job {many}>", line 3, in main' in traceback  # its own id
     assert "raise ValueError(f'bad value {x}')" in traceback  # the offending source line
     height = dashboard.evaluate("document.documentElement.scrollHeight")
-    assert height < 3000, height  # one group, not 200: the page stays short
+    # one group, not 200 (they made 7,636 px); the rest is the 50-row results preview and verification
+    assert height < 4000, height
     assert dashboard.inner_text("#job-state") == "failed"  # nothing succeeded: red
     assert "state-failed" in dashboard.get_attribute("#job-state", "class")
     shot(dashboard, screenshots, "error-group")
