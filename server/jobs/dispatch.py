@@ -25,6 +25,7 @@ import weakref
 from typing import Any
 
 from server.config import Config
+from server.jobs.feeder import Feeder
 from server.jobs.metrics import Metrics
 from server.jobs.outage import DatabaseAway, DbHealth, is_outage
 from server.jobs.supervise import Supervisor
@@ -40,7 +41,7 @@ from server.protocol import (
     ThrottleState,
     Update,
 )
-from server.queue import Bus, Lease, Queue
+from server.queue import Bus, Lease, Queue, ReadyItem
 from server.queue.base import DEFAULT_SHARE
 from server.spec import InvalidJob, JobSpec, verify_code
 from server.store import live, pipelines
@@ -128,6 +129,7 @@ class Dispatcher:
         self.metrics = Metrics()
         self.validator = Validator(storage, config)
         self._passes: set[asyncio.Task] = set()  # reaper passes under way (see _run_reaper)
+        self.feeder = Feeder(storage, self.make_ready, queue.running, config.reaper_interval)
         self.supervisor = self._supervise()
         self.loops = self.supervisor.loops  # name -> LoopState: /api/health and /metrics read these
         self.metrics.attach(self)
@@ -150,6 +152,7 @@ class Dispatcher:
         supervisor.add("submissions", self._run_submissions)
         supervisor.add("outcomes", self._run_outcomes)
         supervisor.add("reaper", self._run_reaper)
+        supervisor.add("feeder", self._run_feeder)
         supervisor.add("bus", self._run_bus)
         supervisor.add("events", self._run_events)
         return supervisor
@@ -173,8 +176,17 @@ class Dispatcher:
             async for chunk in chunks:
                 # first who already reported on these tasks, so no replica goes back to them
                 await self.queue.exclude(await self.storage.reporters([item.task for item in chunk]))
-                n += await self.queue.push(chunk)
+                n += await self.make_ready(chunk)
         return n
+
+    async def make_ready(self, items: list[ReadyItem]) -> int:
+        """Tasks are ready to hand out (a submission, a retry, the feeder's next window, a rebuild):
+        the one place new work reaches the ready queue. Returns how many were added."""
+        return await self.queue.push(items)
+
+    async def _run_feeder(self) -> None:
+        """Make jobs' tasks ready window by window as hand-out reaches them (``server.jobs.feeder``)."""
+        await self.feeder.run(alive=self.loops["feeder"].ok)
 
     async def _run_reaper(self) -> None:
         """Rebuild the ready queue when Redis lost it, feed pipeline stages, requeue expired leases.
@@ -372,6 +384,7 @@ class Dispatcher:
         for lease in leases:
             sock.held[lease.attempt] = lease.job
         self.metrics.handed_out.inc(len(leases))
+        self.feeder.leased(leases)  # near the end of a job's ready window: the next one is made ready
         try:
             infos = {job: await self.storage.job_info(job) for job in {le.job for le in leases}}
             stored = [
@@ -620,10 +633,12 @@ class Dispatcher:
 
     # ---------------------------------------------------------------------------- cancel
     async def cancel(self, researcher_id: int, job_id: int) -> bool:
-        changed = await self.storage.cancel_job(researcher_id, job_id)
-        if changed:
+        ready = await self.storage.cancel_job(researcher_id, job_id)
+        changed = ready is not None
+        if ready is not None:
             logger.info("job %d cancelled", job_id, extra={"job": job_id})
             await self.queue.cancel_job(job_id)
+            await self.queue.drop(ready)  # what was made ready is freed; no more windows come
             await self.bus.publish({"type": "cancel", "job": job_id})
             await self.publish_job(job_id, researcher_id)
             for downstream in await pipelines.downstream_of(self.storage, job_id):
@@ -670,6 +685,7 @@ class Dispatcher:
             n = min(running.get(job["id"], 0), job["counts"]["queued"])
             job["counts"]["running"] = n
             job["counts"]["queued"] -= n
+            job["handed_out"] += n
             job["volunteers"] = n  # live leases: an upper bound on volunteers working on it
 
     async def list_jobs(self, researcher_id: int) -> list[dict]:

@@ -174,8 +174,15 @@ class MemoryQueue(Queue):
         return await self.requeue([a for _, a in due])
 
     async def drop(self, items: Iterable[ReadyItem]) -> None:
+        dropped = 0
         for item in items:
-            self._ready.discard(item.member)
+            if item.member in self._ready:
+                self._ready.discard(item.member)
+                dropped += 1
+        if dropped > 1000:  # many (a cancelled job's window): free their heap entries now, not when popped
+            for heap in self._heaps.values():
+                heap[:] = [entry for entry in heap if entry[1] in self._ready]
+                heapq.heapify(heap)
 
     async def cancel_job(self, job: int) -> None:
         self._cancelled.add(job)
