@@ -113,6 +113,15 @@ COMPONENTS: dict = {
                 "name": {"type": "string"},
                 "state": {"type": "string", "enum": ["queued", "running", "done", "failed", "cancelled"]},
                 "n_tasks": {"type": "integer"},
+                "materialised": {
+                    "type": "integer",
+                    "description": "tasks made ready so far (indices below this): a job's tasks are made ready "
+                    "in windows as hand-out reaches them",
+                },
+                "handed_out": {
+                    "type": "integer",
+                    "description": "tasks handed out to volunteers that finished (done or failed) or are running",
+                },
                 "counts": {"$ref": "#/components/schemas/Counts"},
                 "throughput": {"type": "number", "description": f"tasks/s over the last {THROUGHPUT_WINDOW:g} s"},
                 "volunteers": {"type": "integer"},
