@@ -14,6 +14,8 @@ Two ways a window comes:
 
 Several servers: ``jobs.materialised`` advances by compare-and-swap from the value a server saw, so
 of several servers that decide on the same value one makes the window and the others find it made.
+A window committed whose push failed (Redis away) is pushed again by the loop's next pass; a server
+that dies between the commit and the push leaves that window to the next rebuild of the ready queue.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class Feeder:
         self.interval = interval
         self._known: dict[int, tuple[int, int]] = {}  # job -> (materialised, n_tasks), as last seen
         self._due: dict[int, int] = {}  # job -> the highest index leased since the last look
+        self._unpushed: dict[int, list[ReadyItem]] = {}  # windows committed, not in the ready queue yet
         self._wake = asyncio.Event()
 
     def leased(self, leases: list[Lease]) -> None:
@@ -62,6 +65,9 @@ class Feeder:
         loop = asyncio.get_running_loop()
         look_at = loop.time()
         while True:
+            for job, items in list(self._unpushed.items()):  # the push failed last time (Redis away)
+                await self.make_ready(items)
+                del self._unpushed[job]
             if self._due:
                 due, self._due = self._due, {}
                 for job, index in due.items():
@@ -104,7 +110,10 @@ class Feeder:
         upto, n_tasks, items = window
         self._remember(job, upto, n_tasks)
         logger.debug("job %d: tasks up to %d made ready", job, upto, extra={"job": job})
-        return await self.make_ready(items)
+        self._unpushed[job] = items  # kept until pushed: the window is committed, no other server makes it
+        made = await self.make_ready(items)
+        del self._unpushed[job]
+        return made
 
     def _remember(self, job: int, materialised: int, n_tasks: int) -> None:
         if len(self._known) > KNOWN:
