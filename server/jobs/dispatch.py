@@ -129,7 +129,7 @@ class Dispatcher:
         self.metrics = Metrics()
         self.validator = Validator(storage, config)
         self._passes: set[asyncio.Task] = set()  # reaper passes under way (see _run_reaper)
-        self.feeder = Feeder(storage, self.make_ready, queue.running, config.reaper_interval)
+        self.feeder = Feeder(storage, self.make_ready, lambda jobs: self.queue.running(jobs), config.reaper_interval)
         self.supervisor = self._supervise()
         self.loops = self.supervisor.loops  # name -> LoopState: /api/health and /metrics read these
         self.metrics.attach(self)
@@ -141,8 +141,9 @@ class Dispatcher:
         try:
             await self.supervisor.run()
         finally:
-            if self._passes:  # let a reaper pass end before the engine is disposed
-                await asyncio.wait(self._passes, timeout=5.0)
+            passes = self._passes | self.feeder.passes
+            if passes:  # let a reaper's or feeder's pass end before the engine is disposed
+                await asyncio.wait(passes, timeout=5.0)
             for intake in (self._submissions, self._outcomes):
                 while not intake.empty():
                     _settle(intake.get_nowait()[-1], exc=ConnectionError("the server is shutting down"))

@@ -51,6 +51,7 @@ class Feeder:
         self._due: dict[int, int] = {}  # job -> the highest index leased since the last look
         self._unpushed: dict[int, list[ReadyItem]] = {}  # windows committed, not in the ready queue yet
         self._wake = asyncio.Event()
+        self.passes: set[asyncio.Task] = set()  # passes under way: the dispatcher awaits them at shutdown
 
     def leased(self, leases: list[Lease]) -> None:
         """Ask for the next window of each job whose lease came near the end of what is ready."""
@@ -61,25 +62,41 @@ class Feeder:
                 self._wake.set()
 
     async def run(self, alive: Callable[[], None]) -> None:
-        """Make windows ready: for leases near the end of one at once, for every job once an interval."""
+        """Make windows ready: for leases near the end of one at once, for every job once an interval.
+        Each pass is shielded: a shutdown lets it end (the dispatcher waits for ``passes``) rather
+        than cut a query in half, which leaves the SQLite driver a connection it never closes."""
         loop = asyncio.get_running_loop()
         look_at = loop.time()
         while True:
-            for job, items in list(self._unpushed.items()):  # the push failed last time (Redis away)
-                await self.make_ready(items)
-                del self._unpushed[job]
-            if self._due:
-                due, self._due = self._due, {}
-                for job, index in due.items():
-                    await self._after_lease(job, index)
-            if loop.time() >= look_at:
-                await self.look()
+            looking = loop.time() >= look_at
+            one_pass = asyncio.ensure_future(self._pass(looking))
+            self.passes.add(one_pass)
+            one_pass.add_done_callback(self._pass_ended)
+            await asyncio.shield(one_pass)
+            if looking:
                 look_at = loop.time() + self.interval
             alive()
             self._wake.clear()
             if not self._due:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=max(0.0, look_at - loop.time()))
+
+    async def _pass(self, looking: bool) -> None:
+        for job, items in list(self._unpushed.items()):  # the push failed last time (Redis away)
+            await self.make_ready(items)
+            del self._unpushed[job]
+        due, self._due = self._due, {}
+        for job, index in due.items():
+            await self._after_lease(job, index)
+        if looking:
+            await self.look()
+
+    def _pass_ended(self, one_pass: asyncio.Task) -> None:
+        """Its error is raised in the loop that awaited it; retrieved here too for a pass that
+        outlived its loop (shutdown), so asyncio does not warn."""
+        self.passes.discard(one_pass)
+        if not one_pass.cancelled():
+            one_pass.exception()
 
     async def look(self) -> int:
         """Every job not made ready to its end: the next window for those running low. Returns the
