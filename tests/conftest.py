@@ -29,6 +29,7 @@ REDIS_DB = int(os.environ.get("UVM_TEST_REDIS_DB", "9"))
 REDIS_PORT = int(os.environ.get("UVM_TEST_REDIS_PORT", "6379"))
 REDIS_URL = f"redis://127.0.0.1:{REDIS_PORT}/{REDIS_DB}"
 BACKENDS = ["sqlite", "mariadb"]
+STOP_GRACE = 20.0  # seconds simulated volunteers get to stop at the end of a test (a task may be running)
 TEST_KEY = "5a" * 32  # UVM_KEY of the MariaDB tests (a server refuses MySQL without an explicit key)
 
 
@@ -182,8 +183,14 @@ async def volunteers() -> AsyncIterator[Callable]:
 
     yield start
     stop.set()
+    # Bounded: a volunteer stuck waiting for an answer that never comes must not hang the run.
+    _, stuck = await asyncio.wait(runs, timeout=STOP_GRACE) if runs else (set(), set())
+    for run in stuck:
+        run.cancel()
     await asyncio.gather(*runs, return_exceptions=True)
     await session.close()
+    if stuck:
+        logging.getLogger(__name__).warning("%d simulated volunteers did not stop when told: cancelled", len(stuck))
 
 
 async def _run_until(sim: SimVolunteer, session: aiohttp.ClientSession, stop: asyncio.Event) -> None:

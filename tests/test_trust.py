@@ -435,6 +435,35 @@ async def test_session_cookie_is_secure_when_public_url_is_https(serve):
 
 
 @pytest.mark.parametrize("backend", ["sqlite"])
+async def test_session_cookie_is_secure_behind_a_trusted_tls_proxy(serve):
+    """No UVM_PUBLIC_URL: a trusted proxy's ``X-Forwarded-Proto: https`` makes the cookie Secure;
+    plain HTTP, or the header from anyone else, does not."""
+
+    async def sign_in(url: str, origin: str, **headers: str) -> tuple[int, str]:
+        async with (
+            aiohttp.ClientSession() as s,
+            s.post(
+                f"{url}/api/login",
+                json={"email": "proxied@example.org", "password": "correct horse"},
+                headers={"Origin": origin, **headers},
+            ) as resp,
+        ):
+            return resp.status, resp.headers.get("Set-Cookie", "")
+
+    proxied, app = await serve(trusted_proxies=("127.0.0.1",))
+    await add_researcher(app, "proxied@example.org")
+    status, cookie = await sign_in(
+        proxied.url, proxied.url.replace("http://", "https://"), **{"X-Forwarded-Proto": "https"}
+    )
+    assert status == 200 and "Secure" in cookie, (status, cookie)
+    status, cookie = await sign_in(proxied.url, proxied.url, **{"X-Forwarded-Proto": "http"})
+    assert status == 200 and "uvm_session=" in cookie and "Secure" not in cookie, (status, cookie)
+    direct, _ = await serve()  # the same database; 127.0.0.1 is no trusted proxy here
+    status, cookie = await sign_in(direct.url, direct.url, **{"X-Forwarded-Proto": "https"})
+    assert status == 200 and "uvm_session=" in cookie and "Secure" not in cookie, (status, cookie)
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
 async def test_deeply_nested_json_is_a_400_not_a_500(serve):
     api, _ = await serve()
     body = "[" * 200_000 + "]" * 200_000

@@ -62,6 +62,7 @@ class SimVolunteer:
         self.done = 0
         self.errors = 0
         self.leased = 0
+        self.unrun = 0  # tasks of the batch in hand not yet run: a test sees when each volunteer holds work
         self.connects = 0  # websocket connections opened (more than one: it was dropped and came back)
         self.holds = 0  # `hold` answers: results kept and sent again later (the server's database was away)
         self.sends: list[float] = []  # when each `results` message was sent (time.monotonic())
@@ -83,19 +84,6 @@ class SimVolunteer:
         finally:
             self._closed.set()
 
-    async def _recv(self, kind: str) -> Any:
-        queue = self._q(kind)
-        if not queue.empty():
-            return queue.get_nowait()
-        get = asyncio.ensure_future(queue.get())
-        closed = asyncio.ensure_future(self._closed.wait())
-        done, _ = await asyncio.wait({get, closed}, return_when=asyncio.FIRST_COMPLETED)
-        closed.cancel()
-        if get in done:
-            return get.result()
-        get.cancel()
-        raise ConnectionError("server closed the connection")
-
     async def run(self, session: aiohttp.ClientSession, stop: asyncio.Event) -> None:
         self._inbox, self._closed = {}, asyncio.Event()
         async with session.ws_connect(self.url, max_msg_size=P.MAX_MESSAGE_BYTES) as ws:
@@ -104,7 +92,7 @@ class SimVolunteer:
             try:
                 capabilities = {"cores": 1, "workers": 1, "prefetch": max(0, self.prefetch - 1), "sim": True}
                 await ws.send_str(P.encode(P.Hello(self.token, capabilities)))
-                welcome: P.Welcome = await self._recv("welcome")
+                welcome: P.Welcome = await self._first_of("welcome")
                 self.token = welcome.volunteer
                 self.volunteer = welcome.volunteer.split("-", 1)[0]
                 self.every = welcome.every
@@ -117,22 +105,25 @@ class SimVolunteer:
         while not stop.is_set():
             sent = time.perf_counter()
             await ws.send_str(P.encode(P.Ready(self.prefetch)))
-            batch: P.Tasks = await self._recv("tasks")
-            if not batch.tasks:
+            tasks = await self._answer_to_ready()
+            if not tasks:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(stop.wait(), idle)
                 idle = min(idle * 2, 0.5)
                 continue
             idle = 0.05
             self.latencies.append(time.perf_counter() - sent)
-            self.leased += len(batch.tasks)
+            self.leased += len(tasks)
             if self.crash_after is not None and self.leased >= self.crash_after:
                 return  # vanish holding the leases: the socket closes with no results
             outcomes = []
-            for spec in batch.tasks:
+            self.unrun = len(tasks)
+            for spec in tasks:
                 if not await self._load(ws, spec):  # refused (the job was cancelled meanwhile): drop the task
+                    self.unrun -= 1
                     continue
                 outcome = await self._run_task(ws, spec)
+                self.unrun -= 1
                 if outcome is None:
                     return  # vanished mid-task (crash_after_checkpoints)
                 if self.lie_rate and outcome.error is None and self._rng.random() < self.lie_rate:
@@ -143,6 +134,17 @@ class SimVolunteer:
             self.done += len(ack.attempts)
             self.errors += sum(1 for o in outcomes if o.error is not None)
             self.task_ids += [o.task for o in outcomes if o.attempt in set(ack.attempts) and o.error is None]
+
+    async def _answer_to_ready(self) -> list[P.TaskSpec]:
+        """The tasks that answer a ``ready``; none when the server refused it (``error`` with ref
+        "ready"): the page then asks again later, and so does this. Errors about other messages
+        (an update, a throttle) are not the answer."""
+        while True:
+            answer = await self._first_of("tasks", "error")
+            if isinstance(answer, P.Tasks):
+                return answer.tasks
+            if answer.ref == "ready":
+                return []
 
     def _run_locked(self, spec: P.TaskSpec, context: TaskContext) -> P.Outcome:
         with _RUNNER_LOCK:
