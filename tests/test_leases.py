@@ -158,3 +158,31 @@ async def test_reconnecting_volunteer_resumes_the_tasks_it_holds(serve):
             await conn.execute(sa.select(attempts.c.id, attempts.c.outcome).where(attempts.c.volunteer == public))
         ).all()
     assert sorted(o for _, o in rows) == ["done", "done", "done"]  # the abandoned rows became done
+
+
+async def test_open_tasks_the_queue_lost_go_back_and_the_job_ends(serve, volunteers, caplog):
+    """The safety net under every queue write: tasks taken out of the ready queue behind the
+    dispatcher's back (as a lost write would) are found by the reaper once nothing is ready, and the
+    job still ends, each task done once. Without the net this job never ends."""
+    from server.queue import ReadyItem
+    from server.web import appkeys as K
+
+    api, app = await serve(reaper_interval=0.1)
+    dispatcher = app[K.dispatcher]
+    job = await api.submit(CODE, list(range(12)))
+    storage, queue = dispatcher.storage, dispatcher.queue
+    items: list[ReadyItem] = []
+    for _ in range(200):  # the submission is pushed by the intake loop: wait until all 12 are ready
+        items = [i for chunk in [c async for c in storage.ready_items([job])] for i in chunk]
+        if len(items) == 12 and await queue.ready_count() == 12:
+            break
+        await asyncio.sleep(0.05)
+    assert len(items) == 12
+    await queue.drop(items[3:8])  # five open tasks now neither ready nor leased
+    assert await queue.ready_count() == 7
+    volunteers(api.url, 2, prefetch=2)
+    status = await api.wait(job, timeout=60)
+    assert status["state"] == "done" and status["counts"]["done"] == 12
+    assert [r["result"] for r in json.loads(await api.results(job, "json"))] == list(range(12))
+    assert dispatcher.metrics.strays._value.get() >= 5  # (a lease released at the same moment may count too)
+    assert any("neither ready nor leased" in r.getMessage() for r in caplog.records)

@@ -169,8 +169,9 @@ class Dispatcher:
         logger.info("ready queue rebuilt from the database: %d tasks", n)
         return n
 
-    async def _push_ready(self, job_ids: list[int] | None = None) -> int:
-        """Make the waiting tasks of these jobs (all jobs: None) ready; returns how many were added."""
+    async def _push_ready(self, job_ids: list[int] | None = None, pushed: list[ReadyItem] | None = None) -> int:
+        """Make the waiting tasks of these jobs (all jobs: None) ready; returns how many were added.
+        ``pushed``, when given, collects the items offered (a push skips those ready or leased)."""
         n = 0
         # aclosing: a cancelled caller (shutdown) hands the generator's connection back at once,
         # not when the garbage collector finds it after the engine is gone.
@@ -179,6 +180,8 @@ class Dispatcher:
                 # first who already reported on these tasks, so no replica goes back to them
                 await self.queue.exclude(await self.storage.reporters([item.task for item in chunk]))
                 n += await self.make_ready(chunk)
+                if pushed is not None:
+                    pushed.extend(chunk)
         return n
 
     async def make_ready(self, items: list[ReadyItem]) -> int:
@@ -189,6 +192,27 @@ class Dispatcher:
     async def _run_feeder(self) -> None:
         """Make jobs' tasks ready window by window as hand-out reaches them (``server.jobs.feeder``)."""
         await self.feeder.run(alive=self.loops["feeder"].ok)
+
+    async def restore_strays(self) -> int:
+        """The safety net under every queue write: when nothing is ready, each open task of a running
+        job should be leased. One that is neither (a queue write lost to a crash, a flush of part of
+        Redis, a bug) would keep its job from ever ending, so it is pushed again; a push skips tasks
+        already ready or leased. A task that became final between the read and the push (its lease
+        released meanwhile) is taken out again. Returns how many strays went back."""
+        if await self.queue.ready_count():
+            return 0
+        offered: list[ReadyItem] = []
+        added = await self._push_ready(pushed=offered)
+        if not added:
+            return 0
+        still = await self.storage.still_open([item.task for item in offered])
+        await self.queue.drop([item for item in offered if item.task not in still])
+        # each added one was missing, but for the rare lease released between the read and the push
+        strays = added
+        if strays:
+            logger.warning("%d open task(s) were neither ready nor leased: back in the ready queue", strays)
+            self.metrics.strays.inc(strays)
+        return strays
 
     async def _run_reaper(self) -> None:
         """Rebuild the ready queue when Redis lost it, feed pipeline stages, requeue expired leases.
@@ -222,8 +246,9 @@ class Dispatcher:
     async def _reap(self, sweep: bool) -> None:
         """One pass of the reaper."""
         await self.rebuild_if_needed()
-        if sweep:  # pipeline stages: feed anything a race left behind
+        if sweep:  # pipeline stages, and open tasks the queue lost: whatever a race left behind
             await self._apply(await pipelines.sweep(self.storage))
+            await self.restore_strays()
         expired = await self.queue.expire(time.time())
         if not expired:
             return

@@ -15,7 +15,8 @@ Two ways a window comes:
 Several servers: ``jobs.materialised`` advances by compare-and-swap from the value a server saw, so
 of several servers that decide on the same value one makes the window and the others find it made.
 A window committed whose push failed (Redis away) is pushed again by the loop's next pass; a server
-that dies between the commit and the push leaves that window to the next rebuild of the ready queue.
+that dies between the commit and the push leaves that window to the reaper's safety net (open tasks
+neither ready nor leased are pushed again once nothing is ready: ``Dispatcher.restore_strays``).
 """
 
 from __future__ import annotations

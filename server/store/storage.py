@@ -347,6 +347,16 @@ class Storage(Accounts, Outcomes):
             row = (await conn.execute(sa.select(*_WINDOW_COLUMNS).where(jobs.c.id == job_id))).first()
         return None if row is None else (row.state, row.materialised, row.n_tasks)
 
+    async def still_open(self, task_ids: list[int]) -> set[int]:
+        """Which of these tasks are not final yet."""
+        out: set[int] = set()
+        async with self.engine.connect() as conn:
+            for start in range(0, len(task_ids), INSERT_CHUNK):
+                chunk = task_ids[start : start + INSERT_CHUNK]
+                query = sa.select(tasks.c.id).where(tasks.c.id.in_(chunk), tasks.c.state == TaskState.OPEN.value)
+                out.update((await conn.execute(query)).scalars())
+        return out
+
     async def resumable(self, volunteer: str, attempt_ids: list[str]) -> list[tuple[str, ReadyItem]]:
         """This volunteer's abandoned attempts (its socket closed) whose tasks are still to do."""
         if not attempt_ids:

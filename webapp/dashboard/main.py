@@ -18,7 +18,7 @@ import js
 from pyodide.ffi import create_proxy
 from pyscript import document, window
 
-from . import inputs, views
+from . import inputs, verify, verify_ui, views
 from .io import ApiError, TryWorker, api, ndjson_rows
 
 EXAMPLE = '''"""A small working example: edit it, press Try, then Submit."""
@@ -73,10 +73,11 @@ class Dashboard:
         self.events = None
         self.try_worker = TryWorker(worker_url)
         self.results_loaded_at = 0.0
-        self.results_done = -1
+        self.results_done: tuple[int, ...] = ()
         self.results_pending = False
         self.progress_seen: dict[tuple[int, int], tuple[float, float]] = {}  # (job, task) -> first (fraction, at)
         self.errors_failed = -1
+        self.no_agreement = 0  # failed tasks whose volunteers never agreed (from the error groups)
         self.admin_task: asyncio.Task | None = None
         self.busy = False
         self.offline = False
@@ -144,6 +145,7 @@ class Dashboard:
             _on(_el(element_id), "input", lambda e: self.summarise_inputs())
         for element_id in ("chain-job", "chain-kind"):
             _on(_el(element_id), "change", lambda e: self.summarise_inputs())
+        verify_ui.bind(_on)
 
     def click(self, event) -> None:
         target = event.target.closest("[data-action]") if hasattr(event.target, "closest") else None
@@ -290,7 +292,9 @@ class Dashboard:
     async def open_job(self, job_id: int) -> None:
         if self.job_id != job_id:
             self.job_id, self.job = job_id, None
-            self.results_done, self.errors_failed, self.results_loaded_at = -1, -1, 0.0
+            self.results_done, self.errors_failed, self.results_loaded_at = (), -1, 0.0
+            self.no_agreement = 0
+            _el("job-validation").innerHTML = ""
             _el("job-title").textContent = f"Job {job_id}"
             _el("job-state").textContent = "…"
             _el("job-state").className = "state"
@@ -322,6 +326,7 @@ class Dashboard:
         stats = views.job_stats(job, task_etas=task_etas)
         _el("job-stats").innerHTML = f'<p class="muted subtitle">{views.job_subtitle(job)}</p>' + stats
         _el("job-running").innerHTML = views.running_tasks(job)
+        _el("job-validation").innerHTML = verify.validation_html(job, self.no_agreement)
         terminal = job["state"] in views.TERMINAL
         _el("cancel-button").hidden = terminal
         _el("retry-button").hidden = job["counts"]["failed"] == 0
@@ -332,9 +337,9 @@ class Dashboard:
             self.errors_failed = job["counts"]["failed"]
             await self.load_errors(job["id"])
         now = time.monotonic()
-        changed = job["counts"]["done"] + job["counts"]["failed"] != self.results_done
+        changed = verify.results_key(job) != self.results_done
         if changed and (force or terminal or now - self.results_loaded_at > RESULTS_REFRESH):
-            self.results_done = job["counts"]["done"] + job["counts"]["failed"]
+            self.results_done = verify.results_key(job)
             self.results_loaded_at = now
             await self.load_results(job)
         elif changed and not self.results_pending:
@@ -365,9 +370,12 @@ class Dashboard:
         body = await api("GET", f"/api/jobs/{job_id}/errors")
         _el("job-errors-card").hidden = not body.get("groups")
         _el("job-errors").innerHTML = views.errors_html(body)
+        self.no_agreement = sum(g.get("count", 0) for g in body.get("groups") or [] if g.get("type") == "NoAgreement")
+        if self.job is not None and self.job.get("id") == job_id:
+            _el("job-validation").innerHTML = verify.validation_html(self.job, self.no_agreement)
 
     async def load_results(self, job: dict) -> None:
-        if job["counts"]["done"] + job["counts"]["failed"] == 0:
+        if not any(verify.results_key(job)):
             return
         rows = await ndjson_rows(f"/api/jobs/{job['id']}/results?format=ndjson", limit=views.PREVIEW_ROWS)
         _el("job-results").innerHTML = views.results_table(rows, job["n_tasks"])
@@ -402,6 +410,7 @@ class Dashboard:
             self.set_mode("chain")
             name = views.job_name(self.jobs.get(job_id, {"id": job_id}))
             note.textContent = ("Pipeline stage after " if kind == "after" else "Inputs: results of ") + name
+        verify_ui.preset(self.me.get("default_replication", verify.ADAPTIVE) if self.me else verify.ADAPTIVE)
         await self.ensure_editor()
         self.try_worker.start()  # warm Python up while the researcher types
         listed = (await api("GET", "/api/jobs"))["jobs"]
@@ -548,6 +557,10 @@ class Dashboard:
         except inputs.InputError as exc:
             _show("submit-error", str(exc))
             return
+        try:
+            options.update(verify_ui.read())
+        except verify.VerifyError:
+            return  # verify_ui says what to fix, beside the field
         body = {"code": str(self.editor.get()), "inputs": parsed, **options}
         self.busy = True
         _el("submit-button").disabled = True
@@ -570,6 +583,8 @@ class Dashboard:
             _show("code-error", str(exc))
         elif field == "inputs":
             _show("inputs-error", str(exc))
+        elif field in ("replication", "quorum", "max_replicas", "tolerance"):
+            verify_ui.show_error(str(exc), field)
         else:
             _show("submit-error", str(exc))
 

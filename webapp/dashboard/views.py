@@ -11,6 +11,8 @@ import time
 from html import escape
 from typing import Any
 
+from . import verify
+
 TERMINAL = ("done", "failed", "cancelled")
 PREVIEW_ROWS = 50
 WINDOW = 30.0  # seconds the server's throughput is averaged over
@@ -216,7 +218,12 @@ def errors_html(body: dict) -> str:
             f'<summary><span class="count">{group.get("count", 0)}×</span> <code>{esc(group.get("message"))}</code>'
             f'<span class="muted small"> input{"s" if group.get("count", 0) > 1 else ""} #{esc(indices)}{more}</span>'
             "</summary>"
-            f'<pre class="traceback">{esc(group.get("traceback") or "")}</pre></details>'
+            + (
+                verify.no_agreement_html(group["traceback"])
+                if verify.variants(group.get("traceback"))
+                else f'<pre class="traceback">{esc(group.get("traceback") or "")}</pre>'
+            )
+            + "</details>"
         )
     return "".join(out)
 
@@ -233,14 +240,16 @@ def results_table(rows: list[dict], total: int | None = None) -> str:
     for row in rows[:PREVIEW_ROWS]:
         if row.get("state") == "done":
             result = f"<code>{esc(_short(row.get('result')))}</code>"
+        elif row.get("state") == "failed" and verify.variants(row.get("error")):
+            result = verify.no_agreement_html(row["error"])
         elif row.get("state") == "failed":
             last = (row.get("error") or "").strip().splitlines()
             result = f'<span class="bad">{esc(_short(last[-1] if last else "failed"))}</span>'
         else:
-            result = f'<span class="muted">({esc(row.get("state"))})</span>'
+            result = verify.awaiting(row) or f'<span class="muted">({esc(row.get("state"))})</span>'
         body.append(
             f'<tr><td class="num">{row.get("index")}</td><td><code>{esc(_short(row.get("input"), 60))}</code></td>'
-            f"<td>{result}</td></tr>"
+            f"<td>{result}{verify.replica_line(row)}</td>{verify.replica_cells(row)}</tr>"
         )
     total = len(rows) if total is None else total
     more = (
@@ -249,7 +258,8 @@ def results_table(rows: list[dict], total: int | None = None) -> str:
         else ""
     )
     return (
-        '<table class="table results"><thead><tr><th>#</th><th>Input</th><th>Result</th></tr></thead>'
+        '<table class="table results"><thead><tr><th>#</th><th>Input</th><th>Result</th>'
+        f"{verify.REPLICA_HEADS}</tr></thead>"
         f"<tbody>{''.join(body)}</tbody></table>{more}"
     )
 
