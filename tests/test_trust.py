@@ -490,14 +490,17 @@ async def test_range_bounds_fit_63_bits_and_timeouts_have_a_minimum(serve):
 
 
 async def test_csv_cells_cannot_be_formulas():
+    from server.store.download import ResultRow
     from server.web.export import render
 
-    async def rows():
-        yield {"index": 0, "input": "x", "state": "failed", "result": None, "error": 'Traceback\n=HYPERLINK("x")'}
-        yield {"index": 1, "input": -5, "state": "done", "result": -2.5e3, "error": None}
-        yield {"index": 2, "input": "@SUM(A1)", "state": "done", "result": "+1", "error": None}
+    async def pages():  # JSON values as the download reads them: JSON text
+        yield [ResultRow(0, '"x"', "failed", None, 'Traceback\n=HYPERLINK("x")', "", None, 0, ())]
+        yield [
+            ResultRow(1, "-5", "done", "-2500.0", None, "", None, 0, ()),
+            ResultRow(2, '"@SUM(A1)"', "done", '"+1"', None, "", None, 0, ()),
+        ]
 
-    text = b"".join([chunk async for chunk in render(rows(), "csv")]).decode()
+    text = b"".join([chunk async for chunk in render(pages(), "csv")]).decode()
     lines = text.splitlines()
     assert lines[1].endswith(',\'=HYPERLINK(""x"")"') or "'=HYPERLINK" in lines[1]
     assert lines[2] == "1,-5,done,-2500.0,,,0"  # plain numbers stay numbers (no accepted, 0 replicas)

@@ -131,7 +131,7 @@ def test_passwords_hashed_with_salt():
     ("env", "needle"),
     [
         ({"UVM_DATABSE_URL": "x"}, "unknown setting UVM_DATABSE_URL"),
-        ({"UVM_DATABASE_URL": "postgres://x"}, "mysql+aiomysql://"),
+        ({"UVM_DATABASE_URL": "postgres://x"}, "mysql+asyncmy://"),
         ({"UVM_REDIS_URL": "localhost:6379"}, "redis://"),
         ({"UVM_KEY": "abcd"}, "64 hex digits"),
         ({"UVM_KEY": "zz" * 32}, "UVM_KEY"),

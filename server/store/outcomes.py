@@ -296,7 +296,7 @@ class Outcomes:
     async def _mark_done(self, conn: AsyncConnection, rows: list[dict]) -> None:
         if self.engine.dialect.name in ("mysql", "mariadb"):
             # One multi-row statement: the rows are locked (FOR UPDATE) and known to be queued, so
-            # this "upsert" only ever updates (aiomysql runs an UPDATE executemany row by row).
+            # this "upsert" only ever updates (the driver runs an UPDATE executemany row by row).
             await conn.execute(self._bulk_update(tasks, ["id"], rows, replace=list(rows[0])))
             return
         # SQLite: the driver starts the transaction at the first write, so the state read above

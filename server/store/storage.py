@@ -448,21 +448,17 @@ class Storage(Accounts, Outcomes):
         following = runs[-1][1] if len(indices) == limit else -1
         return runs, following
 
-    async def iter_tasks(
-        self, job_id: int, only_errors: bool = False, start: int = 0, limit: int | None = None
-    ) -> AsyncIterator[dict]:
-        """The tasks of a job from index ``start`` in input order, decrypted, fetched in pages
-        (constant memory); at most ``limit`` of them."""
+    async def iter_tasks(self, job_id: int, only_errors: bool = False) -> AsyncIterator[dict]:
+        """The tasks of a job in input order, decrypted, fetched in pages (constant memory). A
+        results download goes through ``server.store.download`` instead (JSON left as text)."""
         info = await self.job_info(job_id)
         window = await self.window_of(job_id)
         if info is None or window is None:
             raise NotFound(f"no job {job_id}")
-        last = start - 1
-        left = limit
-        while left is None or left > 0:
-            query = page_query(job_id, last, PAGE if left is None else min(PAGE, left), only_errors)
+        last = -1
+        while True:
             async with self.engine.connect() as conn:
-                rows = (await conn.execute(query)).all()
+                rows = (await conn.execute(page_query(job_id, last, PAGE, only_errors))).all()
             if not rows:
                 if info.inputs_kind == "range" and not only_errors:  # indices not made ready yet
                     for index in range(last + 1, window[2] if left is None else min(window[2], last + 1 + left)):
@@ -472,8 +468,6 @@ class Storage(Accounts, Outcomes):
             for row in rows:
                 yield self._task_dict(job_id, info, row, parts.get(row.idx, []))
             last = rows[-1].idx
-            if left is not None:
-                left -= len(rows)
 
     def _task_dict(self, job_id: int, info: JobInfo, r: Any, partials: list) -> dict:
         """One task of a download, decrypted (the hot loop: no call for a column that is NULL)."""
@@ -560,7 +554,7 @@ _JOB_COLUMNS = (
 )
 
 
-PAGE = 2000  # rows per page of a results download
+PAGE = 2000  # rows per page of ``iter_tasks`` (a job's errors, the inputs of a ``results_of`` job)
 
 
 def queued_page_query(job_id: int, after: int, limit: int, below: int | None = None) -> sa.Select:

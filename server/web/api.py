@@ -13,6 +13,7 @@ from server.crypto import hash_token
 from server.jobs.error_groups import ErrorGroups
 from server.jobs.outage import is_outage
 from server.spec import InvalidJob
+from server.store import download
 from server.store.models import QuotaExceeded
 from server.store.storage import Conflict, NotFound, Researcher
 from server.web import appkeys as K
@@ -187,7 +188,7 @@ async def job_results(request: web.Request) -> web.StreamResponse:
         }
     )
     await response.prepare(request)
-    async for chunk in export.render(storage.iter_tasks(jid, start=start, limit=limit), fmt):
+    async for chunk in export.render(download.result_pages(storage, jid, start, limit), fmt):
         await response.write(chunk)
     await response.write_eof()
     return response
