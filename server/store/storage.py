@@ -461,7 +461,7 @@ class Storage(Accounts, Outcomes):
                 rows = (await conn.execute(page_query(job_id, last, PAGE, only_errors))).all()
             if not rows:
                 if info.inputs_kind == "range" and not only_errors:  # indices not made ready yet
-                    for index in range(last + 1, window[2] if left is None else min(window[2], last + 1 + left)):
+                    for index in range(last + 1, window[2]):
                         yield _unmaterialised(info, index, window[0])
                 return
             parts = await live.partials_of(self, job_id, [r.idx for r in rows])
