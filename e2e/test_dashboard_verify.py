@@ -208,6 +208,7 @@ def test_replication_three_with_tolerance_and_a_forger(page, server, sims, scree
         "code": CODE,
         "inputs": [1, 2, 3, 4, 5],
         "name": "three of us",
+        "description": "",
         "timeout": 60.0,
         "max_attempts": 3,
         "priority": 0,

@@ -117,6 +117,9 @@ class SimVolunteer:
             if self.crash_after is not None and self.leased >= self.crash_after:
                 return  # vanish holding the leases: the socket closes with no results
             outcomes = []
+            # One worker: one task of the batch runs at a time, the rest wait (the server counts 1 running).
+            held = [spec.attempt for spec in tasks]
+            await ws.send_str(P.encode(P.Heartbeat(held, held[:1])))
             self.unrun = len(tasks)
             for spec in tasks:
                 if not await self._load(ws, spec):  # refused (the job was cancelled meanwhile): drop the task
@@ -148,7 +151,7 @@ class SimVolunteer:
 
     def _run_locked(self, spec: P.TaskSpec, context: TaskContext) -> P.Outcome:
         with _RUNNER_LOCK:
-            ran = self.runner.run(spec.code_hash, spec.input, context)  # {result, output, error, elapsed}
+            ran = self.runner.run(spec.code_hash, spec.input, spec.job, context)  # {result, output, error, elapsed}
         return P.Outcome(spec.attempt, spec.task, **ran)
 
     async def _run_task(self, ws: aiohttp.ClientWebSocketResponse, spec: P.TaskSpec) -> P.Outcome | None:

@@ -60,6 +60,7 @@ RECENT_ATTEMPTS = 256  # attempts a connection lost (expired, cancelled) whose l
 STRAY_LIMIT = 128  # results for attempts a connection never held, beyond its acknowledged ones: closed
 STRIKES_KEPT = 100_000  # volunteers whose expired leases are remembered (oldest forgotten first)
 STRIKE_HALF_LIFE = 600.0  # seconds: expiries are forgiven with time (slowly), and by delivered results
+COMPUTING_TTL_BEATS = 3  # a connection's "computing now" report lasts this many heartbeat periods
 
 
 class Misbehaving(Exception):
@@ -84,6 +85,12 @@ class VolunteerSocket:
     recent: collections.OrderedDict = dataclasses.field(default_factory=collections.OrderedDict)  # attempt -> job
     strays: int = 0  # results for attempts never held here, less those acknowledged
     updated: dict[str, float] = dataclasses.field(default_factory=dict)  # attempt -> last update (monotonic)
+    # Honest counts: the held attempts a worker computes now (protocol 3's ``running``; None: not told),
+    # and what was last published to the queue for the job view's running/volunteers.
+    running: set[str] | None = None
+    reported: dict[int, int] = dataclasses.field(default_factory=dict)
+    reported_at: float = 0.0
+    key: str = dataclasses.field(default_factory=lambda: secrets.token_hex(8))
 
     def declared_cap(self) -> int:
         """What the declared workers and prefetch justify: at most HARD_CAP, at least 1."""
@@ -94,6 +101,17 @@ class VolunteerSocket:
         if prefetch is None:
             prefetch = workers * DEFAULT_PREFETCH_PER_WORKER
         return max(1, min(HARD_CAP, workers + min(prefetch, workers * MAX_PREFETCH_PER_WORKER)))
+
+    def computing(self) -> dict[int, int]:
+        """Tasks per job this connection's workers compute now. A protocol-1 volunteer does not say
+        which held attempts run: as many as its declared workers are taken as running, the rest as
+        prefetched."""
+        if self.running is None:
+            workers = self.throttle.workers if self.throttle is not None and self.throttle.workers else None
+            running = list(self.held)[: max(1, workers or self.capabilities.workers)]
+        else:
+            running = [a for a in self.running if a in self.held]
+        return dict(collections.Counter(self.held[a] for a in running))
 
     def lose(self, attempts: list[str]) -> None:
         """These leases ended without a result (expired, cancelled): remember them a while, so
@@ -522,9 +540,25 @@ class Dispatcher:
         await self.queue.extend(list(sock.held), now)
         return len(sock.held)
 
-    async def heartbeat(self, sock: VolunteerSocket, attempts: list[str]) -> int:
+    async def heartbeat(self, sock: VolunteerSocket, attempts: list[str], running: list[str] | None = None) -> int:
         mine = [a for a in attempts if a in sock.held]
-        return await self.queue.extend(mine, time.time())
+        extended = await self.queue.extend(mine, time.time())
+        await self.report_computing(sock, running)
+        return extended
+
+    async def report_computing(self, sock: VolunteerSocket, running: list[str] | None = None) -> None:
+        """Publish what this connection computes now (``running`` from its ready or heartbeat, when
+        it says), so that every instance's job status counts volunteers and running tasks, not leases.
+        Written when it changed, and again each heartbeat period so the report does not expire."""
+        if running is not None:
+            sock.running = {a for a in running if a in sock.held}
+        now = time.time()
+        per_job = sock.computing()
+        if per_job == sock.reported and now - sock.reported_at < self.config.heartbeat:
+            return
+        gone = [job for job in sock.reported if job not in per_job]
+        await self.queue.computing(sock.key, sock.volunteer, per_job, gone, COMPUTING_TTL_BEATS * self.config.heartbeat)
+        sock.reported, sock.reported_at = per_job, now
 
     def leave(self, sock: VolunteerSocket) -> asyncio.Task:
         """A socket closed: abandon its leases in a task that outlives the socket's handler (even
@@ -548,6 +582,7 @@ class Dispatcher:
             if not same:
                 del self._by_volunteer[sock.volunteer]
         held, sock.held = list(sock.held), {}
+        await self.queue.computing(sock.key, sock.volunteer, {}, list(sock.reported), 0)
         leases = await self.queue.requeue(held)
         if leases:
             logger.info(
@@ -585,6 +620,7 @@ class Dispatcher:
         rec = await future
         for attempt in rec.acked + rec.ignored:
             sock.held.pop(attempt, None)
+        await self.report_computing(sock)
         if rec.acked and sock.volunteer in self.strikes:
             self._strike(sock.volunteer, -len(rec.acked))
         sock.strays = max(0, sock.strays + len(never_held.intersection(rec.ignored)) - len(rec.acked))
@@ -720,13 +756,20 @@ class Dispatcher:
         return job
 
     async def _add_running(self, jobs: list[dict]) -> None:
-        running = await self.queue.running([j["id"] for j in jobs if j["state"] == "running"])
+        """Honest counts: ``running`` = tasks a worker computes now, ``leased`` = the other live
+        leases (prefetched by a volunteer), ``volunteers`` = distinct volunteers computing the job."""
+        live = [j["id"] for j in jobs if j["state"] == "running"]
+        leases = await self.queue.running(live)
+        computing = await self.queue.computing_counts(live)
         for job in jobs:
-            n = min(running.get(job["id"], 0), job["counts"]["queued"])
-            job["counts"]["running"] = n
-            job["counts"]["queued"] -= n
-            job["handed_out"] += n
-            job["volunteers"] = n  # live leases: an upper bound on volunteers working on it
+            held = min(leases.get(job["id"], 0), job["counts"]["queued"])
+            volunteers, running = computing.get(job["id"], (0, 0))
+            running = min(running, held)
+            job["counts"]["running"] = running
+            job["counts"]["leased"] = held - running
+            job["counts"]["queued"] -= held
+            job["handed_out"] += held
+            job["volunteers"] = volunteers if running else 0
 
     async def list_jobs(self, researcher_id: int) -> list[dict]:
         jobs = await self.storage.list_jobs(researcher_id)

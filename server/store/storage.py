@@ -21,6 +21,7 @@ from server.queue import ReadyItem
 from server.spec import ADAPTIVE, InvalidJob, JobSpec, Verification, encode_input
 from server.store import live, pipelines
 from server.store.accounts import Accounts
+from server.store.credit import Credit
 from server.store.models import Conflict, JobInfo, NotFound, Recorded, Researcher, inserted_id
 from server.store.models import now as _now
 from server.store.outcomes import Outcomes
@@ -32,12 +33,12 @@ TXN_TASKS = 20_000  # tasks saved per transaction when a job has more
 # are created window by window as hand-out reaches them; a list job's rows all at submit (its inputs
 # are the researcher's data), its ready-queue entries window by window.
 WINDOW = 2_000  # small: a window is one short transaction (SQLite has one writer), and the submit makes one
-THROUGHPUT_WINDOW = 30.0  # seconds
+THROUGHPUT_WINDOW = 30.0  # seconds: a running job's throughput is over this much of its latest run
 __all__ = ["Conflict", "JobInfo", "NotFound", "Recorded", "Researcher", "Storage"]
 
 
-class Storage(Accounts, Outcomes):
-    """Jobs and tasks here; accounts and outcome recording in their own modules."""
+class Storage(Accounts, Outcomes, Credit):
+    """Jobs and tasks here; accounts, outcome recording and volunteers' credit in their own modules."""
 
     def __init__(self, engine: AsyncEngine, box: Box) -> None:
         self.engine = engine
@@ -61,6 +62,7 @@ class Storage(Accounts, Outcomes):
                 jobs.insert().values(
                     researcher_id=researcher_id,
                     name=spec.name,
+                    description=spec.description,
                     state=JobState.QUEUED.value,
                     code_ct=b"",
                     code_hash=code_hash(spec.code),
@@ -201,6 +203,14 @@ class Storage(Accounts, Outcomes):
             raise NotFound(f"no job {job_id}")
         return self.box.open_text(blob, f"job:{job_id}:code")
 
+    async def job_about(self, job_id: int) -> tuple[str, str]:
+        """A job's name and public description: what its volunteers are shown."""
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(sa.select(jobs.c.name, jobs.c.description).where(jobs.c.id == job_id))).first()
+        if row is None:
+            raise NotFound(f"no job {job_id}")
+        return row.name, row.description
+
     async def get_job(self, researcher_id: int | None, job_id: int) -> dict:
         where = [jobs.c.id == job_id]
         if researcher_id is not None:
@@ -210,8 +220,8 @@ class Storage(Accounts, Outcomes):
             if row is None:
                 raise NotFound(f"no job {job_id}")
             job = _job_dict(row)
-            recent = await _recent_counts(conn, [job_id])
-        job["throughput"] = round(recent.get(job_id, 0) / THROUGHPUT_WINDOW, 3)
+            recent = await _recent_counts(conn, [job_id] if row.state == JobState.RUNNING.value else [])
+        job["throughput"] = throughput(job, recent.get(job_id, 0), _now())
         return job
 
     async def list_jobs(self, researcher_id: int, limit: int = 200) -> list[dict]:
@@ -224,8 +234,9 @@ class Storage(Accounts, Outcomes):
         async with self.engine.connect() as conn:
             out = [_job_dict(row) for row in (await conn.execute(query)).all()]
             recent = await _recent_counts(conn, [j["id"] for j in out if j["state"] == JobState.RUNNING.value])
+        now = _now()
         for job in out:
-            job["throughput"] = round(recent.get(job["id"], 0) / THROUGHPUT_WINDOW, 3)
+            job["throughput"] = throughput(job, recent.get(job["id"], 0), now)
         return out
 
     async def cancel_job(self, researcher_id: int, job_id: int) -> list[ReadyItem] | None:
@@ -396,7 +407,8 @@ class Storage(Accounts, Outcomes):
         return {r.id: self.box.open_json(r.input_ct, f"job:{r.job_id}:input:{r.idx}") for r in rows}
 
     async def retry_failed(self, researcher_id: int, job_id: int) -> int:
-        """Failed tasks become queued again with fresh attempts; the job runs again."""
+        """Failed tasks become queued again with fresh attempts and no error (the job's errors and
+        error groups list what fails from now on); the job runs again."""
 
         async def work(conn: AsyncConnection) -> int:
             row = await _owned_job(conn, researcher_id, job_id)
@@ -405,7 +417,15 @@ class Storage(Accounts, Outcomes):
             result = await conn.execute(
                 tasks.update()
                 .where(tasks.c.job_id == job_id, tasks.c.state == TaskState.FAILED.value)
-                .values(state=TaskState.OPEN.value, attempts=0, replicas=0, accepted=None, finished_at=None)
+                .values(
+                    state=TaskState.OPEN.value,
+                    attempts=0,
+                    replicas=0,
+                    accepted=None,
+                    finished_at=None,
+                    error_ct=None,
+                    output_ct=None,
+                )
             )
             if result.rowcount:
                 await conn.execute(
@@ -550,7 +570,9 @@ _JOB_COLUMNS = (
     jobs.c.parent_job_id,
     jobs.c.code_hash,
     jobs.c.created_at,
+    jobs.c.started_at,
     jobs.c.finished_at,
+    jobs.c.description,
 )
 
 
@@ -625,14 +647,16 @@ def _job_dict(row: Any) -> dict:
     return {
         "id": row.id,
         "name": row.name,
+        "description": row.description,
         "state": row.state,
         "inputs_kind": row.inputs_kind,
         "n_tasks": row.n_tasks,
         "materialised": row.materialised,
-        "handed_out": row.n_done + row.n_failed,  # the dispatcher adds the running ones
+        "handed_out": row.n_done + row.n_failed,  # the dispatcher adds the leased ones
         "counts": {
             "queued": row.n_tasks - row.n_done - row.n_failed - cancelled,
             "running": 0,
+            "leased": 0,
             "done": row.n_done,
             "failed": row.n_failed,
             "cancelled": cancelled,
@@ -655,8 +679,23 @@ def _job_dict(row: Any) -> dict:
         "parent_job_id": row.parent_job_id,
         "code_hash": row.code_hash,
         "created_at": row.created_at,
+        "started_at": row.started_at,
         "finished_at": row.finished_at,
     }
+
+
+def throughput(job: dict, recent: int, now: float) -> float:
+    """Tasks per second, one definition everywhere: while the job runs, the tasks finished over the
+    last THROUGHPUT_WINDOW seconds (or since its first task started, if that is more recent); once it
+    has ended, all its finished tasks over the time from the first start to the last finish."""
+    started = job.get("started_at")
+    if job["state"] != JobState.RUNNING.value:
+        finished = job["counts"]["done"] + job["counts"]["failed"]
+        if not started or not job.get("finished_at") or not finished:
+            return 0.0
+        return round(finished / max(job["finished_at"] - started, 1e-3), 3)
+    window = min(THROUGHPUT_WINDOW, now - started) if started else THROUGHPUT_WINDOW
+    return round(recent / max(window, 1.0), 3)
 
 
 async def _recent_counts(conn: AsyncConnection, job_ids: list[int]) -> dict[int, int]:

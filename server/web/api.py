@@ -237,7 +237,8 @@ async def volunteer_stats(request: web.Request) -> web.Response:
     if public is None:
         await researcher(request)  # 401 without credentials
         public = vid
-    return web.json_response(await request.app[K.storage].volunteer_stats(public))
+    storage = request.app[K.storage]
+    return web.json_response({**await storage.volunteer_stats(public), **await storage.volunteer_credit(public)})
 
 
 async def health(request: web.Request) -> web.Response:

@@ -181,7 +181,10 @@ async def _hello(request: web.Request, msg: P.Hello, address: str, send) -> Volu
 
 async def _handle(msg: object, sock: VolunteerSocket, dispatcher, storage, send) -> None:  # noqa: ANN001
     if isinstance(msg, P.Ready):
-        await send(P.Tasks(await dispatcher.lease(sock, msg.n)))
+        await dispatcher.report_computing(sock, msg.running)
+        specs = await dispatcher.lease(sock, msg.n)
+        await dispatcher.report_computing(sock)  # a protocol-1 volunteer's estimate counts these
+        await send(P.Tasks(specs))
     elif isinstance(msg, P.Results):
         try:
             rec = await dispatcher.report(sock, msg.results)
@@ -196,7 +199,7 @@ async def _handle(msg: object, sock: VolunteerSocket, dispatcher, storage, send)
             raise P.ProtocolError("the server could not commit these results now; send them again") from None
         await send(P.Ack(rec.acked, rec.ignored))
     elif isinstance(msg, P.Heartbeat):
-        await dispatcher.heartbeat(sock, msg.attempts)
+        await dispatcher.heartbeat(sock, msg.attempts, msg.running)
     elif isinstance(msg, P.Progress):
         await dispatcher.update(sock, P.Update(msg.attempt, progress=msg.fraction))
     elif isinstance(msg, P.Update):
@@ -209,7 +212,8 @@ async def _handle(msg: object, sock: VolunteerSocket, dispatcher, storage, send)
         if info is None or info.code_hash != msg.code_hash or not mine:
             raise P.ProtocolError(f"need_code: you hold no task of job {msg.job} with that code hash")
         source = await storage.job_code(msg.job)
-        await send(P.Code(msg.job, msg.code_hash, source, info.requirements))
+        name, description = await storage.job_about(msg.job)
+        await send(P.Code(msg.job, msg.code_hash, source, info.requirements, name, description))
     elif isinstance(msg, P.Throttle):
         sock.throttle = msg.state
         await storage.volunteer_throttle(sock.volunteer, msg.state.to_wire())

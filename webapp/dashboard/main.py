@@ -83,8 +83,10 @@ class Dashboard:
         self.offline = False
 
     # ----------------------------------------------------------------------- plumbing
-    def flash(self, message: str | None) -> None:
+    def flash(self, message: str | None, ok: bool = False) -> None:
+        """Show a message over the page: a problem (red), or with ``ok`` news of what was done (green)."""
         _show("flash", message)
+        _el("flash").classList.toggle("ok", ok)
 
     def run(self, coroutine) -> None:
         """Run a handler's coroutine; any error it raises ends as a message on the page."""
@@ -158,6 +160,7 @@ class Dashboard:
             "submit": self.submit,
             "cancel": self.cancel,
             "retry": self.retry,
+            "copy-volunteer-link": self.copy_volunteer_link,
             "chain-results": lambda: self.chain("results_of"),
             "chain-after": lambda: self.chain("after"),
             "approve": lambda: self.set_approved(target.dataset.id, True),
@@ -317,14 +320,16 @@ class Dashboard:
         self.jobs[job["id"]] = job
         _el("job-title").textContent = views.job_name(job)
         state = _el("job-state")
-        state.textContent = job["state"]
-        state.className = f"state state-{job['state']}"
+        text, css = views.state_label(job)
+        state.textContent = text
+        state.className = f"state state-{css}"
         done, failed = views.progress(job)
         _el("job-bar-done").style.width = f"{done * 100:.2f}%"
         _el("job-bar-failed").style.width = f"{failed * 100:.2f}%"
         task_etas = self._task_etas(job)
-        stats = views.job_stats(job, task_etas=task_etas)
-        _el("job-stats").innerHTML = f'<p class="muted subtitle">{views.job_subtitle(job)}</p>' + stats
+        hint = views.no_volunteer_hint(job, f"{window.location.origin}/")
+        subtitle = f'<p class="muted subtitle">{views.job_subtitle(job)}</p>'
+        _el("job-stats").innerHTML = subtitle + hint + views.job_stats(job, task_etas=task_etas)
         _el("job-running").innerHTML = views.running_tasks(job)
         _el("job-validation").innerHTML = verify.validation_html(job, self.no_agreement)
         terminal = job["state"] in views.TERMINAL
@@ -381,14 +386,25 @@ class Dashboard:
         _el("job-results").innerHTML = views.results_table(rows, job["n_tasks"])
 
     async def cancel(self) -> None:
+        name = views.job_name(self.job) if self.job else f"job {self.job_id}"
+        if not window.confirm(f"Cancel {name}? Its unfinished tasks will not run; this cannot be undone."):
+            return
         job = await api("POST", f"/api/jobs/{self.job_id}/cancel")
         job.pop("cancelled", None)
         await self.update_job(job, force=True)
 
     async def retry(self) -> None:
         body = await api("POST", f"/api/jobs/{self.job_id}/retry")
-        self.flash(None if body["retried"] else "No failed tasks to retry.")
+        n = body["retried"]
+        self.flash(
+            f"{views.plural(n, 'failed task')} queued again." if n else "Nothing was retried: no task has failed.",
+            ok=bool(n),
+        )
         await self.update_job(await api("GET", f"/api/jobs/{self.job_id}"), force=True)
+
+    async def copy_volunteer_link(self) -> None:
+        await window.navigator.clipboard.writeText(f"{window.location.origin}/")
+        self.flash("Link copied: share it, and whoever opens it can volunteer.", ok=True)
 
     async def chain(self, kind: str) -> None:
         self.chain_preset = (kind, self.job_id)
@@ -460,8 +476,11 @@ class Dashboard:
         try:
             text = inputs.summary(self.read_inputs())
             summary.textContent = text[:1].upper() + text[1:]
-        except inputs.InputError:
+            _show("inputs-error", None)
+        except inputs.InputError as exc:  # said as they type, with where (JSON: line and column)
             summary.textContent = ""
+            typed = self.mode not in ("json", "csv", "lines") or str(_el(f"inputs-{self.mode}").value).strip()
+            _show("inputs-error", str(exc) if typed else None)
 
     async def load_file(self, mode: str, field) -> None:
         files = field.files
@@ -499,6 +518,7 @@ class Dashboard:
         requirements = [r.strip() for r in str(_el("opt-requirements").value).replace(",", " ").split() if r.strip()]
         return {
             "name": str(_el("opt-name").value).strip(),
+            "description": str(_el("opt-description").value).strip(),
             "timeout": number("opt-timeout", "the timeout", float),
             "max_attempts": number("opt-attempts", "attempts per task"),
             "priority": number("opt-priority", "the priority"),
@@ -532,7 +552,9 @@ class Dashboard:
         status.textContent = "Running…" if booted else "Starting Python in a worker…"
         try:
             started = time.monotonic()
-            answer = await self.try_worker.run(str(self.editor.get()), value, options["timeout"])
+            answer = await self.try_worker.run(
+                str(self.editor.get()), value, options["timeout"], options["requirements"]
+            )
             seconds = time.monotonic() - started
         finally:
             button.disabled = False

@@ -3,14 +3,14 @@
 the ready queue. Jobs from before this revision had every task made ready at submit.
 
 Revision ID: 0008
-Revises: 0006 (0007, issue 11, has not landed yet)
+Revises: 0007
 """
 
 import sqlalchemy as sa
 from alembic import op
 
 revision = "0008"
-down_revision = "0006"
+down_revision = "0007"
 
 
 def upgrade() -> None:
