@@ -25,6 +25,7 @@ import weakref
 from typing import Any
 
 from server.config import Config
+from server.jobs.feeder import Feeder
 from server.jobs.metrics import Metrics
 from server.jobs.outage import DatabaseAway, DbHealth, is_outage
 from server.jobs.supervise import Supervisor
@@ -164,6 +165,7 @@ class Dispatcher:
         self.metrics = Metrics()
         self.validator = Validator(storage, config)
         self._passes: set[asyncio.Task] = set()  # reaper passes under way (see _run_reaper)
+        self.feeder = Feeder(storage, self.make_ready, lambda jobs: self.queue.running(jobs), config.reaper_interval)
         self.supervisor = self._supervise()
         self.loops = self.supervisor.loops  # name -> LoopState: /api/health and /metrics read these
         self.metrics.attach(self)
@@ -175,8 +177,9 @@ class Dispatcher:
         try:
             await self.supervisor.run()
         finally:
-            if self._passes:  # let a reaper pass end before the engine is disposed
-                await asyncio.wait(self._passes, timeout=5.0)
+            passes = self._passes | self.feeder.passes
+            if passes:  # let a reaper's or feeder's pass end before the engine is disposed
+                await asyncio.wait(passes, timeout=5.0)
             for intake in (self._submissions, self._outcomes):
                 while not intake.empty():
                     _settle(intake.get_nowait()[-1], exc=ConnectionError("the server is shutting down"))
@@ -186,6 +189,7 @@ class Dispatcher:
         supervisor.add("submissions", self._run_submissions)
         supervisor.add("outcomes", self._run_outcomes)
         supervisor.add("reaper", self._run_reaper)
+        supervisor.add("feeder", self._run_feeder)
         supervisor.add("bus", self._run_bus)
         supervisor.add("events", self._run_events)
         return supervisor
@@ -210,10 +214,19 @@ class Dispatcher:
             async for chunk in chunks:
                 # first who already reported on these tasks, so no replica goes back to them
                 await self.queue.exclude(await self.storage.reporters([item.task for item in chunk]))
-                n += await self.queue.push(chunk)
+                n += await self.make_ready(chunk)
                 if pushed is not None:
                     pushed.extend(chunk)
         return n
+
+    async def make_ready(self, items: list[ReadyItem]) -> int:
+        """Tasks are ready to hand out (a submission, a retry, the feeder's next window, a rebuild):
+        the one place new work reaches the ready queue. Returns how many were added."""
+        return await self.queue.push(items)
+
+    async def _run_feeder(self) -> None:
+        """Make jobs' tasks ready window by window as hand-out reaches them (``server.jobs.feeder``)."""
+        await self.feeder.run(alive=self.loops["feeder"].ok)
 
     async def restore_strays(self) -> int:
         """The safety net under every queue write: when nothing is ready, each open task of a running
@@ -435,6 +448,7 @@ class Dispatcher:
             return []
         for lease in leases:
             sock.hold(lease.attempt, lease.job)
+        self.feeder.leased(leases)  # near the end of a job's ready window: the next one is made ready
         try:
             specs = await self._specs(sock, leases)
         except Exception as exc:
@@ -717,10 +731,12 @@ class Dispatcher:
 
     # ---------------------------------------------------------------------------- cancel
     async def cancel(self, researcher_id: int, job_id: int) -> bool:
-        changed = await self.storage.cancel_job(researcher_id, job_id)
-        if changed:
+        ready = await self.storage.cancel_job(researcher_id, job_id)
+        changed = ready is not None
+        if ready is not None:
             logger.info("job %d cancelled", job_id, extra={"job": job_id})
             await self.queue.cancel_job(job_id)
+            await self.queue.drop(ready)  # what was made ready is freed; no more windows come
             await self.bus.publish({"type": "cancel", "job": job_id})
             await self.publish_job(job_id, researcher_id)
             for downstream in await pipelines.downstream_of(self.storage, job_id):
@@ -774,6 +790,7 @@ class Dispatcher:
             job["counts"]["running"] = running
             job["counts"]["leased"] = held - running
             job["counts"]["queued"] -= held
+            job["handed_out"] += held
             job["volunteers"] = volunteers if running else 0
 
     async def list_jobs(self, researcher_id: int) -> list[dict]:

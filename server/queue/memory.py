@@ -253,8 +253,15 @@ class MemoryQueue(Queue):
         return await self.requeue([a for _, a in due])
 
     async def drop(self, items: Iterable[ReadyItem]) -> None:
+        dropped = 0
         for item in items:
-            self._unready(item.member)
+            if item.member in self._ready:
+                self._unready(item.member)
+                dropped += 1
+        if dropped > 1000:  # many (a cancelled job's window): free their heap entries now, not when popped
+            for heap in [*self._heaps.values(), *self._job_heaps.values()]:
+                heap[:] = [entry for entry in heap if entry[1] in self._ready]
+                heapq.heapify(heap)
 
     async def cancel_job(self, job: int) -> None:
         self._cancelled.add(job)

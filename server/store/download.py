@@ -77,7 +77,8 @@ async def result_pages(
     of ``page`` (default ``PAGE``) rows at a time: memory stays that of one page whatever the job's size."""
     page = page or PAGE
     info = await storage.job_info(job_id)
-    if info is None:
+    window = await storage.window_of(job_id)
+    if info is None or window is None:
         raise NotFound(f"no job {job_id}")
     # a range job's inputs are not stored; a job of no inputs has the one input None
     first, step = (info.range_start, info.range_step) if info.inputs_kind == "range" else (None, 0)
@@ -89,6 +90,9 @@ async def result_pages(
         async with storage.engine.connect() as conn:
             rows = (await conn.execute(query)).all()
         if not rows:
+            if first is not None:  # a range job's indices that hand-out has not reached: no rows yet
+                async for out in _unmaterialised(window, first, step, last + 1, left, page):
+                    yield out
             return
         parts = await _partial_texts(storage, job_id, rows[0].idx, rows[-1].idx)
         with _collector_paused():
@@ -108,3 +112,18 @@ async def result_pages(
         last = rows[-1].idx
         if left is not None:
             left -= len(rows)
+
+
+async def _unmaterialised(
+    window: tuple[str, int, int], first: int, step: int, start: int, limit: int | None, page: int
+) -> AsyncIterator[list[ResultRow]]:
+    """Rows for a range job's indices from ``start`` that have no task row yet (server/jobs/feeder.py):
+    "open" with their input (or "cancelled", once the job was), so a download lists every index."""
+    job_state, _materialised, n_tasks = window
+    state = "cancelled" if job_state == "cancelled" else "open"
+    stop = n_tasks if limit is None else min(n_tasks, start + limit)
+    for lo in range(start, stop, page):
+        yield [
+            ResultRow(idx, str(first + idx * step), state, None, None, "", None, 0, NONE)
+            for idx in range(lo, min(stop, lo + page))
+        ]

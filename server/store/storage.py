@@ -29,6 +29,10 @@ from server.store.tables import attempts, jobs, tasks
 
 INSERT_CHUNK = 1000
 TXN_TASKS = 20_000  # tasks saved per transaction when a job has more
+# Tasks made ready at a time (server/jobs/feeder.py): a range job's task rows and ready-queue entries
+# are created window by window as hand-out reaches them; a list job's rows all at submit (its inputs
+# are the researcher's data), its ready-queue entries window by window.
+WINDOW = 2_000  # small: a window is one short transaction (SQLite has one writer), and the submit makes one
 THROUGHPUT_WINDOW = 30.0  # seconds: a running job's throughput is over this much of its latest run
 __all__ = ["Conflict", "JobInfo", "NotFound", "Recorded", "Researcher", "Storage"]
 
@@ -43,9 +47,13 @@ class Storage(Accounts, Outcomes, Credit):
 
     # -------------------------------------------------------------------------------- jobs
     async def create_job(self, researcher_id: int, spec: JobSpec, limit: int) -> int:
-        """Insert the job and its tasks, then make it running: in one transaction, or for a job of more
-        than TXN_TASKS tasks in several (the job is "queued", so not handed out, until all are in)."""
+        """Insert the job and the tasks it has rows for at once, then make it running: in one
+        transaction, or for a list job of more than TXN_TASKS tasks in several (the job is "queued",
+        so not handed out, until all are in). A range job gets the rows of its first WINDOW only
+        (``materialise`` adds the others as hand-out reaches them); a pipeline stage none (they are
+        fed as its upstream job's tasks finish)."""
         policy = Verification.of(spec.replication, spec.quorum, spec.max_replicas, spec.tolerance)
+        rows_now = min(spec.n_tasks, WINDOW) if spec.inputs_kind == "range" else spec.n_tasks
         async with self.engine.begin() as conn:
             n_tasks = spec.n_tasks
             if spec.inputs_kind == "after":
@@ -62,6 +70,7 @@ class Storage(Accounts, Outcomes, Credit):
                     range_start=spec.range_start,
                     range_step=spec.range_step,
                     n_tasks=n_tasks,
+                    materialised=n_tasks if spec.inputs_kind == "after" else min(n_tasks, WINDOW),
                     n_done=0,
                     n_failed=0,
                     timeout=spec.timeout,
@@ -86,14 +95,14 @@ class Storage(Accounts, Outcomes, Credit):
                 .where(jobs.c.id == job_id)
                 .values(code_ct=self.box.seal_text(spec.code, f"job:{job_id}:code"))
             )
-            if spec.n_tasks <= TXN_TASKS:  # most jobs: all in one transaction
-                await self._insert_tasks(conn, job_id, spec, range(spec.n_tasks), limit)
+            if rows_now <= TXN_TASKS:  # most jobs: all in one transaction
+                await self._insert_tasks(conn, job_id, spec, range(rows_now), limit)
                 await self._start_job(conn, job_id, spec)
                 return job_id
-        # A big job's tasks go in transactions of TXN_TASKS rows, so that other writers (SQLite has
-        # one at a time) get their turns meanwhile; the job is handed out once all are in.
+        # A big list job's tasks go in transactions of TXN_TASKS rows, so that other writers (SQLite
+        # has one at a time) get their turns meanwhile; the job is handed out once all are in.
         try:
-            for chunk in _chunks(range(spec.n_tasks), TXN_TASKS):
+            for chunk in _chunks(range(rows_now), TXN_TASKS):
                 async with self.engine.begin() as conn:
                     await self._insert_tasks(conn, job_id, spec, chunk, limit)
                 await asyncio.sleep(0.01)  # a writer waiting on SQLite's lock polls: leave it a gap
@@ -230,13 +239,24 @@ class Storage(Accounts, Outcomes, Credit):
             job["throughput"] = throughput(job, recent.get(job["id"], 0), now)
         return out
 
-    async def cancel_job(self, researcher_id: int, job_id: int) -> bool:
-        """Cancel a running job: its unfinished tasks become cancelled. False if it had ended."""
+    async def cancel_job(self, researcher_id: int, job_id: int) -> list[ReadyItem] | None:
+        """Cancel a running job: its unfinished tasks become cancelled, and no more windows are made
+        ready. Returns the tasks that were made ready and still open (to take out of the ready
+        queue); None if the job had ended."""
 
-        async def work(conn: AsyncConnection) -> bool:
+        async def work(conn: AsyncConnection) -> list[ReadyItem] | None:
             row = await _owned_job(conn, researcher_id, job_id)
             if row.state in {s.value for s in JOB_TERMINAL}:
-                return False
+                return None
+            job = (
+                await conn.execute(
+                    sa.select(jobs.c.timeout, jobs.c.priority, jobs.c.materialised).where(jobs.c.id == job_id)
+                )
+            ).one()
+            # at most two windows are open in a job hand-out is going through (a job from before 0008
+            # may have more: the ready queue skips those of a cancelled job when it meets them)
+            query = queued_page_query(job_id, -1, 4 * WINDOW, below=job.materialised)
+            ready = (await conn.execute(query)).all()
             await conn.execute(
                 tasks.update()
                 .where(tasks.c.job_id == job_id, tasks.c.state == TaskState.OPEN.value)
@@ -245,15 +265,16 @@ class Storage(Accounts, Outcomes, Credit):
             await conn.execute(
                 jobs.update().where(jobs.c.id == job_id).values(state=JobState.CANCELLED.value, finished_at=_now())
             )
-            return True
+            return [ReadyItem(job_id, r.id, r.idx, job.timeout, job.priority, researcher_id) for r in ready]
 
         changed = await self._retry(work)  # it locks many task rows: a deadlock victim now and then
         self.forget_job(job_id)
         return changed
 
     async def ready_items(self, job_ids: Iterable[int] | None = None) -> AsyncGenerator[list[ReadyItem]]:
-        """The queued tasks of running jobs, in chunks: what the ready queue is rebuilt from."""
-        query = sa.select(jobs.c.id, jobs.c.timeout, jobs.c.priority, jobs.c.researcher_id).where(
+        """The open tasks of running jobs that were made ready (below ``materialised``), in chunks:
+        what the ready queue is rebuilt from."""
+        query = sa.select(jobs.c.id, jobs.c.timeout, jobs.c.priority, jobs.c.researcher_id, jobs.c.materialised).where(
             jobs.c.state == JobState.RUNNING.value
         )
         if job_ids is not None:
@@ -264,11 +285,78 @@ class Storage(Accounts, Outcomes, Credit):
             last = -1
             while True:
                 async with self.engine.connect() as conn:
-                    rows = (await conn.execute(queued_page_query(job.id, last, INSERT_CHUNK * 5))).all()
+                    query = queued_page_query(job.id, last, INSERT_CHUNK * 5, below=job.materialised)
+                    rows = (await conn.execute(query)).all()
                 if not rows:
                     break
                 last = rows[-1].idx
                 yield [ReadyItem(job.id, r.id, r.idx, job.timeout, job.priority, job.researcher_id) for r in rows]
+
+    async def materialise(self, job_id: int, seen: int) -> tuple[int, int, list[ReadyItem]] | None:
+        """Make the next window of a running job ready, if ``materialised`` is still ``seen``.
+
+        Compare-and-swap on ``jobs.materialised`` in the transaction that inserts the window's task
+        rows (range jobs; a list job's rows exist already), so of several servers deciding on the
+        same ``seen`` one makes the window and the others find it made (the unique (job_id, idx)
+        backs this up). Returns (the new ``materialised``, the job's ``n_tasks``, the window's open
+        tasks to push), or None
+        when there was nothing to do: another server was first, the job was made ready to its end,
+        or it is not running (cancelled: no more windows)."""
+
+        async def work(conn: AsyncConnection) -> tuple[int, int, list[ReadyItem]] | None:
+            job = (await conn.execute(sa.select(*_WINDOW_COLUMNS).where(jobs.c.id == job_id))).first()
+            if job is None or job.state != JobState.RUNNING.value or job.materialised != seen:
+                return None
+            upto = min(job.n_tasks, seen + WINDOW)
+            if upto <= seen:
+                return None
+            swapped = await conn.execute(
+                jobs.update()
+                .where(jobs.c.id == job_id, jobs.c.materialised == seen, jobs.c.state == JobState.RUNNING.value)
+                .values(materialised=upto)
+            )
+            if swapped.rowcount != 1:
+                return None
+            if job.inputs_kind == "range":
+                for chunk in _chunks(range(seen, upto), INSERT_CHUNK):
+                    rows = [{"job_id": job_id, "idx": i, "state": TaskState.OPEN.value, "attempts": 0} for i in chunk]
+                    await conn.execute(tasks.insert(), [{**row, "replicas": 0} for row in rows])
+            window = (await conn.execute(queued_page_query(job_id, seen - 1, WINDOW, below=upto))).all()
+            items = [ReadyItem(job_id, r.id, r.idx, job.timeout, job.priority, job.researcher_id) for r in window]
+            return upto, job.n_tasks, items
+
+        return await self._retry(work)
+
+    async def windows_due(self) -> list[Any]:
+        """Running jobs not yet made ready to their end, with how many of the tasks made ready are
+        still open (``open``): the feeder's look at every such job (server/jobs/feeder.py)."""
+        async with self.engine.connect() as conn:
+            rows = (
+                await conn.execute(
+                    sa.select(*_WINDOW_COLUMNS).where(
+                        jobs.c.state == JobState.RUNNING.value, jobs.c.materialised < jobs.c.n_tasks
+                    )
+                )
+            ).all()
+            out = []
+            for job in rows:
+                n_open = (
+                    await conn.execute(
+                        sa.select(sa.func.count()).where(
+                            tasks.c.job_id == job.id,
+                            tasks.c.state == TaskState.OPEN.value,
+                            tasks.c.idx < job.materialised,
+                        )
+                    )
+                ).scalar_one()
+                out.append((job.id, job.materialised, job.n_tasks, n_open))
+        return out
+
+    async def window_of(self, job_id: int) -> tuple[str, int, int] | None:
+        """(state, materialised, n_tasks) of a job; None if there is no such job."""
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(sa.select(*_WINDOW_COLUMNS).where(jobs.c.id == job_id))).first()
+        return None if row is None else (row.state, row.materialised, row.n_tasks)
 
     async def still_open(self, task_ids: list[int]) -> set[int]:
         """Which of these tasks are not final yet."""
@@ -384,13 +472,17 @@ class Storage(Accounts, Outcomes, Credit):
         """The tasks of a job in input order, decrypted, fetched in pages (constant memory). A
         results download goes through ``server.store.download`` instead (JSON left as text)."""
         info = await self.job_info(job_id)
-        if info is None:
+        window = await self.window_of(job_id)
+        if info is None or window is None:
             raise NotFound(f"no job {job_id}")
         last = -1
         while True:
             async with self.engine.connect() as conn:
                 rows = (await conn.execute(page_query(job_id, last, PAGE, only_errors))).all()
             if not rows:
+                if info.inputs_kind == "range" and not only_errors:  # indices not made ready yet
+                    for index in range(last + 1, window[2]):
+                        yield _unmaterialised(info, index, window[0])
                 return
             parts = await live.partials_of(self, job_id, [r.idx for r in rows])
             for row in rows:
@@ -443,12 +535,24 @@ class Storage(Accounts, Outcomes, Credit):
         return None
 
 
+_WINDOW_COLUMNS = (
+    jobs.c.id,
+    jobs.c.state,
+    jobs.c.inputs_kind,
+    jobs.c.materialised,
+    jobs.c.n_tasks,
+    jobs.c.timeout,
+    jobs.c.priority,
+    jobs.c.researcher_id,
+)
+
 _JOB_COLUMNS = (
     jobs.c.id,
     jobs.c.name,
     jobs.c.state,
     jobs.c.inputs_kind,
     jobs.c.n_tasks,
+    jobs.c.materialised,
     jobs.c.n_done,
     jobs.c.n_failed,
     jobs.c.timeout,
@@ -475,16 +579,18 @@ _JOB_COLUMNS = (
 PAGE = 2000  # rows per page of ``iter_tasks`` (a job's errors, the inputs of a ``results_of`` job)
 
 
-def queued_page_query(job_id: int, after: int, limit: int) -> sa.Select:
-    """A page of a job's queued tasks in input order (what the ready queue is filled from): a range on
-    ``ix_tasks_job_state_idx`` (job_id, state, idx), so each page reads its own rows only; on
-    (job_id, state) alone every page read and sorted all the queued tasks left (the 1M-task submit)."""
-    return (
+def queued_page_query(job_id: int, after: int, limit: int, below: int | None = None) -> sa.Select:
+    """A page of a job's open tasks in input order, of indices below ``below`` when given (what the
+    ready queue is filled from): a range on ``ix_tasks_job_state_idx`` (job_id, state, idx), so each
+    page reads its own rows only; on (job_id, state) alone every page read and sorted all the open
+    tasks left (the 1M-task submit)."""
+    query = (
         sa.select(tasks.c.id, tasks.c.idx)
         .where(tasks.c.job_id == job_id, tasks.c.state == TaskState.OPEN.value, tasks.c.idx > after)
         .order_by(tasks.c.idx)
         .limit(limit)
     )
+    return query if below is None else query.where(tasks.c.idx < below)
 
 
 def page_query(job_id: int, after: int, limit: int, only_errors: bool = False) -> sa.Select:
@@ -511,6 +617,24 @@ def page_query(job_id: int, after: int, limit: int, only_errors: bool = False) -
     return query.where(tasks.c.error_ct.is_not(None)) if only_errors else query
 
 
+def _unmaterialised(info: JobInfo, index: int, job_state: str) -> dict:
+    """A download's row for an index of a range job that hand-out has not reached: it has no task
+    row yet, so it is "open" (or "cancelled", when its job was), with its input and nothing else."""
+    state = TaskState.CANCELLED.value if job_state == JobState.CANCELLED.value else TaskState.OPEN.value
+    return {
+        "index": index,
+        "input": info.input_at(index),
+        "state": state,
+        "result": None,
+        "error": None,
+        "output": "",
+        "attempts": 0,
+        "replicas": 0,
+        "accepted": None,
+        "partials": [],
+    }
+
+
 def _verification(row: Any) -> Verification:
     """A job row's verification settings (replication 0 is stored for adaptive)."""
     replication = ADAPTIVE if row.replication == 0 else row.replication
@@ -527,6 +651,8 @@ def _job_dict(row: Any) -> dict:
         "state": row.state,
         "inputs_kind": row.inputs_kind,
         "n_tasks": row.n_tasks,
+        "materialised": row.materialised,
+        "handed_out": row.n_done + row.n_failed,  # the dispatcher adds the leased ones
         "counts": {
             "queued": row.n_tasks - row.n_done - row.n_failed - cancelled,
             "running": 0,

@@ -55,6 +55,9 @@ jobs = sa.Table(
     sa.Column("range_start", sa.BigInteger),
     sa.Column("range_step", sa.BigInteger),
     sa.Column("n_tasks", sa.Integer, nullable=False),
+    # Tasks below this index exist as rows and were made ready; the rest are made ready in windows as
+    # hand-out reaches them (server/jobs/feeder.py). Advanced by compare-and-swap: several servers.
+    sa.Column("materialised", sa.Integer, nullable=False, default=0),
     sa.Column("n_done", sa.Integer, nullable=False, default=0),
     sa.Column("n_failed", sa.Integer, nullable=False, default=0),
     sa.Column("timeout", sa.Double, nullable=False),

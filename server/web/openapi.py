@@ -122,6 +122,15 @@ COMPONENTS: dict = {
                 "description": {"type": "string"},
                 "state": {"type": "string", "enum": ["queued", "running", "done", "failed", "cancelled"]},
                 "n_tasks": {"type": "integer"},
+                "materialised": {
+                    "type": "integer",
+                    "description": "tasks made ready so far (indices below this): a job's tasks are made ready "
+                    "in windows as hand-out reaches them",
+                },
+                "handed_out": {
+                    "type": "integer",
+                    "description": "tasks handed out to volunteers that finished (done or failed) or are leased",
+                },
                 "counts": {"$ref": "#/components/schemas/Counts"},
                 "throughput": {
                     "type": "number",
