@@ -29,16 +29,21 @@ from server.jobs.metrics import Metrics
 from server.jobs.outage import DatabaseAway, DbHealth, is_outage
 from server.jobs.supervise import Supervisor
 from server.jobs.validator import Validator
+from server.jobs.waiting import Waiters
 from server.protocol import (
     MAX_WORKERS,
+    PROTOCOL_VERSION,
+    WAITING_SINCE,
     AttemptOutcome,
     Cancel,
     Capabilities,
     Outcome,
     ProtocolError,
+    Tasks,
     TaskSpec,
     ThrottleState,
     Update,
+    Wait,
 )
 from server.queue import Bus, Lease, Queue
 from server.queue.base import DEFAULT_SHARE
@@ -65,12 +70,13 @@ class Misbehaving(Exception):
     """A volunteer that must be disconnected; ``str(exc)`` says why."""
 
 
-@dataclasses.dataclass(eq=False)
+@dataclasses.dataclass(eq=False, slots=True)
 class VolunteerSocket:
     """One connected volunteer socket on this instance and the attempts it holds.
 
     ``volunteer`` is the verified public id (``server.jobs.identity``), ``address`` the client's
-    address (``server.web.addresses.client_address``).
+    address (``server.web.addresses.client_address``). Slots, and a lock only: 10,000 of these
+    per process should cost little beside the socket itself.
     """
 
     volunteer: str
@@ -83,6 +89,10 @@ class VolunteerSocket:
     recent: collections.OrderedDict = dataclasses.field(default_factory=collections.OrderedDict)  # attempt -> job
     strays: int = 0  # results for attempts never held here, less those acknowledged
     updated: dict[str, float] = dataclasses.field(default_factory=dict)  # attempt -> last update (monotonic)
+    protocol: int = PROTOCOL_VERSION  # the hello's version: below WAITING_SINCE, an idle ready is not held
+    wants: int = 0  # the n of its held ready (protocol 4); 0: none held
+    beat: float = 0.0  # the idle heartbeat interval last given in `wait` (server.jobs.waiting)
+    lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)  # one lease at a time for it
 
     def declared_cap(self) -> int:
         """What the declared workers and prefetch justify: at most HARD_CAP, at least 1."""
@@ -127,6 +137,7 @@ class Dispatcher:
         self.db_health = DbHealth()
         self.metrics = Metrics()
         self.validator = Validator(storage, config)
+        self.waiters = Waiters(self._fill, queue.ready_count)
         self._passes: set[asyncio.Task] = set()  # reaper passes under way (see _run_reaper)
         self.supervisor = self._supervise()
         self.loops = self.supervisor.loops  # name -> LoopState: /api/health and /metrics read these
@@ -152,6 +163,7 @@ class Dispatcher:
         supervisor.add("reaper", self._run_reaper)
         supervisor.add("bus", self._run_bus)
         supervisor.add("events", self._run_events)
+        supervisor.add("wake", self._run_wake)
         return supervisor
 
     async def rebuild_if_needed(self) -> int:
@@ -173,7 +185,9 @@ class Dispatcher:
             async for chunk in chunks:
                 # first who already reported on these tasks, so no replica goes back to them
                 await self.queue.exclude(await self.storage.reporters([item.task for item in chunk]))
-                n += await self.queue.push(chunk)
+                added = await self.queue.push(chunk)
+                await self.work_arrived(added)  # waiting volunteers start on the first chunk
+                n += added
         return n
 
     async def _run_reaper(self) -> None:
@@ -225,6 +239,8 @@ class Dispatcher:
         rec = await self.storage.record_lost(expired, AttemptOutcome.EXPIRED)
         self.metrics.attempts.labels("expired").inc(len(expired))
         await self._apply(rec)
+        # Only now: a waiter woken at once could otherwise finish the task before its expiry is recorded
+        await self.work_arrived(len(expired))
 
     async def _run_bus(self) -> None:
         """Relay events from other instances (a Redis pub/sub subscription)."""
@@ -234,7 +250,23 @@ class Dispatcher:
         async for event in self.bus.listen():
             if event.get("type") == "cancel":
                 await self._cancel_local(int(event["job"]))
+            elif event.get("type") == "work" and event.get("instance") != self.config.instance:
+                self.waiters.work.set()  # another instance made tasks ready: wake ours too
             self.loops["events"].ok()
+
+    async def _run_wake(self) -> None:
+        await self.waiters.run(alive=self.loops["wake"].ok)
+
+    async def work_arrived(self, n: int) -> None:
+        """``n`` tasks became ready (submitted, requeued, fed): wake the waiting volunteers of this
+        instance, and tell the others. Publishing is best effort: their sweep finds what it misses."""
+        if n <= 0:
+            return
+        self.waiters.work.set()
+        try:
+            await self.bus.publish({"type": "work", "instance": self.config.instance, "n": n})
+        except Exception:  # noqa: BLE001 - the bus is down: the other instances' sweep catches up
+            logger.warning("could not tell the other instances that %d tasks are ready", n, exc_info=True)
 
     # ----------------------------------------------------------------------- submissions
     async def submit(self, researcher_id: int, spec: JobSpec) -> int:
@@ -357,6 +389,55 @@ class Dispatcher:
         cap = int(sock.declared_cap() // (1.0 + self._strikes(sock.volunteer)))
         by_id = sum(len(c.held) for c in self._by_volunteer.get(sock.volunteer, ()))
         return max(0, min(cap - len(sock.held), HARD_CAP - by_id))
+
+    # ----------------------------------------------------------------- idle volunteers wait
+    async def ready(self, sock: VolunteerSocket, n: int) -> None:
+        """Answer a ``ready {n}``: ``tasks`` leased now, or (protocol 4) ``wait``: the ready is held
+        and ``tasks`` are pushed when work arrives (``server.jobs.waiting``). A new ready replaces a
+        held one; ``n == 0`` withdraws it. Protocol 3 sockets are never held: an empty ``tasks``.
+        Answered under the socket's lock, so a push never overtakes the ``wait`` it ends."""
+        async with sock.lock:
+            self._unwait(sock)
+            specs = await self.lease(sock, n) if n > 0 else []
+            if specs or n <= 0 or sock.protocol < WAITING_SINCE:
+                sock.beat = 0.0 if specs else sock.beat
+                await sock.send(Tasks(specs))
+                return
+            sock.wants = n
+            self.waiters.hold(sock)
+            await sock.send(Wait(self.waiters.interval(sock, self.config.heartbeat, self.config.idle_heartbeat)))
+
+    async def idle_heartbeat(self, sock: VolunteerSocket) -> None:
+        """A heartbeat with no attempts: a waiting volunteer is told to wait, a little longer each time."""
+        async with sock.lock:
+            if sock.wants:
+                await sock.send(Wait(self.waiters.interval(sock, self.config.heartbeat, self.config.idle_heartbeat)))
+
+    def _unwait(self, sock: VolunteerSocket) -> None:
+        sock.wants = 0
+        self.waiters.drop(sock)
+
+    async def _fill(self, sock: VolunteerSocket) -> list[TaskSpec] | None:
+        """Lease for a waiting socket and push what it got (``Waiters.wake``): None when it no longer
+        waits or may not lease now, [] when the queue had nothing for it, else the tasks sent."""
+        async with sock.lock:
+            if not sock.wants or sock not in self.sockets or self.db_health.down_since is not None:
+                return None
+            if self.lease_room(sock) <= 0:
+                return None
+            specs = await self.lease(sock, sock.wants)
+            if not specs:
+                return []
+            self._unwait(sock)
+            sock.beat = 0.0
+            with contextlib.suppress(ConnectionError, RuntimeError):  # closed meanwhile: abandon() requeues
+                await sock.send(Tasks(specs))
+            return specs
+
+    async def refill(self, sock: VolunteerSocket) -> None:
+        """Results of a waiting socket were acknowledged: room under its cap may now let it lease."""
+        if sock.wants:
+            await self._fill(sock)
 
     # -------------------------------------------------------------------------- leasing
     async def lease(self, sock: VolunteerSocket, n: int) -> list[TaskSpec]:
@@ -489,12 +570,14 @@ class Dispatcher:
     async def abandon(self, sock: VolunteerSocket) -> None:
         """The socket closed: its leases go back to the ready queue at once."""
         self.sockets.discard(sock)
+        self._unwait(sock)
         same = self._by_volunteer.get(sock.volunteer)
         if same is not None:
             same.discard(sock)
             if not same:
                 del self._by_volunteer[sock.volunteer]
-        held, sock.held = list(sock.held), {}
+        async with sock.lock:  # a lease for it under way (its ready being filled) ends first
+            held, sock.held = list(sock.held), {}
         leases = await self.queue.requeue(held)
         if leases:
             logger.info(
@@ -510,6 +593,7 @@ class Dispatcher:
                 if not is_outage(exc):
                     raise
                 self.db_health.failed(exc)
+            await self.work_arrived(len(leases))  # after the record: see _reap
 
     # -------------------------------------------------------------------------- outcomes
     async def report(self, sock: VolunteerSocket, outcomes: list[Outcome]) -> Recorded:
@@ -607,9 +691,9 @@ class Dispatcher:
         await self.queue.forget(rec.settled)
         await self.queue.exclude(rec.exclude)
         await self.queue.release(rec.release)
-        await self.queue.requeue(rec.requeue)
+        requeued = await self.queue.requeue(rec.requeue)
         await self.queue.drop(rec.drop)
-        await self.queue.push(rec.push)
+        await self.work_arrived(len(requeued) + await self.queue.push(rec.push))
         for job_id in rec.jobs:
             info = await self.storage.job_info(job_id)
             if info is not None:

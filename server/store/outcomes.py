@@ -344,7 +344,16 @@ class Outcomes:
         now = _now()
         counted = outcome in (AttemptOutcome.EXPIRED,)
         async with self.engine.begin() as conn:
+            # A result committed just before its deadline, whose lease the reaper took before it was
+            # released: the attempt is done, not lost (and its row exists already).
+            known = set(
+                (await conn.execute(sa.select(attempts.c.id).where(attempts.c.id.in_([le.attempt for le in leases]))))
+                .scalars()
+                .all()
+            )
             for lease in leases:
+                if lease.attempt in known:
+                    continue
                 await conn.execute(
                     attempts.insert().values(
                         id=lease.attempt,
