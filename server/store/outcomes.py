@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.mysql import insert as mysql_insert
@@ -20,7 +20,7 @@ from server.protocol import AttemptOutcome, JobState, Outcome, TaskState
 from server.queue import ReadyItem
 from server.spec import attempts_exhausted
 from server.store import pipelines
-from server.store.models import OutcomeWrites, Recorded, TaskDecision
+from server.store.models import JobInfo, OutcomeWrites, Recorded, TaskDecision
 from server.store.models import now as _now
 from server.store.tables import attempts, jobs, reputation, tasks, volunteers
 
@@ -32,6 +32,13 @@ class Outcomes:
 
     engine: AsyncEngine
     box: Box
+
+    if TYPE_CHECKING:  # Storage's, declared here so the mixin is type-checked against them
+
+        async def _retry(self, work: Callable[[AsyncConnection], Awaitable[Any]], attempts: int = 5) -> Any: ...
+        async def _retry_call(self, call: Callable[[], Awaitable[Any]], attempts: int = 5) -> Any: ...
+        async def job_info(self, job_id: int) -> JobInfo | None: ...
+        def forget_job(self, job_id: int) -> None: ...
 
     async def run_in_transaction(self, work: Callable[[AsyncConnection], Awaitable[Any]]) -> Any:
         """Run ``work(conn)`` in one transaction, again if it was a deadlock victim (the validator's)."""
@@ -313,7 +320,12 @@ class Outcomes:
                 await conn.execute(jobs.update().where(jobs.c.id == job_id).values(n_done=n - mine))
 
     def _bulk_update(
-        self, table: sa.Table, key: list[str], rows: list[dict], replace: list[str], add: list[str] = ()
+        self,
+        table: sa.Table,
+        key: list[str],
+        rows: list[dict],
+        replace: list[str],
+        add: tuple[str, ...] | list[str] = (),
     ) -> Any:
         """INSERT ... ON DUPLICATE KEY / ON CONFLICT UPDATE of many rows in one statement.
 
@@ -325,9 +337,9 @@ class Outcomes:
             return stmt.on_duplicate_key_update(
                 {c: new[c] for c in replace if c not in key} | {c: table.c[c] + new[c] for c in add}
             )
-        stmt = sqlite_insert(table).values(rows)
-        new = stmt.excluded
-        return stmt.on_conflict_do_update(
+        upsert = sqlite_insert(table).values(rows)
+        new = upsert.excluded
+        return upsert.on_conflict_do_update(
             index_elements=key,
             set_={c: new[c] for c in replace if c not in key} | {c: table.c[c] + new[c] for c in add},
         )

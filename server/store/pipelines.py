@@ -24,12 +24,13 @@ from server.store.models import Recorded
 from server.store.tables import jobs, tasks
 
 if TYPE_CHECKING:
+    from server.store.outcomes import Outcomes  # the part of Storage that feeds pipelines
     from server.store.storage import Storage
 
 UPSTREAM_FAILED = "upstream task {idx} of job {job} failed; this task has no input"
 
 
-async def feed(storage: Storage, conn: AsyncConnection, rec: Recorded) -> None:
+async def feed(storage: Outcomes, conn: AsyncConnection, rec: Recorded) -> None:
     """Create downstream tasks for the upstream tasks that finished in this transaction."""
     if not rec.upstream:
         return
@@ -53,7 +54,7 @@ async def feed(storage: Storage, conn: AsyncConnection, rec: Recorded) -> None:
 
 
 async def _create(
-    storage: Storage, conn: AsyncConnection, rec: Recorded, job: Any, idx: int, state: str, result: Any
+    storage: Outcomes, conn: AsyncConnection, rec: Recorded, job: Any, idx: int, state: str, result: Any
 ) -> None:
     row: dict[str, Any] = {"job_id": job.id, "idx": idx, "attempts": 0}
     if state == TaskState.DONE.value:
