@@ -82,6 +82,7 @@ class SimVolunteer:
         self.batches = 0  # `tasks` messages with work, done and acknowledged
         self.leave_after = leave_after
         self.received: collections.Counter = collections.Counter()  # message types from the server
+        self.sent: collections.Counter = collections.Counter()  # message types it sent
         self.trace: list[str] | None = [] if trace else None
         self.task_ids: list[int] = []
         self.runner = Runner()  # compiled job code by hash, as in a browser's worker
@@ -105,6 +106,7 @@ class SimVolunteer:
             self._closed.set()
 
     async def _send(self, ws: aiohttp.ClientWebSocketResponse, msg: Any) -> None:
+        self.sent[msg.TYPE] += 1
         if self.trace is not None:
             self.trace.append(f">{msg.TYPE}")
         await ws.send_str(P.encode(msg))
