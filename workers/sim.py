@@ -119,7 +119,9 @@ class SimVolunteer:
             try:
                 capabilities = {"cores": 1, "workers": 1, "prefetch": max(0, self.prefetch - 1), "sim": True}
                 await self._send(ws, P.Hello(self.token, capabilities))
-                welcome: P.Welcome = await self._first_of("welcome")
+                welcome = await self._first_of("welcome", "error")
+                if not isinstance(welcome, P.Welcome):  # the server failed to handle the hello: come back
+                    raise ConnectionError(f"hello not answered: {welcome.message}")
                 self.token = welcome.volunteer
                 self.volunteer = welcome.volunteer.split("-", 1)[0]
                 self.every = welcome.every

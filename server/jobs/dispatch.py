@@ -17,6 +17,7 @@ import collections
 import contextlib
 import dataclasses
 import ipaddress
+import itertools
 import json
 import logging
 import secrets
@@ -139,6 +140,8 @@ class Dispatcher:
         self.metrics = Metrics()
         self.validator = Validator(storage, config)
         self.waiters = Waiters(self._fill, queue.ready_count)
+        self._seen: dict[str, dict] = {}  # volunteers who said hello, not yet written (see seen())
+        self._seen_wake = asyncio.Event()
         self._passes: set[asyncio.Task] = set()  # reaper passes under way (see _run_reaper)
         self.supervisor = self._supervise()
         self.loops = self.supervisor.loops  # name -> LoopState: /api/health and /metrics read these
@@ -165,6 +168,7 @@ class Dispatcher:
         supervisor.add("bus", self._run_bus)
         supervisor.add("events", self._run_events)
         supervisor.add("wake", self._run_wake)
+        supervisor.add("seen", self._run_seen)
         return supervisor
 
     async def rebuild_if_needed(self) -> int:
@@ -254,6 +258,33 @@ class Dispatcher:
             elif event.get("type") == "work" and event.get("instance") != self.config.instance:
                 self.waiters.work.set()  # another instance made tasks ready: wake ours too
             self.loops["events"].ok()
+
+    def seen(self, volunteer: str, capabilities: dict) -> None:
+        """A volunteer said hello: its row (first/last seen, device) is written in the background, many
+        in one statement, so that a burst of 10,000 connections never waits on the database."""
+        self._seen[volunteer] = capabilities
+        self._seen_wake.set()
+
+    async def flush_seen(self, volunteer: str) -> None:
+        """Write this volunteer's row now if it waits (its throttle is about to update it)."""
+        if volunteer in self._seen:
+            await self.storage.volunteers_seen({volunteer: self._seen.pop(volunteer)})
+
+    async def _run_seen(self) -> None:
+        while True:
+            await self._seen_wake.wait()
+            self._seen_wake.clear()
+            while self._seen:
+                batch = dict(itertools.islice(self._seen.items(), 500))
+                for volunteer in batch:
+                    del self._seen[volunteer]
+                try:
+                    await self.storage.volunteers_seen(batch)
+                except Exception as exc:  # bookkeeping: the next hello writes it again
+                    if not is_outage(exc):
+                        raise
+                    self.db_health.failed(exc)
+            self.loops["seen"].ok()
 
     async def _run_wake(self) -> None:
         await self.waiters.run(alive=self.loops["wake"].ok)

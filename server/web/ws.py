@@ -183,14 +183,14 @@ async def _message(
 
 async def _hello(request: web.Request, msg: P.Hello, address: str, send) -> VolunteerSocket:  # noqa: ANN001
     """Verify (or issue) the volunteer's id, register the connection, resume what it holds."""
-    config, dispatcher, storage = request.app[K.config], request.app[K.dispatcher], request.app[K.storage]
+    config, dispatcher = request.app[K.config], request.app[K.dispatcher]
     public, signed = request.app[K.volunteer_ids].verify_or_issue(msg.volunteer)
     caps: P.Capabilities = msg.capabilities
     sock = VolunteerSocket(public, send, capabilities=caps, address=address, protocol=msg.protocol)
     volunteer_context.set(public)  # this socket's task: its log lines name the volunteer
     dispatcher.connect(sock)
     try:
-        await storage.volunteer_seen(public, {k: v for k, v in dataclasses.asdict(caps).items() if k != "resume"})
+        dispatcher.seen(public, {k: v for k, v in dataclasses.asdict(caps).items() if k != "resume"})
         if caps.resume:  # attempts this browser still holds
             await dispatcher.resume(sock, caps.resume[: sock.declared_cap()])
     except Exception as exc:
@@ -225,6 +225,7 @@ async def _handle(msg: object, sock: VolunteerSocket, dispatcher, storage, send)
         await send(P.Code(msg.job, msg.code_hash, source, info.requirements))
     elif isinstance(msg, P.Throttle):
         sock.throttle = msg.state
+        await dispatcher.flush_seen(sock.volunteer)  # its row first, or the update finds none
         await storage.volunteer_throttle(sock.volunteer, msg.state.to_wire())
 
 
