@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 8080
 
-.PHONY: setup setup-test run test lint typecheck services bench clean
+.PHONY: setup setup-test run test lint typecheck services bench bench-peers clean
 
 # `make run` installs what the server needs; `make test` adds the test tools (pytest, playwright, ruff).
 $(VENV)/.installed: pyproject.toml
@@ -49,6 +49,11 @@ bench: setup-test services
 	$(PY) bench/dispatch.py --volunteers 500 --tasks 60000 --prefetch 8
 	$(PY) bench/dispatch.py --backend sqlite --volunteers 100 --tasks 30000
 	$(PY) bench/browser.py
+
+# UVM against Dask, Celery and Ray on one job (their packages: the `bench` extra, never `make test`'s)
+bench-peers: setup-test services
+	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) bench/peers.py
 
 clean:
 	rm -rf $(VENV) public/node_modules data

@@ -10,83 +10,36 @@ from a volunteer's ``ready`` to its ``tasks``. Not a test: it asserts nothing, i
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
-import multiprocessing
 import os
 import platform
 import statistics
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.harness import (  # noqa: E402
+    REDIS_PORT,
+    cpu_seconds,
+    fresh_mariadb_redis,
+    get_json,
+    post_json,
+    start_volunteers,
+    stop_volunteers,
+    tree_cpu,
+)
 from tests.procs import ServerProcess, add_researcher  # noqa: E402
 
-# UVM_TEST_REDIS_PORT, as in the tests: parallel checkouts each bench against a Redis of their own.
-REDIS_PORT = os.environ.get("UVM_TEST_REDIS_PORT", "6379")
 REDIS_URL = f"redis://127.0.0.1:{REDIS_PORT}/12"
 DATABASE = "uvm_bench" if REDIS_PORT == "6379" else f"uvm_bench_{REDIS_PORT}"
 
 
-def _volunteers(url: str, count: int, prefetch: int, done, out: multiprocessing.Queue) -> None:  # noqa: ANN001
-    from workers.sim import run_volunteers
-
-    async def go() -> dict:
-        stop = asyncio.Event()
-
-        async def watch() -> None:
-            while not done.is_set():
-                await asyncio.sleep(0.1)
-            stop.set()
-
-        watcher = asyncio.create_task(watch())
-        stats = await run_volunteers(url, count, prefetch=prefetch, quiet=True, stop=stop)
-        await watcher
-        return stats
-
-    out.put(asyncio.run(go()))
-
-
-def _cpu(pid: int | None) -> float:
-    """CPU seconds (user + system) a process has used: a cost that contention does not inflate."""
-    if not pid:
-        return 0.0
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _tree_cpu(pid: int | None) -> float:
-    """CPU seconds of a process and its children (``serve --processes N`` forks N servers)."""
-    if not pid:
-        return 0.0
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    return _cpu(pid) + sum(_tree_cpu(int(c)) for c in children)
-
-
 def _mariadb_cpu() -> float:
     pids = subprocess.run(["pgrep", "-x", "mariadbd"], capture_output=True, text=True).stdout.split()
-    return sum(_cpu(int(p)) for p in pids)
-
-
-def _get(url: str, token: str) -> dict:
-    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
-    with urllib.request.urlopen(req, timeout=30) as resp:
-        return json.loads(resp.read())
-
-
-def _post(url: str, token: str, body: dict) -> dict:
-    req = urllib.request.Request(
-        url,
-        data=json.dumps(body).encode(),
-        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(req, timeout=300) as resp:
-        return json.loads(resp.read())
+    return sum(cpu_seconds(int(p)) for p in pids)
 
 
 def main() -> None:
@@ -111,51 +64,26 @@ def main() -> None:
     if args.limits:  # every volunteer on one address: allow them all, keep the per-socket message rate
         env |= {"UVM_LIMIT_LOOPBACK": "1", "UVM_MAX_CONNECTIONS_PER_ADDRESS": str(args.volunteers + 10)}
     if args.backend == "mariadb":
-        subprocess.run(
-            [
-                "mariadb",
-                "-h127.0.0.1",
-                "-uroot",
-                "-e",
-                f"DROP DATABASE IF EXISTS {DATABASE}; CREATE DATABASE {DATABASE}",
-            ],
-            check=True,
-        )
-        subprocess.run(["redis-cli", "-n", REDIS_URL.rsplit("/", 1)[1], "flushdb"], check=True, capture_output=True)
-        env |= {
-            "UVM_DATABASE_URL": f"mysql+aiomysql://root@127.0.0.1:3306/{DATABASE}",
-            "UVM_REDIS_URL": REDIS_URL,
-            "UVM_KEY": os.urandom(32).hex(),  # required on MySQL
-        }
+        env |= fresh_mariadb_redis(DATABASE, REDIS_URL)
     token = add_researcher(env, "bench@example.org")
     server = ServerProcess(env, args=("--processes", str(args.server_processes))).start()
     try:
         t0 = time.perf_counter()
         body = {"code": "def main(x):\n    return x\n", "inputs": {"range": [args.tasks]}, "replication": 1}
-        job = _post(f"{server.url}/api/jobs", token, body)  # one replica: this measures dispatch
+        job = post_json(f"{server.url}/api/jobs", token, body)  # one replica: this measures dispatch
         t_submit = time.perf_counter() - t0
-        out: multiprocessing.Queue = multiprocessing.Queue()
-        finished = multiprocessing.Event()
-        per = [args.volunteers // args.procs + (i < args.volunteers % args.procs) for i in range(args.procs)]
-        procs = [
-            multiprocessing.Process(target=_volunteers, args=(server.url, n, args.prefetch, finished, out)) for n in per
-        ]
-        for proc in procs:
-            proc.start()
+        procs, out, finished = start_volunteers(server.url, args.volunteers, args.prefetch, args.procs)
         start = time.perf_counter()
-        cpu0 = _tree_cpu(server.proc.pid), _mariadb_cpu()
+        cpu0 = tree_cpu(server.proc.pid), _mariadb_cpu()
         status = {}
         while time.perf_counter() - start < args.seconds:
-            status = _get(f"{server.url}/api/jobs/{job['id']}", token)
+            status = get_json(f"{server.url}/api/jobs/{job['id']}", token)
             if status["state"] in ("done", "failed", "cancelled"):
                 break
             time.sleep(0.25)
         elapsed = time.perf_counter() - start
-        cpu1 = _tree_cpu(server.proc.pid), _mariadb_cpu()
-        finished.set()
-        stats = [out.get(timeout=60) for _ in procs]
-        for proc in procs:
-            proc.join(timeout=10)
+        cpu1 = tree_cpu(server.proc.pid), _mariadb_cpu()
+        stats = stop_volunteers(procs, out, finished)
     finally:
         server.stop()
     latencies = sorted(x for s in stats for x in s["latencies"])

@@ -63,7 +63,15 @@ def _volunteers(url: str, count: int, ramp: float, commands, out) -> None:  # no
 
 
 def _metric(url: str, name: str) -> float:
-    with urllib.request.urlopen(f"{url}/metrics", timeout=30) as resp:
+    """A gauge from /metrics; -1 when the server is too busy to answer within a minute."""
+    try:
+        return _read_metric(url, name)
+    except TimeoutError:
+        return -1.0
+
+
+def _read_metric(url: str, name: str) -> float:
+    with urllib.request.urlopen(f"{url}/metrics", timeout=60) as resp:
         for line in resp.read().decode().splitlines():
             if line.startswith(name + " ") or line.startswith(name + "{"):
                 return float(line.rsplit(" ", 1)[1])

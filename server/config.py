@@ -160,8 +160,11 @@ def _bool(raw: str) -> bool:
 
 
 def _db_url(raw: str) -> str:
-    if raw and not raw.startswith(("mysql+aiomysql://", "sqlite+aiosqlite://")):
-        raise ValueError("expected mysql+aiomysql://user:pass@host:port/db or sqlite+aiosqlite:///path")
+    if raw and not raw.startswith(("mysql+asyncmy://", "mysql+aiomysql://", "sqlite+aiosqlite://")):
+        raise ValueError(
+            "expected mysql+asyncmy://user:pass@host:port/db (mysql+aiomysql:// runs on asyncmy too)"
+            " or sqlite+aiosqlite:///path"
+        )
     return raw
 
 

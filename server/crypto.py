@@ -12,6 +12,7 @@ import hmac
 import json
 import os
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,21 @@ class Box:
             return aead.decrypt(rest[:12], rest[12:], aad.encode())
         except InvalidTag:
             raise DecryptError(f"ciphertext does not match its row ({aad})") from None
+
+    def opener(self) -> Callable[[bytes, bytes], bytes]:
+        """``open`` for a loop over many values (a download opens 100,000 a second): associated data
+        as bytes, and values under the current key decrypted without any detour."""
+        prefix, at, aead, slow = self.prefix, len(self.prefix), self._aead[self.current], self.open
+
+        def open_(blob: bytes, aad: bytes) -> bytes:
+            if blob[:at] == prefix and len(blob) >= at + 28:
+                try:
+                    return aead.decrypt(blob[at : at + 12], blob[at + 12 :], aad)
+                except InvalidTag:
+                    pass  # slow() raises the error that names the row
+            return slow(blob, aad.decode())
+
+        return open_
 
     def seal_json(self, value: Any, aad: str) -> bytes:
         return self.seal(json.dumps(value, separators=(",", ":")).encode(), aad)

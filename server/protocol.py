@@ -17,9 +17,13 @@ from enum import Enum
 from typing import Any
 
 PROTOCOL_VERSION = 4
+# 1: first release.
 # 2: `update` (progress, checkpoints, partial results), TaskSpec.restore, Welcome.every
 # 3: a result's run time is `elapsed` (wall-clock seconds), no longer `cpu`; a page of version 2
-#    still open during an upgrade keeps its results (`cpu` is read as `elapsed`)
+#    still open during an upgrade keeps its results (`cpu` is read as `elapsed`). ``ready`` and
+#    ``heartbeat`` may carry ``running``, the attempts being computed now (the rest of those held
+#    are prefetched; an older volunteer's running count is estimated); ``code`` carries the job's
+#    name and public description.
 # 4: idle volunteers wait instead of polling: a `ready` with nothing to hand out is answered by
 #    `wait` and held; the server pushes `tasks` when work arrives. An idle volunteer's `heartbeat`
 #    (no attempts) is answered by another `wait`, whose interval grows while it stays idle. A hello
@@ -38,6 +42,9 @@ MAX_CHECKPOINT_BYTES = 1024 * 1024  # one task's saved state, as JSON text (work
 MAX_PARTIAL_BYTES = 64 * 1024  # one partial result, as JSON
 MAX_PARTIALS_PER_UPDATE = 64
 MAX_PARTIALS_PER_TASK = 256  # kept per task; more are dropped
+MAX_ATTEMPT_ID_CHARS = 32  # attempts are 16 hex digits; the column holds 32
+MAX_JOB_NAME_CHARS = 200  # a job's name and public description, as the server caps them (server/spec.py)
+MAX_DESCRIPTION_CHARS = 500
 
 
 class ProtocolError(ValueError):
@@ -238,9 +245,12 @@ class Ready:
 
     Answered by ``tasks``, or (protocol 4) by ``wait``: nothing now, the ready is held and the
     server pushes ``tasks`` when there is work. A new ``ready`` replaces a held one; ``ready {0}``
-    withdraws it (answered by an empty ``tasks``)."""
+    withdraws it (answered by an empty ``tasks``).
+
+    ``running`` (protocol 3): the held attempts a worker is computing now; None = not told."""
 
     n: int
+    running: list | None = None
     TYPE = "ready"
 
 
@@ -297,15 +307,20 @@ class Code:
     code_hash: str
     source: str
     requirements: list = dataclasses.field(default_factory=list)
+    name: str = ""  # protocol 3: the job's name and public description, shown to the volunteer
+    description: str = ""
     TYPE = "code"
 
 
 @dataclasses.dataclass
 class Heartbeat:
     """Volunteer -> server: still working on these attempts; extends their deadlines. With no
-    attempts, from a volunteer whose ``ready`` is held (protocol 4): still here, answered by ``wait``."""
+    attempts, from a volunteer whose ``ready`` is held (protocol 4): still here, answered by ``wait``.
+
+    ``running`` (protocol 3): which of them a worker is computing now (the others are prefetched)."""
 
     attempts: list
+    running: list | None = None
     TYPE = "heartbeat"
 
 
@@ -436,7 +451,7 @@ _SCHEMA: dict[str, list[tuple[str, tuple, bool]]] = {
         ("server", (str,), False),
         ("every", (int, float), False),
     ],
-    "ready": [("n", (int,), True)],
+    "ready": [("n", (int,), True), ("running", (list, type(None)), False)],
     "tasks": [("tasks", (list,), True)],
     "wait": [("heartbeat", (int, float), True)],
     "need_code": [("job", (int,), True), ("code_hash", (str,), True)],
@@ -445,8 +460,10 @@ _SCHEMA: dict[str, list[tuple[str, tuple, bool]]] = {
         ("code_hash", (str,), True),
         ("source", (str,), True),
         ("requirements", (list,), False),
+        ("name", (str,), False),
+        ("description", (str,), False),
     ],
-    "heartbeat": [("attempts", (list,), True)],
+    "heartbeat": [("attempts", (list,), True), ("running", (list, type(None)), False)],
     "progress": [("attempt", (str,), True), ("fraction", (int, float), True)],
     "update": [
         ("attempt", (str,), True),
@@ -573,6 +590,8 @@ def from_dict(data: Any) -> Any:  # noqa: C901 - one flat check per message kind
                 raise ProtocolError(f"{kind}: 'attempts' must be a list of strings")
     elif kind in ("progress", "update"):
         _check_live(kind, fields)
+    if kind in ("ready", "heartbeat") and fields.get("running") is not None:
+        _check_running(kind, fields["running"])
     if kind == "ready" and not 0 <= fields["n"] <= MAX_TASKS_PER_MESSAGE:
         raise ProtocolError(f"ready: n must be between 0 and {MAX_TASKS_PER_MESSAGE}")
     if kind == "wait" and not 0 < fields["heartbeat"] <= MAX_IDLE_HEARTBEAT:  # NaN fails this too
@@ -583,13 +602,16 @@ def from_dict(data: Any) -> Any:  # noqa: C901 - one flat check per message kind
         fields["capabilities"] = Capabilities.from_wire(fields.get("capabilities"))
     elif kind == "throttle":
         fields["state"] = ThrottleState.from_wire(fields["state"])
+    elif kind == "code":  # shown in the volunteer's page: cut to the server's own caps
+        fields["name"] = fields.get("name", "")[:MAX_JOB_NAME_CHARS]
+        fields["description"] = fields.get("description", "")[:MAX_DESCRIPTION_CHARS]
     return cls(**fields)
 
 
 def _check_live(kind: str, fields: dict) -> None:
     """``progress`` and ``update``: an attempt id, a fraction in [0, 1], a capped state and partials."""
-    if len(fields["attempt"]) > 32:
-        raise ProtocolError(f"{kind}: attempt id must be at most 32 characters")
+    if len(fields["attempt"]) > MAX_ATTEMPT_ID_CHARS:
+        raise ProtocolError(f"{kind}: attempt id must be at most {MAX_ATTEMPT_ID_CHARS} characters")
     fraction = fields.get("fraction" if kind == "progress" else "progress")
     if fraction is not None and not 0.0 <= fraction <= 1.0:  # NaN fails this too
         raise ProtocolError(f"{kind}: progress must be a number in [0, 1]")
@@ -615,6 +637,15 @@ def _check_live(kind: str, fields: dict) -> None:
 
 def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
+
+
+def _check_running(kind: str, running: list) -> None:
+    """``running``: at most MAX_WORKERS attempt ids (a volunteer computes no more at once)."""
+    if len(running) > MAX_WORKERS:
+        raise ProtocolError(f"{kind}: at most {MAX_WORKERS} attempts in 'running'")
+    for value in running:
+        if not isinstance(value, str) or len(value) > MAX_ATTEMPT_ID_CHARS:
+            raise ProtocolError(f"{kind}: 'running' must be a list of attempt ids (strings)")
 
 
 def _obj(value: Any) -> dict:

@@ -19,6 +19,7 @@ MAX_TIMEOUT = 24 * 3600.0
 MIN_TIMEOUT = 0.1  # shorter leases would only churn: hand-out, expiry, requeue
 RANGE_LIMIT = 2**63 - 1  # range bounds and step are stored as signed 64-bit integers
 MAX_ATTEMPTS = 20
+MAX_DESCRIPTION = 500  # characters of a job's public description (jobs.description)
 MAX_REPLICATION = 10
 MAX_REPLICAS = 20  # results one task may use before it fails with "no agreement"
 ADAPTIVE = "adaptive"  # replication by reputation: trusted volunteers are spot-checked
@@ -51,6 +52,7 @@ class JobSpec:
     range_stop: int = 0
     range_step: int = 1
     name: str = ""
+    description: str = ""  # public: volunteers see it while they compute the job
     timeout: float = 60.0
     max_attempts: int = 3
     priority: int = 0
@@ -77,6 +79,7 @@ _FIELDS = {
     "code",
     "inputs",
     "name",
+    "description",
     "timeout",
     "max_attempts",
     "priority",
@@ -103,6 +106,11 @@ def parse(body: Any, config: Config) -> JobSpec:
     spec = JobSpec(code=code, inputs_kind="none")
     _parse_inputs(spec, body.get("inputs"), config)
     spec.name = _typed(body, "name", str, "")[:MAX_NAME]
+    spec.description = _typed(body, "description", str, "").strip()
+    if len(spec.description) > MAX_DESCRIPTION:
+        raise InvalidJob(f"'description' must be at most {MAX_DESCRIPTION} characters", field="description")
+    if any(ord(c) < 32 and c not in "\n\t" for c in spec.description):
+        raise InvalidJob("'description' must be plain text (no control characters)", field="description")
     spec.timeout = float(_typed(body, "timeout", (int, float), 60.0))
     if not MIN_TIMEOUT <= spec.timeout <= MAX_TIMEOUT:
         raise InvalidJob(f"'timeout' must be between {MIN_TIMEOUT:g} and {MAX_TIMEOUT:g} seconds", field="timeout")

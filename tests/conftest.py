@@ -7,8 +7,10 @@ database and an empty Redis database number of its own.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import os
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -29,7 +31,28 @@ REDIS_DB = int(os.environ.get("UVM_TEST_REDIS_DB", "9"))
 REDIS_PORT = int(os.environ.get("UVM_TEST_REDIS_PORT", "6379"))
 REDIS_URL = f"redis://127.0.0.1:{REDIS_PORT}/{REDIS_DB}"
 BACKENDS = ["sqlite", "mariadb"]
+STOP_GRACE = 20.0  # seconds simulated volunteers get to stop at the end of a test (a task may be running)
 TEST_KEY = "5a" * 32  # UVM_KEY of the MariaDB tests (a server refuses MySQL without an explicit key)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _redis_to_ourselves() -> AsyncIterator[None]:
+    """One test run at a time per Redis server. Job, task and attempt ids start at 1 in every
+    test's fresh database, so two runs sharing a Redis database hand out each other's tasks
+    (the same members, ``1:1:0:...``): the first ``ready`` after a submit then gets nothing, or a
+    task of the other run. A second run on the same port stops at once and says why instead."""
+    path = os.path.join(tempfile.gettempdir(), f"uvm-tests-redis-{REDIS_PORT}.lock")
+    with open(path, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pytest.exit(
+                f"another test run uses the Redis on port {REDIS_PORT} ({path} is locked): wait for it, or "
+                "give this checkout a Redis of its own with UVM_TEST_REDIS_PORT",
+                returncode=3,
+            )
+        yield
+        fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def mysql_url(db: str) -> str:
@@ -182,8 +205,14 @@ async def volunteers() -> AsyncIterator[Callable]:
 
     yield start
     stop.set()
+    # Bounded: a volunteer stuck waiting for an answer that never comes must not hang the run.
+    _, stuck = await asyncio.wait(runs, timeout=STOP_GRACE) if runs else (set(), set())
+    for run in stuck:
+        run.cancel()
     await asyncio.gather(*runs, return_exceptions=True)
     await session.close()
+    if stuck:
+        logging.getLogger(__name__).warning("%d simulated volunteers did not stop when told: cancelled", len(stuck))
 
 
 async def _run_until(sim: SimVolunteer, session: aiohttp.ClientSession, stop: asyncio.Event) -> None:

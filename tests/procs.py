@@ -79,6 +79,7 @@ def add_researcher(env: dict[str, str], email: str) -> str:
         cwd=ROOT,
         env={k: v for k, v in os.environ.items() if not k.startswith("UVM_")} | env,
         check=True,
+        timeout=120,
     )
     return proc.stdout.strip().splitlines()[-1]
 
@@ -100,7 +101,7 @@ class PrivateMariaDB:
             subprocess.run(
                 ["mariadb-install-db", "--no-defaults", f"--datadir={self.datadir}", "--skip-test-db",
                  "--auth-root-authentication-method=normal", *(["--user=root"] if as_root else [])],
-                check=True, capture_output=True,
+                check=True, capture_output=True, timeout=120,
             )  # fmt: skip
         log = open(self.base / "mariadbd.log", "ab")  # noqa: SIM115 - closed with the process
         self.proc = subprocess.Popen(
@@ -110,22 +111,27 @@ class PrivateMariaDB:
              *(["--user=root"] if os.geteuid() == 0 else [])],
             stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError((self.base / "mariadbd.log").read_text()[-2000:])
-            ping = subprocess.run(self._client("SELECT 1"), capture_output=True)
+            try:
+                ping = subprocess.run(self._client("SELECT 1"), capture_output=True, timeout=10)
+            except subprocess.TimeoutExpired:
+                continue
             if ping.returncode == 0:
-                subprocess.run(self._client("CREATE DATABASE IF NOT EXISTS uvm"), check=True, capture_output=True)
+                self.query("CREATE DATABASE IF NOT EXISTS uvm")
                 return self
             time.sleep(0.2)
-        raise RuntimeError("private MariaDB did not start in 30 s")
+        self.stop()  # not left running behind a failed test
+        raise RuntimeError("private MariaDB did not start in 60 s")
 
     def _client(self, sql: str) -> list[str]:
-        return ["mariadb", "--no-defaults", "-uroot", "-h127.0.0.1", f"-P{self.port}", "-N", "-e", sql]
+        return ["mariadb", "--no-defaults", "-uroot", "-h127.0.0.1", f"-P{self.port}", "--connect-timeout=5",
+                "-N", "-e", sql]  # fmt: skip
 
     def query(self, sql: str) -> str:
-        return subprocess.run(self._client(sql), check=True, capture_output=True, text=True).stdout
+        return subprocess.run(self._client(sql), check=True, capture_output=True, text=True, timeout=60).stdout
 
     def stop(self) -> None:
         """A clean shutdown (SIGTERM), as an operator's `systemctl stop mariadb` does."""

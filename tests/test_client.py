@@ -295,6 +295,22 @@ async def test_as_completed_downloads_each_result_once(aiohttp_server, make_conf
     assert any(path.endswith("/finished") for path, _ in log)
 
 
+def test_finished_ranges_skip_what_was_yielded_while_they_were_made() -> None:
+    """``unseen`` is lazy: rows yielded for one range can move later indices below the frontier
+    (11 was seen out of order, then 0-10 arrived); those are not asked for again."""
+    from uvm_compute.client import _Finished
+
+    tracker = _Finished()
+    assert tracker.add(10) and tracker.add(11)
+    asked = []
+    for first, stop in tracker.unseen([[0, 20]]):
+        asked.append((first, stop))
+        for index in range(first, stop):
+            assert tracker.add(index)
+    assert asked == [(0, 10), (12, 20)]
+    assert tracker.frontier == 20 and tracker.count == 20 and not tracker.above
+
+
 async def test_wait_follows_the_events_socket_instead_of_polling(aiohttp_server, make_config, volunteers):  # noqa: F811
     url, token, log = await counted_server(aiohttp_server, make_config)
     client = Client(url, token)

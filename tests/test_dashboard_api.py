@@ -244,3 +244,15 @@ async def test_dashboard_page_and_openapi(serve, browser_session):
 
 def _vendor(html: str) -> str:
     return re.search(r'(/vendor/pyscript/[^/"]+/)', html).group(1)
+
+
+async def test_me_says_the_servers_default_replication(serve, browser_session):
+    """The new-job form preselects the server's UVM_DEFAULT_REPLICATION: /api/me and /api/login say it."""
+    for default in (3, "adaptive"):
+        api, app = await serve(default_replication=default)
+        email = f"def-{default}@example.org"
+        await add_researcher(app, email)
+        web = browser_session(api.url)
+        assert (await sign_in(web, api.url, email))["default_replication"] == default
+        async with web.get(f"{api.url}/api/me") as resp:
+            assert (await resp.json())["default_replication"] == default

@@ -70,11 +70,12 @@ def test_job_views_escape_and_compute():
     assert "4/10" in table and "30 s ago" in table and "30.0/min" in table and "(after #2)" in table
     assert views.progress(JOB) == (0.3, 0.1)
     assert views.eta(JOB) == 12.0 and views.eta({**JOB, "throughput": 0}) is None
-    assert views.speed(JOB, now=1010.0) == 1.5 and views.eta(JOB, now=1010.0) == 4.0  # a 10 s old job
+    assert views.speed(JOB, now=1010.0) == 0.5  # the server's throughput, as it is: one definition
     stats = views.job_stats(JOB)
     assert 'data-stat="time-left"><span class="stat-value">12 s' in stats
     ended = {**JOB, "state": "done", "finished_at": 1020.0, "counts": {**JOB["counts"], "done": 9}}
     assert views.speed(ended) == 0.5 and views.eta(ended) == 0.0
+    assert 'data-stat="prefetched"' in views.job_stats({**JOB, "counts": {**JOB["counts"], "leased": 3}})
     assert views.duration(4000) == "67 min" and views.duration(None) == "—"
     assert views.rate(2.0) == "2.0/s" and views.rate(0) == "—"
     assert views.jobs_table([]).startswith('<p class="empty">')
@@ -96,6 +97,36 @@ def test_errors_results_try_and_admin_views():
         {"result": [1], "output": "hi\n"}, 0.2
     )
     assert "main raised an error" in views.try_html({"error": "Traceback\nKeyError: 1"}, 0.1)
+
+
+def test_try_says_which_stage_failed():
+    compile_error = (
+        "  File \"<job 1a2b>\", line 1\n    def main(x) return 1\n                ^^^^^^\nSyntaxError: expected ':'"
+    )
+    assert "The code does not compile" in views.try_html({"error": compile_error}, 0.1)
+    raised = 'Traceback (most recent call last):\n  File "<job 1>", line 2, in main\nSyntaxError: from eval'
+    assert "main raised an error" in views.try_html({"error": raised}, 0.1)  # main ran: it raised
+    missing = "could not load requirements six from http://127.0.0.1:9/: 404"
+    assert "requirements could not be loaded" in views.try_html({"error": missing}, 0.1)
+
+
+def test_partial_failure_label_and_plurals():
+    partial = {**JOB, "state": "failed", "counts": {**JOB["counts"], "done": 8, "failed": 4, "queued": 0}}
+    assert views.state_label(partial) == ("finished · 8 done, 4 failed", "partial")
+    assert views.state_label({**partial, "counts": {"done": 0, "failed": 12}}) == ("failed", "failed")
+    assert views.state_label({**JOB, "state": "done"}) == ("done", "done")
+    assert 'class="state state-partial">finished · 8 done, 4 failed<' in views.jobs_table([partial])
+    assert views.plural(1, "task") == "1 task" and views.plural(0, "task") == "0 tasks"
+    assert views.job_subtitle({**JOB, "n_tasks": 1}).startswith("1 task ·")
+
+
+def test_no_volunteer_hint():
+    idle = {**JOB, "volunteers": 0, "counts": {**JOB["counts"], "running": 0, "leased": 0}}
+    hint = views.no_volunteer_hint(idle, "http://example.org/?<x>")
+    assert "No volunteer is connected" in hint and "Share this link" in hint
+    assert 'href="http://example.org/?&lt;x&gt;"' in hint
+    assert views.no_volunteer_hint(JOB, "http://example.org/") == ""  # someone computes it
+    assert views.no_volunteer_hint({**idle, "state": "done"}, "http://example.org/") == ""
     people = [
         {"id": 1, "email": "op@x.org", "approved": True, "operator": True},
         {"id": 2, "email": "r@x.org", "approved": False, "operator": False},

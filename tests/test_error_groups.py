@@ -23,6 +23,10 @@ from server.jobs.error_groups import GROUP_INPUTS, ErrorGroups, signature
         ("NameError: name 'item2' is not defined", "NameError: name <str> is not defined"),
         ("ValueError: item2 and v1.2 stay", "ValueError: item2 and v1.2 stay"),  # numbers inside words are words
         ("", "error"),
+        (  # the validator's "no agreement": grouped by its headline, not by the last variant it lists
+            'NoAgreement: no quorum after 3 replicas; the variants:\n  2x {"sq":4}\n  1x 0.8123',
+            "NoAgreement: no quorum after <n> replicas; the variants:",
+        ),
     ],
 )
 def test_signature_masks_values(error, expected):

@@ -95,7 +95,7 @@ async def test_always_raising_task_fails_after_max_attempts(serve, volunteers):
     volunteers(api.url, 3)
     job = await api.wait(job_id)
     assert job["state"] == "failed"
-    assert job["counts"] == {"queued": 0, "running": 0, "done": 9, "failed": 1, "cancelled": 0}
+    assert job["counts"] == {"queued": 0, "running": 0, "leased": 0, "done": 9, "failed": 1, "cancelled": 0}
     async with api.session.get(f"{api.url}/api/jobs/{job_id}/errors", headers=api.headers()) as resp:
         errors = await resp.json()
     (err,) = errors["errors"]
@@ -154,6 +154,47 @@ async def test_retry_failed_tasks(serve, volunteers):
         del os.environ["UVM_RETRY_OK"]
     assert job["state"] == "done"
     assert [r["result"] for r in json.loads(await api.results(job_id))] == [0, 1, 2]
+
+
+async def test_retry_clears_the_errors_of_the_tasks_it_queues_again(serve):
+    """After Retry, the job's errors and error groups list only what fails from then on: a retried
+    task waiting for a volunteer is not an error, and failing again counts it once."""
+    from server import protocol as P
+
+    api, _ = await serve()
+    job_id = await api.submit("def main(x):\n    return x\n", [0, 1, 2], max_attempts=1)
+    url = api.url.replace("http", "ws") + "/ws/volunteer"
+
+    async def errors() -> dict:
+        async with api.session.get(f"{api.url}/api/jobs/{job_id}/errors", headers=api.headers()) as resp:
+            return await resp.json()
+
+    async def fail_all(ws, n: int) -> None:
+        await ws.send_str(P.encode(P.Ready(n)))
+        leased = json.loads((await ws.receive(timeout=10)).data)["tasks"]
+        assert len(leased) == n
+        bad = [P.Outcome(t["attempt"], t["task"], error=f"ValueError: bad value {t['input']}") for t in leased]
+        await ws.send_str(P.encode(P.Results(bad)))
+        assert json.loads((await ws.receive(timeout=10)).data)["type"] == "ack"
+
+    async with api.session.ws_connect(url) as ws:
+        await ws.send_str(P.encode(P.Hello("", {"cores": 2, "workers": 4})))
+        assert json.loads((await ws.receive(timeout=10)).data)["type"] == "welcome"
+        await fail_all(ws, 3)
+        assert (await api.wait(job_id))["counts"]["failed"] == 3
+        (group,) = (await errors())["groups"]
+        assert group["count"] == 3
+        async with api.session.post(f"{api.url}/api/jobs/{job_id}/retry", headers=api.headers()) as resp:
+            assert (await resp.json())["retried"] == 3
+        job = await api.job(job_id)
+        assert job["state"] == "running" and job["counts"]["failed"] == 0
+        assert await errors() == {"errors": [], "groups": []}  # queued again: not errors any more
+        rows = json.loads(await api.results(job_id))
+        assert [(r["state"], r["error"]) for r in rows] == [("open", None)] * 3
+        await fail_all(ws, 3)  # they fail again: counted once each
+        assert (await api.wait(job_id))["counts"]["failed"] == 3
+        (group,) = (await errors())["groups"]
+        assert group["count"] == 3 and group["message"] == "ValueError: bad value <n>"
 
 
 async def test_results_paging_and_list_throughput(serve, volunteers):

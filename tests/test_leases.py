@@ -6,6 +6,7 @@ import asyncio
 import json
 
 from server import protocol as P
+from server.web import appkeys as K
 
 CODE = "def main(x):\n    return x\n"
 
@@ -153,7 +154,6 @@ async def test_reconnecting_volunteer_resumes_the_tasks_it_holds(serve):
     import sqlalchemy as sa
 
     from server.store.tables import attempts
-    from server.web import appkeys as K
 
     public = me.split("-")[0]
     async with app[K.storage].engine.connect() as conn:
@@ -161,3 +161,96 @@ async def test_reconnecting_volunteer_resumes_the_tasks_it_holds(serve):
             await conn.execute(sa.select(attempts.c.id, attempts.c.outcome).where(attempts.c.volunteer == public))
         ).all()
     assert sorted(o for _, o in rows) == ["done", "done", "done"]  # the abandoned rows became done
+
+
+async def test_resume_while_the_old_socket_is_still_open_keeps_the_leases(serve):
+    """A refresh whose old socket's close the server notices only after the new socket resumed
+    (a half-open connection): the resumed attempts stay with the new socket; the old one's close
+    must not put them back in the queue for someone else."""
+    api, app = await serve()
+    await api.submit(CODE, [10, 20, 30, 40])
+    url = api.url.replace("http", "ws") + "/ws/volunteer"
+    old = await api.session.ws_connect(url)
+    me = await _hello(old)
+    held = await _lease(old, 3)
+    async with api.session.ws_connect(url) as ws:
+        await ws.send_str(P.encode(P.Hello(me, {"workers": 4, "resume": [t["attempt"] for t in held]})))
+        assert json.loads((await ws.receive()).data)["volunteer"] == me
+        await old.close()  # noticed now, after the resume
+        dispatcher = app[K.dispatcher]
+        for _ in range(100):  # the old socket's handler ends and gives back what it still held
+            if len(dispatcher.sockets) == 1 and not dispatcher._leaving:
+                break
+            await asyncio.sleep(0.05)
+        async with api.session.ws_connect(url) as other:
+            await _hello(other)
+            got = await _lease(other, 4)
+        assert [t["input"] for t in got] == [40]  # only the task nobody holds
+        results = [P.Outcome(t["attempt"], t["task"], result=t["input"] + 1) for t in held]
+        await ws.send_str(P.encode(P.Results(results)))
+        ack = json.loads((await ws.receive()).data)
+        assert sorted(ack["attempts"]) == sorted(t["attempt"] for t in held) and ack["ignored"] == []
+
+
+async def test_a_resumed_attempt_that_expires_is_recorded_once(serve):
+    """Abandoned (the socket closed), resumed with the same id, then silent past its deadline: the
+    attempt's row becomes "expired" and counts as one attempt; the reaper does not fail on it."""
+    api, app = await serve(lease_grace=0.2, reaper_interval=0.1)
+    job = await api.submit(CODE, [7], timeout=0.5, max_attempts=2)
+    url = api.url.replace("http", "ws") + "/ws/volunteer"
+    dispatcher = app[K.dispatcher]
+    async with api.session.ws_connect(url) as ws:
+        me = await _hello(ws)
+        (task,) = await _lease(ws, 1)
+    for _ in range(100):  # the close is handled: the attempt is recorded as abandoned
+        if not dispatcher._leaving and not dispatcher.sockets:
+            break
+        await asyncio.sleep(0.05)
+    async with api.session.ws_connect(url) as ws:
+        await ws.send_str(P.encode(P.Hello(me, {"workers": 4, "resume": [task["attempt"]]})))
+        assert json.loads((await ws.receive()).data)["volunteer"] == me
+        (sock,) = dispatcher.sockets
+        assert list(sock.held) == [task["attempt"]]  # resumed under its own id
+        import sqlalchemy as sa
+
+        from server.store.tables import attempts, tasks
+
+        for _ in range(100):  # silence: the lease expires
+            async with app[K.storage].engine.connect() as conn:
+                row = (await conn.execute(sa.select(attempts.c.outcome).where(attempts.c.id == task["attempt"]))).one()
+                tries = (await conn.execute(sa.select(tasks.c.attempts).where(tasks.c.id == task["task"]))).scalar()
+            if row.outcome == "expired":
+                break
+            await asyncio.sleep(0.1)
+    assert (row.outcome, tries) == ("expired", 1)
+    assert dispatcher.loops["reaper"].restarts == 0
+    status = await api.job(job)
+    assert status["state"] == "running" and status["counts"]["failed"] == 0  # one more attempt is allowed
+
+
+async def test_open_tasks_the_queue_lost_go_back_and_the_job_ends(serve, volunteers, caplog):
+    """The safety net under every queue write: tasks taken out of the ready queue behind the
+    dispatcher's back (as a lost write would) are found by the reaper once nothing is ready, and the
+    job still ends, each task done once. Without the net this job never ends."""
+    from server.queue import ReadyItem
+    from server.web import appkeys as K
+
+    api, app = await serve(reaper_interval=0.1)
+    dispatcher = app[K.dispatcher]
+    job = await api.submit(CODE, list(range(12)))
+    storage, queue = dispatcher.storage, dispatcher.queue
+    items: list[ReadyItem] = []
+    for _ in range(200):  # the submission is pushed by the intake loop: wait until all 12 are ready
+        items = [i for chunk in [c async for c in storage.ready_items([job])] for i in chunk]
+        if len(items) == 12 and await queue.ready_count() == 12:
+            break
+        await asyncio.sleep(0.05)
+    assert len(items) == 12
+    await queue.drop(items[3:8])  # five open tasks now neither ready nor leased
+    assert await queue.ready_count() == 7
+    volunteers(api.url, 2, prefetch=2)
+    status = await api.wait(job, timeout=60)
+    assert status["state"] == "done" and status["counts"]["done"] == 12
+    assert [r["result"] for r in json.loads(await api.results(job, "json"))] == list(range(12))
+    assert dispatcher.metrics.strays._value.get() >= 5  # (a lease released at the same moment may count too)
+    assert any("neither ready nor leased" in r.getMessage() for r in caplog.records)

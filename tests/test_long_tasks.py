@@ -37,7 +37,7 @@ def main(x):
 def _run(source: str, value: object = None, context: TaskContext | None = None) -> dict:
     runner = Runner()
     runner.load("h", source, job=1)
-    return runner.run("h", value, context)
+    return runner.run("h", value, 1, context)
 
 
 # ----------------------------------------------------------------------------- the uvm module

@@ -42,6 +42,23 @@ def test_fresh_namespace_per_task_and_code_compiled_once() -> None:
     assert runner.code["h"] is code
 
 
+def test_traceback_shows_source_lines_and_the_job_that_ran() -> None:
+    """The offending line is shown (linecache), and a job whose code another job ran first in this
+    worker reports its own id, not the first job's (code is cached by hash)."""
+    runner = Runner()
+    source = "def main(x):\n    y = x + 1\n    raise ValueError(f'bad value {y}')\n"
+    runner.load("h", source, job=2)
+    first = runner.run("h", 1, job=2)["error"]
+    assert "\"<job 2>\", line 3, in main\n    raise ValueError(f'bad value {y}')\n" in first
+    later = runner.run("h", 1, job=9)["error"]
+    assert '"<job 9>", line 3, in main' in later and "<job 2>" not in later
+    assert "raise ValueError(f'bad value {y}')" in later
+    assert "<job 2>" in runner.run("h", 1, job=2)["error"]
+    assert (
+        "<job 9>" in json.loads(handle(json.dumps({"code_hash": "z", "source": source, "job": 9, "input": 0})))["error"]
+    )
+
+
 def test_traceback_shows_only_the_research_code() -> None:
     out = run("def helper(x):\n    return 1 / x\ndef main(x):\n    return helper(x)\n", 0)
     assert out["result"] is None

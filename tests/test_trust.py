@@ -436,6 +436,35 @@ async def test_session_cookie_is_secure_when_public_url_is_https(serve):
 
 
 @pytest.mark.parametrize("backend", ["sqlite"])
+async def test_session_cookie_is_secure_behind_a_trusted_tls_proxy(serve):
+    """No UVM_PUBLIC_URL: a trusted proxy's ``X-Forwarded-Proto: https`` makes the cookie Secure;
+    plain HTTP, or the header from anyone else, does not."""
+
+    async def sign_in(url: str, origin: str, **headers: str) -> tuple[int, str]:
+        async with (
+            aiohttp.ClientSession() as s,
+            s.post(
+                f"{url}/api/login",
+                json={"email": "proxied@example.org", "password": "correct horse"},
+                headers={"Origin": origin, **headers},
+            ) as resp,
+        ):
+            return resp.status, resp.headers.get("Set-Cookie", "")
+
+    proxied, app = await serve(trusted_proxies=("127.0.0.1",))
+    await add_researcher(app, "proxied@example.org")
+    status, cookie = await sign_in(
+        proxied.url, proxied.url.replace("http://", "https://"), **{"X-Forwarded-Proto": "https"}
+    )
+    assert status == 200 and "Secure" in cookie, (status, cookie)
+    status, cookie = await sign_in(proxied.url, proxied.url, **{"X-Forwarded-Proto": "http"})
+    assert status == 200 and "uvm_session=" in cookie and "Secure" not in cookie, (status, cookie)
+    direct, _ = await serve()  # the same database; 127.0.0.1 is no trusted proxy here
+    status, cookie = await sign_in(direct.url, direct.url, **{"X-Forwarded-Proto": "https"})
+    assert status == 200 and "uvm_session=" in cookie and "Secure" not in cookie, (status, cookie)
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
 async def test_deeply_nested_json_is_a_400_not_a_500(serve):
     api, _ = await serve()
     body = "[" * 200_000 + "]" * 200_000
@@ -462,14 +491,17 @@ async def test_range_bounds_fit_63_bits_and_timeouts_have_a_minimum(serve):
 
 
 async def test_csv_cells_cannot_be_formulas():
+    from server.store.download import ResultRow
     from server.web.export import render
 
-    async def rows():
-        yield {"index": 0, "input": "x", "state": "failed", "result": None, "error": 'Traceback\n=HYPERLINK("x")'}
-        yield {"index": 1, "input": -5, "state": "done", "result": -2.5e3, "error": None}
-        yield {"index": 2, "input": "@SUM(A1)", "state": "done", "result": "+1", "error": None}
+    async def pages():  # JSON values as the download reads them: JSON text
+        yield [ResultRow(0, '"x"', "failed", None, 'Traceback\n=HYPERLINK("x")', "", None, 0, ())]
+        yield [
+            ResultRow(1, "-5", "done", "-2500.0", None, "", None, 0, ()),
+            ResultRow(2, '"@SUM(A1)"', "done", '"+1"', None, "", None, 0, ()),
+        ]
 
-    text = b"".join([chunk async for chunk in render(rows(), "csv")]).decode()
+    text = b"".join([chunk async for chunk in render(pages(), "csv")]).decode()
     lines = text.splitlines()
     assert lines[1].endswith(',\'=HYPERLINK(""x"")"') or "'=HYPERLINK" in lines[1]
     assert lines[2] == "1,-5,done,-2500.0,,,0"  # plain numbers stay numbers (no accepted, 0 replicas)

@@ -153,7 +153,7 @@ def test_passwords_hashed_with_salt():
     ("env", "needle"),
     [
         ({"UVM_DATABSE_URL": "x"}, "unknown setting UVM_DATABSE_URL"),
-        ({"UVM_DATABASE_URL": "postgres://x"}, "mysql+aiomysql://"),
+        ({"UVM_DATABASE_URL": "postgres://x"}, "mysql+asyncmy://"),
         ({"UVM_REDIS_URL": "localhost:6379"}, "redis://"),
         ({"UVM_KEY": "abcd"}, "64 hex digits"),
         ({"UVM_KEY": "zz" * 32}, "UVM_KEY"),
@@ -241,3 +241,30 @@ def test_volunteer_sim_help_says_trusted_only():
         [sys.executable, "-m", "server.cli", "volunteer-sim", "--help"], capture_output=True, text=True, cwd=ROOT
     ).stdout
     assert "trusted jobs only" in out
+
+
+def test_a_second_test_run_on_the_same_redis_stops_and_says_why() -> None:
+    """This run holds the Redis lock (tests/conftest.py): another run on the same port must stop
+    at once with the reason, not hand out this run's tasks (ids start at 1 in every database)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    other = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "tests/test_units.py::test_protocol_round_trip_every_message",
+        ],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert other.returncode == 3, other.stdout + other.stderr
+    assert "another test run uses the Redis on port" in other.stdout + other.stderr

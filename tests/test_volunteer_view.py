@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from webapp.volunteer.view import HEADLINES, detail, device_chips, page_state, seconds, worker_rows
+from webapp.volunteer.view import (
+    HEADLINES,
+    credit_text,
+    detail,
+    device_chips,
+    helping,
+    page_state,
+    plural,
+    seconds,
+    worker_rows,
+)
 
 
 def snapshot(**changes: object) -> dict:
@@ -48,10 +58,10 @@ def test_details_say_why() -> None:
         plan={"paused": True, "pause_reason": "Battery low (9%).", "workers": 0, "max_workers": 3},
         workers=[busy(1), busy(2)],
     )
-    assert detail("paused", paused) == "Battery low (9%). Finishing 2 task(s) already started."
+    assert detail("paused", paused) == "Battery low (9%). Finishing 2 tasks already started."
     assert "Trying again in 3 s" in detail("offline", snapshot(reconnect_in=3.2))
     assert "Trying again now" in detail("offline", snapshot(reconnect_in=0.2))
-    assert "2 worker(s)" in detail("starting", snapshot())
+    assert "2 workers" in detail("starting", snapshot())
     assert "Nothing starts until you press Start" in detail("stopped", snapshot())
 
 
@@ -85,8 +95,28 @@ def test_device_chips_name_missing_apis_and_warn() -> None:
 
 def test_worker_rows_escape_and_describe() -> None:
     rows = worker_rows(snapshot(workers=[busy(1), {"number": 2, "ready": False, "attempt": None}]))
-    assert "job 7 · task #3" in rows and "1.2 s" in rows and "starting Python…" in rows
+    assert "a research job · task #3" in rows and "1.2 s" in rows and "starting Python…" in rows
     assert worker_rows(snapshot(workers=[])) == '<li class="empty">No workers running.</li>'
+
+
+def test_the_page_names_the_job_and_credits_the_volunteer() -> None:
+    """The job's name and description instead of ids; validated results; "1 task", never "task(s)"."""
+    jobs = {"7": {"name": "Primes <b>", "description": "Twin primes for a course & more"}}
+    snap = snapshot(workers=[busy(1)], jobs=jobs)
+    assert "Primes &lt;b&gt; · task #3" in worker_rows(snap)
+    assert helping(snap) == (
+        '<p class="helping" data-job="7"><strong>Primes &lt;b&gt;</strong>'
+        '<span class="about">Twin primes for a course &amp; more</span></p>'
+    )
+    assert detail("running", snap) == "1 task running in the background. You can keep using your device."
+    between = snapshot(workers=[{**busy(1), "job": None}], jobs=jobs)  # a slot given a task, its job not yet set
+    assert helping(between) == ""
+    assert credit_text(snap)["validated"] == "—"
+    credit = {"known": True, "validated": 1, "validated_session": 1, "validated_seconds": 2.5, "nickname": "Ada"}
+    texts = credit_text(snapshot(credit=credit))
+    assert texts["validated_sub"] == "1 result all time · 2.5 s credited"
+    assert texts["nickname"] == "Listed on the leaderboard as Ada."
+    assert plural(2, "result") == "2 results" and plural(1, "worker") == "1 worker"
 
 
 def test_the_spare_worker_is_shown_while_workers_run() -> None:

@@ -355,8 +355,13 @@ class Job:
                     bar = bar or _progress_bar(self.id, status)
                     bar.total = status["n_tasks"]
                     bar.update(status["counts"]["done"] + status["counts"]["failed"] - bar.n)
-                    bar.set_postfix(
-                        failed=status["counts"]["failed"], volunteers=status.get("volunteers", 0), refresh=False
+                    counts = status["counts"]
+                    bar.set_postfix(  # honest counts: computed now, apart from the prefetched (leased)
+                        failed=counts["failed"],
+                        running=counts.get("running", 0),
+                        prefetched=counts.get("leased", 0),
+                        volunteers=status.get("volunteers", 0),
+                        refresh=False,
                     )
                     bar.set_description(
                         f"job {self.id}" + (f" ({waiting})" if (waiting := waiting_note(status)) else "")
@@ -526,11 +531,14 @@ class _Finished:
         return True
 
     def unseen(self, runs: list[list[int]]) -> Iterator[tuple[int, int]]:
-        """The parts of the runs ``[a, b)`` not yielded yet, as ``(first, stop)`` ranges."""
+        """The parts of the runs ``[a, b)`` not yielded yet, as ``(first, stop)`` ranges.
+
+        Lazy: the caller adds the rows of each range before the next is made, which may move
+        indices from ``above`` to below ``frontier``; both count as seen."""
         for a, b in runs:
             first = None
             for index in range(max(a, self.frontier), b):
-                if index in self.above:
+                if index < self.frontier or index in self.above:
                     if first is not None:
                         yield first, index
                         first = None

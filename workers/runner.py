@@ -7,7 +7,10 @@ crosses the JS/Python boundary per task.
 Each job's source is compiled once per worker and cached by its content hash; each task then
 runs the compiled module in a fresh namespace and calls ``main(input)``. stdout and stderr are
 captured together, capped; the result must be strict JSON (no NaN) of at most ``MAX_RESULT_BYTES``;
-a failure comes back as the traceback of the research code only, without this module's frames.
+a failure comes back as the traceback of the research code only, without this module's frames,
+with its source lines (the source is registered with ``linecache``) and the id of the job the task
+belongs to (two jobs with the same code share a hash, so the compiled code is named again for the
+job that runs it).
 
 This is the only code that runs ``main(x)``: the browser's workers and ``volunteer-sim`` both use
 it. The server never runs research code; it only checks what a volunteer sends back.
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import builtins
 import json
+import linecache
 import sys
 import time
 import traceback
@@ -181,26 +185,34 @@ class Runner:
 
     def __init__(self) -> None:
         self.code: dict[str, Any] = {}
+        self.sources: dict[str, tuple[str, int | None]] = {}  # code hash -> (source, job it is named for)
 
     def has(self, code_hash: str) -> bool:
         return code_hash in self.code
 
     def load(self, code_hash: str, source: str, job: int | None = None) -> None:
-        """Compile a job's source once; a syntax error is raised when a task of it runs."""
-        if code_hash in self.code:
+        """Compile a job's source once per job; a syntax error is raised when a task of it runs."""
+        if code_hash in self.code and self.sources[code_hash][1] == job:
             return
         filename = f"<job {job}>" if job is not None else f"<job {code_hash[:12]}>"
+        # Tracebacks read source lines through linecache; a None mtime keeps checkcache() off it.
+        linecache.cache[filename] = (len(source), None, source.splitlines(keepends=True), filename)
+        self.sources[code_hash] = (source, job)
         try:
             self.code[code_hash] = compile(source, filename, "exec")
         except SyntaxError as exc:
             self.code[code_hash] = exc
 
-    def run(self, code_hash: str, value: Any, context: TaskContext | None = None) -> dict:
-        """Run ``main(value)`` of a loaded job; returns ``{result, output, error, elapsed}``.
+    def run(self, code_hash: str, value: Any, job: int | None = None, context: TaskContext | None = None) -> dict:
+        """Run ``main(value)`` of a loaded job (as a task of ``job``, when given); returns
+        ``{result, output, error, elapsed}``.
 
         ``context`` backs the task's ``import uvm``; the module is this task's alone and is taken
         away when the task ends.
         """
+        known = self.sources.get(code_hash)
+        if job is not None and known is not None and known[1] != job:
+            self.load(code_hash, known[0], job)  # same code, another job: its tracebacks name this one
         code = self.code.get(code_hash)
         if code is None:
             return _outcome(error=f"runtime error: job code {code_hash[:12]} was not loaded")
@@ -293,4 +305,4 @@ def handle(request: str, emit: Callable[[str], Any] | None = None) -> str:
         emit,
         float(every) if isinstance(every, int | float) and not isinstance(every, bool) else CHECKPOINT_EVERY,
     )
-    return json.dumps(_RUNNER.run(code_hash, data.get("input"), context), allow_nan=False)
+    return json.dumps(_RUNNER.run(code_hash, data.get("input"), data.get("job"), context), allow_nan=False)

@@ -73,6 +73,7 @@ class SimVolunteer:
         self.done = 0
         self.errors = 0
         self.leased = 0
+        self.unrun = 0  # tasks of the batch in hand not yet run: a test sees when each volunteer holds work
         self.connects = 0  # websocket connections opened (more than one: it was dropped and came back)
         self.holds = 0  # `hold` answers: results kept and sent again later (the server's database was away)
         self.sends: list[float] = []  # when each `results` message was sent (time.monotonic())
@@ -155,10 +156,17 @@ class SimVolunteer:
             if self.crash_after is not None and self.leased >= self.crash_after:
                 return  # vanish holding the leases: the socket closes with no results
             outcomes = []
-            for spec in batch.tasks:
+            # One worker: one task of the batch runs at a time, the rest wait (the server counts 1 running).
+            tasks = batch.tasks
+            held = [spec.attempt for spec in tasks]
+            await self._send(ws, P.Heartbeat(held, held[:1]))
+            self.unrun = len(tasks)
+            for spec in tasks:
                 if not await self._load(ws, spec):  # refused (the job was cancelled meanwhile): drop the task
+                    self.unrun -= 1
                     continue
                 outcome = await self._run_task(ws, spec)
+                self.unrun -= 1
                 if outcome is None:
                     return  # vanished mid-task (crash_after_checkpoints)
                 if self.lie_rate and outcome.error is None and self._rng.random() < self.lie_rate:
@@ -186,12 +194,13 @@ class SimVolunteer:
             elif isinstance(msg, P.Wait):
                 waited, beat = True, msg.heartbeat
                 self.waits.append(msg.heartbeat)
-            else:
+            elif isinstance(msg, P.Tasks) or msg.ref == "ready":
                 return msg, waited
+            # an error about another message (an update, a throttle) is not the answer
 
     def _run_locked(self, spec: P.TaskSpec, context: TaskContext) -> P.Outcome:
         with _RUNNER_LOCK:
-            ran = self.runner.run(spec.code_hash, spec.input, context)  # {result, output, error, elapsed}
+            ran = self.runner.run(spec.code_hash, spec.input, spec.job, context)  # {result, output, error, elapsed}
         return P.Outcome(spec.attempt, spec.task, **ran)
 
     async def _run_task(self, ws: aiohttp.ClientWebSocketResponse, spec: P.TaskSpec) -> P.Outcome | None:

@@ -46,7 +46,7 @@ from server.protocol import (
     Update,
     Wait,
 )
-from server.queue import Bus, Lease, Queue
+from server.queue import Bus, Lease, Queue, ReadyItem
 from server.queue.base import DEFAULT_SHARE
 from server.spec import InvalidJob, JobSpec, verify_code
 from server.store import live, pipelines
@@ -65,6 +65,7 @@ RECENT_ATTEMPTS = 256  # attempts a connection lost (expired, cancelled) whose l
 STRAY_LIMIT = 128  # results for attempts a connection never held, beyond its acknowledged ones: closed
 STRIKES_KEPT = 100_000  # volunteers whose expired leases are remembered (oldest forgotten first)
 STRIKE_HALF_LIFE = 600.0  # seconds: expiries are forgiven with time (slowly), and by delivered results
+COMPUTING_TTL_BEATS = 3  # a connection's "computing now" report lasts this many heartbeat periods
 
 
 class Misbehaving(Exception):
@@ -90,6 +91,12 @@ class VolunteerSocket:
     recent: collections.OrderedDict = dataclasses.field(default_factory=collections.OrderedDict)  # attempt -> job
     strays: int = 0  # results for attempts never held here, less those acknowledged
     updated: dict[str, float] = dataclasses.field(default_factory=dict)  # attempt -> last update (monotonic)
+    # Honest counts: the held attempts a worker computes now (protocol 3's ``running``; None: not told),
+    # and what was last published to the queue for the job view's running/volunteers.
+    running: set[str] | None = None
+    reported: dict[int, int] = dataclasses.field(default_factory=dict)
+    reported_at: float = 0.0
+    key: str = dataclasses.field(default_factory=lambda: secrets.token_hex(8))
     protocol: int = PROTOCOL_VERSION  # the hello's version: below WAITING_SINCE, an idle ready is not held
     wants: int = 0  # the n of its held ready (protocol 4); 0: none held
     beat: float = 0.0  # the idle heartbeat interval last given in `wait` (server.jobs.waiting)
@@ -104,6 +111,17 @@ class VolunteerSocket:
         if prefetch is None:
             prefetch = workers * DEFAULT_PREFETCH_PER_WORKER
         return max(1, min(HARD_CAP, workers + min(prefetch, workers * MAX_PREFETCH_PER_WORKER)))
+
+    def computing(self) -> dict[int, int]:
+        """Tasks per job this connection's workers compute now. A protocol-1 volunteer does not say
+        which held attempts run: as many as its declared workers are taken as running, the rest as
+        prefetched."""
+        if self.running is None:
+            workers = self.throttle.workers if self.throttle is not None and self.throttle.workers else None
+            running = list(self.held)[: max(1, workers or self.capabilities.workers)]
+        else:
+            running = [a for a in self.running if a in self.held]
+        return dict(collections.Counter(self.held[a] for a in running))
 
     def lose(self, attempts: list[str]) -> None:
         """These leases ended without a result (expired, cancelled): remember them a while, so
@@ -181,8 +199,9 @@ class Dispatcher:
         logger.info("ready queue rebuilt from the database: %d tasks", n)
         return n
 
-    async def _push_ready(self, job_ids: list[int] | None = None) -> int:
-        """Make the waiting tasks of these jobs (all jobs: None) ready; returns how many were added."""
+    async def _push_ready(self, job_ids: list[int] | None = None, pushed: list[ReadyItem] | None = None) -> int:
+        """Make the waiting tasks of these jobs (all jobs: None) ready; returns how many were added.
+        ``pushed``, when given, collects the items offered (a push skips those ready or leased)."""
         n = 0
         # aclosing: a cancelled caller (shutdown) hands the generator's connection back at once,
         # not when the garbage collector finds it after the engine is gone.
@@ -193,7 +212,30 @@ class Dispatcher:
                 added = await self.queue.push(chunk)
                 await self.work_arrived(added)  # waiting volunteers start on the first chunk
                 n += added
+                if pushed is not None:
+                    pushed.extend(chunk)
         return n
+
+    async def restore_strays(self) -> int:
+        """The safety net under every queue write: when nothing is ready, each open task of a running
+        job should be leased. One that is neither (a queue write lost to a crash, a flush of part of
+        Redis, a bug) would keep its job from ever ending, so it is pushed again; a push skips tasks
+        already ready or leased. A task that became final between the read and the push (its lease
+        released meanwhile) is taken out again. Returns how many strays went back."""
+        if await self.queue.ready_count():
+            return 0
+        offered: list[ReadyItem] = []
+        added = await self._push_ready(pushed=offered)
+        if not added:
+            return 0
+        still = await self.storage.still_open([item.task for item in offered])
+        await self.queue.drop([item for item in offered if item.task not in still])
+        # each added one was missing, but for the rare lease released between the read and the push
+        strays = added
+        if strays:
+            logger.warning("%d open task(s) were neither ready nor leased: back in the ready queue", strays)
+            self.metrics.strays.inc(strays)
+        return strays
 
     async def _run_reaper(self) -> None:
         """Rebuild the ready queue when Redis lost it, feed pipeline stages, requeue expired leases.
@@ -227,8 +269,9 @@ class Dispatcher:
     async def _reap(self, sweep: bool) -> None:
         """One pass of the reaper."""
         await self.rebuild_if_needed()
-        if sweep:  # pipeline stages: feed anything a race left behind
+        if sweep:  # pipeline stages, and open tasks the queue lost: whatever a race left behind
             await self._apply(await pipelines.sweep(self.storage))
+            await self.restore_strays()
         expired = await self.queue.expire(time.time())
         if not expired:
             return
@@ -484,21 +527,28 @@ class Dispatcher:
             return []
         for lease in leases:
             sock.held[lease.attempt] = lease.job
-        self.metrics.handed_out.inc(len(leases))
         try:
-            infos = {job: await self.storage.job_info(job) for job in {le.job for le in leases}}
-            stored = [
-                le.task for le in leases if (info := infos[le.job]) is not None and info.inputs_kind in STORED_INPUTS
-            ]
-            inputs = await self.storage.task_inputs(stored)  # range and none inputs are computed, not read
+            specs = await self._specs(sock, leases)
         except Exception as exc:
             if not is_outage(exc):
                 raise
-            self.db_health.failed(exc)  # an outage begins: give the tasks back, hand out nothing
+            # An outage began after the leases were taken (reading the tasks' jobs, inputs or checkpoints):
+            # give every one back and answer "none now". Kept, they would wait for their deadline while
+            # the volunteer, never told of them, asked for more: the job could not end before that.
+            self.db_health.failed(exc)
             for lease in leases:
                 sock.held.pop(lease.attempt, None)
             await self.queue.requeue([le.attempt for le in leases])
+            logger.info("database away while handing out %d tasks: back in the queue", len(leases))
             return []
+        self.metrics.handed_out.inc(len(leases))
+        return specs
+
+    async def _specs(self, sock: VolunteerSocket, leases: list[Lease]) -> list[TaskSpec]:
+        """What the volunteer is sent for these leases: each task's input, code hash and last checkpoint."""
+        infos = {job: await self.storage.job_info(job) for job in {le.job for le in leases}}
+        stored = [le.task for le in leases if (info := infos[le.job]) is not None and info.inputs_kind in STORED_INPUTS]
+        inputs = await self.storage.task_inputs(stored)  # range and none inputs are computed, not read
         owners = {le.task: self._owner(infos[le.job], sock) for le in leases if infos[le.job] is not None}
         restores = await live.restore(self.storage, owners)
         specs = []
@@ -588,9 +638,25 @@ class Dispatcher:
         await self.queue.extend(list(sock.held), now)
         return len(sock.held)
 
-    async def heartbeat(self, sock: VolunteerSocket, attempts: list[str]) -> int:
+    async def heartbeat(self, sock: VolunteerSocket, attempts: list[str], running: list[str] | None = None) -> int:
         mine = [a for a in attempts if a in sock.held]
-        return await self.queue.extend(mine, time.time())
+        extended = await self.queue.extend(mine, time.time())
+        await self.report_computing(sock, running)
+        return extended
+
+    async def report_computing(self, sock: VolunteerSocket, running: list[str] | None = None) -> None:
+        """Publish what this connection computes now (``running`` from its ready or heartbeat, when
+        it says), so that every instance's job status counts volunteers and running tasks, not leases.
+        Written when it changed, and again each heartbeat period so the report does not expire."""
+        if running is not None:
+            sock.running = {a for a in running if a in sock.held}
+        now = time.time()
+        per_job = sock.computing()
+        if per_job == sock.reported and now - sock.reported_at < self.config.heartbeat:
+            return
+        gone = [job for job in sock.reported if job not in per_job]
+        await self.queue.computing(sock.key, sock.volunteer, per_job, gone, COMPUTING_TTL_BEATS * self.config.heartbeat)
+        sock.reported, sock.reported_at = per_job, now
 
     def leave(self, sock: VolunteerSocket) -> asyncio.Task:
         """A socket closed: abandon its leases in a task that outlives the socket's handler (even
@@ -616,6 +682,7 @@ class Dispatcher:
                 del self._by_volunteer[sock.volunteer]
         async with sock.lock:  # a lease for it under way (its ready being filled) ends first
             held, sock.held = list(sock.held), {}
+        await self.queue.computing(sock.key, sock.volunteer, {}, list(sock.reported), 0)
         leases = await self.queue.requeue(held)
         if leases:
             logger.info(
@@ -654,6 +721,7 @@ class Dispatcher:
         rec = await future
         for attempt in rec.acked + rec.ignored:
             sock.held.pop(attempt, None)
+        await self.report_computing(sock)
         if rec.acked and sock.volunteer in self.strikes:
             self._strike(sock.volunteer, -len(rec.acked))
         sock.strays = max(0, sock.strays + len(never_held.intersection(rec.ignored)) - len(rec.acked))
@@ -787,12 +855,19 @@ class Dispatcher:
         return job
 
     async def _add_running(self, jobs: list[dict]) -> None:
-        running = await self.queue.running([j["id"] for j in jobs if j["state"] == "running"])
+        """Honest counts: ``running`` = tasks a worker computes now, ``leased`` = the other live
+        leases (prefetched by a volunteer), ``volunteers`` = distinct volunteers computing the job."""
+        live = [j["id"] for j in jobs if j["state"] == "running"]
+        leases = await self.queue.running(live)
+        computing = await self.queue.computing_counts(live)
         for job in jobs:
-            n = min(running.get(job["id"], 0), job["counts"]["queued"])
-            job["counts"]["running"] = n
-            job["counts"]["queued"] -= n
-            job["volunteers"] = n  # live leases: an upper bound on volunteers working on it
+            held = min(leases.get(job["id"], 0), job["counts"]["queued"])
+            volunteers, running = computing.get(job["id"], (0, 0))
+            running = min(running, held)
+            job["counts"]["running"] = running
+            job["counts"]["leased"] = held - running
+            job["counts"]["queued"] -= held
+            job["volunteers"] = volunteers if running else 0
 
     async def list_jobs(self, researcher_id: int) -> list[dict]:
         jobs = await self.storage.list_jobs(researcher_id)

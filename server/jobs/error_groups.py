@@ -23,8 +23,11 @@ _NUMBER = re.compile(r"(?<![\w.])[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?(?![\w
 
 
 def last_line(error: str | None) -> str:
-    """The exception line of a traceback (its last non-empty line)."""
+    """The exception line of a traceback (its last non-empty line); for a task whose volunteers never
+    agreed, the ``NoAgreement: ...`` line (its first: the variants it lists follow it)."""
     lines = [line for line in (error or "").strip().splitlines() if line.strip()]
+    if lines and lines[0].startswith("NoAgreement:"):
+        return lines[0].strip()
     return lines[-1].strip() if lines else "error"
 
 

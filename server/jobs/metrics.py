@@ -60,6 +60,9 @@ class Metrics:
         self.commit_seconds = Histogram(
             "uvm_result_commit_seconds", "Time to commit one batch of results", buckets=LATENCY_BUCKETS, registry=r
         )
+        self.strays = Counter(
+            "uvm_tasks_restored", "Open tasks found neither ready nor leased, pushed again (should stay 0)", registry=r
+        )
         self.held = Counter("uvm_result_messages_held", "Result messages answered `hold` (database away)", registry=r)
         self.socket_errors = Counter(
             "uvm_volunteer_message_errors",

@@ -39,6 +39,7 @@ class Replica:
     volunteer: str
     result: Any = None
     error: str | None = None  # the error key ("ValueError: bad x", "timeout"); None for a result
+    elapsed: float = 0.0  # seconds the run took, as claimed (clamped to the job's timeout)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -255,7 +256,7 @@ class Validator:
                 rec.release.append(o.attempt)
             return
         before = len(groups(replicas, info.verification.tolerance))
-        replica = Replica(o.attempt, volunteer, o.result if o.error is None else None, _key(o))
+        replica = Replica(o.attempt, volunteer, o.result if o.error is None else None, _key(o), float(o.elapsed))
         replicas.append(replica)
         failures = task.attempts + (o.error is not None)
         task = task._replace(replicas=task.replicas + 1, attempts=failures)
@@ -334,15 +335,22 @@ class Validator:
 
     def _verdicts(self, batch: _Batch, decision: Decision, replicas: list[Replica]) -> None:
         """The verdict on each replica of a decided task; the quorum's members gain reputation, the
-        minority lose it, and a trusted volunteer found invalid has its lone results re-checked."""
+        minority lose it, and a trusted volunteer found invalid has its lone results re-checked.
+
+        Credit goes to validated results only: each member of the quorum is credited the least run
+        time any of them claimed (a claim is not a fact: inflating it gains nothing), a trusted
+        volunteer's lone result its own claim (taken back if it is caught lying and re-checked)."""
         writes = batch.writes
         valid = {r.attempt for r in decision.valid}
         invalid = {r.attempt for r in decision.invalid}
         trusted_alone = decision.kind == ACCEPT and decision.how.startswith("trusted")
+        granted = min((r.elapsed for r in decision.valid), default=0.0)
         now = time.time()
         for r in replicas:
             if r.attempt in valid or r.attempt in invalid:
                 writes.verdicts[r.attempt] = "valid" if r.attempt in valid else "invalid"
+                if r.attempt in valid:
+                    writes.credit[r.attempt] = granted
                 trust = batch.trust.setdefault(r.volunteer, Trust())
                 was_trusted = trust.trusted(self.config.trust_after)
                 trust.update(r.attempt in valid, now)
@@ -351,10 +359,12 @@ class Validator:
                     writes.reopen.append(r.volunteer)
             else:
                 writes.verdicts[r.attempt] = "trusted" if trusted_alone else "single"
+                if trusted_alone:
+                    writes.credit[r.attempt] = r.elapsed
 
 
-def _replica(attempt: str, volunteer: str, reported: dict) -> Replica:
-    return Replica(attempt, volunteer, reported.get("result"), reported.get("error"))
+def _replica(attempt: str, volunteer: str, reported: dict, elapsed: float) -> Replica:
+    return Replica(attempt, volunteer, reported.get("result"), reported.get("error"), elapsed)
 
 
 def _reported(o: Outcome) -> dict:

@@ -146,6 +146,18 @@ class Queue(abc.ABC):
         """Live leases per job."""
 
     @abc.abstractmethod
+    async def computing(
+        self, key: str, volunteer: str, per_job: dict[int, int], gone: Iterable[int], ttl: float
+    ) -> None:
+        """Connection ``key`` (unique over all instances) of ``volunteer`` computes ``per_job[job]``
+        tasks of each job now (workers busy, prefetch not counted), until ``ttl`` seconds from now
+        unless told again; for the jobs in ``gone`` it computes nothing any more."""
+
+    @abc.abstractmethod
+    async def computing_counts(self, jobs: list[int]) -> dict[int, tuple[int, int]]:
+        """Per job: (distinct volunteers computing it, tasks being computed), from live reports."""
+
+    @abc.abstractmethod
     async def ready_count(self) -> int:
         """Tasks waiting in the ready queue."""
 
@@ -160,6 +172,23 @@ class Queue(abc.ABC):
     async def close(self) -> None:  # noqa: B027 - optional: only backends with a connection close one
         """Release the backend's connections."""
         return None
+
+
+def computing_entry(volunteer: str, n: int, expires: float) -> str:
+    """One connection's report of what it computes for a job, as stored (both queues)."""
+    return f"{expires:.3f}|{n}|{volunteer}"
+
+
+def summarize_computing(entries: Iterable[str], now: float) -> tuple[int, int]:
+    """(distinct volunteers, tasks) over the unexpired reports of one job."""
+    volunteers: set[str] = set()
+    total = 0
+    for entry in entries:
+        expires, n, volunteer = entry.split("|", 2)
+        if float(expires) >= now and int(n) > 0:
+            volunteers.add(volunteer)
+            total += int(n)
+    return len(volunteers), total
 
 
 # -------------------------------------------------------------------------------- events bus

@@ -3,9 +3,20 @@
 from __future__ import annotations
 
 import heapq
+import time
 from collections.abc import Iterable
 
-from server.queue.base import DEFAULT_SHARE, MAX_SKIPPED, Lease, Queue, ReadyItem, checked_shares, lease_limit
+from server.queue.base import (
+    DEFAULT_SHARE,
+    MAX_SKIPPED,
+    Lease,
+    Queue,
+    ReadyItem,
+    checked_shares,
+    computing_entry,
+    lease_limit,
+    summarize_computing,
+)
 
 
 class MemoryQueue(Queue):
@@ -26,6 +37,7 @@ class MemoryQueue(Queue):
         self._running: dict[int, int] = {}
         self._excluded: dict[int, set[str]] = {}  # task -> volunteers and network tags it must avoid
         self._epoch = False
+        self._computing: dict[int, dict[str, str]] = {}  # job -> connection key -> computing_entry
 
     def _add(self, score: int, member: str, researcher: int = 0) -> bool:
         job, task = (int(p) for p in member.split(":")[:2])
@@ -182,6 +194,22 @@ class MemoryQueue(Queue):
 
     async def running(self, jobs: list[int]) -> dict[int, int]:
         return {job: max(0, self._running.get(job, 0)) for job in jobs}
+
+    async def computing(
+        self, key: str, volunteer: str, per_job: dict[int, int], gone: Iterable[int], ttl: float
+    ) -> None:
+        for job in gone:
+            entries = self._computing.get(job, {})
+            entries.pop(key, None)
+            if not entries:
+                self._computing.pop(job, None)
+        expires = time.time() + ttl
+        for job, n in per_job.items():
+            self._computing.setdefault(job, {})[key] = computing_entry(volunteer, n, expires)
+
+    async def computing_counts(self, jobs: list[int]) -> dict[int, tuple[int, int]]:
+        now = time.time()
+        return {job: summarize_computing(self._computing.get(job, {}).values(), now) for job in jobs}
 
     async def ready_count(self) -> int:
         return len(self._ready)

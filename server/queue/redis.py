@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -18,7 +19,9 @@ from server.queue.base import (
     Queue,
     ReadyItem,
     checked_shares,
+    computing_entry,
     lease_limit,
+    summarize_computing,
 )
 
 # ----------------------------------------------------------------------------------- Redis
@@ -324,6 +327,31 @@ class RedisQueue(Queue):
             return {}
         values = await _read_twice(lambda: self.redis.hmget(keys.RUNNING, [str(j) for j in jobs]))
         return {job: max(0, int(v or 0)) for job, v in zip(jobs, values, strict=True)}
+
+    async def computing(
+        self, key: str, volunteer: str, per_job: dict[int, int], gone: Iterable[int], ttl: float
+    ) -> None:
+        expires = time.time() + ttl
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job in gone:
+                pipe.hdel(f"{keys.COMPUTING}{job}", key)
+            for job, n in per_job.items():
+                pipe.hset(f"{keys.COMPUTING}{job}", key, computing_entry(volunteer, n, expires))
+                pipe.expire(f"{keys.COMPUTING}{job}", int(ttl) + 1)  # a job nobody reports on goes away
+            await pipe.execute()
+
+    async def computing_counts(self, jobs: list[int]) -> dict[int, tuple[int, int]]:
+        if not jobs:
+            return {}
+        values = await _read_twice(lambda: self._hvals_each([f"{keys.COMPUTING}{job}" for job in jobs]))
+        now = time.time()
+        return {job: summarize_computing([_s(v) for v in vals], now) for job, vals in zip(jobs, values, strict=True)}
+
+    async def _hvals_each(self, names: list[str]) -> list:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.hvals(name)
+            return await pipe.execute()
 
     async def ready_count(self) -> int:
         return int(await _read_twice(lambda: self._count(keys=[], args=[])))

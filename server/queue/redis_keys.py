@@ -11,6 +11,7 @@ DEADLINES = PREFIX + "deadlines"  # zset: attempt scored by its deadline (unix s
 LIMITS = PREFIX + "lease_limits"  # hash: attempt -> latest deadline heartbeats may reach (unix seconds)
 CANCELLED = PREFIX + "cancelled"  # set: cancelled job ids (ready members of these are skipped)
 RUNNING = PREFIX + "running"  # hash: job id -> live leases
+COMPUTING = PREFIX + "computing:"  # + job id: hash: connection key -> "expires|tasks computed now|volunteer"
 EXCLUDED = PREFIX + "excluded:"  # + task id: set of volunteer ids and network tags never to lease it to
 EXCLUDED_TTL = 7 * 24 * 3600  # seconds: a forgotten set goes away on its own
 EPOCH = PREFIX + "epoch"  # present once the ready queue was rebuilt from the database

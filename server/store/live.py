@@ -119,15 +119,20 @@ async def partials_of(storage: Storage, job: int, indices: list[int]) -> dict[in
     """The partial results of these tasks of a job, by task index, in the order they came."""
     if not indices:
         return {}
+    out: dict[int, list] = {}
+    for r in await partial_rows(storage, job, tasks.c.idx.in_(indices)):
+        out.setdefault(r.idx, []).append(storage.box.open_json(r.value_ct, f"partial:{r.task_id}:{r.seq}"))
+    return out
+
+
+async def partial_rows(storage: Storage, job: int, which: sa.ColumnElement[bool]) -> list[Any]:
+    """The sealed partial results of a job's tasks that ``which`` (a condition on ``tasks``) picks:
+    ``idx``, ``task_id``, ``seq``, ``value_ct``, in task index order, then in the order they came."""
     query = (
         sa.select(tasks.c.idx, partials.c.task_id, partials.c.seq, partials.c.value_ct)
         .select_from(partials.join(tasks, tasks.c.id == partials.c.task_id))
-        .where(partials.c.job_id == job, tasks.c.idx.in_(indices))
+        .where(partials.c.job_id == job, which)
         .order_by(tasks.c.idx, partials.c.seq)
     )
     async with storage.engine.connect() as conn:
-        rows = (await conn.execute(query)).all()
-    out: dict[int, list] = {}
-    for r in rows:
-        out.setdefault(r.idx, []).append(storage.box.open_json(r.value_ct, f"partial:{r.task_id}:{r.seq}"))
-    return out
+        return list((await conn.execute(query)).all())

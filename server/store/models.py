@@ -109,6 +109,7 @@ class OutcomeWrites:
 
     attempts: list[dict] = dataclasses.field(default_factory=list)
     verdicts: dict[str, str] = dataclasses.field(default_factory=dict)  # attempt -> verdict
+    credit: dict[str, float] = dataclasses.field(default_factory=dict)  # attempt -> CPU s credited (validated)
     decisions: list[TaskDecision] = dataclasses.field(default_factory=list)
     progress: list[tuple[Any, Outcome, str]] = dataclasses.field(default_factory=list)  # still queued
     counts: dict[int, dict[str, int]] = dataclasses.field(default_factory=dict)  # job -> column -> delta

@@ -89,18 +89,21 @@ class Outcomes:
         return {r.id: TaskRow(*r) for r in rows.all()}
 
     async def pending_reports(self, conn: AsyncConnection, task_ids: list[int]) -> dict[int, list[tuple]]:
-        """Reports awaiting a decision, per task, oldest first: (attempt, volunteer, {"result"|"error": v})."""
+        """Reports awaiting a decision, per task, oldest first: (attempt, volunteer, {"result"|"error": v},
+        seconds the run took as claimed)."""
         out: dict[int, list[tuple]] = {}
         if not task_ids:
             return out
         rows = await conn.execute(
-            sa.select(attempts.c.id, attempts.c.task_id, attempts.c.volunteer, attempts.c.reported_ct)
+            sa.select(
+                attempts.c.id, attempts.c.task_id, attempts.c.volunteer, attempts.c.reported_ct, attempts.c.elapsed
+            )
             .where(attempts.c.task_id.in_(task_ids), attempts.c.verdict == "pending")
             .order_by(attempts.c.finished_at, attempts.c.id)
         )
         for r in rows.all():
             reported = self.box.open_json(r.reported_ct, f"attempt:{r.id}:reported")
-            out.setdefault(r.task_id, []).append((r.id, r.volunteer, reported))
+            out.setdefault(r.task_id, []).append((r.id, r.volunteer, reported, r.elapsed or 0.0))
         return out
 
     async def reporters(self, task_ids: list[int]) -> list[tuple[int, str]]:
@@ -125,6 +128,19 @@ class Outcomes:
         )
         return {r.volunteer: r for r in rows.all()}
 
+    async def _write_job_counts(self, conn: AsyncConnection, writes: OutcomeWrites, now: float) -> None:
+        """Add the batch's deltas to its jobs' counters, and set a job's ``started_at`` the first time."""
+        starts: dict[int, float] = {}  # per job: when this batch's earliest task started (finish less run time)
+        for a in writes.attempts:
+            job_id = a["task"].job_id
+            starts[job_id] = min(starts.get(job_id, now), now - max(0.0, float(a["outcome"].elapsed or 0.0)))
+        for job_id, deltas in writes.counts.items():
+            values = {c: jobs.c[c] + n for c, n in deltas.items() if n}
+            if values and job_id in starts:  # throughput once finished counts from the first start
+                values["started_at"] = sa.func.coalesce(jobs.c.started_at, starts[job_id])
+            if values:
+                await conn.execute(jobs.update().where(jobs.c.id == job_id).values(**values))
+
     async def write_outcomes(self, conn: AsyncConnection, writes: OutcomeWrites, rec: Recorded) -> None:
         """Write what the validator decided: attempts, verdicts, tasks, job counters, reputations."""
         now = _now()
@@ -143,10 +159,7 @@ class Outcomes:
             await self._write_reputation(conn, writes.reputation, now)
         if writes.reopen:
             await self._reopen(conn, writes, rec)
-        for job_id, deltas in writes.counts.items():
-            values = {c: jobs.c[c] + n for c, n in deltas.items() if n}
-            if values:
-                await conn.execute(jobs.update().where(jobs.c.id == job_id).values(**values))
+        await self._write_job_counts(conn, writes, now)
         await pipelines.feed(self, conn, rec)
         await self.finish_jobs(conn, rec.jobs)
         if writes.stats:
@@ -184,17 +197,19 @@ class Outcomes:
                         self.box.seal_json(reported, f"attempt:{o.attempt}:reported") if reported is not None else None
                     ),
                     "verdict": writes.verdicts.get(o.attempt, "pending") if reported is not None else None,
+                    "credit": writes.credit.get(o.attempt),
                 }
             )
         if rows:
             await conn.execute(self._bulk_update(attempts, ["id"], rows, replace=list(rows[0])))
         mine = {r["id"] for r in rows}
-        by_verdict: dict[str, list[str]] = {}
+        # earlier replicas decided now: few statements, the replicas of one quorum share their credit
+        by_verdict: dict[tuple[str, float | None], list[str]] = {}
         for attempt, verdict in writes.verdicts.items():
             if attempt not in mine:
-                by_verdict.setdefault(verdict, []).append(attempt)
-        for verdict, ids in by_verdict.items():
-            await conn.execute(attempts.update().where(attempts.c.id.in_(ids)).values(verdict=verdict))
+                by_verdict.setdefault((verdict, writes.credit.get(attempt)), []).append(attempt)
+        for (verdict, credit), ids in by_verdict.items():
+            await conn.execute(attempts.update().where(attempts.c.id.in_(ids)).values(verdict=verdict, credit=credit))
 
     def _done_row(self, d: TaskDecision, now: float) -> dict:
         aad = f"task:{d.task.id}"
@@ -284,7 +299,7 @@ class Outcomes:
         await conn.execute(
             attempts.update()
             .where(attempts.c.task_id.in_(ids), attempts.c.verdict == "trusted")
-            .values(verdict="pending")
+            .values(verdict="pending", credit=None)  # re-checked: no credit unless confirmed
         )
         for r in rows:
             writes.count(r.job_id, "n_done", -1)
@@ -296,7 +311,7 @@ class Outcomes:
     async def _mark_done(self, conn: AsyncConnection, rows: list[dict]) -> None:
         if self.engine.dialect.name in ("mysql", "mariadb"):
             # One multi-row statement: the rows are locked (FOR UPDATE) and known to be queued, so
-            # this "upsert" only ever updates (aiomysql runs an UPDATE executemany row by row).
+            # this "upsert" only ever updates (the driver runs an UPDATE executemany row by row).
             await conn.execute(self._bulk_update(tasks, ["id"], rows, replace=list(rows[0])))
             return
         # SQLite: the driver starts the transaction at the first write, so the state read above
@@ -356,26 +371,33 @@ class Outcomes:
         now = _now()
         counted = outcome in (AttemptOutcome.EXPIRED,)
         async with self.engine.begin() as conn:
-            # A result committed just before its deadline, whose lease the reaper took before it was
-            # released: the attempt is done, not lost (and its row exists already).
-            known = set(
-                (await conn.execute(sa.select(attempts.c.id).where(attempts.c.id.in_([le.attempt for le in leases]))))
-                .scalars()
-                .all()
+            # An attempt may have a row already: abandoned, then resumed by its volunteer (same id),
+            # or its result arrived just before the lease ended (then the result stands).
+            found = await conn.execute(
+                sa.select(attempts.c.id, attempts.c.outcome).where(attempts.c.id.in_([le.attempt for le in leases]))
             )
+            existing = {r.id: r.outcome for r in found.all()}
             for lease in leases:
-                if lease.attempt in known:
-                    continue
-                await conn.execute(
-                    attempts.insert().values(
-                        id=lease.attempt,
-                        task_id=lease.task,
-                        job_id=lease.job,
-                        volunteer=lease.volunteer,
-                        outcome=outcome.value,
-                        finished_at=now,
+                before = existing.get(lease.attempt)
+                if before is None:
+                    await conn.execute(
+                        attempts.insert().values(
+                            id=lease.attempt,
+                            task_id=lease.task,
+                            job_id=lease.job,
+                            volunteer=lease.volunteer,
+                            outcome=outcome.value,
+                            finished_at=now,
+                        )
                     )
-                )
+                elif before == AttemptOutcome.ABANDONED.value:
+                    await conn.execute(
+                        attempts.update()
+                        .where(attempts.c.id == lease.attempt)
+                        .values(outcome=outcome.value, finished_at=now)
+                    )
+                else:
+                    continue
                 if not counted:
                     continue
                 task = (

@@ -21,6 +21,7 @@ from server.queue import ReadyItem
 from server.spec import ADAPTIVE, InvalidJob, JobSpec, Verification, encode_input
 from server.store import live, pipelines
 from server.store.accounts import Accounts
+from server.store.credit import Credit
 from server.store.models import Conflict, JobInfo, NotFound, Recorded, Researcher, inserted_id
 from server.store.models import now as _now
 from server.store.outcomes import Outcomes
@@ -28,12 +29,12 @@ from server.store.tables import attempts, jobs, tasks
 
 INSERT_CHUNK = 1000
 TXN_TASKS = 20_000  # tasks saved per transaction when a job has more
-THROUGHPUT_WINDOW = 30.0  # seconds
+THROUGHPUT_WINDOW = 30.0  # seconds: a running job's throughput is over this much of its latest run
 __all__ = ["Conflict", "JobInfo", "NotFound", "Recorded", "Researcher", "Storage"]
 
 
-class Storage(Accounts, Outcomes):
-    """Jobs and tasks here; accounts and outcome recording in their own modules."""
+class Storage(Accounts, Outcomes, Credit):
+    """Jobs and tasks here; accounts, outcome recording and volunteers' credit in their own modules."""
 
     def __init__(self, engine: AsyncEngine, box: Box) -> None:
         self.engine = engine
@@ -53,6 +54,7 @@ class Storage(Accounts, Outcomes):
                 jobs.insert().values(
                     researcher_id=researcher_id,
                     name=spec.name,
+                    description=spec.description,
                     state=JobState.QUEUED.value,
                     code_ct=b"",
                     code_hash=code_hash(spec.code),
@@ -192,6 +194,14 @@ class Storage(Accounts, Outcomes):
             raise NotFound(f"no job {job_id}")
         return self.box.open_text(blob, f"job:{job_id}:code")
 
+    async def job_about(self, job_id: int) -> tuple[str, str]:
+        """A job's name and public description: what its volunteers are shown."""
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(sa.select(jobs.c.name, jobs.c.description).where(jobs.c.id == job_id))).first()
+        if row is None:
+            raise NotFound(f"no job {job_id}")
+        return row.name, row.description
+
     async def get_job(self, researcher_id: int | None, job_id: int) -> dict:
         where = [jobs.c.id == job_id]
         if researcher_id is not None:
@@ -201,8 +211,8 @@ class Storage(Accounts, Outcomes):
             if row is None:
                 raise NotFound(f"no job {job_id}")
             job = _job_dict(row)
-            recent = await _recent_counts(conn, [job_id])
-        job["throughput"] = round(recent.get(job_id, 0) / THROUGHPUT_WINDOW, 3)
+            recent = await _recent_counts(conn, [job_id] if row.state == JobState.RUNNING.value else [])
+        job["throughput"] = throughput(job, recent.get(job_id, 0), _now())
         return job
 
     async def list_jobs(self, researcher_id: int, limit: int = 200) -> list[dict]:
@@ -215,8 +225,9 @@ class Storage(Accounts, Outcomes):
         async with self.engine.connect() as conn:
             out = [_job_dict(row) for row in (await conn.execute(query)).all()]
             recent = await _recent_counts(conn, [j["id"] for j in out if j["state"] == JobState.RUNNING.value])
+        now = _now()
         for job in out:
-            job["throughput"] = round(recent.get(job["id"], 0) / THROUGHPUT_WINDOW, 3)
+            job["throughput"] = throughput(job, recent.get(job["id"], 0), now)
         return out
 
     async def cancel_job(self, researcher_id: int, job_id: int) -> bool:
@@ -259,6 +270,16 @@ class Storage(Accounts, Outcomes):
                 last = rows[-1].idx
                 yield [ReadyItem(job.id, r.id, r.idx, job.timeout, job.priority, job.researcher_id) for r in rows]
 
+    async def still_open(self, task_ids: list[int]) -> set[int]:
+        """Which of these tasks are not final yet."""
+        out: set[int] = set()
+        async with self.engine.connect() as conn:
+            for start in range(0, len(task_ids), INSERT_CHUNK):
+                chunk = task_ids[start : start + INSERT_CHUNK]
+                query = sa.select(tasks.c.id).where(tasks.c.id.in_(chunk), tasks.c.state == TaskState.OPEN.value)
+                out.update((await conn.execute(query)).scalars())
+        return out
+
     async def resumable(self, volunteer: str, attempt_ids: list[str]) -> list[tuple[str, ReadyItem]]:
         """This volunteer's abandoned attempts (its socket closed) whose tasks are still to do."""
         if not attempt_ids:
@@ -298,7 +319,8 @@ class Storage(Accounts, Outcomes):
         return {r.id: self.box.open_json(r.input_ct, f"job:{r.job_id}:input:{r.idx}") for r in rows}
 
     async def retry_failed(self, researcher_id: int, job_id: int) -> int:
-        """Failed tasks become queued again with fresh attempts; the job runs again."""
+        """Failed tasks become queued again with fresh attempts and no error (the job's errors and
+        error groups list what fails from now on); the job runs again."""
 
         async def work(conn: AsyncConnection) -> int:
             row = await _owned_job(conn, researcher_id, job_id)
@@ -307,7 +329,15 @@ class Storage(Accounts, Outcomes):
             result = await conn.execute(
                 tasks.update()
                 .where(tasks.c.job_id == job_id, tasks.c.state == TaskState.FAILED.value)
-                .values(state=TaskState.OPEN.value, attempts=0, replicas=0, accepted=None, finished_at=None)
+                .values(
+                    state=TaskState.OPEN.value,
+                    attempts=0,
+                    replicas=0,
+                    accepted=None,
+                    finished_at=None,
+                    error_ct=None,
+                    output_ct=None,
+                )
             )
             if result.rowcount:
                 await conn.execute(
@@ -350,28 +380,22 @@ class Storage(Accounts, Outcomes):
         following = runs[-1][1] if len(indices) == limit else -1
         return runs, following
 
-    async def iter_tasks(
-        self, job_id: int, only_errors: bool = False, start: int = 0, limit: int | None = None
-    ) -> AsyncIterator[dict]:
-        """The tasks of a job from index ``start`` in input order, decrypted, fetched in pages
-        (constant memory); at most ``limit`` of them."""
+    async def iter_tasks(self, job_id: int, only_errors: bool = False) -> AsyncIterator[dict]:
+        """The tasks of a job in input order, decrypted, fetched in pages (constant memory). A
+        results download goes through ``server.store.download`` instead (JSON left as text)."""
         info = await self.job_info(job_id)
         if info is None:
             raise NotFound(f"no job {job_id}")
-        last = start - 1
-        left = limit
-        while left is None or left > 0:
-            query = page_query(job_id, last, PAGE if left is None else min(PAGE, left), only_errors)
+        last = -1
+        while True:
             async with self.engine.connect() as conn:
-                rows = (await conn.execute(query)).all()
+                rows = (await conn.execute(page_query(job_id, last, PAGE, only_errors))).all()
             if not rows:
                 return
             parts = await live.partials_of(self, job_id, [r.idx for r in rows])
             for row in rows:
                 yield self._task_dict(job_id, info, row, parts.get(row.idx, []))
             last = rows[-1].idx
-            if left is not None:
-                left -= len(rows)
 
     def _task_dict(self, job_id: int, info: JobInfo, r: Any, partials: list) -> dict:
         """One task of a download, decrypted (the hot loop: no call for a column that is NULL)."""
@@ -442,11 +466,13 @@ _JOB_COLUMNS = (
     jobs.c.parent_job_id,
     jobs.c.code_hash,
     jobs.c.created_at,
+    jobs.c.started_at,
     jobs.c.finished_at,
+    jobs.c.description,
 )
 
 
-PAGE = 2000  # rows per page of a results download
+PAGE = 2000  # rows per page of ``iter_tasks`` (a job's errors, the inputs of a ``results_of`` job)
 
 
 def queued_page_query(job_id: int, after: int, limit: int) -> sa.Select:
@@ -497,12 +523,14 @@ def _job_dict(row: Any) -> dict:
     return {
         "id": row.id,
         "name": row.name,
+        "description": row.description,
         "state": row.state,
         "inputs_kind": row.inputs_kind,
         "n_tasks": row.n_tasks,
         "counts": {
             "queued": row.n_tasks - row.n_done - row.n_failed - cancelled,
             "running": 0,
+            "leased": 0,
             "done": row.n_done,
             "failed": row.n_failed,
             "cancelled": cancelled,
@@ -525,8 +553,23 @@ def _job_dict(row: Any) -> dict:
         "parent_job_id": row.parent_job_id,
         "code_hash": row.code_hash,
         "created_at": row.created_at,
+        "started_at": row.started_at,
         "finished_at": row.finished_at,
     }
+
+
+def throughput(job: dict, recent: int, now: float) -> float:
+    """Tasks per second, one definition everywhere: while the job runs, the tasks finished over the
+    last THROUGHPUT_WINDOW seconds (or since its first task started, if that is more recent); once it
+    has ended, all its finished tasks over the time from the first start to the last finish."""
+    started = job.get("started_at")
+    if job["state"] != JobState.RUNNING.value:
+        finished = job["counts"]["done"] + job["counts"]["failed"]
+        if not started or not job.get("finished_at") or not finished:
+            return 0.0
+        return round(finished / max(job["finished_at"] - started, 1e-3), 3)
+    window = min(THROUGHPUT_WINDOW, now - started) if started else THROUGHPUT_WINDOW
+    return round(recent / max(window, 1.0), 3)
 
 
 async def _recent_counts(conn: AsyncConnection, job_ids: list[int]) -> dict[int, int]:

@@ -47,6 +47,7 @@ jobs = sa.Table(
     sa.Column("id", Id, primary_key=True, autoincrement=True),
     sa.Column("researcher_id", Id, sa.ForeignKey("researchers.id"), nullable=False, index=True),
     sa.Column("name", sa.String(200), nullable=False, default=""),
+    sa.Column("description", sa.String(500), nullable=False, default="", server_default=""),  # public
     sa.Column("state", sa.String(16), nullable=False, index=True),
     sa.Column("code_ct", Blob, nullable=False),
     sa.Column("code_hash", sa.String(64), nullable=False),
@@ -71,6 +72,7 @@ jobs = sa.Table(
     sa.Column("result_bytes", sa.BigInteger, nullable=False, default=0),  # result + output ciphertext stored
     sa.Column("parent_job_id", Id, nullable=True, index=True),  # results_of / after (pipelines)
     sa.Column("created_at", sa.Double, nullable=False),
+    sa.Column("started_at", sa.Double),  # the first recorded result's finish less its CPU time
     sa.Column("finished_at", sa.Double),
 )
 
@@ -108,6 +110,9 @@ attempts = sa.Table(
     sa.Column("finished_at", sa.Double, nullable=False),
     sa.Column("reported_ct", Blob),  # what it reported, for the validator: {"result": v} or {"error": key}
     sa.Column("verdict", sa.String(8)),  # pending | valid | invalid | trusted | single (NULL: no report)
+    # CPU seconds credited to the volunteer: set only for a validated result (valid or trusted)
+    sa.Column("credit", sa.Double),
+    sa.Index("ix_attempts_volunteer_verdict", "volunteer", "verdict"),  # credit and the leaderboard
 )
 
 volunteers = sa.Table(
@@ -120,6 +125,8 @@ volunteers = sa.Table(
     sa.Column("throttle", sa.Text, nullable=False, default="{}"),
     sa.Column("tasks_done", sa.Integer, nullable=False, default=0),
     sa.Column("task_seconds", sa.Double, nullable=False, default=0.0),
+    sa.Column("nickname", sa.String(32)),  # opt-in, public on the leaderboard; NULL: not listed
+    sa.Index("ix_volunteers_nickname", "nickname", unique=True),
 )
 
 # One row per key id ever used on this database: a server whose key does not match refuses to start

@@ -13,6 +13,7 @@ from server.crypto import hash_token
 from server.jobs.error_groups import ErrorGroups
 from server.jobs.outage import is_outage
 from server.spec import InvalidJob
+from server.store import download
 from server.store.models import QuotaExceeded
 from server.store.storage import Conflict, NotFound, Researcher
 from server.web import appkeys as K
@@ -187,7 +188,7 @@ async def job_results(request: web.Request) -> web.StreamResponse:
         }
     )
     await response.prepare(request)
-    async for chunk in export.render(storage.iter_tasks(jid, start=start, limit=limit), fmt):
+    async for chunk in export.render(download.result_pages(storage, jid, start, limit), fmt):
         await response.write(chunk)
     await response.write_eof()
     return response
@@ -236,7 +237,8 @@ async def volunteer_stats(request: web.Request) -> web.Response:
     if public is None:
         await researcher(request)  # 401 without credentials
         public = vid
-    return web.json_response(await request.app[K.storage].volunteer_stats(public))
+    storage = request.app[K.storage]
+    return web.json_response({**await storage.volunteer_stats(public), **await storage.volunteer_credit(public)})
 
 
 async def health(request: web.Request) -> web.Response:

@@ -20,7 +20,7 @@ from server.queue import Bus, MemoryQueue, Queue, RedisBus, RedisQueue
 from server.store.engine import make_engine, migrate, private_sqlite_file
 from server.store.keys import box_for, check_keys
 from server.store.storage import Storage
-from server.web import api, metrics, openapi, ws
+from server.web import api, credit, metrics, openapi, ws
 from server.web import appkeys as K
 from server.web.addresses import proxy_middleware
 
@@ -89,6 +89,7 @@ def create_app(config: Config | None = None) -> web.Application:
     app[K.config] = config
     app.cleanup_ctx.append(_resources)
     api.add_routes(app)
+    credit.add_routes(app)
     ws.add_routes(app)
     openapi.add_routes(app)
     metrics.add_routes(app)

@@ -140,7 +140,7 @@ async def login(request: web.Request) -> web.Response:
         return json_error(403, "this account is not approved yet; ask an operator")
     token = new_token()
     await storage.add_session(hash_token(token), who.id, SESSION_TTL)
-    response = web.json_response(_me(who))
+    response = web.json_response(_me(who, request))
     response.set_cookie(
         SESSION_COOKIE,
         token,
@@ -162,12 +162,19 @@ async def logout(request: web.Request) -> web.Response:
     return response
 
 
-def _me(who: Researcher) -> dict:
-    return {"id": who.id, "email": who.email, "approved": who.approved, "operator": who.operator}
+def _me(who: Researcher, request: web.Request) -> dict:
+    """The signed-in researcher, and the server's default ``replication`` (the new-job form's default)."""
+    return {
+        "id": who.id,
+        "email": who.email,
+        "approved": who.approved,
+        "operator": who.operator,
+        "default_replication": request.app[K.config].default_replication,
+    }
 
 
 async def me(request: web.Request) -> web.Response:
-    return web.json_response(_me(await researcher(request)))
+    return web.json_response(_me(await researcher(request), request))
 
 
 # ------------------------------------------------------------------------------- operators
@@ -346,13 +353,23 @@ _ERR = {
     "description": "error",
     "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
 }
-_ME = {
+_ME: dict = {
     "type": "object",
     "properties": {
         "id": {"type": "integer"},
         "email": {"type": "string"},
         "approved": {"type": "boolean"},
         "operator": {"type": "boolean"},
+    },
+}
+_ME_AND_DEFAULTS = {
+    "type": "object",
+    "properties": {
+        **_ME["properties"],
+        "default_replication": {
+            "oneOf": [{"type": "integer"}, {"type": "string", "enum": ["adaptive"]}],
+            "description": "a job's replication when it names none (UVM_DEFAULT_REPLICATION)",
+        },
     },
 }
 _LIMITS = {
@@ -395,7 +412,7 @@ DASHBOARD_PATHS: dict = {
                     }
                 },
             },
-            "responses": {"200": _resp("signed in", _ME), **_errs(400, 401, 403, 429)},
+            "responses": {"200": _resp("signed in", _ME_AND_DEFAULTS), **_errs(400, 401, 403, 429)},
         }
     },
     "/api/logout": {
@@ -406,7 +423,10 @@ DASHBOARD_PATHS: dict = {
         }
     },
     "/api/me": {
-        "get": {"summary": "The signed-in researcher", "responses": {"200": _resp("me", _ME), **_errs(401, 403)}}
+        "get": {
+            "summary": "The signed-in researcher, and the server's default replication (UVM_DEFAULT_REPLICATION)",
+            "responses": {"200": _resp("me", _ME_AND_DEFAULTS), **_errs(401, 403)},
+        }
     },
     "/api/admin/researchers": {
         "get": {

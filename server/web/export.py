@@ -10,10 +10,13 @@ JSON and NDJSON also carry each task's ``partials`` (uvm.partial), available bef
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import re
 from collections.abc import AsyncIterator
+
+from server.store.download import ResultRow
 
 FORMATS = {
     "txt": "text/plain; charset=utf-8",
@@ -44,52 +47,63 @@ def _error_line(error: str | None) -> str:
     return last[-1] if last else ""
 
 
-async def render(rows: AsyncIterator[dict], fmt: str) -> AsyncIterator[bytes]:
-    """Yield the export chunk by chunk. A failed task carries its error (txt: ``ERROR: ...``)."""
+async def render(pages: AsyncIterator[list[ResultRow]], fmt: str) -> AsyncIterator[bytes]:
+    """Yield the export one chunk per page of rows. A failed task carries its error (txt: ``ERROR: ...``)."""
     if fmt == "json":
         yield b"["
-        first = True
-        async for row in rows:
-            yield (("" if first else ",") + "\n" + _dumps(_public(row))).encode()
-            first = False
+        sep = "\n"
+        async for page in pages:
+            if page:
+                yield (sep + ",\n".join(map(_json_line, page))).encode()
+                sep = ",\n"
         yield b"\n]\n"
     elif fmt == "ndjson":
-        async for row in rows:
-            yield (_dumps(_public(row)) + "\n").encode()
+        async for page in pages:
+            yield "".join([_json_line(row) + "\n" for row in page]).encode()
     elif fmt == "csv":
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
         writer.writerow(["index", "input", "state", "result", "error", "accepted", "replicas"])
-        async for row in rows:
-            result = _dumps(row["result"]) if row["state"] == "done" else ""
-            cells = [_dumps(row["input"]), row["state"], result, _error_line(row["error"]), row.get("accepted") or ""]
-            writer.writerow([row["index"], *(csv_cell(c) for c in cells), row.get("replicas", 0)])
-            if buf.tell() > 32768:
-                yield buf.getvalue().encode()
-                buf.seek(0)
-                buf.truncate()
+        async for page in pages:
+            writer.writerows(map(_csv_cells, page))
+            yield buf.getvalue().encode()
+            buf.seek(0)
+            buf.truncate()
         yield buf.getvalue().encode()
     else:  # txt: one result a line, as the original UVM Compute
-        async for row in rows:
-            if row["state"] == "done":
-                line = row["result"] if isinstance(row["result"], str) else _dumps(row["result"])
-                line = line.replace("\n", "\\n")
-            elif row["state"] == "failed":
-                line = "ERROR: " + _error_line(row["error"])
-            else:
-                line = f"({row['state']})"
-            yield (line + "\n").encode()
+        async for page in pages:
+            yield "".join([_txt_line(row) + "\n" for row in page]).encode()
 
 
-def _public(row: dict) -> dict:
-    return {
-        "index": row["index"],
-        "input": row["input"],
-        "state": row["state"],
-        "result": row["result"],
-        "error": row["error"] if row["state"] != "done" else None,
-        "output": row["output"],
-        "accepted": row.get("accepted"),
-        "replicas": row.get("replicas", 0),
-        "partials": row.get("partials", []),
-    }
+@functools.lru_cache(maxsize=256)
+def _string(text: str | None) -> str:
+    """A short string that repeats from row to row (a state, how a result was accepted) as JSON."""
+    return _dumps(text)
+
+
+def _json_line(row: ResultRow) -> str:
+    """One task as a JSON object; the stored JSON texts are spliced in as they are."""
+    error = _dumps(row.error) if row.error is not None and row.state != "done" else "null"
+    output = _dumps(row.output) if row.output else '""'
+    return (
+        f'{{"index":{row.idx},"input":{row.input},"state":{_string(row.state)},'
+        f'"result":{"null" if row.result is None else row.result},"error":{error},"output":{output},'
+        f'"accepted":{_string(row.accepted)},"replicas":{row.replicas},"partials":[{",".join(row.partials)}]}}'
+    )
+
+
+def _csv_cells(row: ResultRow) -> list:
+    result = ("null" if row.result is None else row.result) if row.state == "done" else ""
+    cells = [row.input, row.state, result, _error_line(row.error), row.accepted or ""]
+    return [row.idx, *(csv_cell(c) for c in cells), row.replicas]
+
+
+def _txt_line(row: ResultRow) -> str:
+    if row.state == "done":
+        if row.result is None:
+            return "null"
+        # a string result is written as the string itself; anything else as its (one-line) JSON
+        return json.loads(row.result).replace("\n", "\\n") if row.result.startswith('"') else row.result
+    if row.state == "failed":
+        return "ERROR: " + _error_line(row.error)
+    return f"({row.state})"

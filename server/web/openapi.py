@@ -81,6 +81,11 @@ COMPONENTS: dict = {
                     ],
                 },
                 "name": {"type": "string", "maxLength": 200},
+                "description": {
+                    "type": "string",
+                    "maxLength": 500,
+                    "description": "public: shown to the volunteers who compute the job",
+                },
                 "timeout": {"type": "number", "description": "seconds per task", "default": 60},
                 "max_attempts": {"type": "integer", "minimum": 1, "maximum": 20, "default": 3},
                 "priority": {"type": "integer", "minimum": -100, "maximum": 100, "default": 0},
@@ -104,19 +109,28 @@ COMPONENTS: dict = {
         },
         "Counts": {
             "type": "object",
-            "properties": {s: {"type": "integer"} for s in ("queued", "running", "done", "failed", "cancelled")},
+            "properties": {
+                s: {"type": "integer"} for s in ("queued", "running", "leased", "done", "failed", "cancelled")
+            },
+            "description": "running: computed by a worker now; leased: handed out, waiting in a volunteer's prefetch",
         },
         "Job": {
             "type": "object",
             "properties": {
                 "id": {"type": "integer"},
                 "name": {"type": "string"},
+                "description": {"type": "string"},
                 "state": {"type": "string", "enum": ["queued", "running", "done", "failed", "cancelled"]},
                 "n_tasks": {"type": "integer"},
                 "counts": {"$ref": "#/components/schemas/Counts"},
-                "throughput": {"type": "number", "description": f"tasks/s over the last {THROUGHPUT_WINDOW:g} s"},
-                "volunteers": {"type": "integer"},
+                "throughput": {
+                    "type": "number",
+                    "description": f"tasks/s: over the last {THROUGHPUT_WINDOW:g} s while running; once ended,"
+                    " tasks / (last finish - first start)",
+                },
+                "volunteers": {"type": "integer", "description": "distinct volunteers computing it now"},
                 "created_at": {"type": "number"},
+                "started_at": {"type": "number", "nullable": True},
                 "finished_at": {"type": "number", "nullable": True},
             },
         },

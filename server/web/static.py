@@ -278,7 +278,11 @@ def add_static_routes(
             raise web.HTTPNotFound()
         return _file_response(path, REVALIDATE)
 
+    async def leaderboard(request: web.Request) -> web.Response:
+        return page_response(render_page(public_dir, "leaderboard.html", {}))
+
     app.router.add_get("/", page)
+    app.router.add_get("/leaderboard", leaderboard)
     app.router.add_get("/embed.js", embed)
     app.router.add_get("/static/{path:.+}", static)
     app.router.add_get("/py/{path:[A-Za-z_][A-Za-z0-9_/]*}.py", python)

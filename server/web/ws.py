@@ -203,11 +203,13 @@ async def _hello(request: web.Request, msg: P.Hello, address: str, send) -> Volu
 
 async def _handle(msg: object, sock: VolunteerSocket, dispatcher, storage, send) -> None:  # noqa: ANN001
     if isinstance(msg, P.Ready):
-        await dispatcher.ready(sock, msg.n)
+        await dispatcher.report_computing(sock, msg.running)
+        await dispatcher.ready(sock, msg.n)  # tasks now, or `wait` (held until work arrives)
+        await dispatcher.report_computing(sock)  # a protocol-1 volunteer's estimate counts these
     elif isinstance(msg, P.Results):
         await _results(msg, sock, dispatcher, send)
     elif isinstance(msg, P.Heartbeat):
-        await dispatcher.heartbeat(sock, msg.attempts)
+        await dispatcher.heartbeat(sock, msg.attempts, msg.running)
         if not msg.attempts:
             await dispatcher.idle_heartbeat(sock)
     elif isinstance(msg, P.Progress):
@@ -222,7 +224,8 @@ async def _handle(msg: object, sock: VolunteerSocket, dispatcher, storage, send)
         if info is None or info.code_hash != msg.code_hash or not mine:
             raise P.ProtocolError(f"need_code: you hold no task of job {msg.job} with that code hash")
         source = await storage.job_code(msg.job)
-        await send(P.Code(msg.job, msg.code_hash, source, info.requirements))
+        name, description = await storage.job_about(msg.job)
+        await send(P.Code(msg.job, msg.code_hash, source, info.requirements, name, description))
     elif isinstance(msg, P.Throttle):
         sock.throttle = msg.state
         await dispatcher.flush_seen(sock.volunteer)  # its row first, or the update finds none

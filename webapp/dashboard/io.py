@@ -105,7 +105,7 @@ class TryWorker:
             self.worker = self.supply.take()
         return self.worker.booted
 
-    async def run(self, source: str, value: object, seconds: float) -> dict:
+    async def run(self, source: str, value: object, seconds: float, requirements: list | None = None) -> dict:
         code_hash = hashlib.sha256(source.encode()).hexdigest()
         if self.worker is not None and not self.worker.claim(code_hash):
             self.stop()  # other code ran in it: a fresh interpreter for this version
@@ -113,7 +113,9 @@ class TryWorker:
         if not booted:
             message = self.worker.failed if self.worker is not None else "the worker was stopped"
             raise RuntimeError(f"Python could not start in a worker: {message}")
+        # the job's requirements load in the worker first (public/worker.js), as on a volunteer's
         payload = {"code_hash": code_hash, "input": value, "source": source, "job": None}
+        payload["requirements"] = list(requirements or [])
         try:
             answer = await asyncio.wait_for(self.worker.run(code_hash, payload), seconds)
         except TimeoutError:

@@ -18,7 +18,7 @@ import js
 from pyodide.ffi import create_proxy
 from pyscript import document, window
 
-from . import inputs, views
+from . import inputs, verify, verify_ui, views
 from .io import ApiError, TryWorker, api, ndjson_rows
 
 EXAMPLE = '''"""A small working example: edit it, press Try, then Submit."""
@@ -73,17 +73,20 @@ class Dashboard:
         self.events = None
         self.try_worker = TryWorker(worker_url)
         self.results_loaded_at = 0.0
-        self.results_done = -1
+        self.results_done: tuple[int, ...] = ()
         self.results_pending = False
         self.progress_seen: dict[tuple[int, int], tuple[float, float]] = {}  # (job, task) -> first (fraction, at)
         self.errors_failed = -1
+        self.no_agreement = 0  # failed tasks whose volunteers never agreed (from the error groups)
         self.admin_task: asyncio.Task | None = None
         self.busy = False
         self.offline = False
 
     # ----------------------------------------------------------------------- plumbing
-    def flash(self, message: str | None) -> None:
+    def flash(self, message: str | None, ok: bool = False) -> None:
+        """Show a message over the page: a problem (red), or with ``ok`` news of what was done (green)."""
         _show("flash", message)
+        _el("flash").classList.toggle("ok", ok)
 
     def run(self, coroutine) -> None:
         """Run a handler's coroutine; any error it raises ends as a message on the page."""
@@ -144,6 +147,7 @@ class Dashboard:
             _on(_el(element_id), "input", lambda e: self.summarise_inputs())
         for element_id in ("chain-job", "chain-kind"):
             _on(_el(element_id), "change", lambda e: self.summarise_inputs())
+        verify_ui.bind(_on)
 
     def click(self, event) -> None:
         target = event.target.closest("[data-action]") if hasattr(event.target, "closest") else None
@@ -156,6 +160,7 @@ class Dashboard:
             "submit": self.submit,
             "cancel": self.cancel,
             "retry": self.retry,
+            "copy-volunteer-link": self.copy_volunteer_link,
             "chain-results": lambda: self.chain("results_of"),
             "chain-after": lambda: self.chain("after"),
             "approve": lambda: self.set_approved(target.dataset.id, True),
@@ -290,7 +295,9 @@ class Dashboard:
     async def open_job(self, job_id: int) -> None:
         if self.job_id != job_id:
             self.job_id, self.job = job_id, None
-            self.results_done, self.errors_failed, self.results_loaded_at = -1, -1, 0.0
+            self.results_done, self.errors_failed, self.results_loaded_at = (), -1, 0.0
+            self.no_agreement = 0
+            _el("job-validation").innerHTML = ""
             _el("job-title").textContent = f"Job {job_id}"
             _el("job-state").textContent = "…"
             _el("job-state").className = "state"
@@ -313,15 +320,18 @@ class Dashboard:
         self.jobs[job["id"]] = job
         _el("job-title").textContent = views.job_name(job)
         state = _el("job-state")
-        state.textContent = job["state"]
-        state.className = f"state state-{job['state']}"
+        text, css = views.state_label(job)
+        state.textContent = text
+        state.className = f"state state-{css}"
         done, failed = views.progress(job)
         _el("job-bar-done").style.width = f"{done * 100:.2f}%"
         _el("job-bar-failed").style.width = f"{failed * 100:.2f}%"
         task_etas = self._task_etas(job)
-        stats = views.job_stats(job, task_etas=task_etas)
-        _el("job-stats").innerHTML = f'<p class="muted subtitle">{views.job_subtitle(job)}</p>' + stats
+        hint = views.no_volunteer_hint(job, f"{window.location.origin}/")
+        subtitle = f'<p class="muted subtitle">{views.job_subtitle(job)}</p>'
+        _el("job-stats").innerHTML = subtitle + hint + views.job_stats(job, task_etas=task_etas)
         _el("job-running").innerHTML = views.running_tasks(job)
+        _el("job-validation").innerHTML = verify.validation_html(job, self.no_agreement)
         terminal = job["state"] in views.TERMINAL
         _el("cancel-button").hidden = terminal
         _el("retry-button").hidden = job["counts"]["failed"] == 0
@@ -332,9 +342,9 @@ class Dashboard:
             self.errors_failed = job["counts"]["failed"]
             await self.load_errors(job["id"])
         now = time.monotonic()
-        changed = job["counts"]["done"] + job["counts"]["failed"] != self.results_done
+        changed = verify.results_key(job) != self.results_done
         if changed and (force or terminal or now - self.results_loaded_at > RESULTS_REFRESH):
-            self.results_done = job["counts"]["done"] + job["counts"]["failed"]
+            self.results_done = verify.results_key(job)
             self.results_loaded_at = now
             await self.load_results(job)
         elif changed and not self.results_pending:
@@ -365,22 +375,36 @@ class Dashboard:
         body = await api("GET", f"/api/jobs/{job_id}/errors")
         _el("job-errors-card").hidden = not body.get("groups")
         _el("job-errors").innerHTML = views.errors_html(body)
+        self.no_agreement = sum(g.get("count", 0) for g in body.get("groups") or [] if g.get("type") == "NoAgreement")
+        if self.job is not None and self.job.get("id") == job_id:
+            _el("job-validation").innerHTML = verify.validation_html(self.job, self.no_agreement)
 
     async def load_results(self, job: dict) -> None:
-        if job["counts"]["done"] + job["counts"]["failed"] == 0:
+        if not any(verify.results_key(job)):
             return
         rows = await ndjson_rows(f"/api/jobs/{job['id']}/results?format=ndjson", limit=views.PREVIEW_ROWS)
         _el("job-results").innerHTML = views.results_table(rows, job["n_tasks"])
 
     async def cancel(self) -> None:
+        name = views.job_name(self.job) if self.job else f"job {self.job_id}"
+        if not window.confirm(f"Cancel {name}? Its unfinished tasks will not run; this cannot be undone."):
+            return
         job = await api("POST", f"/api/jobs/{self.job_id}/cancel")
         job.pop("cancelled", None)
         await self.update_job(job, force=True)
 
     async def retry(self) -> None:
         body = await api("POST", f"/api/jobs/{self.job_id}/retry")
-        self.flash(None if body["retried"] else "No failed tasks to retry.")
+        n = body["retried"]
+        self.flash(
+            f"{views.plural(n, 'failed task')} queued again." if n else "Nothing was retried: no task has failed.",
+            ok=bool(n),
+        )
         await self.update_job(await api("GET", f"/api/jobs/{self.job_id}"), force=True)
+
+    async def copy_volunteer_link(self) -> None:
+        await window.navigator.clipboard.writeText(f"{window.location.origin}/")
+        self.flash("Link copied: share it, and whoever opens it can volunteer.", ok=True)
 
     async def chain(self, kind: str) -> None:
         self.chain_preset = (kind, self.job_id)
@@ -402,6 +426,7 @@ class Dashboard:
             self.set_mode("chain")
             name = views.job_name(self.jobs.get(job_id, {"id": job_id}))
             note.textContent = ("Pipeline stage after " if kind == "after" else "Inputs: results of ") + name
+        verify_ui.preset(self.me.get("default_replication", verify.ADAPTIVE) if self.me else verify.ADAPTIVE)
         await self.ensure_editor()
         self.try_worker.start()  # warm Python up while the researcher types
         listed = (await api("GET", "/api/jobs"))["jobs"]
@@ -451,8 +476,11 @@ class Dashboard:
         try:
             text = inputs.summary(self.read_inputs())
             summary.textContent = text[:1].upper() + text[1:]
-        except inputs.InputError:
+            _show("inputs-error", None)
+        except inputs.InputError as exc:  # said as they type, with where (JSON: line and column)
             summary.textContent = ""
+            typed = self.mode not in ("json", "csv", "lines") or str(_el(f"inputs-{self.mode}").value).strip()
+            _show("inputs-error", str(exc) if typed else None)
 
     async def load_file(self, mode: str, field) -> None:
         files = field.files
@@ -490,6 +518,7 @@ class Dashboard:
         requirements = [r.strip() for r in str(_el("opt-requirements").value).replace(",", " ").split() if r.strip()]
         return {
             "name": str(_el("opt-name").value).strip(),
+            "description": str(_el("opt-description").value).strip(),
             "timeout": number("opt-timeout", "the timeout", float),
             "max_attempts": number("opt-attempts", "attempts per task"),
             "priority": number("opt-priority", "the priority"),
@@ -523,7 +552,9 @@ class Dashboard:
         status.textContent = "Running…" if booted else "Starting Python in a worker…"
         try:
             started = time.monotonic()
-            answer = await self.try_worker.run(str(self.editor.get()), value, options["timeout"])
+            answer = await self.try_worker.run(
+                str(self.editor.get()), value, options["timeout"], options["requirements"]
+            )
             seconds = time.monotonic() - started
         finally:
             button.disabled = False
@@ -548,6 +579,10 @@ class Dashboard:
         except inputs.InputError as exc:
             _show("submit-error", str(exc))
             return
+        try:
+            options.update(verify_ui.read())
+        except verify.VerifyError:
+            return  # verify_ui says what to fix, beside the field
         body = {"code": str(self.editor.get()), "inputs": parsed, **options}
         self.busy = True
         _el("submit-button").disabled = True
@@ -570,6 +605,8 @@ class Dashboard:
             _show("code-error", str(exc))
         elif field == "inputs":
             _show("inputs-error", str(exc))
+        elif field in ("replication", "quorum", "max_replicas", "tolerance"):
+            verify_ui.show_error(str(exc), field)
         else:
             _show("submit-error", str(exc))
 

@@ -11,9 +11,11 @@ import time
 from html import escape
 from typing import Any
 
+from ..words import plural
+from . import verify
+
 TERMINAL = ("done", "failed", "cancelled")
 PREVIEW_ROWS = 50
-WINDOW = 30.0  # seconds the server's throughput is averaged over
 FORMATS = (("txt", ".txt"), ("json", "JSON"), ("ndjson", "NDJSON"), ("csv", "CSV"))
 
 
@@ -60,19 +62,10 @@ def progress(job: dict) -> tuple[float, float]:
 
 
 def speed(job: dict, now: float | None = None) -> float:
-    """Tasks per second. The server averages over the last 30 s; a younger job has run for less,
-    and an ended job is best described by its average over the whole run."""
-    value = job.get("throughput") or 0.0
-    created = job.get("created_at")
-    if job.get("state") in TERMINAL:  # an ended job: its average over the whole run
-        counts = job.get("counts") or {}
-        ran = (job.get("finished_at") or 0) - (created or 0)
-        return (counts.get("done", 0) + counts.get("failed", 0)) / ran if ran > 0 and created else 0.0
-    if value and created and job.get("state") not in TERMINAL:
-        age = (time.time() if now is None else now) - created
-        if 0 < age < WINDOW:
-            value *= WINDOW / max(age, 1.0)
-    return value
+    """Tasks per second, as the server defines it for the API, the list and this view alike: over
+    the last 30 s while the job runs, over its whole run (first start to last finish) once ended."""
+    del now  # one definition, the server's: nothing is recomputed here
+    return job.get("throughput") or 0.0
 
 
 def eta(job: dict, now: float | None = None, task_etas: list[float] | None = None) -> float | None:
@@ -85,7 +78,8 @@ def eta(job: dict, now: float | None = None, task_etas: list[float] | None = Non
         return 0.0
     counts = job.get("counts") or {}
     done_share = sum(min(1.0, max(0.0, p.get("progress") or 0.0)) for p in job.get("progress") or [])
-    left = max(0.0, counts.get("queued", 0) + counts.get("running", 0) - done_share)
+    held = counts.get("queued", 0) + counts.get("running", 0) + counts.get("leased", 0)
+    left = max(0.0, held - done_share)
     rate_now = speed(job, now)
     if rate_now > 0:
         return left / rate_now
@@ -123,8 +117,20 @@ def job_name(job: dict) -> str:
     return job.get("name") or f"Job {job['id']}"
 
 
-def state_badge(state: str) -> str:
-    return f'<span class="state state-{esc(state)}">{esc(state)}</span>'
+def state_label(job: dict) -> tuple[str, str]:
+    """(text, css state) of a job's badge. A finished job where some tasks failed (the API's state
+    ``failed``) reads "finished · N done, M failed" in amber; red only when nothing succeeded."""
+    state = job.get("state", "")
+    counts = job.get("counts") or {}
+    done, failed = counts.get("done", 0), counts.get("failed", 0)
+    if state == "failed" and done > 0:
+        return f"finished · {done} done, {failed} failed", "partial"
+    return state, state
+
+
+def state_badge(job: dict) -> str:
+    text, css = state_label(job)
+    return f'<span class="state state-{esc(css)}">{esc(text)}</span>'
 
 
 def jobs_table(jobs: list[dict], now: float | None = None) -> str:
@@ -139,7 +145,7 @@ def jobs_table(jobs: list[dict], now: float | None = None) -> str:
             f'<tr data-job="{job["id"]}">'
             f'<td class="num">{job["id"]}</td>'
             f'<td><a href="#/job/{job["id"]}">{esc(job_name(job))}</a>{_chain_note(job)}</td>'
-            f"<td>{state_badge(job['state'])}</td>"
+            f"<td>{state_badge(job)}</td>"
             f'<td><div class="mini-progress" title="{finished} of {job["n_tasks"]}">'
             f'<div class="bar done" style="width:{done * 100:.1f}%"></div>'
             f'<div class="bar failed" style="width:{failed * 100:.1f}%"></div></div>'
@@ -168,6 +174,7 @@ def job_stats(job: dict, now: float | None = None, task_etas: list[float] | None
     items = [
         ("queued", counts.get("queued", 0)),
         ("running", counts.get("running", 0)),
+        ("prefetched", counts.get("leased", 0)),
         ("done", counts.get("done", 0)),
         ("failed", counts.get("failed", 0)),
         ("cancelled", counts.get("cancelled", 0)),
@@ -182,10 +189,24 @@ def job_stats(job: dict, now: float | None = None, task_etas: list[float] | None
     )
 
 
+def no_volunteer_hint(job: dict, volunteer_url: str) -> str:
+    """For a running job nobody computes (no tasks running or prefetched): say so, and how to get
+    volunteers: the volunteer page's link, to share."""
+    counts = job.get("counts") or {}
+    if job.get("state") != "running" or job.get("volunteers") or counts.get("running") or counts.get("leased"):
+        return ""
+    link = esc(volunteer_url)
+    return (
+        '<div class="hint-box" id="no-volunteers"><strong>No volunteer is connected to this job right now.</strong> '
+        "Its tasks wait until someone opens the volunteer page. "
+        f'Share this link: <a href="{link}" target="_blank" rel="noopener">{link}</a> '
+        '<button type="button" class="small" data-action="copy-volunteer-link">Copy link</button></div>'
+    )
+
+
 def job_subtitle(job: dict) -> str:
     """One line under the job's title (HTML): tasks, times, and the job its inputs come from."""
-    n = job["n_tasks"]
-    parts = [f"{n} task{'s' if n != 1 else ''}", f"created {esc(when(job.get('created_at')))}"]
+    parts = [plural(job["n_tasks"], "task"), f"created {esc(when(job.get('created_at')))}"]
     if job.get("finished_at"):
         parts.append(f"finished {esc(when(job['finished_at']))}")
     parent = job.get("parent_job_id")
@@ -216,7 +237,12 @@ def errors_html(body: dict) -> str:
             f'<summary><span class="count">{group.get("count", 0)}×</span> <code>{esc(group.get("message"))}</code>'
             f'<span class="muted small"> input{"s" if group.get("count", 0) > 1 else ""} #{esc(indices)}{more}</span>'
             "</summary>"
-            f'<pre class="traceback">{esc(group.get("traceback") or "")}</pre></details>'
+            + (
+                verify.no_agreement_html(group["traceback"])
+                if verify.variants(group.get("traceback"))
+                else f'<pre class="traceback">{esc(group.get("traceback") or "")}</pre>'
+            )
+            + "</details>"
         )
     return "".join(out)
 
@@ -233,14 +259,16 @@ def results_table(rows: list[dict], total: int | None = None) -> str:
     for row in rows[:PREVIEW_ROWS]:
         if row.get("state") == "done":
             result = f"<code>{esc(_short(row.get('result')))}</code>"
+        elif row.get("state") == "failed" and verify.variants(row.get("error")):
+            result = verify.no_agreement_html(row["error"])
         elif row.get("state") == "failed":
             last = (row.get("error") or "").strip().splitlines()
             result = f'<span class="bad">{esc(_short(last[-1] if last else "failed"))}</span>'
         else:
-            result = f'<span class="muted">({esc(row.get("state"))})</span>'
+            result = verify.awaiting(row) or f'<span class="muted">({esc(row.get("state"))})</span>'
         body.append(
             f'<tr><td class="num">{row.get("index")}</td><td><code>{esc(_short(row.get("input"), 60))}</code></td>'
-            f"<td>{result}</td></tr>"
+            f"<td>{result}{verify.replica_line(row)}</td>{verify.replica_cells(row)}</tr>"
         )
     total = len(rows) if total is None else total
     more = (
@@ -249,23 +277,42 @@ def results_table(rows: list[dict], total: int | None = None) -> str:
         else ""
     )
     return (
-        '<table class="table results"><thead><tr><th>#</th><th>Input</th><th>Result</th></tr></thead>'
+        '<table class="table results"><thead><tr><th>#</th><th>Input</th><th>Result</th>'
+        f"{verify.REPLICA_HEADS}</tr></thead>"
         f"<tbody>{''.join(body)}</tbody></table>{more}"
     )
 
 
 def try_html(answer: dict, seconds: float) -> str:
-    """What Try shows: the result and captured output, or the traceback."""
+    """What Try shows: the result and captured output, or what went wrong: the requirements could
+    not be loaded, the code does not compile (``main`` never ran), or ``main`` raised."""
     parts = []
-    if answer.get("error"):
-        parts.append(f'<p class="bad"><strong>main raised an error</strong> ({seconds:.2f} s)</p>')
-        parts.append(f'<pre class="traceback">{esc(answer["error"])}</pre>')
+    error = answer.get("error")
+    if error:
+        parts.append(f'<p class="bad"><strong>{esc(try_failure(error))}</strong> ({seconds:.2f} s)</p>')
+        parts.append(f'<pre class="traceback">{esc(error)}</pre>')
     else:
         parts.append(f'<p class="good"><strong>Result</strong> ({seconds:.2f} s)</p>')
         parts.append(f'<pre class="result">{esc(json.dumps(answer.get("result"), indent=2, ensure_ascii=False))}</pre>')
     if answer.get("output"):
         parts.append(f'<p class="muted small">Printed output</p><pre class="output">{esc(answer["output"])}</pre>')
     return "".join(parts)
+
+
+COMPILE_ERRORS = ("SyntaxError", "IndentationError", "TabError")
+
+
+def try_failure(error: str) -> str:
+    """The headline over Try's error: which stage failed, in the researcher's words."""
+    if error.startswith("could not load requirements"):
+        return "The requirements could not be loaded (is the package index reachable, and does it have them?)"
+    last = error.strip().splitlines()[-1] if error.strip() else ""
+    # runner.py reports a compile error without a traceback: main never ran
+    if "Traceback (most recent call last)" not in error and last.startswith(COMPILE_ERRORS):
+        return "The code does not compile"
+    if error.startswith("TimeoutError"):
+        return "main did not finish in time"
+    return "main raised an error"
 
 
 def admin_stats(volunteers: dict) -> str:

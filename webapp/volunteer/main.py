@@ -27,6 +27,7 @@ from pyodide.ffi import create_proxy
 from pyscript import document, window
 
 from . import ui
+from .credit import Credit
 from .link import Link
 from .pool import Pool
 from .updates import Updates
@@ -86,6 +87,7 @@ class App:
             "elapsed": _number(totals.get("elapsed", totals.get("cpu"))),
         }
         self.session = {"tasks": 0, "elapsed": 0.0, "errors": 0, "timeouts": 0}
+        self.credit = Credit()
         self.pool = Pool(worker_url, self.pump, spare)
         self.pool.on_update = self.on_update
         self.updates = Updates(protocol)
@@ -109,6 +111,7 @@ class App:
         self.in_flight: set[str] = set()  # attempts sent, waiting for their ack
         self.oldest_result: float | None = None
         self.awaiting_tasks = False
+        self.sent_running: set[str] | None = None  # the running attempts the server was last told of
         self.asked = 0  # n of the last ready sent
         self.held_ready = 0  # n of the ready the server holds (after its `wait`); 0: none
         self.idle_beat = 0.0  # seconds between idle heartbeats, from the last `wait`
@@ -260,8 +263,11 @@ class App:
         if now - self.heartbeat_at >= max(1.0, self.heartbeat / 3):
             self.heartbeat_at = now
             held = self.held_attempts()
-            if self.welcomed and held:
-                self.link.send(protocol.Heartbeat(attempts=held))
+            beat = protocol.Heartbeat(attempts=held, running=list(self.running_specs))
+            if self.welcomed and held and self.link.send(beat):
+                self.sent_running = set(self.running_specs)
+        if self.welcomed and self.credit.due():
+            asyncio.ensure_future(self.credit.refresh(self.volunteer))
         if self.welcomed and self.held_ready and not self.held_attempts() and now >= self.idle_beat_at:
             self.idle_beat_at = now + self.idle_beat  # the same again if no `wait` answers it
             self.link.send(protocol.Heartbeat(attempts=[]))  # idle: still here
@@ -278,6 +284,7 @@ class App:
             self.pool.resize(self.plan.workers)
             self.report_throttle()
             self.start_tasks()
+            self.report_running()  # before the results: the server never sees this tab compute nothing
             self.send_updates()
             self.flush_results()  # before asking: the server drops finished tasks from its queue
             self.ask_for_tasks()
@@ -290,6 +297,15 @@ class App:
         state = self.throttle_state()
         if self.welcomed and state != self.sent_throttle and self.link.send(protocol.Throttle(state)):
             self.sent_throttle = state
+
+    def report_running(self) -> None:
+        """Tell the server which held attempts run now whenever that changes (a task ended, the next
+        started): the job view counts this tab's running tasks and volunteers from it, not leases."""
+        running = set(self.running_specs)
+        if self.welcomed and running != self.sent_running:
+            held = self.held_attempts()
+            if self.link.send(protocol.Heartbeat(attempts=held, running=list(running))):
+                self.sent_running = running
 
     def throttle_state(self) -> dict:
         state = self.plan.state()
@@ -318,7 +334,8 @@ class App:
         ):
             self.queue.remove(spec)
             self.running_specs[spec.attempt] = spec  # held from now on, not only once it runs
-            slot.attempt = spec.attempt
+            # what the page shows of the slot, from now on (not only once the worker was handed the task)
+            slot.attempt, slot.job, slot.index, slot.started = spec.attempt, spec.job, spec.index, time.monotonic()
             asyncio.ensure_future(self.run_task(slot, spec))
         for spec in self.queue:
             missing = spec.code_hash not in self.codes and spec.code_hash not in self.asked_code
@@ -336,10 +353,12 @@ class App:
         want = min(self.plan.want(len(self.held_attempts())), protocol.MAX_TASKS_PER_MESSAGE)
         if want == self.held_ready:
             return  # the server holds this very ask: it pushes tasks when there are some
-        if self.link.send(protocol.Ready(n=want)):  # a new ask, or a changed one (0: withdrawn)
+        # a new ask, or a changed one (0: withdrawn)
+        if self.link.send(protocol.Ready(n=want, running=list(self.running_specs))):
             self.counts["ready_messages"] += 1
             self.awaiting_tasks = True
             self.asked = want
+            self.sent_running = set(self.running_specs)
 
     def flush_results(self) -> None:
         if self.in_flight or time.monotonic() < self.flush_after:
@@ -441,6 +460,7 @@ class App:
         self.in_flight.clear()  # re-sent after the next welcome
         self.asked_code.clear()
         self.sent_throttle = None
+        self.sent_running = None
         ui.render(self)
 
     def on_message(self, msg) -> None:
@@ -464,6 +484,8 @@ class App:
             window.localStorage.setItem(VOLUNTEER_KEY, msg.volunteer)
         self.heartbeat = float(msg.heartbeat)
         self.pool.every = self.updates.every = float(msg.every)
+        if self.credit.at_start is None:  # before any task of this session: "this session" counts from here
+            asyncio.ensure_future(self.credit.refresh(self.volunteer))
         self.empty_replies = 0
         self.held_ready = 0
         self.next_ask = 0.0
@@ -548,6 +570,22 @@ class App:
             self.resumed.difference_update(gone)
             await self.vault.remove("tasks", json.dumps(gone))
 
+    def save_nickname(self, nickname: str) -> None:
+        async def save() -> None:
+            await self.credit.set_nickname(self.volunteer, nickname)
+            await self.credit.refresh(self.volunteer)  # and show the credit as it is now
+            self.rendered_at = 0.0
+            self.pump()
+
+        asyncio.ensure_future(save())
+
+    def jobs_shown(self) -> dict:
+        """Name and public description of the jobs this page holds code of, by job id."""
+        return {
+            str(code.job): {"name": getattr(code, "name", ""), "description": getattr(code, "description", "")}
+            for code in self.codes.values()
+        }
+
     def snapshot(self) -> dict:
         """Everything the page shows, as plain data (also read by the tests)."""
         now = time.monotonic()
@@ -578,6 +616,8 @@ class App:
             "recent_switches": list(self.pool.switches),
             "dropped_messages": self.pool.dropped,
             "volunteer": self.volunteer,
+            "jobs": self.jobs_shown(),
+            "credit": self.credit.snapshot(),
             "queued": [s.attempt for s in self.queue],
             "queued_tasks": [s.task for s in self.queue],
             "running_tasks": [s.task for s in self.running_specs.values()],

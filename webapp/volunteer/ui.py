@@ -8,7 +8,7 @@ import html
 from pyodide.ffi import create_proxy
 from pyscript import document
 
-from .view import HEADLINES, detail, device_chips, page_state, seconds, worker_rows
+from .view import HEADLINES, credit_text, detail, device_chips, helping, page_state, plural, seconds, worker_rows
 
 _bound: list = []  # proxies kept alive for the page's lifetime
 
@@ -45,13 +45,25 @@ def render(app) -> None:
     _set("stat-workers-label", "workers")
     _set("stat-workers-sub", f"{plan['workers']} allowed now, {plan['max_workers']} at most")
     _set("stat-tasks", str(snap["session"]["tasks"]))
-    _set("stat-tasks-all", f"{snap['totals']['tasks']} all time")
-    _set("stat-elapsed", seconds(snap["session"]["elapsed"]))
-    _set("stat-elapsed-all", f"{seconds(snap['totals']['elapsed'])} all time")
+    _set("stat-tasks-label", "task this session" if snap["session"]["tasks"] == 1 else "tasks this session")
+    credit = snap.get("credit") or {}
+    known = credit.get("known")  # all time as the server counts it, over every browser of this id
+    session = snap["session"]
+    tasks_all = max(credit["tasks_all"], credit["tasks_at_start"] + session["tasks"]) if known else None
+    elapsed_all = max(credit["elapsed_all"], credit["elapsed_at_start"] + session["elapsed"]) if known else None
+    _set("stat-tasks-all", f"{snap['totals']['tasks'] if tasks_all is None else tasks_all} all time")
+    _set("stat-elapsed", seconds(session["elapsed"]))
+    _set("stat-elapsed-all", f"{seconds(snap['totals']['elapsed'] if elapsed_all is None else elapsed_all)} all time")
     held = len(snap["queued"]) + sum(1 for w in snap["workers"] if w["attempt"])
     _set("stat-queue", str(held))
     unacked = len(snap["unacked"])
-    _set("stat-unsent", f"{unacked} result(s) not yet confirmed" if unacked else "all results delivered")
+    _set("stat-unsent", f"{plural(unacked, 'result')} not yet confirmed" if unacked else "all results delivered")
+    texts = credit_text(snap)
+    _set("stat-validated", texts["validated"])
+    _set("stat-validated-sub", texts["validated_sub"])
+    _set("nickname-status", texts["nickname"])
+    _set("nickname-note", texts.get("note", ""))
+    _set_html("helping", helping(snap))
     _set("cap-value", f"{snap['settings']['cpu_cap']} %")
     cores = snap["device"]["cores"]
     _set("cap-hint", f"of this device's {cores} cores" if cores else "of this device's cores")
@@ -79,7 +91,14 @@ def bind(app) -> None:
     def on_hidden(event) -> None:
         app.set_when_hidden(str(hidden.value))
 
+    nickname = document.getElementById("nickname")
+
+    def on_nickname(event) -> None:
+        event.preventDefault()
+        app.save_nickname(str(nickname.value).strip())
+
     handlers = [
+        (document.getElementById("nickname-form"), "submit", on_nickname),
         (document.getElementById("toggle"), "click", on_toggle),
         (cap, "input", on_cap),
         (hidden, "change", on_hidden),

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import html
 
+from ..words import plural
+
 HEADLINES = {
     "stopped": ("Not running", "Lend this tab to research"),
     "connecting": ("Connecting…", "Connecting to the server"),
@@ -44,7 +46,7 @@ def detail(state: str, snap: dict) -> str:
         )
     if state == "paused":
         busy = sum(1 for w in snap["workers"] if w["attempt"])
-        finishing = f" Finishing {busy} task(s) already started." if busy else ""
+        finishing = f" Finishing {plural(busy, 'task')} already started." if busy else ""
         return (plan["pause_reason"] or "Paused.") + finishing
     if state == "offline":
         retry = snap["reconnect_in"]
@@ -53,15 +55,15 @@ def detail(state: str, snap: dict) -> str:
     if state == "connecting":
         return "Opening a connection to the server…"
     if state == "starting":
-        return f"Loading Python into {plan['workers']} worker(s); this takes a few seconds."
+        return f"Loading Python into {plural(plan['workers'], 'worker')}; this takes a few seconds."
     if state == "waiting":
         return "No task is waiting right now; we will ask again shortly. You can leave this tab open."
     busy = sum(1 for w in snap["workers"] if w["attempt"])
-    return f"{busy} task(s) running in the background. You can keep using your device."
+    return f"{plural(busy, 'task')} running in the background. You can keep using your device."
 
 
 def seconds(value: float) -> str:
-    """CPU time for people: 4.2 s, 3 min 5 s, 2 h 10 min."""
+    """Durations for people: 4.2 s, 3 min 5 s, 2 h 10 min."""
     value = max(0.0, float(value))
     if value < 60:
         return f"{value:.1f} s" if value < 10 else f"{value:.0f} s"
@@ -95,12 +97,49 @@ def device_chips(snap: dict) -> list[tuple[str, bool]]:
     return chips
 
 
+def job_about(snap: dict, job: int | None) -> tuple[str, str]:
+    """(name, description) of a job as its researcher wrote them; "a research job" with no name."""
+    about = (snap.get("jobs") or {}).get(str(job)) or {}
+    return about.get("name") or "a research job", about.get("description") or ""
+
+
+def helping(snap: dict) -> str:
+    """HTML: the jobs the workers compute now, by name, with their public descriptions."""
+    jobs = []
+    for w in snap["workers"]:
+        if w["attempt"] and w.get("job") is not None and w["job"] not in jobs:  # a slot between tasks: no job
+            jobs.append(w["job"])
+    items = []
+    for job in jobs:
+        name, description = job_about(snap, job)
+        about = f'<span class="about">{html.escape(description)}</span>' if description else ""
+        items.append(f'<p class="helping" data-job="{int(job)}"><strong>{html.escape(name)}</strong>{about}</p>')
+    return "".join(items)
+
+
+def credit_text(snap: dict) -> dict[str, str]:
+    """The contribution card's texts: validated results (this session, all time), the server's
+    all-time tasks and time given, and the nickname line."""
+    credit = snap.get("credit") or {}
+    if not credit.get("known"):
+        return {"validated": "—", "validated_sub": "not counted yet", "nickname": "Not listed on the leaderboard."}
+    nickname = credit.get("nickname")
+    return {
+        "validated": str(credit["validated_session"]),
+        "validated_sub": (
+            f"{plural(credit['validated'], 'result')} all time · {seconds(credit['validated_seconds'])} credited"
+        ),
+        "nickname": f"Listed on the leaderboard as {nickname}." if nickname else "Not listed on the leaderboard.",
+        "note": credit.get("note") or "",
+    }
+
+
 def worker_rows(snap: dict) -> str:
     rows = []
     for w in snap["workers"]:
         if w["attempt"]:
             cls, badge = "busy", f"Worker {w['number']}"
-            what = f"job {w['job']} · task #{w['index']}"
+            what = job_about(snap, w["job"])[0] + (f" · task #{w['index']}" if w.get("index") is not None else "")
             time = f"{w['elapsed']:.1f} s"
         elif not w["ready"]:
             cls, badge, what, time = "boot", f"Worker {w['number']}", "starting Python…", ""
