@@ -27,7 +27,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.dispatch import DATABASE, REDIS_URL, _get, _post, _tree_cpu  # noqa: E402
+from bench.dispatch import DATABASE, REDIS_URL  # noqa: E402
+from bench.harness import get_json as _get  # noqa: E402
+from bench.harness import post_json as _post  # noqa: E402
+from bench.harness import tree_cpu as _tree_cpu  # noqa: E402
 from tests.procs import ServerProcess, add_researcher  # noqa: E402
 
 
