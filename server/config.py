@@ -40,6 +40,7 @@ class Config:
     lease_grace: float = 30.0  # seconds added to a task's timeout for its lease
     affinity_slack: float = AFFINITY_SLACK  # tasks a researcher may get ahead of fair share for job affinity
     heartbeat: float = 10.0  # seconds between volunteer heartbeats
+    idle_heartbeat: float = 60.0  # the longest interval between an idle (waiting) volunteer's heartbeats
     checkpoint_every: float = 5.0  # seconds between two updates (checkpoint, progress, partials) of one task
     reaper_interval: float = 1.0
     intake_batch: int = 256
@@ -103,6 +104,7 @@ class Config:
             "UVM_LEASE_GRACE": ("lease_grace", _positive_float),
             "UVM_AFFINITY_SLACK": ("affinity_slack", _slack),
             "UVM_HEARTBEAT": ("heartbeat", _positive_float),
+            "UVM_IDLE_HEARTBEAT": ("idle_heartbeat", _idle_heartbeat),
             "UVM_CHECKPOINT_EVERY": ("checkpoint_every", _positive_float),
             "UVM_LISTEN_BACKLOG": ("listen_backlog", _positive_int),
             "UVM_PACKAGE_INDEX_URL": ("package_index_url", str),
@@ -132,6 +134,11 @@ class Config:
                 raise ConfigError(f"{name}={raw!r}: {exc}") from None
         values.update(overrides)
         config = cls(**values)  # type: ignore[arg-type]
+        if config.idle_heartbeat < config.heartbeat:
+            raise ConfigError(
+                f"UVM_IDLE_HEARTBEAT={config.idle_heartbeat:g} is below UVM_HEARTBEAT={config.heartbeat:g}: "
+                "idle volunteers' heartbeats only grow apart"
+            )
         if any(kid == config.key_id for kid, _ in config.old_keys):
             raise ConfigError(f"UVM_OLD_KEYS names {config.key_id!r}, the current UVM_KEY_ID; give old keys other ids")
         return config
@@ -139,6 +146,13 @@ class Config:
 
 def _without_password(url: str) -> str:
     return re.sub(r"://([^:/@]*):[^@]*@", r"://\1:***@", url)
+
+
+def _idle_heartbeat(raw: str) -> float:
+    value = _positive_float(raw)
+    if not value <= 3600:  # protocol.MAX_IDLE_HEARTBEAT: a volunteer refuses a longer one (NaN too)
+        raise ValueError("at most 3600 seconds")
+    return value
 
 
 def _bool(raw: str) -> bool:

@@ -16,7 +16,7 @@ import json
 from enum import Enum
 from typing import Any
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 # 1: first release.
 # 2: `update` (progress, checkpoints, partial results), TaskSpec.restore, Welcome.every
 # 3: a result's run time is `elapsed` (wall-clock seconds), no longer `cpu`; a page of version 2
@@ -25,8 +25,14 @@ PROTOCOL_VERSION = 3
 #    are prefetched; an older volunteer's running count is estimated); ``code`` carries the job's
 #    name and public description; ``ready`` may name the jobs its workers have loaded (``jobs``:
 #    job affinity; a ``ready`` without it still works).
+# 4: idle volunteers wait instead of polling: a `ready` with nothing to hand out is answered by
+#    `wait` and held; the server pushes `tasks` when work arrives. An idle volunteer's `heartbeat`
+#    (no attempts) is answered by another `wait`, whose interval grows while it stays idle. A hello
+#    of version 3 or older keeps the old rule (an empty `tasks`: ask again later)
+WAITING_SINCE = 4  # the first protocol version whose idle volunteers wait (older ones poll)
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # one websocket message; larger closes with 1009
 MAX_TASKS_PER_MESSAGE = 64
+MAX_IDLE_HEARTBEAT = 3600.0  # seconds: the longest interval a `wait` may give
 MAX_OUTPUT_CHARS = 64 * 1024  # captured stdout/stderr kept per task
 MAX_ERROR_CHARS = 16 * 1024
 MAX_WORKERS = 64  # a volunteer's declared workers; also the most tasks one connection may hold
@@ -244,7 +250,11 @@ class Ready:
 
     ``jobs`` (protocol 3, optional): the jobs its workers have loaded, those of idle workers first,
     at most ``MAX_READY_JOBS``. The server then prefers their tasks (job affinity), so a worker seldom
-    has to be replaced for another job; a hint only, never a claim the server acts on beyond that."""
+    has to be replaced for another job; a hint only, never a claim the server acts on beyond that.
+
+    Answered by ``tasks``, or (protocol 4) by ``wait``: nothing now, the ready is held and the
+    server pushes ``tasks`` when there is work. A new ``ready`` replaces a held one; ``ready {0}``
+    withdraws it (answered by an empty ``tasks``)."""
 
     n: int
     running: list | None = None
@@ -270,10 +280,22 @@ class TaskSpec:
 
 @dataclasses.dataclass
 class Tasks:
-    """Server -> volunteer: leased tasks. Empty ``tasks`` means nothing to do right now."""
+    """Server -> volunteer: leased tasks, the answer to a ``ready`` or pushed to a waiting volunteer.
+    Empty only for ``ready {0}``, and for protocol 3 volunteers (nothing now: ask again later)."""
 
     tasks: list
     TYPE = "tasks"
+
+
+@dataclasses.dataclass
+class Wait:
+    """Server -> volunteer (protocol 4): nothing to hand out now; the ``ready`` is held, and ``tasks``
+    will be pushed as soon as there is work (do not ask again). Send a ``heartbeat`` (with no
+    attempts, while holding none) within ``heartbeat`` seconds: it is answered by another ``wait``
+    with a longer interval, up to the server's idle limit, while the volunteer stays idle."""
+
+    heartbeat: float
+    TYPE = "wait"
 
 
 @dataclasses.dataclass
@@ -300,7 +322,8 @@ class Code:
 
 @dataclasses.dataclass
 class Heartbeat:
-    """Volunteer -> server: still working on these attempts; extends their deadlines.
+    """Volunteer -> server: still working on these attempts; extends their deadlines. With no
+    attempts, from a volunteer whose ``ready`` is held (protocol 4): still here, answered by ``wait``.
 
     ``running`` (protocol 3): which of them a worker is computing now (the others are prefetched)."""
 
@@ -407,6 +430,7 @@ MESSAGES: dict[str, type] = {
         Welcome,
         Ready,
         Tasks,
+        Wait,
         NeedCode,
         Code,
         Heartbeat,
@@ -437,6 +461,7 @@ _SCHEMA: dict[str, list[tuple[str, tuple, bool]]] = {
     ],
     "ready": [("n", (int,), True), ("running", (list, type(None)), False), ("jobs", (list,), False)],
     "tasks": [("tasks", (list,), True)],
+    "wait": [("heartbeat", (int, float), True)],
     "need_code": [("job", (int,), True), ("code_hash", (str,), True)],
     "code": [
         ("job", (int,), True),
@@ -579,6 +604,8 @@ def from_dict(data: Any) -> Any:  # noqa: C901 - one flat check per message kind
         if not 0 <= fields["n"] <= MAX_TASKS_PER_MESSAGE:
             raise ProtocolError(f"ready: n must be between 0 and {MAX_TASKS_PER_MESSAGE}")
         fields["jobs"] = _job_ids(fields.get("jobs", []))
+    if kind == "wait" and not 0 < fields["heartbeat"] <= MAX_IDLE_HEARTBEAT:  # NaN fails this too
+        raise ProtocolError(f"wait: heartbeat must be a number of seconds in (0, {MAX_IDLE_HEARTBEAT}]")
     if kind == "hello":
         if len(fields["volunteer"]) > 64:
             raise ProtocolError("hello: volunteer id must be at most 64 characters")

@@ -228,3 +228,5 @@ async def _run_until(sim: SimVolunteer, session: aiohttp.ClientSession, stop: as
             return
         if sim.crashed:  # vanished mid-task (crash_after_checkpoints): gone for good
             return
+        if sim.leave_after is not None and sim.batches >= sim.leave_after:  # did its share and left
+            return

@@ -159,6 +159,10 @@ async def test_websocket_bad_messages_keep_the_connection(serve):
             ('{"type": "ready"}', "missing field 'n'"),
             ('{"type": "ready", "n": 1, "extra": 1}', "unknown field(s) extra"),
             ('{"type": "tasks", "tasks": []}', "not a message a volunteer sends"),
+            ('{"type": "wait", "heartbeat": 5}', "not a message a volunteer sends"),
+            ('{"type": "wait", "heartbeat": -1}', "heartbeat must be a number of seconds"),
+            ('{"type": "wait"}', "missing field 'heartbeat'"),
+            ('{"type": "heartbeat", "attempts": [1]}', "list of strings"),
             ('{"type": "results", "results": [1]}', "JSON object"),
             ('{"type": "results", "results": [{"attempt": "a"}]}', "missing field 'task'"),
             ('{"type": "need_code", "job": 12345, "code_hash": "x"}', "no task of job 12345"),
@@ -170,8 +174,8 @@ async def test_websocket_bad_messages_keep_the_connection(serve):
             assert reply["type"] == "error" and needle in reply["message"], (text, reply)
         await ws.send_bytes(b"\x00\x01")
         assert "binary" in json.loads((await ws.receive()).data)["message"]
-        # still usable
-        assert (await _ask(ws, P.encode(P.Ready(1)))) == {"type": "tasks", "tasks": []}
+        # still usable: nothing to do, so the ready is held
+        assert (await _ask(ws, P.encode(P.Ready(1))))["type"] == "wait"
     async with api.session.ws_connect(api.url.replace("http", "ws") + "/ws/volunteer") as ws:
         reply = await _hello(ws, "bad|id")
         assert reply["type"] == "welcome" and reply["volunteer"].startswith("v")  # a fresh id, not an error

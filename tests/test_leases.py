@@ -20,8 +20,11 @@ async def _hello(ws, volunteer: str = "", workers: int = 4) -> str:
 
 
 async def _lease(ws, n: int) -> list[dict]:
+    """The tasks leased for a ``ready {n}``; [] when the server held it (``wait``: nothing for us now)."""
     await ws.send_str(P.encode(P.Ready(n)))
-    return json.loads((await ws.receive(timeout=10)).data)["tasks"]
+    reply = json.loads((await ws.receive(timeout=10)).data)
+    assert reply["type"] in ("tasks", "wait"), reply
+    return reply.get("tasks", [])
 
 
 async def test_heartbeat_keeps_a_lease_and_silence_expires_it(serve):

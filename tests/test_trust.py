@@ -85,9 +85,9 @@ async def test_hoarder_never_holds_more_than_its_cap_and_the_job_finishes(serve,
         volunteers(api.url, 2)
         held: list[str] = []
         for _ in range(400):
-            reply = await ask(ws, P.Ready(64))
-            held += [t["attempt"] for t in reply["tasks"]]
-            received += len(reply["tasks"])
+            reply = await ask(ws, P.Ready(64))  # `wait` when it may not lease (its ready held)
+            held += [t["attempt"] for t in reply.get("tasks", [])]
+            received += len(reply.get("tasks", []))
             most = max(most, len(sock.held))
             await ws.send_str(P.encode(P.Heartbeat(held[-64:])))  # keep them, as long as allowed
             if (await api.job(job))["state"] == "done":
@@ -149,7 +149,8 @@ async def test_a_connection_gets_what_its_declared_workers_justify(serve):
     async with api.session.ws_connect(ws_url(api)) as ws:
         await hello(ws, workers=1)  # no prefetch declared: one running + one waiting
         assert len((await ask(ws, P.Ready(64)))["tasks"]) == 2
-        assert (await ask(ws, P.Ready(64)))["tasks"] == []
+        assert (await ask(ws, P.Ready(64)))["type"] == "wait"  # at its cap: held
+        assert await ask(ws, P.Ready(0)) == {"type": "tasks", "tasks": []}  # withdrawn
         await ws.send_str(P.encode(P.Throttle({"workers": 2, "prefetch": 4})))  # the plan changed
         assert len((await ask(ws, P.Ready(64)))["tasks"]) == 4
         # lies are capped: 64 workers with 10,000 prefetch still holds at most 64

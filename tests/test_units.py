@@ -26,6 +26,7 @@ def test_protocol_round_trip_every_message():
         P.Welcome("v1", 10.0, "i1"),
         P.Ready(3),
         P.Tasks([P.TaskSpec("a", 1, 2, 0, {"x": [1]}, "h", 5.0, 99.5, ["numpy"], restore='{"step":3}')]),
+        P.Wait(12.5),
         P.NeedCode(2, "h"),
         P.Code(2, "h", "def main(x): pass", []),
         P.Heartbeat(["a"]),
@@ -41,6 +42,27 @@ def test_protocol_round_trip_every_message():
     assert {m.TYPE for m in samples} == set(P.MESSAGES)
     for msg in samples:
         assert P.decode(P.encode(msg)) == msg
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ('{"type": "wait"}', "missing field 'heartbeat'"),
+        ('{"type": "wait", "heartbeat": "10"}', "must be an integer or a number, not str"),
+        ('{"type": "wait", "heartbeat": true}', "not a boolean"),
+        ('{"type": "wait", "heartbeat": 0}', "heartbeat must be a number of seconds in (0, 3600"),
+        ('{"type": "wait", "heartbeat": -3}', "heartbeat must be"),
+        ('{"type": "wait", "heartbeat": 1e9}', "heartbeat must be"),
+        ('{"type": "wait", "heartbeat": NaN}', "heartbeat must be"),
+        ('{"type": "wait", "heartbeat": 5, "n": 1}', "unknown field(s) n"),
+    ],
+)
+def test_a_bad_wait_is_refused(text, needle):
+    """``wait`` comes from the server, but the browser decodes it with this module: a malformed one is
+    refused (the page logs and drops it) rather than setting a heartbeat of 0 or of a billion seconds."""
+    with pytest.raises(P.ProtocolError) as err:
+        P.decode(text)
+    assert needle in str(err.value)
 
 
 def test_capabilities_and_throttle_are_typed_and_cut():
@@ -136,6 +158,9 @@ def test_passwords_hashed_with_salt():
         ({"UVM_KEY": "abcd"}, "64 hex digits"),
         ({"UVM_KEY": "zz" * 32}, "UVM_KEY"),
         ({"UVM_HEARTBEAT": "-1"}, "positive"),
+        ({"UVM_IDLE_HEARTBEAT": "5000"}, "at most 3600"),
+        ({"UVM_IDLE_HEARTBEAT": "nan"}, "at most 3600"),
+        ({"UVM_HEARTBEAT": "30", "UVM_IDLE_HEARTBEAT": "20"}, "is below UVM_HEARTBEAT"),
         ({"UVM_MAX_BODY_BYTES": "lots"}, "UVM_MAX_BODY_BYTES"),
         ({"UVM_ALLOWED_ORIGINS": "evil.example"}, "http://"),
     ],

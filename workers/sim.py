@@ -5,11 +5,17 @@ with simulated volunteers exercise it. For tests, load tests and benchmarks with
 the code runs in this process with no sandbox and no timeout enforcement. A task runs in a thread:
 research code's ``uvm`` calls (progress, checkpoints, partials) go out on the socket as ``update``
 messages while it runs, as the browser's do.
+
+Idle, it waits as the browser does (protocol 4): its ``ready`` answered by ``wait``, it sends only
+``heartbeat``s, at the interval each ``wait`` gives, until the server pushes ``tasks``. Many of
+them share one process and one event loop (``run_volunteers``), connecting at random moments spread
+over ``ramp`` seconds, and reconnecting with jittered backoff.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import random
@@ -28,6 +34,9 @@ _RUNNER_LOCK = threading.Lock()  # the runner swaps sys.stdout and sys.modules["
 class SimVolunteer:
     """One simulated volunteer. ``crash_after``: vanish (no results) after leasing that many.
     ``lie_rate``: forge that fraction of its results with random values (a hostile volunteer).
+    ``leave_after``: close the socket once that many batches of tasks were done and acknowledged.
+    ``trace``: keep every message type sent (``>ready``) and received (``<tasks``, ``<tasks:0`` for an
+    empty one) in ``trace``, for tests of the message sequence; ``received`` always counts types.
 
     It declares one worker and ``prefetch - 1`` tasks of prefetch (so the server's lease cap
     allows the ``ready {prefetch}`` it sends), and keeps the signed id from ``welcome`` to
@@ -49,6 +58,8 @@ class SimVolunteer:
         seed: int | None = None,
         crash_after_checkpoints: int | None = None,
         affinity: bool = True,
+        leave_after: int | None = None,
+        trace: bool = False,
     ):
         self.url = server.rstrip("/").replace("http://", "ws://").replace("https://", "wss://") + "/ws/volunteer"
         self.prefetch = prefetch
@@ -74,7 +85,14 @@ class SimVolunteer:
         self.connects = 0  # websocket connections opened (more than one: it was dropped and came back)
         self.holds = 0  # `hold` answers: results kept and sent again later (the server's database was away)
         self.sends: list[float] = []  # when each `results` message was sent (time.monotonic())
-        self.latencies: list[float] = []  # seconds from `ready` to `tasks` (non-empty)
+        self.latencies: list[float] = []  # seconds from `ready` to `tasks` answered at once (not pushed)
+        self.pushed: list[float] = []  # when (time.time()) tasks were pushed to it after a `wait`
+        self.waits: list[float] = []  # the intervals the server's `wait`s gave, in order
+        self.batches = 0  # `tasks` messages with work, done and acknowledged
+        self.leave_after = leave_after
+        self.received: collections.Counter = collections.Counter()  # message types from the server
+        self.sent: collections.Counter = collections.Counter()  # message types it sent
+        self.trace: list[str] | None = [] if trace else None
         self.task_ids: list[int] = []
         self.runner = Runner()  # compiled job code by hash, as in a browser's worker
         self._inbox: dict[str, asyncio.Queue] = {}
@@ -88,9 +106,19 @@ class SimVolunteer:
             async for raw in ws:
                 if raw.type == aiohttp.WSMsgType.TEXT:
                     msg = P.decode(raw.data)
+                    self.received[msg.TYPE] += 1
+                    if self.trace is not None:
+                        empty = isinstance(msg, P.Tasks) and not msg.tasks
+                        self.trace.append(f"<{msg.TYPE}{':0' if empty else ''}")
                     await self._q(msg.TYPE).put(msg)
         finally:
             self._closed.set()
+
+    async def _send(self, ws: aiohttp.ClientWebSocketResponse, msg: Any) -> None:
+        self.sent[msg.TYPE] += 1
+        if self.trace is not None:
+            self.trace.append(f">{msg.TYPE}")
+        await ws.send_str(P.encode(msg))
 
     async def run(self, session: aiohttp.ClientSession, stop: asyncio.Event) -> None:
         self._inbox, self._closed = {}, asyncio.Event()
@@ -99,8 +127,10 @@ class SimVolunteer:
             reader = asyncio.create_task(self._reader(ws))
             try:
                 capabilities = {"cores": 1, "workers": 1, "prefetch": max(0, self.prefetch - 1), "sim": True}
-                await ws.send_str(P.encode(P.Hello(self.token, capabilities)))
-                welcome: P.Welcome = await self._first_of("welcome")
+                await self._send(ws, P.Hello(self.token, capabilities))
+                welcome = await self._first_of("welcome", "error")
+                if not isinstance(welcome, P.Welcome):  # the server failed to handle the hello: come back
+                    raise ConnectionError(f"hello not answered: {welcome.message}")
                 self.token = welcome.volunteer
                 self.volunteer = welcome.volunteer.split("-", 1)[0]
                 self.every = welcome.every
@@ -109,25 +139,35 @@ class SimVolunteer:
                 reader.cancel()
 
     async def _loop(self, ws: aiohttp.ClientWebSocketResponse, stop: asyncio.Event) -> None:
-        idle = 0.05
+        refused = 0
         while not stop.is_set():
+            if self.leave_after is not None and self.batches >= self.leave_after:
+                return
             sent = time.perf_counter()
-            await ws.send_str(P.encode(self._ready()))
-            tasks = await self._answer_to_ready()
-            if not tasks:
+            await self._send(ws, self._ready())
+            answer = await self._tasks(ws, stop)
+            if answer is None:
+                return  # stopped while waiting
+            batch, pushed = answer
+            if not isinstance(batch, P.Tasks) or not batch.tasks:
+                # refused (`error`), or a server of protocol 3 (nothing now): ask again a little later
+                refused += 1
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(stop.wait(), idle)
-                idle = min(idle * 2, 0.5)
+                    await asyncio.wait_for(stop.wait(), min(0.05 * 2**refused, 2.0))
                 continue
-            idle = 0.05
-            self.latencies.append(time.perf_counter() - sent)
-            self.leased += len(tasks)
+            refused = 0
+            if pushed:
+                self.pushed.append(time.time())
+            else:
+                self.latencies.append(time.perf_counter() - sent)
+            self.leased += len(batch.tasks)
             if self.crash_after is not None and self.leased >= self.crash_after:
                 return  # vanish holding the leases: the socket closes with no results
             outcomes = []
             # One worker: one task of the batch runs at a time, the rest wait (the server counts 1 running).
+            tasks = batch.tasks
             held = [spec.attempt for spec in tasks]
-            await ws.send_str(P.encode(P.Heartbeat(held, held[:1])))
+            await self._send(ws, P.Heartbeat(held, held[:1]))
             self.unrun = len(tasks)
             for spec in tasks:
                 if not await self._load(ws, spec):  # refused (the job was cancelled meanwhile): drop the task
@@ -145,6 +185,7 @@ class SimVolunteer:
                     self.lies.add(spec.task)
                 outcomes.append(outcome)
             ack = await self._send_results(ws, outcomes)
+            self.batches += 1
             self.done += len(ack.attempts)
             self.errors += sum(1 for o in outcomes if o.error is not None)
             self.task_ids += [o.task for o in outcomes if o.attempt in set(ack.attempts) and o.error is None]
@@ -154,16 +195,24 @@ class SimVolunteer:
             return P.Ready(self.prefetch, jobs=[self.loaded])
         return P.Ready(self.prefetch)
 
-    async def _answer_to_ready(self) -> list[P.TaskSpec]:
-        """The tasks that answer a ``ready``; none when the server refused it (``error`` with ref
-        "ready"): the page then asks again later, and so does this. Errors about other messages
-        (an update, a throttle) are not the answer."""
+    async def _tasks(self, ws: aiohttp.ClientWebSocketResponse, stop: asyncio.Event) -> tuple[Any, bool] | None:
+        """The answer to a ``ready``: (``tasks`` or ``error``, whether the tasks were pushed after a
+        ``wait``); None if stopped first. While waiting it sends a ``heartbeat`` (no attempts) each
+        time the interval of the last ``wait`` passes, and nothing else."""
+        beat: float | None = None
+        waited = False
         while True:
-            answer = await self._first_of("tasks", "error")
-            if isinstance(answer, P.Tasks):
-                return answer.tasks
-            if answer.ref == "ready":
-                return []
+            msg = await self._first_of("tasks", "wait", "error", patience=beat, stop=stop)
+            if msg is None:
+                if stop.is_set():
+                    return None
+                await self._send(ws, P.Heartbeat([]))  # still here; answered by the next `wait`
+            elif isinstance(msg, P.Wait):
+                waited, beat = True, msg.heartbeat
+                self.waits.append(msg.heartbeat)
+            elif isinstance(msg, P.Tasks) or msg.ref == "ready":
+                return msg, waited
+            # an error about another message (an update, a throttle) is not the answer
 
     def _run_locked(self, spec: P.TaskSpec, context: TaskContext) -> P.Outcome:
         with _RUNNER_LOCK:
@@ -204,7 +253,7 @@ class SimVolunteer:
         if data["state"] is not None:
             self.checkpoints += 1
             self.last_state = data["state"]
-        await ws.send_str(P.encode(P.Update(spec.attempt, data["state"], data["progress"], data["partials"])))
+        await self._send(ws, P.Update(spec.attempt, data["state"], data["progress"], data["partials"]))
 
     async def _send_results(self, ws: aiohttp.ClientWebSocketResponse, outcomes: list[P.Outcome]) -> P.Ack:
         """Send results until they are acknowledged. ``hold`` (the server's database is away): keep
@@ -212,7 +261,7 @@ class SimVolunteer:
         errors = 0
         while errors < 20:
             self.sends.append(time.monotonic())
-            await ws.send_str(P.encode(P.Results(outcomes)))
+            await self._send(ws, P.Results(outcomes))
             answer = await self._first_of("ack", "hold", "error")
             if isinstance(answer, P.Ack):
                 return answer
@@ -224,25 +273,32 @@ class SimVolunteer:
             errors += 1
         raise ConnectionError("results not acknowledged")
 
-    async def _first_of(self, *kinds: str) -> Any:
-        """The first message of any of these types; ConnectionError if the socket closes first."""
+    async def _first_of(self, *kinds: str, patience: float | None = None, stop: asyncio.Event | None = None) -> Any:
+        """The first message of any of these types; None once ``patience`` seconds passed or ``stop``
+        was set; ConnectionError if the socket closes first."""
+        for kind in kinds:  # one already there: no futures to make (the common case when busy)
+            if not self._q(kind).empty():
+                return self._q(kind).get_nowait()
         gets = {asyncio.ensure_future(self._q(kind).get()): kind for kind in kinds}
         closed = asyncio.ensure_future(self._closed.wait())
-        done, pending = await asyncio.wait({*gets, closed}, return_when=asyncio.FIRST_COMPLETED)
+        others = {closed} if stop is None else {closed, asyncio.ensure_future(stop.wait())}
+        done, pending = await asyncio.wait({*gets, *others}, timeout=patience, return_when=asyncio.FIRST_COMPLETED)
         for future in pending:
             future.cancel()
         got = [f for f in gets if f in done]
         for extra in got[1:]:  # keep any other that arrived in the same instant for the next wait
             self._q(gets[extra]).put_nowait(extra.result())
-        if not got:
+        if got:
+            return got[0].result()
+        if closed in done:
             raise ConnectionError("server closed the connection")
-        return got[0].result()
+        return None
 
     async def _load(self, ws: aiohttp.ClientWebSocketResponse, spec: P.TaskSpec) -> bool:
         """Ask for a job's code the first time one of its tasks comes (``need_code``), as the page
         does; False if the server refused to send it."""
         if not self.runner.has(spec.code_hash):
-            await ws.send_str(P.encode(P.NeedCode(spec.job, spec.code_hash)))
+            await self._send(ws, P.NeedCode(spec.job, spec.code_hash))
             reply = await self._first_of("code", "error")
             if isinstance(reply, P.Error):
                 return False
@@ -259,13 +315,22 @@ async def run_volunteers(
     stop: asyncio.Event | None = None,
     lie_rate: float = 0.0,
     affinity: bool = True,
+    ramp: float | None = None,
+    sims: list[SimVolunteer] | None = None,
 ) -> dict:
-    """Run ``count`` simulated volunteers until ``stop`` is set or ``duration`` passes."""
+    """Run ``count`` simulated volunteers (or the given ``sims``) until ``stop`` is set or ``duration``
+    passes. Each connects first at a random moment within ``ramp`` seconds (default: 1 s per 500
+    volunteers, at most 30 s), so that thousands do not all knock at once."""
     stop = stop or asyncio.Event()
-    sims = [SimVolunteer(server, prefetch, lie_rate=lie_rate, affinity=affinity) for _ in range(count)]
+    sims = (
+        sims
+        if sims is not None
+        else [SimVolunteer(server, prefetch, lie_rate=lie_rate, affinity=affinity) for _ in range(count)]
+    )
+    ramp = min(30.0, len(sims) / 500) if ramp is None else ramp
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as session:
-        runs = [asyncio.create_task(_forever(sim, session, stop)) for sim in sims]
+        runs = [asyncio.create_task(_forever(sim, session, stop, random.uniform(0, ramp))) for sim in sims]
         if duration is not None:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), duration)
@@ -282,14 +347,22 @@ async def run_volunteers(
     }
 
 
-async def _forever(sim: SimVolunteer, session: aiohttp.ClientSession, stop: asyncio.Event) -> None:
-    """Reconnect with backoff until stopped (server restarts are normal)."""
-    delay = 0.2
+async def _forever(sim: SimVolunteer, session: aiohttp.ClientSession, stop: asyncio.Event, first: float = 0.0) -> None:
+    """Connect after ``first`` seconds, then reconnect with jittered backoff until stopped (server
+    restarts are normal: its volunteers come back spread over a few seconds, not all at once)."""
+    delay = first
+    failures = 0
     while not stop.is_set():
-        try:
-            await sim.run(session, stop)
-            delay = 0.2
-        except (aiohttp.ClientError, ConnectionError, OSError):
+        if delay > 0:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), delay)
-            delay = min(delay * 2, 3.0)
+            if stop.is_set():
+                return
+        try:
+            await sim.run(session, stop)
+            failures = 0
+        except (aiohttp.ClientError, ConnectionError, OSError):
+            failures += 1
+        if sim.leave_after is not None and sim.batches >= sim.leave_after:
+            return
+        delay = random.uniform(0.1, min(0.2 * 2**failures, 5.0))  # full jitter

@@ -189,7 +189,8 @@ def backoff(failures: int, base: float = 0.5, cap: float = 30.0, rand: float | N
 
 
 def poll_delay(empty_replies: int) -> float:
-    """How long to wait before asking again after ``empty_replies`` empty ``tasks`` in a row."""
+    """How long to wait before asking again after ``empty_replies`` empty ``tasks`` in a row: only
+    from a server of protocol 3 (one of version 4 holds the ready and pushes the tasks)."""
     return min(2.0, 0.5 * 2 ** max(0, empty_replies - 1))
 
 

@@ -17,6 +17,7 @@ import collections
 import contextlib
 import dataclasses
 import ipaddress
+import itertools
 import json
 import logging
 import secrets
@@ -30,17 +31,22 @@ from server.jobs.metrics import Metrics
 from server.jobs.outage import DatabaseAway, DbHealth, is_outage
 from server.jobs.supervise import Supervisor
 from server.jobs.validator import Validator
+from server.jobs.waiting import Waiters
 from server.protocol import (
     MAX_READY_JOBS,
     MAX_WORKERS,
+    PROTOCOL_VERSION,
+    WAITING_SINCE,
     AttemptOutcome,
     Cancel,
     Capabilities,
     Outcome,
     ProtocolError,
+    Tasks,
     TaskSpec,
     ThrottleState,
     Update,
+    Wait,
 )
 from server.queue import Bus, Lease, Queue, ReadyItem
 from server.queue.base import DEFAULT_SHARE
@@ -69,12 +75,13 @@ class Misbehaving(Exception):
     """A volunteer that must be disconnected; ``str(exc)`` says why."""
 
 
-@dataclasses.dataclass(eq=False)
+@dataclasses.dataclass(eq=False, slots=True)
 class VolunteerSocket:
     """One connected volunteer socket on this instance and the attempts it holds.
 
     ``volunteer`` is the verified public id (``server.jobs.identity``), ``address`` the client's
-    address (``server.web.addresses.client_address``).
+    address (``server.web.addresses.client_address``). Slots, and a lock only: 10,000 of these
+    per process should cost little beside the socket itself.
     """
 
     volunteer: str
@@ -93,6 +100,12 @@ class VolunteerSocket:
     reported: dict[int, int] = dataclasses.field(default_factory=dict)
     reported_at: float = 0.0
     key: str = dataclasses.field(default_factory=lambda: secrets.token_hex(8))
+    protocol: int = PROTOCOL_VERSION  # the hello's version: below WAITING_SINCE, an idle ready is not held
+    wants: int = 0  # the n of its held ready (protocol 4); 0: none held
+    wants_jobs: list[int] = dataclasses.field(default_factory=list)  # the jobs that ready named as loaded
+    beat: float = 0.0  # the idle heartbeat interval last given in `wait` (server.jobs.waiting)
+    lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)  # one lease at a time for it
+
     # Jobs this connection was handed tasks of, the latest last: the only ones its `ready` may name as
     # loaded (job affinity), so that no volunteer can pick which job's tasks it gets.
     handed: dict[int, None] = dataclasses.field(default_factory=dict)
@@ -164,6 +177,9 @@ class Dispatcher:
         self.db_health = DbHealth()
         self.metrics = Metrics()
         self.validator = Validator(storage, config)
+        self.waiters = Waiters(self._fill, queue.ready_count)
+        self._seen: dict[str, dict] = {}  # volunteers who said hello, not yet written (see seen())
+        self._seen_wake = asyncio.Event()
         self._passes: set[asyncio.Task] = set()  # reaper passes under way (see _run_reaper)
         self.feeder = Feeder(storage, self.make_ready, lambda jobs: self.queue.running(jobs), config.reaper_interval)
         self.supervisor = self._supervise()
@@ -192,6 +208,8 @@ class Dispatcher:
         supervisor.add("feeder", self._run_feeder)
         supervisor.add("bus", self._run_bus)
         supervisor.add("events", self._run_events)
+        supervisor.add("wake", self._run_wake)
+        supervisor.add("seen", self._run_seen)
         return supervisor
 
     async def rebuild_if_needed(self) -> int:
@@ -214,15 +232,18 @@ class Dispatcher:
             async for chunk in chunks:
                 # first who already reported on these tasks, so no replica goes back to them
                 await self.queue.exclude(await self.storage.reporters([item.task for item in chunk]))
-                n += await self.make_ready(chunk)
+                n += await self.make_ready(chunk)  # waiting volunteers start on the first chunk
                 if pushed is not None:
                     pushed.extend(chunk)
         return n
 
     async def make_ready(self, items: list[ReadyItem]) -> int:
         """Tasks are ready to hand out (a submission, a retry, the feeder's next window, a rebuild):
-        the one place new work reaches the ready queue. Returns how many were added."""
-        return await self.queue.push(items)
+        the one place new work reaches the ready queue; it wakes waiting volunteers. Returns how many
+        were added."""
+        added = await self.queue.push(items)
+        await self.work_arrived(added)
+        return added
 
     async def _run_feeder(self) -> None:
         """Make jobs' tasks ready window by window as hand-out reaches them (``server.jobs.feeder``)."""
@@ -299,6 +320,8 @@ class Dispatcher:
         rec = await self.storage.record_lost(expired, AttemptOutcome.EXPIRED)
         self.metrics.attempts.labels("expired").inc(len(expired))
         await self._apply(rec)
+        # Only now: a waiter woken at once could otherwise finish the task before its expiry is recorded
+        await self.work_arrived(len(expired))
 
     async def _run_bus(self) -> None:
         """Relay events from other instances (a Redis pub/sub subscription)."""
@@ -308,7 +331,50 @@ class Dispatcher:
         async for event in self.bus.listen():
             if event.get("type") == "cancel":
                 await self._cancel_local(int(event["job"]))
+            elif event.get("type") == "work" and event.get("instance") != self.config.instance:
+                self.waiters.work.set()  # another instance made tasks ready: wake ours too
             self.loops["events"].ok()
+
+    def seen(self, volunteer: str, capabilities: dict) -> None:
+        """A volunteer said hello: its row (first/last seen, device) is written in the background, many
+        in one statement, so that a burst of 10,000 connections never waits on the database."""
+        self._seen[volunteer] = capabilities
+        self._seen_wake.set()
+
+    async def flush_seen(self, volunteer: str) -> None:
+        """Write this volunteer's row now if it waits (its throttle is about to update it)."""
+        if volunteer in self._seen:
+            await self.storage.volunteers_seen({volunteer: self._seen.pop(volunteer)})
+
+    async def _run_seen(self) -> None:
+        while True:
+            await self._seen_wake.wait()
+            self._seen_wake.clear()
+            while self._seen:
+                batch = dict(itertools.islice(self._seen.items(), 500))
+                for volunteer in batch:
+                    del self._seen[volunteer]
+                try:
+                    await self.storage.volunteers_seen(batch)
+                except Exception as exc:  # bookkeeping: the next hello writes it again
+                    if not is_outage(exc):
+                        raise
+                    self.db_health.failed(exc)
+            self.loops["seen"].ok()
+
+    async def _run_wake(self) -> None:
+        await self.waiters.run(alive=self.loops["wake"].ok)
+
+    async def work_arrived(self, n: int) -> None:
+        """``n`` tasks became ready (submitted, requeued, fed): wake the waiting volunteers of this
+        instance, and tell the others. Publishing is best effort: their sweep finds what it misses."""
+        if n <= 0:
+            return
+        self.waiters.work.set()
+        try:
+            await self.bus.publish({"type": "work", "instance": self.config.instance, "n": n})
+        except Exception:  # noqa: BLE001 - the bus is down: the other instances' sweep catches up
+            logger.warning("could not tell the other instances that %d tasks are ready", n, exc_info=True)
 
     # ----------------------------------------------------------------------- submissions
     async def submit(self, researcher_id: int, spec: JobSpec) -> int:
@@ -431,6 +497,55 @@ class Dispatcher:
         cap = int(sock.declared_cap() // (1.0 + self._strikes(sock.volunteer)))
         by_id = sum(len(c.held) for c in self._by_volunteer.get(sock.volunteer, ()))
         return max(0, min(cap - len(sock.held), HARD_CAP - by_id))
+
+    # ----------------------------------------------------------------- idle volunteers wait
+    async def ready(self, sock: VolunteerSocket, n: int, jobs: list[int] | None = None) -> None:
+        """Answer a ``ready {n}``: ``tasks`` leased now, or (protocol 4) ``wait``: the ready is held
+        and ``tasks`` are pushed when work arrives (``server.jobs.waiting``). A new ready replaces a
+        held one; ``n == 0`` withdraws it. Protocol 3 sockets are never held: an empty ``tasks``.
+        Answered under the socket's lock, so a push never overtakes the ``wait`` it ends."""
+        async with sock.lock:
+            self._unwait(sock)
+            specs = await self.lease(sock, n, jobs or []) if n > 0 else []
+            if specs or n <= 0 or sock.protocol < WAITING_SINCE:
+                sock.beat = 0.0 if specs else sock.beat
+                await sock.send(Tasks(specs))
+                return
+            sock.wants, sock.wants_jobs = n, list(jobs or [])
+            self.waiters.hold(sock)
+            await sock.send(Wait(self.waiters.interval(sock, self.config.heartbeat, self.config.idle_heartbeat)))
+
+    async def idle_heartbeat(self, sock: VolunteerSocket) -> None:
+        """A heartbeat with no attempts: a waiting volunteer is told to wait, a little longer each time."""
+        async with sock.lock:
+            if sock.wants:
+                await sock.send(Wait(self.waiters.interval(sock, self.config.heartbeat, self.config.idle_heartbeat)))
+
+    def _unwait(self, sock: VolunteerSocket) -> None:
+        sock.wants = 0
+        self.waiters.drop(sock)
+
+    async def _fill(self, sock: VolunteerSocket) -> list[TaskSpec] | None:
+        """Lease for a waiting socket and push what it got (``Waiters.wake``): None when it no longer
+        waits or may not lease now, [] when the queue had nothing for it, else the tasks sent."""
+        async with sock.lock:
+            if not sock.wants or sock not in self.sockets or self.db_health.down_since is not None:
+                return None
+            if self.lease_room(sock) <= 0:
+                return None
+            specs = await self.lease(sock, sock.wants, sock.wants_jobs)
+            if not specs:
+                return []
+            self._unwait(sock)
+            sock.beat = 0.0
+            with contextlib.suppress(ConnectionError, RuntimeError):  # closed meanwhile: abandon() requeues
+                await sock.send(Tasks(specs))
+            return specs
+
+    async def refill(self, sock: VolunteerSocket) -> None:
+        """Results of a waiting socket were acknowledged: room under its cap may now let it lease."""
+        if sock.wants:
+            await self._fill(sock)
 
     # -------------------------------------------------------------------------- leasing
     async def lease(self, sock: VolunteerSocket, n: int, jobs: list[int] | None = None) -> list[TaskSpec]:
@@ -598,12 +713,14 @@ class Dispatcher:
     async def abandon(self, sock: VolunteerSocket) -> None:
         """The socket closed: its leases go back to the ready queue at once."""
         self.sockets.discard(sock)
+        self._unwait(sock)
         same = self._by_volunteer.get(sock.volunteer)
         if same is not None:
             same.discard(sock)
             if not same:
                 del self._by_volunteer[sock.volunteer]
-        held, sock.held = list(sock.held), {}
+        async with sock.lock:  # a lease for it under way (its ready being filled) ends first
+            held, sock.held = list(sock.held), {}
         await self.queue.computing(sock.key, sock.volunteer, {}, list(sock.reported), 0)
         leases = await self.queue.requeue(held)
         if leases:
@@ -620,6 +737,7 @@ class Dispatcher:
                 if not is_outage(exc):
                     raise
                 self.db_health.failed(exc)
+            await self.work_arrived(len(leases))  # after the record: see _reap
 
     # -------------------------------------------------------------------------- outcomes
     async def report(self, sock: VolunteerSocket, outcomes: list[Outcome]) -> Recorded:
@@ -718,9 +836,10 @@ class Dispatcher:
         await self.queue.forget(rec.settled)
         await self.queue.exclude(rec.exclude)
         await self.queue.release(rec.release)
-        await self.queue.requeue(rec.requeue)
+        requeued = await self.queue.requeue(rec.requeue)
         await self.queue.drop(rec.drop)
-        await self.queue.push(rec.push)
+        await self.work_arrived(len(requeued))
+        await self.make_ready(rec.push)
         for job_id in rec.jobs:
             info = await self.storage.job_info(job_id)
             if info is not None:

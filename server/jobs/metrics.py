@@ -69,6 +69,15 @@ class Metrics:
             "uvm_tasks_restored", "Open tasks found neither ready nor leased, pushed again (should stay 0)", registry=r
         )
         self.held = Counter("uvm_result_messages_held", "Result messages answered `hold` (database away)", registry=r)
+        self.socket_errors = Counter(
+            "uvm_volunteer_message_errors",
+            "Volunteer messages whose handling failed unexpectedly (logged; the volunteer got `error`, "
+            "kept its socket)",
+            registry=r,
+        )
+        self.waiting = Gauge(
+            "uvm_volunteers_waiting", "Volunteers whose `ready` is held until work arrives", registry=r
+        )
         self.requests = Histogram(
             "uvm_http_request_seconds",
             "HTTP request latency by route (websockets: the time until they are set up)",
@@ -102,6 +111,7 @@ class Metrics:
     async def refresh(self, dispatcher: Dispatcher) -> None:
         """Read the gauges: the queue and sockets always; the jobs table when the database answers."""
         self.connected.set(len(dispatcher.sockets))
+        self.waiting.set(len(dispatcher.waiters))
         states = dict.fromkeys(THROTTLE_STATES, 0)
         for sock in dispatcher.sockets:
             states[throttle_state(sock.throttle)] += 1

@@ -152,26 +152,36 @@ class Accounts:
             for r in rows
         ]
 
-    async def volunteer_seen(self, volunteer: str, capabilities: dict) -> None:
-        """Insert or update a volunteer in one statement (a read-then-insert deadlocks on MySQL)."""
+    async def volunteers_seen(self, seen: dict[str, dict]) -> None:
+        """Insert or update volunteers who said hello, many in one statement (a burst of connections);
+        one upsert, not a read-then-insert (that deadlocks on MySQL)."""
+        if not seen:
+            return
         now = _now()
-        caps = json.dumps(capabilities)[:4000]
-        row = {
-            "id": volunteer,
-            "first_seen": now,
-            "last_seen": now,
-            "capabilities": caps,
-            "throttle": "{}",
-            "tasks_done": 0,
-            "task_seconds": 0.0,
-        }
-        stmt: Any  # an upsert: each dialect spells it its own way
+        rows = [
+            {
+                "id": volunteer,
+                "first_seen": now,
+                "last_seen": now,
+                "capabilities": json.dumps(capabilities)[:4000],
+                "throttle": "{}",
+                "tasks_done": 0,
+                "task_seconds": 0.0,
+            }
+            for volunteer, capabilities in seen.items()
+        ]
+        stmt: Any
         if self.engine.dialect.name in ("mysql", "mariadb"):
-            stmt = mysql_insert(volunteers).values(**row)
-            stmt = stmt.on_duplicate_key_update(last_seen=now, capabilities=caps)
+            stmt = mysql_insert(volunteers).values(rows)
+            stmt = stmt.on_duplicate_key_update(
+                last_seen=stmt.inserted.last_seen, capabilities=stmt.inserted.capabilities
+            )
         else:
-            stmt = sqlite_insert(volunteers).values(**row)
-            stmt = stmt.on_conflict_do_update(index_elements=["id"], set_={"last_seen": now, "capabilities": caps})
+            stmt = sqlite_insert(volunteers).values(rows)
+            stmt = stmt.on_conflict_do_update(
+                index_elements=["id"],
+                set_={"last_seen": stmt.excluded.last_seen, "capabilities": stmt.excluded.capabilities},
+            )
         await self._retry(lambda conn: conn.execute(stmt))
 
     async def volunteer_throttle(self, volunteer: str, state: dict) -> None:

@@ -66,10 +66,12 @@ def origin_allowed(request: web.Request) -> bool:
     return origin == own or origin in request.app[K.config].allowed_origins
 
 
-async def _open(request: web.Request) -> web.WebSocketResponse:
+async def _open(request: web.Request, heartbeat: float = 30.0) -> web.WebSocketResponse:
+    """Accept a websocket; aiohttp pings it after ``heartbeat`` seconds without a message from it,
+    and closes it if no pong comes within half that."""
     if not origin_allowed(request):
         raise web.HTTPForbidden(text="websocket origin not allowed")
-    ws = web.WebSocketResponse(max_msg_size=request.app[K.config].max_ws_message_bytes, heartbeat=30.0)
+    ws = web.WebSocketResponse(max_msg_size=request.app[K.config].max_ws_message_bytes, heartbeat=heartbeat)
     await ws.prepare(request)
     websocket_opened(request)
     request.app[SOCKETS].add(ws)
@@ -77,8 +79,10 @@ async def _open(request: web.Request) -> web.WebSocketResponse:
 
 
 async def volunteer_socket(request: web.Request) -> web.WebSocketResponse:
-    ws = await _open(request)
     config = request.app[K.config]
+    # A live volunteer sends something at least every UVM_IDLE_HEARTBEAT seconds (its heartbeats):
+    # aiohttp pings only the silent ones, so 10,000 idle sockets cost no pings.
+    ws = await _open(request, heartbeat=config.idle_heartbeat + config.heartbeat)
     address = client_address(request)
     limited = config.limit_loopback or not is_loopback(address)
     per_address = request.app[PER_ADDRESS]
@@ -131,15 +135,33 @@ async def _volunteer_session(
                 await _refuse(ws, str(exc))
                 break
             except Exception as exc:
-                if not is_outage(exc):
-                    raise
-                # The database is away: the socket stays open (volunteers keep their work meanwhile). No
-                # `ref`: a refused need_code would otherwise read as "this job is gone" and drop its tasks.
-                dispatcher.db_health.failed(exc)
-                await send(P.Error("the server's database is unavailable; try again shortly"))
+                if not await _failed(request, ws, exc, send, raw.data):
+                    break  # the volunteer left while we answered
     finally:
         if sock is not None:
             await asyncio.shield(dispatcher.leave(sock))
+
+
+async def _failed(request: web.Request, ws: web.WebSocketResponse, exc: Exception, send, data: str) -> bool:  # noqa: ANN001
+    """Handling a volunteer's message raised ``exc``. The socket stays open whatever happened (returns
+    True), unless the volunteer itself left meanwhile (False). During a database outage it is told to
+    try again shortly; any other error is logged with its traceback and the volunteer told that this
+    message was not applied (an ``error`` naming it): never dropped in silence."""
+    dispatcher = request.app[K.dispatcher]
+    if isinstance(exc, ConnectionError) and (ws.closed or request.transport is None or request.transport.is_closing()):
+        return False  # a send to a volunteer that left: neither an outage nor our error
+    if is_outage(exc):
+        # The socket stays open (volunteers keep their work meanwhile). No `ref`: a refused
+        # need_code would otherwise read as "this job is gone" and drop its tasks.
+        dispatcher.db_health.failed(exc)
+        await send(P.Error("the server's database is unavailable; try again shortly"))
+        return True
+    kind = _type_of(data)
+    dispatcher.metrics.socket_errors.inc()
+    logger.exception("handling a volunteer's '%s' message failed; the socket stays open", kind or "?", exc_info=exc)
+    with contextlib.suppress(ConnectionError, RuntimeError):
+        await send(P.Error(f"the server failed to handle this '{kind or 'message'}'; send it again later", ref=kind))
+    return True
 
 
 async def _message(
@@ -161,14 +183,14 @@ async def _message(
 
 async def _hello(request: web.Request, msg: P.Hello, address: str, send) -> VolunteerSocket:  # noqa: ANN001
     """Verify (or issue) the volunteer's id, register the connection, resume what it holds."""
-    config, dispatcher, storage = request.app[K.config], request.app[K.dispatcher], request.app[K.storage]
+    config, dispatcher = request.app[K.config], request.app[K.dispatcher]
     public, signed = request.app[K.volunteer_ids].verify_or_issue(msg.volunteer)
     caps: P.Capabilities = msg.capabilities
-    sock = VolunteerSocket(public, send, capabilities=caps, address=address)
+    sock = VolunteerSocket(public, send, capabilities=caps, address=address, protocol=msg.protocol)
     volunteer_context.set(public)  # this socket's task: its log lines name the volunteer
     dispatcher.connect(sock)
     try:
-        await storage.volunteer_seen(public, {k: v for k, v in dataclasses.asdict(caps).items() if k != "resume"})
+        dispatcher.seen(public, {k: v for k, v in dataclasses.asdict(caps).items() if k != "resume"})
         if caps.resume:  # attempts this browser still holds
             await dispatcher.resume(sock, caps.resume[: sock.declared_cap()])
     except Exception as exc:
@@ -182,24 +204,14 @@ async def _hello(request: web.Request, msg: P.Hello, address: str, send) -> Volu
 async def _handle(msg: object, sock: VolunteerSocket, dispatcher, storage, send) -> None:  # noqa: ANN001
     if isinstance(msg, P.Ready):
         await dispatcher.report_computing(sock, msg.running)
-        specs = await dispatcher.lease(sock, msg.n, msg.jobs)
+        await dispatcher.ready(sock, msg.n, msg.jobs)  # tasks now, or `wait` (held until work arrives)
         await dispatcher.report_computing(sock)  # a protocol-1 volunteer's estimate counts these
-        await send(P.Tasks(specs))
     elif isinstance(msg, P.Results):
-        try:
-            rec = await dispatcher.report(sock, msg.results)
-        except DatabaseAway as exc:  # nothing committed, nothing acknowledged: keep them, send later
-            dispatcher.metrics.held.inc()
-            await send(P.Hold([o.attempt for o in msg.results], exc.retry_after, exc.reason))
-            return
-        except Misbehaving:
-            raise
-        except Exception:  # nothing was committed, nothing acknowledged
-            logger.exception("results from %s not recorded", sock.volunteer, extra={"volunteer": sock.volunteer})
-            raise P.ProtocolError("the server could not commit these results now; send them again") from None
-        await send(P.Ack(rec.acked, rec.ignored))
+        await _results(msg, sock, dispatcher, send)
     elif isinstance(msg, P.Heartbeat):
         await dispatcher.heartbeat(sock, msg.attempts, msg.running)
+        if not msg.attempts:
+            await dispatcher.idle_heartbeat(sock)
     elif isinstance(msg, P.Progress):
         await dispatcher.update(sock, P.Update(msg.attempt, progress=msg.fraction))
     elif isinstance(msg, P.Update):
@@ -216,7 +228,24 @@ async def _handle(msg: object, sock: VolunteerSocket, dispatcher, storage, send)
         await send(P.Code(msg.job, msg.code_hash, source, info.requirements, name, description))
     elif isinstance(msg, P.Throttle):
         sock.throttle = msg.state
+        await dispatcher.flush_seen(sock.volunteer)  # its row first, or the update finds none
         await storage.volunteer_throttle(sock.volunteer, msg.state.to_wire())
+
+
+async def _results(msg: P.Results, sock: VolunteerSocket, dispatcher, send) -> None:  # noqa: ANN001
+    try:
+        rec = await dispatcher.report(sock, msg.results)
+    except DatabaseAway as exc:  # nothing committed, nothing acknowledged: keep them, send later
+        dispatcher.metrics.held.inc()
+        await send(P.Hold([o.attempt for o in msg.results], exc.retry_after, exc.reason))
+        return
+    except Misbehaving:
+        raise
+    except Exception:  # nothing was committed, nothing acknowledged
+        logger.exception("results from %s not recorded", sock.volunteer, extra={"volunteer": sock.volunteer})
+        raise P.ProtocolError("the server could not commit these results now; send them again") from None
+    await send(P.Ack(rec.acked, rec.ignored))
+    await dispatcher.refill(sock)  # a waiting volunteer at its cap has room again
 
 
 def _type_of(data: str) -> str | None:

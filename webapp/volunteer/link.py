@@ -104,7 +104,9 @@ class Link:
         self.socket = None
         self.on_close()
         if self.wanted:
-            delay = backoff(self.failures)
+            # full jitter from the first retry (up to 2 s): after a server restart its thousands of
+            # volunteers come back spread out, not in the same instant
+            delay = backoff(self.failures + 2)
             self.failures += 1
             self.next_try = asyncio.get_event_loop().time() + delay
             self._retry = asyncio.ensure_future(self._reconnect(delay))

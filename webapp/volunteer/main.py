@@ -8,7 +8,10 @@ by the page (``public/index.html``); ``protocol`` and ``supervisor`` are top-lev
 Flow: ``hello`` -> ``welcome``; results not yet acknowledged are re-sent; cached tasks resume
 without being downloaded again; then ``ready {n, jobs}`` asks for what the plan allows, naming the
 jobs its workers have loaded (the server prefers their tasks: fewer job switches). Each task runs
-on an idle worker; its outcome is stored, then sent; it is forgotten only on ``ack``.
+on an idle worker; its outcome is stored, then sent; it is forgotten only on ``ack``. With nothing
+to hand out the server answers ``wait`` and holds the ready (protocol 4): the page does not ask
+again, it sends a ``heartbeat`` when each ``wait`` says, and the server pushes ``tasks`` when work
+comes. A ready is sent again only when what the plan wants changes (``ready {0}`` when paused).
 """
 
 from __future__ import annotations
@@ -110,13 +113,25 @@ class App:
         self.oldest_result: float | None = None
         self.awaiting_tasks = False
         self.sent_running: set[str] | None = None  # the running attempts the server was last told of
-        self.empty_replies = 0
+        self.asked = 0  # n of the last ready sent
+        self.held_ready = 0  # n of the ready the server holds (after its `wait`); 0: none
+        self.idle_beat = 0.0  # seconds between idle heartbeats, from the last `wait`
+        self.idle_beat_at = 0.0  # when the next idle heartbeat is due
+        self.empty_replies = 0  # empty `tasks` in a row from a server of protocol 3 (it is polled)
         self.next_ask = 0.0
         self.battery_api = None
         self.device = supervisor.Device(cores=None)
         self.plan = supervisor.plan(self.device, self.settings)
         self.sent_throttle: dict | None = None
-        self.counts = {"tasks_messages": 0, "code_messages": 0, "results_messages": 0, "holds": 0}
+        self.counts = {
+            "tasks_messages": 0,
+            "empty_tasks": 0,
+            "wait_messages": 0,
+            "ready_messages": 0,
+            "code_messages": 0,
+            "results_messages": 0,
+            "holds": 0,
+        }
         self.first_result_at: float | None = None
         self.opened_at = time.monotonic()
         self.last_error = ""
@@ -254,6 +269,9 @@ class App:
                 self.sent_running = set(self.running_specs)
         if self.welcomed and self.credit.due():
             asyncio.ensure_future(self.credit.refresh(self.volunteer))
+        if self.welcomed and self.held_ready and not self.held_attempts() and now >= self.idle_beat_at:
+            self.idle_beat_at = now + self.idle_beat  # the same again if no `wait` answers it
+            self.link.send(protocol.Heartbeat(attempts=[]))  # idle: still here
         self.tick()
 
     # ------------------------------------------------------------------ the loop
@@ -334,9 +352,13 @@ class App:
         if self.resumed.intersection(self.held_attempts() + unsent):
             return
         want = min(self.plan.want(len(self.held_attempts())), protocol.MAX_TASKS_PER_MESSAGE)
-        ready = protocol.Ready(n=want, running=list(self.running_specs), jobs=self.pool.loaded_jobs())
-        if want > 0 and self.link.send(ready):
+        if want == self.held_ready:
+            return  # the server holds this very ask: it pushes tasks when there are some
+        # a new ask, or a changed one (0: withdrawn)
+        if self.link.send(protocol.Ready(n=want, running=list(self.running_specs), jobs=self.pool.loaded_jobs())):
+            self.counts["ready_messages"] += 1
             self.awaiting_tasks = True
+            self.asked = want
             self.sent_running = set(self.running_specs)
 
     def flush_results(self) -> None:
@@ -435,6 +457,7 @@ class App:
         self.resumed.update(self.held_attempts())
         self.welcomed = False
         self.awaiting_tasks = False
+        self.held_ready = 0
         self.in_flight.clear()  # re-sent after the next welcome
         self.asked_code.clear()
         self.sent_throttle = None
@@ -465,16 +488,29 @@ class App:
         if self.credit.at_start is None:  # before any task of this session: "this session" counts from here
             asyncio.ensure_future(self.credit.refresh(self.volunteer))
         self.empty_replies = 0
+        self.held_ready = 0
         self.next_ask = 0.0
+
+    def on_wait(self, msg: protocol.Wait) -> None:
+        """Nothing now: the server holds our ready and pushes tasks when there are some."""
+        self.counts["wait_messages"] += 1
+        if self.awaiting_tasks:  # the answer to our ready (else: to an idle heartbeat)
+            self.awaiting_tasks = False
+            self.held_ready = self.asked
+        self.idle_beat = float(msg.heartbeat)
+        self.idle_beat_at = time.monotonic() + self.idle_beat
 
     async def on_tasks(self, msg: protocol.Tasks) -> None:
         self.counts["tasks_messages"] += 1
         self.awaiting_tasks = False
+        self.held_ready = 0  # answered, or pushed: the ready is no longer held
         if not msg.tasks:
-            self.empty_replies += 1
-            delay = supervisor.poll_delay(self.empty_replies)
-            self.next_ask = time.monotonic() + delay
-            asyncio.get_event_loop().call_later(delay + 0.01, self.pump)
+            self.counts["empty_tasks"] += 1
+            if self.asked > 0:  # a server of protocol 3 (nothing now): ask again later, as it expects
+                self.empty_replies += 1
+                delay = supervisor.poll_delay(self.empty_replies)
+                self.next_ask = time.monotonic() + delay
+                asyncio.get_event_loop().call_later(delay + 0.01, self.pump)
             return
         self.empty_replies = 0
         held = set(self.held_attempts())
@@ -521,8 +557,10 @@ class App:
     async def on_error(self, msg: protocol.Error) -> None:
         self.last_error = f"{msg.ref or 'message'}: {msg.message}"
         js.console.warn(f"UVM: the server refused a {self.last_error}")
-        if msg.ref == "ready":
+        if msg.ref == "ready":  # not applied: ask again in a while, not in a loop
             self.awaiting_tasks = False
+            self.next_ask = time.monotonic() + 2.0
+            asyncio.get_event_loop().call_later(2.01, self.pump)
         elif msg.ref == "results":  # not acknowledged: keep them, try again a little later
             self.in_flight.clear()
             self.flush_after = time.monotonic() + 5.0
@@ -556,6 +594,7 @@ class App:
             "running": self.running,
             "connected": self.link.open,
             "welcomed": self.welcomed,
+            "waiting": self.held_ready > 0,
             "reconnect_in": self.link.retry_in(),
             "failures": self.link.failures,
             "plan": self.plan.state(),

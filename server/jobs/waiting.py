@@ -1,0 +1,110 @@
+"""Idle volunteers wait (protocol 4): their ``ready`` is held until work arrives, on any instance.
+
+A ``ready`` that finds nothing to hand out is answered by ``wait`` and kept here, in arrival order.
+Work arriving (a submission, a requeue: lease expiry, abandon, retry, a pipeline stage fed) sets
+``work``: locally, and on every other instance through the bus (``Dispatcher.work_arrived``). One
+loop per instance then wakes its waiters oldest first, leasing for each in turn, and stops as soon
+as the ready queue is empty: as many volunteers are woken as there is work, never all 10,000 of
+them for one task (no thundering herd). Instances race for the work through the same atomic lease.
+A sweep every ``SWEEP`` seconds catches what no signal announced (a lost pub/sub message, the
+database back after an outage, a volunteer's strikes forgiven with time).
+
+While waiting, a volunteer sends a ``heartbeat`` with no attempts every so often; each is answered
+by another ``wait`` whose interval doubles, from ``UVM_HEARTBEAT`` up to ``UVM_IDLE_HEARTBEAT``
+(less up to a fifth at random, so that volunteers who connected together drift apart).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from server.jobs.dispatch import VolunteerSocket
+
+logger = logging.getLogger(__name__)
+SWEEP = 5.0  # seconds between two looks for ready work that no signal announced
+CONCURRENCY = 16  # waiters leased for at once in a pass (overlaps the queue's round trips)
+MISSES = 16  # waiters in a row that got nothing while the queue holds work (all excluded): stop the pass
+JITTER = 0.2  # an idle interval is shortened by up to this fraction at random
+
+
+class Waiters:
+    """The held readies of this instance, oldest first, and the loop that wakes them.
+
+    ``fill(sock)`` leases for one waiter and pushes what it got: it returns None when the socket
+    no longer waits or may not lease now (its cap), [] when the queue had nothing for it, else the
+    tasks sent. ``ready_count()`` is the queue's count of ready tasks over all instances.
+    """
+
+    def __init__(
+        self, fill: Callable[[VolunteerSocket], Awaitable[list | None]], ready_count: Callable[[], Awaitable[int]]
+    ) -> None:
+        self.held: dict[VolunteerSocket, None] = {}  # an ordered set: oldest first
+        self.work = asyncio.Event()
+        self._fill = fill
+        self._ready_count = ready_count
+        self.woken = 0  # waiters given tasks by a pass (for /metrics and the tests)
+        self.passes = 0
+
+    def __len__(self) -> int:
+        return len(self.held)
+
+    def hold(self, sock: VolunteerSocket) -> None:
+        self.held[sock] = None
+
+    def drop(self, sock: VolunteerSocket) -> None:
+        self.held.pop(sock, None)
+
+    def _to_back(self, sock: VolunteerSocket) -> None:
+        """Tried and got nothing while the queue held work: the next pass tries others first."""
+        if self.held.pop(sock, 0) is None:
+            self.held[sock] = None
+
+    @staticmethod
+    def interval(sock: VolunteerSocket, base: float, most: float) -> float:
+        """The next idle heartbeat interval for this socket: ``base`` first, then doubling up to ``most``."""
+        sock.beat = base if sock.beat <= 0 else min(most, max(base, sock.beat * 2))
+        return round(sock.beat * (1.0 - JITTER * random.random()), 2)
+
+    async def run(self, alive: Callable[[], None]) -> None:
+        """Wake waiters whenever work is signalled, and every ``SWEEP`` seconds if the queue holds some."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.work.wait(), SWEEP)
+            signalled = self.work.is_set()
+            self.work.clear()
+            if self.held and (signalled or await self._ready_count() > 0):
+                await self.wake()
+            alive()
+
+    async def wake(self) -> int:
+        """One pass over the waiters, oldest first, until the work runs out; returns how many got tasks."""
+        self.passes += 1
+        order = iter(list(self.held))
+        state = {"misses": 0, "woken": 0}
+
+        async def one_by_one() -> None:
+            for sock in order:  # shared by the pass's coroutines: each takes the next waiter
+                if state["misses"] >= MISSES:
+                    return
+                got = await self._fill(sock)
+                if got is None:
+                    continue
+                if got:
+                    state["misses"] = 0
+                    state["woken"] += 1
+                    continue
+                if await self._ready_count() == 0:
+                    state["misses"] = MISSES  # the work ran out: the others keep waiting
+                    return
+                state["misses"] += 1
+                self._to_back(sock)
+
+        await asyncio.gather(*(one_by_one() for _ in range(CONCURRENCY)))
+        self.woken += state["woken"]
+        return state["woken"]
