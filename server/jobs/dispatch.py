@@ -558,7 +558,14 @@ class Dispatcher:
             return []
         attempts = [secrets.token_hex(8) for _ in range(n)]
         loaded = sock.loaded(jobs or [])
-        leases = await self.queue.lease(sock.volunteer, attempts, time.time(), self._network_rule(sock), loaded)
+        try:
+            leases = await self.queue.lease(sock.volunteer, attempts, time.time(), self._network_rule(sock), loaded)
+        except Exception:
+            # The answer was lost (a Redis connection cut mid-call), not necessarily the leases: give back
+            # whatever these attempt ids took, or those tasks would wait for their deadline with no holder.
+            with contextlib.suppress(Exception):
+                await self.work_arrived(len(await self.queue.requeue(attempts)))
+            raise
         if not leases:
             return []
         for lease in leases:
