@@ -89,7 +89,7 @@ async function boot() {
         errorCallback: (message) => problems.push(message),
       });
       if (problems.length) {
-        return { id, result: JSON.stringify({ error: `could not load requirements ${requirements.join(", ")} from ${packageIndexURL}: ${problems.join("; ")}`, output: "", result: null, cpu: 0 }) };
+        return { id, result: JSON.stringify({ error: `could not load requirements ${requirements.join(", ")} from ${packageIndexURL}: ${problems.join("; ")}`, output: "", result: null, elapsed: 0 }) };
       }
       requirements.forEach((name) => loaded.add(name));
     }
