@@ -116,7 +116,7 @@ class Holder:
 
     async def take(self, session: aiohttp.ClientSession) -> P.TaskSpec:
         self.ws = await session.ws_connect(self.url)
-        await self.ws.send_str(P.encode(P.Hello("holder-1", {"cores": 1})))
+        await self.ws.send_str(P.encode(P.Hello("holder-1", {"cores": 1}, protocol=3)))  # polls: see below
         assert P.decode(await self.ws.receive_str()).TYPE == "welcome"
         while True:  # a server that just started may still be filling its ready queue
             await self.ws.send_str(P.encode(P.Ready(1)))

@@ -252,7 +252,8 @@ async def test_an_outage_beginning_mid_hand_out_gives_the_tasks_back(
             await _until("the job's tasks in the ready queue", all_ready, described)
             ws = await s.ws_connect(f"{url}/ws/volunteer")
             inbox = Inbox(ws)
-            await ws.send_str(P.encode(P.Hello("", {"cores": 1, "workers": 1, "prefetch": 3})))
+            # protocol 3 (a polling volunteer): "none now" is an empty `tasks`; protocol 4 would be held (`wait`)
+            await ws.send_str(P.encode(P.Hello("", {"cores": 1, "workers": 1, "prefetch": 3}, protocol=3)))
             assert isinstance(await inbox.next("hello"), P.Welcome)
 
             read_checkpoints = live.restore

@@ -177,7 +177,7 @@ class Dispatcher:
         self.db_health = DbHealth()
         self.metrics = Metrics()
         self.validator = Validator(storage, config)
-        self.waiters = Waiters(self._fill, queue.ready_count)
+        self.waiters = Waiters(self._fill, lambda: self.queue.ready_count())
         self._seen: dict[str, dict] = {}  # volunteers who said hello, not yet written (see seen())
         self._seen_wake = asyncio.Event()
         self._passes: set[asyncio.Task] = set()  # reaper passes under way (see _run_reaper)
