@@ -489,6 +489,10 @@ def test_live_view_errors_retry_and_cancel(b_page, server, accounts, screenshots
         asked: list[str] = []
         page.once("dialog", lambda dialog: (asked.append(dialog.message), dialog.dismiss()))
         page.click("#cancel-button")  # Cancel asks first: "no" leaves the job running
+        for _ in range(100):  # the page's Python asks after the click, not during it
+            if asked:
+                break
+            page.wait_for_timeout(100)
         page.wait_for_function("document.getElementById('job-state').textContent === 'running'")
         assert asked and asked[0].startswith("Cancel to cancel?"), asked
         page.once("dialog", lambda dialog: dialog.accept())

@@ -22,6 +22,7 @@ class Credit:
     def __init__(self) -> None:
         self.server: dict | None = None  # the last answer of /api/volunteers/{id}
         self.at_start: dict | None = None  # the first answer this session
+        self.wait_until = 0.0  # tasks are asked for once at_start is in, or from this time (monotonic) on
         self.fetched_at = 0.0
         self.busy = False
         self.note = ""  # what the nickname form last said

@@ -346,6 +346,8 @@ class App:
     def ask_for_tasks(self) -> None:
         if not self.welcomed or self.awaiting_tasks or time.monotonic() < self.next_ask:
             return
+        if self.credit.at_start is None and time.monotonic() < self.credit.wait_until:
+            return  # this session's starting credit first, or its first tasks' credit counts as "before"
         if self.pool.target and not self.pool.slots:
             return
         unsent = [a for a in self.results if a not in self.in_flight]
@@ -487,6 +489,8 @@ class App:
         self.pool.every = self.updates.every = float(msg.every)
         if self.credit.at_start is None:  # before any task of this session: "this session" counts from here
             asyncio.ensure_future(self.credit.refresh(self.volunteer))
+            # ...so no task is asked for until that answer is in (or 5 s passed: credit must not stop work)
+            self.credit.wait_until = time.monotonic() + 5.0
         self.empty_replies = 0
         self.held_ready = 0
         self.next_ask = 0.0
