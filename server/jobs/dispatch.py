@@ -354,8 +354,13 @@ class Dispatcher:
                 batch = dict(itertools.islice(self._seen.items(), 500))
                 for volunteer in batch:
                     del self._seen[volunteer]
+                # shielded like a reaper pass: a shutdown lets the write end (run() waits for it) rather
+                # than cut an SQLite query in half, which leaves a connection that never closes
+                write = asyncio.ensure_future(self.storage.volunteers_seen(batch))
+                self._passes.add(write)
+                write.add_done_callback(self._pass_ended)
                 try:
-                    await self.storage.volunteers_seen(batch)
+                    await asyncio.shield(write)
                 except Exception as exc:  # bookkeeping: the next hello writes it again
                     if not is_outage(exc):
                         raise

@@ -39,6 +39,9 @@ class Credit:
                 self.server = json.loads(await answer.text())
                 if self.at_start is None:
                     self.at_start = dict(self.server)
+            elif answer.status == 404 and self.at_start is None:
+                # not known to the server yet (its hello is still being written): no credit before this session
+                self.at_start = {"validated": 0, "tasks_done": 0, "task_seconds": 0.0}
         finally:
             self.fetched_at = time.monotonic()
             self.busy = False
