@@ -129,6 +129,18 @@ async def test_events_websocket_streams_my_jobs_only(serve, volunteers):
         assert resp.status == 401
 
 
+async def _the_resumed_keep_their_tasks(api, url: str, ws, held: list[dict]) -> None:  # noqa: ANN001
+    """Another volunteer gets only the task nobody holds; the resumed ones' results are acknowledged."""
+    async with api.session.ws_connect(url) as other:
+        await _hello(other)
+        got = await _lease(other, 4)
+    assert [t["input"] for t in got] == [40]  # only the task nobody holds
+    results = [P.Outcome(t["attempt"], t["task"], result=t["input"] + 1) for t in held]
+    await ws.send_str(P.encode(P.Results(results)))
+    ack = json.loads((await ws.receive()).data)
+    assert sorted(ack["attempts"]) == sorted(t["attempt"] for t in held) and ack["ignored"] == []
+
+
 async def test_reconnecting_volunteer_resumes_the_tasks_it_holds(serve):
     api, app = await serve()
     job = await api.submit(CODE, [10, 20, 30, 40])
@@ -141,14 +153,7 @@ async def test_reconnecting_volunteer_resumes_the_tasks_it_holds(serve):
         resume = {"workers": 4, "resume": [t["attempt"] for t in held] + ["bogus"]}
         await ws.send_str(P.encode(P.Hello(me, resume)))
         assert json.loads((await ws.receive()).data)["volunteer"] == me
-        async with api.session.ws_connect(url) as other:
-            await _hello(other)
-            got = await _lease(other, 4)
-        assert [t["input"] for t in got] == [40]  # only the task nobody holds
-        results = [P.Outcome(t["attempt"], t["task"], result=t["input"] + 1) for t in held]
-        await ws.send_str(P.encode(P.Results(results)))
-        ack = json.loads((await ws.receive()).data)
-        assert sorted(ack["attempts"]) == sorted(t["attempt"] for t in held) and ack["ignored"] == []
+        await _the_resumed_keep_their_tasks(api, url, ws, held)
     status = await api.job(job)
     assert status["counts"]["done"] == 3 and status["counts"]["running"] == 0
     import sqlalchemy as sa
@@ -182,14 +187,7 @@ async def test_resume_while_the_old_socket_is_still_open_keeps_the_leases(serve)
             if len(dispatcher.sockets) == 1 and not dispatcher._leaving:
                 break
             await asyncio.sleep(0.05)
-        async with api.session.ws_connect(url) as other:
-            await _hello(other)
-            got = await _lease(other, 4)
-        assert [t["input"] for t in got] == [40]  # only the task nobody holds
-        results = [P.Outcome(t["attempt"], t["task"], result=t["input"] + 1) for t in held]
-        await ws.send_str(P.encode(P.Results(results)))
-        ack = json.loads((await ws.receive()).data)
-        assert sorted(ack["attempts"]) == sorted(t["attempt"] for t in held) and ack["ignored"] == []
+        await _the_resumed_keep_their_tasks(api, url, ws, held)
 
 
 async def test_a_resumed_attempt_that_expires_is_recorded_once(serve):
