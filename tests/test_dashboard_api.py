@@ -203,13 +203,14 @@ async def test_operator_sees_volunteers_and_throttle(serve, browser_session, vol
             async with op.get(f"{api.url}/api/admin/volunteers") as resp:
                 body = await resp.json()
             connected = {v["id"]: v for v in body["connected"]}
-            if connected.get(me, {}).get("throttle"):
+            recent = {v["id"]: v for v in body["recent"]}
+            # the socket's state is set before the row is written: wait for both, decide on what is there
+            if connected.get(me, {}).get("throttle") and recent.get(me, {}).get("throttle", {}).get("reasons"):
                 break
             await asyncio.sleep(0.1)
     assert len(connected) == 3 and "throttled-one" not in connected
     assert connected[me]["throttle"]["paused"] is True and connected[me]["throttle"]["battery"] is None
     assert connected[me]["capabilities"]["cores"] == 8 and connected[me]["address"] == "127.0.0.1"
-    recent = {v["id"]: v for v in body["recent"]}
     assert recent[me]["throttle"]["reasons"] == ["battery low"] and "reason" not in recent[me]["throttle"]
     assert sum(v["tasks_done"] for v in recent.values()) == 20
     assert connected[me]["reputation"] == {  # operators see each volunteer's reputation

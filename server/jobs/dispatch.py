@@ -341,11 +341,6 @@ class Dispatcher:
         self._seen[volunteer] = capabilities
         self._seen_wake.set()
 
-    async def flush_seen(self, volunteer: str) -> None:
-        """Write this volunteer's row now if it waits (its throttle is about to update it)."""
-        if volunteer in self._seen:
-            await self.storage.volunteers_seen({volunteer: self._seen.pop(volunteer)})
-
     async def _run_seen(self) -> None:
         while True:
             await self._seen_wake.wait()

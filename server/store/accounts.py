@@ -154,7 +154,15 @@ class Accounts:
 
     async def volunteers_seen(self, seen: dict[str, dict]) -> None:
         """Insert or update volunteers who said hello, many in one statement (a burst of connections);
-        one upsert, not a read-then-insert (that deadlocks on MySQL)."""
+        one upsert, not a read-then-insert (that deadlocks on MySQL). An existing row keeps its throttle."""
+        await self._upsert_volunteers(seen, None)
+
+    async def volunteer_throttle(self, volunteer: str, capabilities: dict, state: dict) -> None:
+        """Record a volunteer's throttle state. An upsert too: its hello's row may still be on its way
+        (written in the background), and an UPDATE that finds no row would lose the state."""
+        await self._upsert_volunteers({volunteer: capabilities}, state)
+
+    async def _upsert_volunteers(self, seen: dict[str, dict], throttle: dict | None) -> None:
         if not seen:
             return
         now = _now()
@@ -164,7 +172,7 @@ class Accounts:
                 "first_seen": now,
                 "last_seen": now,
                 "capabilities": json.dumps(capabilities)[:4000],
-                "throttle": "{}",
+                "throttle": json.dumps(throttle or {})[:4000],
                 "tasks_done": 0,
                 "task_seconds": 0.0,
             }
@@ -173,24 +181,17 @@ class Accounts:
         stmt: Any
         if self.engine.dialect.name in ("mysql", "mariadb"):
             stmt = mysql_insert(volunteers).values(rows)
-            stmt = stmt.on_duplicate_key_update(
-                last_seen=stmt.inserted.last_seen, capabilities=stmt.inserted.capabilities
-            )
+            update = {"last_seen": stmt.inserted.last_seen, "capabilities": stmt.inserted.capabilities}
+            if throttle is not None:
+                update["throttle"] = stmt.inserted.throttle
+            stmt = stmt.on_duplicate_key_update(**update)
         else:
             stmt = sqlite_insert(volunteers).values(rows)
-            stmt = stmt.on_conflict_do_update(
-                index_elements=["id"],
-                set_={"last_seen": stmt.excluded.last_seen, "capabilities": stmt.excluded.capabilities},
-            )
+            update = {"last_seen": stmt.excluded.last_seen, "capabilities": stmt.excluded.capabilities}
+            if throttle is not None:
+                update["throttle"] = stmt.excluded.throttle
+            stmt = stmt.on_conflict_do_update(index_elements=["id"], set_=update)
         await self._retry(lambda conn: conn.execute(stmt))
-
-    async def volunteer_throttle(self, volunteer: str, state: dict) -> None:
-        async with self.engine.begin() as conn:
-            await conn.execute(
-                volunteers.update()
-                .where(volunteers.c.id == volunteer)
-                .values(throttle=json.dumps(state)[:4000], last_seen=_now())
-            )
 
     async def reputation_of(self, volunteer: str, trust_after: int) -> dict:
         """What the validator holds of a volunteer: validated streak, totals, trusted or not."""

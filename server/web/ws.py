@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import dataclasses
 import logging
 import re
 import time
@@ -181,6 +180,11 @@ async def _message(
     return sock
 
 
+def _device(caps: P.Capabilities) -> dict:
+    """What the volunteers table keeps of a hello's capabilities (not the attempts it resumes)."""
+    return {k: v for k, v in caps.to_wire().items() if k != "resume"}
+
+
 async def _hello(request: web.Request, msg: P.Hello, address: str, send) -> VolunteerSocket:  # noqa: ANN001
     """Verify (or issue) the volunteer's id, register the connection, resume what it holds."""
     config, dispatcher = request.app[K.config], request.app[K.dispatcher]
@@ -190,7 +194,7 @@ async def _hello(request: web.Request, msg: P.Hello, address: str, send) -> Volu
     volunteer_context.set(public)  # this socket's task: its log lines name the volunteer
     dispatcher.connect(sock)
     try:
-        dispatcher.seen(public, {k: v for k, v in dataclasses.asdict(caps).items() if k != "resume"})
+        dispatcher.seen(public, _device(caps))
         if caps.resume:  # attempts this browser still holds
             await dispatcher.resume(sock, caps.resume[: sock.declared_cap()])
     except Exception as exc:
@@ -228,8 +232,7 @@ async def _handle(msg: object, sock: VolunteerSocket, dispatcher, storage, send)
         await send(P.Code(msg.job, msg.code_hash, source, info.requirements, name, description))
     elif isinstance(msg, P.Throttle):
         sock.throttle = msg.state
-        await dispatcher.flush_seen(sock.volunteer)  # its row first, or the update finds none
-        await storage.volunteer_throttle(sock.volunteer, msg.state.to_wire())
+        await storage.volunteer_throttle(sock.volunteer, _device(sock.capabilities), msg.state.to_wire())
 
 
 async def _results(msg: P.Results, sock: VolunteerSocket, dispatcher, send) -> None:  # noqa: ANN001
