@@ -43,7 +43,7 @@ typecheck: setup-test
 	$(VENV)/bin/mypy  # server/ and uvm_compute/, settings in pyproject.toml [tool.mypy]
 
 test: setup-test services lint typecheck
-	$(VENV)/bin/pytest -q -p no:cacheprovider
+	$(VENV)/bin/pytest -q -p no:cacheprovider --durations=30
 
 bench: setup-test services
 	$(PY) bench/dispatch.py --volunteers 500 --tasks 60000 --prefetch 8

@@ -57,7 +57,10 @@ def detail(state: str, snap: dict) -> str:
     if state == "starting":
         return f"Loading Python into {plural(plan['workers'], 'worker')}; this takes a few seconds."
     if state == "waiting":
-        return "No task is waiting right now; we will ask again shortly. You can leave this tab open."
+        return (
+            "No task is waiting right now. The server sends one the moment a researcher submits work; "
+            "you can leave this tab open."
+        )
     busy = sum(1 for w in snap["workers"] if w["attempt"])
     return f"{plural(busy, 'task')} running in the background. You can keep using your device."
 
