@@ -13,11 +13,13 @@
 from __future__ import annotations
 
 import dataclasses
+import http.server
 import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -54,6 +56,40 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+class _IndexHandler(http.server.BaseHTTPRequestHandler):
+    """A stand-in package index: records what is asked, has nothing (404). These machines have no
+    internet and the npm Pyodide holds no packages; Pyodide's own wheels (checked against the pinned
+    lock's sha256) are not on PyPI, so nothing here could serve one that loads."""
+
+    def do_GET(self) -> None:  # noqa: N802 -- http.server's naming
+        self.server.asked.append(self.path)  # type: ignore[attr-defined]
+        self.send_response(404)
+        self.send_header("Access-Control-Allow-Origin", "*")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@dataclasses.dataclass
+class PackageIndex:
+    url: str
+    asked: list[str] = dataclasses.field(default_factory=list)
+
+
+@pytest.fixture(scope="module")
+def package_index() -> Iterator[PackageIndex]:
+    """A stand-in for UVM_PACKAGE_INDEX_URL; ``asked`` lists the paths the workers requested."""
+    port = free_port()
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", port), _IndexHandler)
+    index = PackageIndex(f"http://127.0.0.1:{port}/pyodide-packages/")
+    httpd.asked = index.asked  # type: ignore[attr-defined]
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield index
+    httpd.shutdown()
+    httpd.server_close()
 
 
 @dataclasses.dataclass

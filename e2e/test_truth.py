@@ -10,16 +10,14 @@ lists an opted-in nickname. Screenshots: ``e2e/screenshots/truth-*.png``.
 from __future__ import annotations
 
 import dataclasses
-import http.server
 import subprocess
 import sys
-import threading
 import uuid
 from pathlib import Path
 
 import pytest
 
-from e2e.conftest import ROOT, LiveServer, _cli, fake_device, free_port, open_volunteer_page, wait_state
+from e2e.conftest import ROOT, LiveServer, _cli, fake_device, open_volunteer_page, wait_state
 
 PASSWORD = "truth-pass-1"
 READY_MS = 90_000
@@ -28,35 +26,10 @@ SLOW = "import time\n\ndef main(x):\n    time.sleep(0.4)\n    return x * x\n"
 BAD = "def main(x):\n    if x >= 0:\n        raise ValueError(f'bad value {x}')\n    return x\n"
 
 
-class _Index(http.server.BaseHTTPRequestHandler):
-    """A stand-in package index: records what is asked, has nothing (404)."""
-
-    asked: list[str] = []
-
-    def do_GET(self) -> None:  # noqa: N802 -- http.server's naming
-        self.asked.append(self.path)
-        self.send_response(404)
-        self.send_header("Access-Control-Allow-Origin", "*")
-        self.end_headers()
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
 @pytest.fixture(scope="module")
-def index() -> str:
-    port = free_port()
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", port), _Index)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{port}/pyodide-packages/"
-    httpd.shutdown()
-    httpd.server_close()
-
-
-@pytest.fixture(scope="module")
-def server(live_server, index) -> LiveServer:
+def server(live_server, package_index) -> LiveServer:
     """The server, with a dashboard account whose token submits the jobs the dashboard shows."""
-    base = live_server(UVM_PACKAGE_INDEX_URL=index)
+    base = live_server(UVM_PACKAGE_INDEX_URL=package_index.url)
     email = f"truth-{uuid.uuid4().hex[:8]}@example.org"
     token = _cli(base.env, "researcher", "add", email, "--password-stdin", stdin=PASSWORD + "\n").splitlines()[-1]
     server = dataclasses.replace(base, token=token.strip())
@@ -187,7 +160,7 @@ def test_errors_group_show_source_and_partial_failure_is_amber(browser, dashboar
     shot(dashboard, screenshots, "retry-message")
 
 
-def test_try_loads_requirements_and_says_when_code_does_not_compile(dashboard, index, screenshots) -> None:
+def test_try_loads_requirements_and_says_when_code_does_not_compile(dashboard, package_index, screenshots) -> None:
     page = dashboard
     page.evaluate("location.hash = '#/new'")
     page.wait_for_selector("#view-new:not([hidden])")
@@ -216,8 +189,9 @@ def test_try_loads_requirements_and_says_when_code_does_not_compile(dashboard, i
         "document.getElementById('try-output').textContent.includes('requirements could not be loaded')",
         timeout=READY_MS,
     )
-    assert f"could not load requirements six from {index}" in page.inner_text("#try-output")
-    assert "/pyodide-packages/six-1.17.0-py2.py3-none-any.whl" in _Index.asked, _Index.asked
+    assert f"could not load requirements six from {package_index.url}" in page.inner_text("#try-output")
+    asked = package_index.asked
+    assert "/pyodide-packages/six-1.17.0-py2.py3-none-any.whl" in asked, asked
     shot(page, screenshots, "try-requirements")
     page.fill("#opt-requirements", "")
 

@@ -7,11 +7,9 @@ the pinned lock file's wheel, and the failure comes back to the researcher as a 
 
 from __future__ import annotations
 
-import http.server
 import json
-import threading
 
-from e2e.conftest import fake_device, free_port, open_volunteer_page
+from e2e.conftest import fake_device, open_volunteer_page
 
 CODE = """
 import six
@@ -21,38 +19,18 @@ def main(x):
 """
 
 
-class _Index(http.server.BaseHTTPRequestHandler):
-    asked: list[str] = []
-
-    def do_GET(self) -> None:  # noqa: N802 -- http.server's naming
-        self.asked.append(self.path)
-        self.send_response(404)
-        self.send_header("Access-Control-Allow-Origin", "*")
-        self.end_headers()
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-def test_requirements_come_from_the_configured_index(browser, live_server) -> None:
-    port = free_port()
-    index = http.server.ThreadingHTTPServer(("127.0.0.1", port), _Index)
-    threading.Thread(target=index.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{port}/pyodide-packages/"
-        server = live_server(UVM_PACKAGE_INDEX_URL=url)
-        assert url in server.request("GET", "/", auth=False)[1]
-        job = server.submit(CODE, [1, 2], name="needs-six", timeout=20, max_attempts=1, requirements=["six"])
-        context = browser.new_context()
-        context.add_init_script(fake_device(cores=2))
-        page = open_volunteer_page(context, server)
-        page.get_by_role("button", name="Start").click()
-        done = server.wait(job, timeout=60, page=page)
-        context.close()
-    finally:
-        index.shutdown()
-        index.server_close()
+def test_requirements_come_from_the_configured_index(browser, live_server, package_index) -> None:
+    url = package_index.url
+    server = live_server(UVM_PACKAGE_INDEX_URL=url)
+    assert url in server.request("GET", "/", auth=False)[1]
+    job = server.submit(CODE, [1, 2], name="needs-six", timeout=20, max_attempts=1, requirements=["six"])
+    context = browser.new_context()
+    context.add_init_script(fake_device(cores=2))
+    page = open_volunteer_page(context, server)
+    page.get_by_role("button", name="Start").click()
+    done = server.wait(job, timeout=60, page=page)
+    context.close()
     assert done["state"] == "failed", done
-    assert "/pyodide-packages/six-1.17.0-py2.py3-none-any.whl" in _Index.asked, _Index.asked
+    assert "/pyodide-packages/six-1.17.0-py2.py3-none-any.whl" in package_index.asked, package_index.asked
     errors = json.dumps(server.errors(job))
     assert f"could not load requirements six from {url}" in errors, errors
