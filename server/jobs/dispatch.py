@@ -126,6 +126,7 @@ class VolunteerSocket:
     chunk_of: dict[str, str] = dataclasses.field(default_factory=dict)
     chunk_left: dict[str, int] = dataclasses.field(default_factory=dict)
     extra: int = 0
+    delivered: int = 0  # results of this connection committed (acknowledged): its chunks hold at most 1 + this
 
     def hold_chunk(self, attempts: list[str], job: int) -> None:
         """This connection holds these attempts of ``job`` as one chunk (the first names it)."""
@@ -663,12 +664,20 @@ class Dispatcher:
     async def _chunk(self, sock: VolunteerSocket, groups: list[list[Lease]]) -> None:
         """Chunked hand-out (protocol 5): each lease becomes the first of a chunk of its job's next
         ready tasks, as many as the job's measured run times ask for (``ChunkSizer``), within
-        MAX_CHUNK_TASKS and the connection's MAX_HELD_TASKS. A chunk takes one slot of the lease cap.
+        MAX_CHUNK_TASKS and the connection's MAX_HELD_TASKS, and at most one more than the results the
+        connection delivered: a newcomer (or a volunteer that keeps no promises) starts with single tasks,
+        so neither a hoarder nor the results adaptive replication must check before trusting a volunteer
+        grow by a chunk at once. A chunk takes one slot of the lease cap.
         ``groups`` (one lease each) grow in place, so that a failure half way leaves what was taken."""
         now = time.time()
         network = self._network_rule(sock)
         for g, (lease,) in enumerate(groups):
-            size = min(self.chunk_sizer.size(lease.job), MAX_CHUNK_TASKS, MAX_HELD_TASKS - len(sock.held) + 1)
+            size = min(
+                self.chunk_sizer.size(lease.job),
+                MAX_CHUNK_TASKS,
+                MAX_HELD_TASKS - len(sock.held) + 1,
+                1 + sock.delivered,
+            )
             more = []
             if size > 1:
                 attempts = [secrets.token_hex(8) for _ in range(size - 1)]
@@ -887,6 +896,7 @@ class Dispatcher:
         rec = await future
         for attempt in rec.acked + rec.ignored:
             sock.unhold(attempt)
+        sock.delivered += len(rec.acked)
         await self.report_computing(sock)
         if rec.acked and sock.volunteer in self.strikes:
             self._strike(sock.volunteer, -len(rec.acked))
