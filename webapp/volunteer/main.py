@@ -136,6 +136,8 @@ class App:
             "code_messages": 0,
             "results_messages": 0,
             "holds": 0,
+            "chunks": 0,  # chunks run (protocol 5): several tasks in one call of a worker
+            "chunked_tasks": 0,
         }
         self.first_result_at: float | None = None
         self.opened_at = time.monotonic()
@@ -188,7 +190,7 @@ class App:
         self.pump()
         if not running:
             self.held_at_stop = [s.task for s in self.running_specs.values()] + [s.task for s in self.queue]
-            self.resumed.update(self.held_attempts())
+            self.resumed.update(self.held_attempts(chunks=False))
             self.pool.discard_prewarmed()
             self.pool.stop_all()
             self.link.stop()
@@ -280,8 +282,11 @@ class App:
         self.tick()
 
     # ------------------------------------------------------------------ the loop
-    def held_attempts(self) -> list[str]:
-        return list(self.running_specs) + [s.attempt for s in self.queue]
+    def held_attempts(self, chunks: bool = True) -> list[str]:
+        """Attempts held (running or queued), a chunk by its first; ``chunks=False``: not chunks, which
+        are not kept across a closed socket."""
+        specs = [*self.running_specs.values(), *self.queue]
+        return [s.attempt for s in specs if chunks or not s.more]
 
     def pump(self) -> None:
         """Bring everything in line with the plan; called after every event."""
@@ -477,6 +482,8 @@ class App:
             self.chunked.add(item.attempt)
             outcomes.append(outcome)
         self.count_many(outcomes)
+        self.counts["chunks"] += 1
+        self.counts["chunked_tasks"] += len(outcomes)
         if self.oldest_result is None:
             self.oldest_result = time.monotonic()
         self.pump()
@@ -509,7 +516,7 @@ class App:
             "battery_api": self.device.battery is not None,
             "network_api": self.device.network is not None,
             "user_agent": str(window.navigator.userAgent)[:200],
-            "resume": self.held_attempts()[: protocol.MAX_TASKS_PER_MESSAGE],
+            "resume": self.held_attempts(chunks=False)[: protocol.MAX_TASKS_PER_MESSAGE],
         }
         self.link.send(protocol.Hello(volunteer=self.volunteer, capabilities=capabilities))
 
@@ -520,7 +527,7 @@ class App:
         for attempt in self.chunked:
             self.results.pop(attempt, None)
         self.chunked.clear()
-        self.resumed.update(self.held_attempts())
+        self.resumed.update(self.held_attempts(chunks=False))
         self.welcomed = False
         self.awaiting_tasks = False
         self.held_ready = 0
