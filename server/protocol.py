@@ -667,7 +667,9 @@ def from_dict(data: Any) -> Any:  # noqa: C901 - one flat check per message kind
 def _task_spec(data: dict) -> TaskSpec:
     """One ``tasks[]`` entry; a chunk's ``more`` holds ``[attempt, task, index, input, restore]`` lists
     (objects with those fields are read too), at most MAX_CHUNK_TASKS tasks in all."""
-    spec = TaskSpec(**_check_fields("tasks[]", data, _TASK_SCHEMA))
+    fields = _check_fields("tasks[]", data, _TASK_SCHEMA)
+    fields.setdefault("input", None)  # optional on the wire (None), a TypeError here before
+    spec = TaskSpec(**fields)
     if len(spec.more) >= MAX_CHUNK_TASKS:
         raise ProtocolError(f"tasks: at most {MAX_CHUNK_TASKS} tasks in a chunk")
     more = []

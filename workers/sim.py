@@ -78,6 +78,7 @@ class SimVolunteer:
         self.loaded: int | None = None  # the job its worker ran last
         self.switches = 0  # tasks whose job was not the loaded one (a fresh worker in the browser)
         self.chunks = 0  # chunks run (protocol 5: several tasks of a job in one call of the runner)
+        self.sizes: list[int] = []  # tasks in each task or chunk handed to it, in order
         self.lies: set[int] = set()  # tasks it forged a result for
         self._rng = random.Random(seed)
         self.done = 0
@@ -163,6 +164,7 @@ class SimVolunteer:
                 self.pushed.append(time.time())
             else:
                 self.latencies.append(time.perf_counter() - sent)
+            self.sizes += [1 + len(spec.more) for spec in batch.tasks]
             self.leased += sum(1 + len(spec.more) for spec in batch.tasks)
             if self.crash_after is not None and self.leased >= self.crash_after:
                 return  # vanish holding the leases: the socket closes with no results
