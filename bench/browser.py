@@ -127,7 +127,9 @@ def run_job(context, server: LiveServer, code: str, n: int, cores: int) -> dict:
     page.close()
     done = n - 1  # tasks finished between the first result and the last
     wall = t1 - t0
+    counts = last["counts"]
     return {
+        "chunk_ms": 1000 * counts.get("chunk_seconds", 0) / max(1, counts.get("chunked_tasks", 0)),
         "workers": len(last["workers"]),
         "tasks_per_s": done / wall,
         "per_task_ms": 1000 * wall / done,
@@ -266,7 +268,9 @@ def print_trivial(browser, server: LiveServer, n: int) -> None:  # noqa: ANN001
     trivial = run_job(context, server, TRIVIAL, n, cores=2)
     print(
         f"trivial task, 1 worker, {n} tasks: {trivial['per_task_ms']:.3f} ms per task end to end "
-        f"({trivial['tasks_per_s']:.1f} tasks/s); load {os.getloadavg()[0]:.2f}"
+        f"({trivial['tasks_per_s']:.1f} tasks/s; main() itself {trivial['utilisation']:.1%} of the time; "
+        f"a chunk's call into the worker {trivial['chunk_ms']:.3f} ms a task); "
+        f"load {os.getloadavg()[0]:.2f}"
     )
     context.close()
 

@@ -138,6 +138,7 @@ class App:
             "holds": 0,
             "chunks": 0,  # chunks run (protocol 5): several tasks in one call of a worker
             "chunked_tasks": 0,
+            "chunk_seconds": 0.0,
         }
         self.first_result_at: float | None = None
         self.opened_at = time.monotonic()
@@ -415,6 +416,7 @@ class App:
 
     async def run_task(self, slot, spec) -> None:
         epoch = self.link_epoch
+        begun = time.monotonic()
         try:
             arrived = self.arrived.pop(spec.attempt, None)
             answer = await self.pool.execute(slot, spec, self.codes[spec.code_hash], arrived)
@@ -425,6 +427,7 @@ class App:
                 if last is not None and self.welcomed:
                     self.link.send(last)
         if spec.more:
+            self.counts["chunk_seconds"] += time.monotonic() - begun  # in the worker, for bench/browser.py
             self.chunk_ended(spec, answer, epoch)
             return
         if answer.get("stopped"):  # cancelled, or the volunteer pressed Stop: no outcome
