@@ -13,7 +13,8 @@ belongs to (two jobs with the same code share a hash, so the compiled code is na
 job that runs it).
 
 This is the only code that runs ``main(x)``: the browser's workers and ``volunteer-sim`` both use
-it. The server never runs research code; it only checks what a volunteer sends back.
+it. The server never runs research code; it only checks what a volunteer sends back. A chunk of a
+job's tasks (protocol 5) runs in one request (``Runner.run_many``), each task as it would alone.
 
 Long tasks: while a task runs, research code can ``import uvm`` (a module made for that one task,
 see ``TaskContext``) to report progress, save a checkpoint, restore the last one and append partial

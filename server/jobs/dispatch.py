@@ -5,6 +5,10 @@ through in-process intake queues: submissions are verified and saved one job at 
 tasks inserted in chunks), outcomes are committed in batches, one transaction per batch. A caller
 awaits its future, so nothing is acknowledged before it is committed.
 
+Chunked hand-out (protocol 5): a lease may take the job's next tasks with it as one chunk, sized by
+``server.jobs.chunks``; each task keeps its own attempt and lease, and the chunk is one slot of the
+connection's lease cap (``VolunteerSocket.slots``).
+
 Every background loop (the two intake consumers, the lease reaper, the bus relay, the events
 listener) runs under ``supervise.Supervisor``: a failing loop is logged and restarted with backoff,
 and ``Dispatcher.loops`` holds each loop's state for ``/api/health`` and ``/metrics``.

@@ -12,6 +12,8 @@ on an idle worker; its outcome is stored, then sent; it is forgotten only on ``a
 to hand out the server answers ``wait`` and holds the ready (protocol 4): the page does not ask
 again, it sends a ``heartbeat`` when each ``wait`` says, and the server pushes ``tasks`` when work
 comes. A ready is sent again only when what the plan wants changes (``ready {0}`` when paused).
+A chunk (protocol 5: a task with ``more``) runs on one worker in one call; its results are kept in
+memory only (no vault writes), sent together, and dropped if the socket closes first.
 """
 
 from __future__ import annotations
