@@ -1,8 +1,10 @@
 """Headless volunteers: the browser's protocol, with tasks run in native CPython.
 
 Tasks run through ``workers/runner.py``, the same code the browser's Pyodide workers run, so tests
-with simulated volunteers exercise it; a chunk (protocol 5) in one call, as the page's worker does. For tests, load tests and benchmarks with TRUSTED jobs only:
-the code runs in this process with no sandbox and no timeout enforcement. A task runs in a thread:
+with simulated volunteers exercise it; a chunk (protocol 5) in one call, as the page's worker does.
+For tests, load tests and benchmarks with TRUSTED jobs only: the code runs in this process with no
+sandbox and no timeout enforcement (a chunk's tasks are only marked timed out afterwards). A task
+runs in a thread:
 research code's ``uvm`` calls (progress, checkpoints, partials) go out on the socket as ``update``
 messages while it runs, as the browser's do.
 
