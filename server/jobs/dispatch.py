@@ -625,8 +625,9 @@ class Dispatcher:
             return []
         attempts = [secrets.token_hex(8) for _ in range(n)]
         loaded = sock.loaded(jobs or [])
+        network = self._network_rule(sock)  # once per lease call: it looks at every connected socket
         try:
-            leases = await self.queue.lease(sock.volunteer, attempts, time.time(), self._network_rule(sock), loaded)
+            leases = await self.queue.lease(sock.volunteer, attempts, time.time(), network, loaded)
         except Exception:
             # The answer was lost (a Redis connection cut mid-call), not necessarily the leases: give back
             # whatever these attempt ids took, or those tasks would wait for their deadline with no holder.
@@ -640,7 +641,7 @@ class Dispatcher:
         groups = [[lease] for lease in leases]
         try:
             if sock.protocol >= CHUNKS_SINCE and self.config.chunk_target > 0:
-                await self._chunk(sock, groups)
+                await self._chunk(sock, groups, network)
             everything = [lease for group in groups for lease in group]
             self.feeder.leased(everything)  # near the end of a job's ready window: the next one is made ready
             specs = await self._specs(sock, groups)
@@ -665,7 +666,7 @@ class Dispatcher:
             self.metrics.affine.inc(sum(1 + len(spec.more) for spec in specs if spec.job in loaded))
         return specs
 
-    async def _chunk(self, sock: VolunteerSocket, groups: list[list[Lease]]) -> None:
+    async def _chunk(self, sock: VolunteerSocket, groups: list[list[Lease]], network: str) -> None:
         """Chunked hand-out (protocol 5): each lease becomes the first of a chunk of its job's next
         ready tasks, as many as the job's measured run times ask for (``ChunkSizer``), within
         MAX_CHUNK_TASKS and the connection's MAX_HELD_TASKS, and at most one more than the results the
@@ -674,7 +675,6 @@ class Dispatcher:
         grow by a chunk at once. A chunk takes one slot of the lease cap.
         ``groups`` (one lease each) grow in place, so that a failure half way leaves what was taken."""
         now = time.time()
-        network = self._network_rule(sock)
         for g, (lease,) in enumerate(groups):
             size = min(
                 self.chunk_sizer.size(lease.job),
