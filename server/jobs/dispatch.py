@@ -82,9 +82,6 @@ COMPUTING_TTL_BEATS = 3  # a connection's "computing now" report lasts this many
 # Chunked hand-out (protocol 5): a chunk is one slot of the lease cap, and a connection holds at most
 # this many tasks in all, chunks included; one `tasks` message's chunks carry at most this much input.
 MAX_HELD_TASKS = 4 * MAX_CHUNK_TASKS
-# A connection's chunk holds at most 1 + this x the results it delivered (committed), for a job of one
-# replica; 1 + them for a replicated (or adaptive) job, whose results must be checked before trust.
-CHUNK_GROWTH = 4
 MESSAGE_INPUT_BUDGET = MAX_MESSAGE_BYTES // 2
 
 
@@ -133,7 +130,7 @@ class VolunteerSocket:
     chunk_of: dict[str, str] = dataclasses.field(default_factory=dict)
     chunk_left: dict[str, int] = dataclasses.field(default_factory=dict)
     extra: int = 0
-    delivered: int = 0  # results of this connection committed (acknowledged): they bound its chunks (CHUNK_GROWTH)
+    delivered: int = 0  # results of this connection committed (acknowledged): its chunks hold at most 1 + this
 
     def hold_chunk(self, attempts: list[str], job: int) -> None:
         """This connection holds these attempts of ``job`` as one chunk (the first names it)."""
@@ -672,20 +669,18 @@ class Dispatcher:
     async def _chunk(self, sock: VolunteerSocket, groups: list[list[Lease]], network: str) -> None:
         """Chunked hand-out (protocol 5): each lease becomes the first of a chunk of its job's next
         ready tasks, as many as the job's measured run times ask for (``ChunkSizer``), within
-        MAX_CHUNK_TASKS and the connection's MAX_HELD_TASKS, and at most 1 + CHUNK_GROWTH x the results
-        the connection delivered (1 + them for a replicated job): a newcomer (or a volunteer that keeps
-        no promises) starts with single tasks, so neither a hoarder nor the results adaptive replication
-        must check before trusting a volunteer grow by a whole chunk at once. A chunk is one slot of
-        the lease cap. ``groups`` (one lease each) grow in place: a failure half way leaves what was taken."""
+        MAX_CHUNK_TASKS and the connection's MAX_HELD_TASKS, and at most one more than the results the
+        connection delivered: a newcomer (or a volunteer that keeps no promises) starts with single tasks,
+        so neither a hoarder nor the results adaptive replication must check before trusting a volunteer
+        grow by a chunk at once. A chunk takes one slot of the lease cap.
+        ``groups`` (one lease each) grow in place, so that a failure half way leaves what was taken."""
         now = time.time()
         for g, (lease,) in enumerate(groups):
-            info = await self.storage.job_info(lease.job)
-            growth = CHUNK_GROWTH if info is not None and info.verification.replication == 1 else 1
             size = min(
                 self.chunk_sizer.size(lease.job),
                 MAX_CHUNK_TASKS,
                 MAX_HELD_TASKS - len(sock.held) + 1,
-                1 + growth * sock.delivered,
+                1 + sock.delivered,
             )
             more = []
             if size > 1:
