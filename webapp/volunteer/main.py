@@ -109,7 +109,7 @@ class App:
         self.arrived: dict[str, float] = {}  # attempt -> when its task arrived (job switch timings)
         self.restored_tasks: list[int] = []  # tasks this page found in its vault when it opened
         self.held_at_stop: list[int] = []  # tasks held (running or waiting) when Stop was last pressed
-        self.task_seconds: float | None = None  # moving average of one task's time here
+        self.task_seconds: float | None = None  # moving average of one task's (or chunk's) time here
         self.results: dict[str, dict] = {}  # attempt -> Outcome dict, not yet acknowledged
         # Chunks (protocol 5) live in memory only: about a second of work, neither put in the vault nor
         # kept across a closed socket (the server requeued them). Their attempts whose results wait:
@@ -494,14 +494,20 @@ class App:
         self.pump()
 
     def count_many(self, outcomes: list[dict]) -> None:
-        """``count`` for a chunk's outcomes, with one write of the totals."""
+        """``count`` for a chunk's outcomes, with one write of the totals. The plan's prefetch is in
+        slots, and a chunk is one: its average time is the chunk's, not its tasks'."""
         for outcome in outcomes:
             self.count(outcome, save=False)
+        self._average(sum(o["elapsed"] for o in outcomes))
         _save(TOTALS_KEY, self.totals)
 
+    def _average(self, seconds: float) -> None:
+        """The moving average of one hand-out's time here (a task's, or a chunk's): it sizes prefetch."""
+        self.task_seconds = seconds if self.task_seconds is None else 0.8 * self.task_seconds + 0.2 * seconds
+
     def count(self, outcome: dict, save: bool = True) -> None:
-        elapsed = outcome["elapsed"]
-        self.task_seconds = elapsed if self.task_seconds is None else 0.8 * self.task_seconds + 0.2 * elapsed
+        if save:  # a task alone (a chunk's tasks are averaged together by count_many)
+            self._average(outcome["elapsed"])
         if self.first_result_at is None:
             self.first_result_at = time.monotonic() - self.opened_at
         self.session["tasks"] += 1
