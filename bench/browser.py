@@ -58,11 +58,14 @@ def main(x):
 """
 
 
-def start_server(data: Path) -> LiveServer:
+def start_server(data: Path, chunk_target: float | None = None) -> LiveServer:
     import subprocess
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("UVM_")}
     env["UVM_DATA_DIR"] = str(data)
+    env["UVM_DEFAULT_REPLICATION"] = "1"  # one page volunteers: no second volunteer to replicate with
+    if chunk_target is not None:  # 0: no chunked hand-out (protocol 5), every task its own lease and worker call
+        env["UVM_CHUNK_TARGET"] = str(chunk_target)
     token = _cli(env, "researcher", "add", "bench@example.org", "--password-stdin", stdin="bench-password\n")
     port = free_port()
     log = data / "server.log"
@@ -124,7 +127,9 @@ def run_job(context, server: LiveServer, code: str, n: int, cores: int) -> dict:
     page.close()
     done = n - 1  # tasks finished between the first result and the last
     wall = t1 - t0
+    counts = last["counts"]
     return {
+        "chunk_ms": 1000 * counts.get("chunk_seconds", 0) / max(1, counts.get("chunked_tasks", 0)),
         "workers": len(last["workers"]),
         "tasks_per_s": done / wall,
         "per_task_ms": 1000 * wall / done,
@@ -257,6 +262,19 @@ def print_page_numbers(browser, server: LiveServer) -> None:  # noqa: ANN001
     context.close()
 
 
+def print_trivial(browser, server: LiveServer, n: int) -> None:  # noqa: ANN001
+    context = browser.new_context()
+    context.add_init_script(fake_device(cores=2) + AUTOSTART)
+    trivial = run_job(context, server, TRIVIAL, n, cores=2)
+    print(
+        f"trivial task, 1 worker, {n} tasks: {trivial['per_task_ms']:.3f} ms per task end to end "
+        f"({trivial['tasks_per_s']:.1f} tasks/s; main() itself {trivial['utilisation']:.1%} of the time; "
+        f"a chunk's call into the worker {trivial['chunk_ms']:.3f} ms a task); "
+        f"load {os.getloadavg()[0]:.2f}"
+    )
+    context.close()
+
+
 def print_switch_numbers(browser, server: LiveServer) -> None:  # noqa: ANN001
     for spare in (True, False):
         context = browser.new_context()
@@ -288,6 +306,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mpy", type=Path, help="an installed @micropython/micropython-webassembly-pyscript")
     parser.add_argument("--only-switch", action="store_true", help="measure job switches only")
+    parser.add_argument("--only-trivial", type=int, metavar="N", help="measure the per-task overhead only, N tasks")
+    parser.add_argument("--chunk-target", type=float, help="UVM_CHUNK_TARGET for the server (0: no chunks)")
     args = parser.parse_args()
     from playwright.sync_api import sync_playwright
 
@@ -295,10 +315,13 @@ def main() -> None:
         f"machine: {platform.machine()}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}, {platform.platform()}"
     )
     with tempfile.TemporaryDirectory() as tmp:
-        server = start_server(Path(tmp))
+        server = start_server(Path(tmp), args.chunk_target)
         try:
             with sync_playwright() as pw:
                 browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+                if args.only_trivial:
+                    print_trivial(browser, server, args.only_trivial)
+                    return
                 if not args.only_switch:
                     print_page_numbers(browser, server)
                 print_switch_numbers(browser, server)

@@ -75,6 +75,8 @@ def main() -> None:
         action="store_true",
         help="apply the per-address limits to loopback too (UVM_LIMIT_LOOPBACK), as for remote volunteers",
     )
+    p.add_argument("--profile", metavar="FILE", help="run the server under cProfile, its stats written to FILE")
+    p.add_argument("--chunk-target", type=float, help="UVM_CHUNK_TARGET for the server (0: no chunked hand-out)")
     args = p.parse_args()
 
     data = Path(f"/tmp/uvm-bench-{REDIS_PORT}")
@@ -84,8 +86,11 @@ def main() -> None:
         env |= {"UVM_LIMIT_LOOPBACK": "1", "UVM_MAX_CONNECTIONS_PER_ADDRESS": str(args.volunteers + 10)}
     if args.backend == "mariadb":
         env |= fresh_mariadb_redis(DATABASE, REDIS_URL)
+    if args.chunk_target is not None:
+        env["UVM_CHUNK_TARGET"] = str(args.chunk_target)
     tokens = [add_researcher(env, f"bench{i}@example.org") for i in range(args.jobs)]
-    server = ServerProcess(env, args=("--processes", str(args.server_processes))).start()
+    python = ("-m", "cProfile", "-o", args.profile) if args.profile else ()
+    server = ServerProcess(env, args=("--processes", str(args.server_processes)), python=python).start()
     try:
         t0 = time.perf_counter()
         jobs = []

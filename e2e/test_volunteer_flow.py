@@ -227,3 +227,40 @@ def test_stop_stops_at_once_and_start_resumes_what_it_held(browser, server) -> N
     assert not held & set(received), (held, received)
     assert [r["result"] for r in server.results(job)] == native_results(SLOW, inputs)
     context.close()
+
+
+TINY = """
+def main(x):
+    if x == 77:
+        raise ValueError("seventy-seven")
+    return x * x + 1
+"""
+
+
+def test_pages_run_a_chunked_job_in_few_worker_calls(browser, server) -> None:
+    """Protocol 5: tiny tasks go out in chunks, each run in one call of a worker; every result is
+    right and recorded once, and a task's error stays that task's (two pages corroborate it)."""
+    inputs = list(range(600))
+    job = server.submit(TINY, inputs, name="tiny", timeout=30, max_attempts=2)
+    pages = []
+    for _ in range(2):
+        context = browser.new_context()
+        context.add_init_script(fake_device(cores=1))
+        pages.append(open_volunteer_page(context, server))
+    for page in pages:
+        start(page)
+    done = server.wait(job, timeout=120, page=pages[0])
+    assert done["state"] == "failed" and done["counts"]["done"] == 599 and done["counts"]["failed"] == 1, done
+    results = server.results(job)
+    assert [r["index"] for r in results] == inputs
+    for r in results:
+        if r["index"] == 77:
+            assert r["state"] == "failed" and "seventy-seven" in r["error"], r
+        else:
+            assert r["state"] == "done" and r["result"] == r["index"] ** 2 + 1 and r["error"] is None, r
+    seen = [wait_state(p, lambda s: not s["unacked"])["counts"] for p in pages]
+    assert sum(c["chunks"] for c in seen) >= 2, seen
+    assert sum(c["chunked_tasks"] for c in seen) >= 400, seen  # most tasks went out in chunks
+    assert sum(c["tasks_messages"] for c in seen) < 150, seen  # not a message per task
+    for page in pages:
+        page.context.close()

@@ -39,6 +39,7 @@ class Config:
     max_result_bytes: int = 1024 * 1024  # one result, JSON-encoded
     lease_grace: float = 30.0  # seconds added to a task's timeout for its lease
     affinity_slack: float = AFFINITY_SLACK  # tasks a researcher may get ahead of fair share for job affinity
+    chunk_target: float = 1.0  # seconds a chunk of a short-task job should run (chunked hand-out); 0 = off
     heartbeat: float = 10.0  # seconds between volunteer heartbeats
     idle_heartbeat: float = 60.0  # the longest interval between an idle (waiting) volunteer's heartbeats
     checkpoint_every: float = 5.0  # seconds between two updates (checkpoint, progress, partials) of one task
@@ -103,6 +104,7 @@ class Config:
             "UVM_RESEARCHER_REQUESTS_PER_SECOND": ("researcher_requests_per_second", _positive_float),
             "UVM_LEASE_GRACE": ("lease_grace", _positive_float),
             "UVM_AFFINITY_SLACK": ("affinity_slack", _slack),
+            "UVM_CHUNK_TARGET": ("chunk_target", _chunk_target),
             "UVM_HEARTBEAT": ("heartbeat", _positive_float),
             "UVM_IDLE_HEARTBEAT": ("idle_heartbeat", _idle_heartbeat),
             "UVM_CHECKPOINT_EVERY": ("checkpoint_every", _positive_float),
@@ -263,6 +265,13 @@ def _slack(raw: str) -> float:
     value = float(raw)
     if not 0 <= value <= 1_000_000:  # NaN fails this too
         raise ValueError("expected a number of tasks from 0 to 1000000")
+    return value
+
+
+def _chunk_target(raw: str) -> float:
+    value = float(raw)
+    if not 0 <= value <= 3600:  # NaN fails this too
+        raise ValueError("expected seconds from 0 (chunks off) to 3600")
     return value
 
 

@@ -16,7 +16,7 @@ import json
 from enum import Enum
 from typing import Any
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 # 1: first release.
 # 2: `update` (progress, checkpoints, partial results), TaskSpec.restore, Welcome.every
 # 3: a result's run time is `elapsed` (wall-clock seconds), no longer `cpu`; a page of version 2
@@ -29,9 +29,17 @@ PROTOCOL_VERSION = 4
 #    `wait` and held; the server pushes `tasks` when work arrives. An idle volunteer's `heartbeat`
 #    (no attempts) is answered by another `wait`, whose interval grows while it stays idle. A hello
 #    of version 3 or older keeps the old rule (an empty `tasks`: ask again later)
+# 5: chunked hand-out: a `TaskSpec` may carry ``more``, further tasks of the same job leased with it
+#    (one slot of the lease cap, one message, one worker call). Each keeps its own attempt and gets
+#    its own result; a `heartbeat` naming a chunk's first attempt extends them all. A hello of
+#    version 4 or older never gets chunks.
 WAITING_SINCE = 4  # the first protocol version whose idle volunteers wait (older ones poll)
+CHUNKS_SINCE = 5  # the first protocol version that may be handed chunks
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # one websocket message; larger closes with 1009
 MAX_TASKS_PER_MESSAGE = 64
+MAX_CHUNK_TASKS = 500  # tasks in one chunk (a TaskSpec and its ``more``)
+MAX_CHUNK_INPUT_BYTES = 512 * 1024  # a chunk's inputs together, as JSON: the server stops adding tasks there
+MAX_RESULTS_PER_MESSAGE = MAX_CHUNK_TASKS  # outcomes in one `results` message (a chunk's fit in one)
 MAX_IDLE_HEARTBEAT = 3600.0  # seconds: the longest interval a `wait` may give
 MAX_OUTPUT_CHARS = 64 * 1024  # captured stdout/stderr kept per task
 MAX_ERROR_CHARS = 16 * 1024
@@ -276,6 +284,28 @@ class TaskSpec:
     deadline: float  # unix seconds; heartbeats move it
     requirements: list = dataclasses.field(default_factory=list)
     restore: str | None = None  # JSON text of the task's last checkpoint this attempt may resume from
+    # Protocol 5: the further tasks of a chunk, ``ChunkItem``s of the same job, code, timeout and
+    # deadline, leased with this one and run after it in one worker call, each with its own result.
+    more: list = dataclasses.field(default_factory=list)
+
+    def items(self) -> list[ChunkItem]:
+        """Every task this spec carries, this one first (one for a spec that is not a chunk)."""
+        return [ChunkItem(self.attempt, self.task, self.index, self.input, self.restore), *self.more]
+
+    def attempts(self) -> list[str]:
+        """The attempts of every task it carries, its own first."""
+        return [self.attempt, *(item.attempt for item in self.more)]
+
+
+@dataclasses.dataclass
+class ChunkItem:
+    """One further task of a chunk (inside ``TaskSpec.more``): what differs from the chunk's first."""
+
+    attempt: str
+    task: int
+    index: int
+    input: Any = None
+    restore: str | None = None
 
 
 @dataclasses.dataclass
@@ -445,7 +475,7 @@ MESSAGES: dict[str, type] = {
     )
 }
 _FIELD_NAMES: dict[type, tuple[str, ...]] = {
-    cls: tuple(f.name for f in dataclasses.fields(cls)) for cls in (*MESSAGES.values(), TaskSpec, Outcome)
+    cls: tuple(f.name for f in dataclasses.fields(cls)) for cls in (*MESSAGES.values(), TaskSpec, Outcome, ChunkItem)
 }
 FROM_VOLUNTEER = frozenset({"hello", "ready", "need_code", "heartbeat", "progress", "update", "results", "throttle"})
 
@@ -506,6 +536,14 @@ _TASK_SCHEMA = [
     ("deadline", (int, float), True),
     ("requirements", (list,), False),
     ("restore", (str, type(None)), False),
+    ("more", (list,), False),
+]
+_CHUNK_ITEM_SCHEMA = [
+    ("attempt", (str,), True),
+    ("task", (int,), True),
+    ("index", (int,), True),
+    ("input", _JSON_ANY, False),
+    ("restore", (str, type(None)), False),
 ]
 
 
@@ -545,7 +583,15 @@ def _names(types: tuple) -> str:
 def _flat(obj: Any) -> dict:
     # A shallow dict of a TaskSpec/Outcome: their values are plain JSON already, and
     # dataclasses.asdict's deep copy is the slowest part of encoding a busy server's messages.
-    return {name: getattr(obj, name) for name in _FIELD_NAMES[type(obj)]}
+    # A chunk's further tasks go as lists of their values ([attempt, task, index, input, restore]),
+    # and a TaskSpec leaves out ``more`` when it has none (what a page of version 4 reads).
+    data = {name: getattr(obj, name) for name in _FIELD_NAMES[type(obj)]}
+    if type(obj) is TaskSpec:
+        if obj.more:
+            data["more"] = [[m.attempt, m.task, m.index, m.input, m.restore] for m in obj.more]
+        else:
+            del data["more"]
+    return data
 
 
 def to_dict(msg: Any) -> dict:
@@ -581,8 +627,8 @@ def from_dict(data: Any) -> Any:  # noqa: C901 - one flat check per message kind
         raise ProtocolError(f"unknown message type '{kind[:40]}'")
     fields = _check_fields(kind, data, _SCHEMA[kind])
     if kind == "results":
-        if len(fields["results"]) > MAX_TASKS_PER_MESSAGE:
-            raise ProtocolError(f"results: at most {MAX_TASKS_PER_MESSAGE} per message")
+        if len(fields["results"]) > MAX_RESULTS_PER_MESSAGE:
+            raise ProtocolError(f"results: at most {MAX_RESULTS_PER_MESSAGE} per message")
         outcomes = [_version_2_outcome(_obj(r)) for r in fields["results"]]
         fields["results"] = [Outcome(**_check_fields("results[]", r, _OUTCOME_SCHEMA)) for r in outcomes]
         for outcome in fields["results"]:
@@ -591,7 +637,7 @@ def from_dict(data: Any) -> Any:  # noqa: C901 - one flat check per message kind
             if outcome.error is not None and len(outcome.error) > MAX_ERROR_CHARS:
                 outcome.error = outcome.error[-MAX_ERROR_CHARS:]
     elif kind == "tasks":
-        fields["tasks"] = [TaskSpec(**_check_fields("tasks[]", _obj(t), _TASK_SCHEMA)) for t in fields["tasks"]]
+        fields["tasks"] = [_task_spec(_obj(t)) for t in fields["tasks"]]
     elif kind in ("heartbeat", "ack", "cancel", "hold"):
         for value in fields["attempts"]:
             if not isinstance(value, str):
@@ -616,6 +662,40 @@ def from_dict(data: Any) -> Any:  # noqa: C901 - one flat check per message kind
         fields["name"] = fields.get("name", "")[:MAX_JOB_NAME_CHARS]
         fields["description"] = fields.get("description", "")[:MAX_DESCRIPTION_CHARS]
     return cls(**fields)
+
+
+def _task_spec(data: dict) -> TaskSpec:
+    """One ``tasks[]`` entry; a chunk's ``more`` holds ``[attempt, task, index, input, restore]`` lists
+    (objects with those fields are read too), at most MAX_CHUNK_TASKS tasks in all."""
+    fields = _check_fields("tasks[]", data, _TASK_SCHEMA)
+    fields.setdefault("input", None)  # optional on the wire (None), a TypeError here before
+    spec = TaskSpec(**fields)
+    if len(spec.more) >= MAX_CHUNK_TASKS:
+        raise ProtocolError(f"tasks: at most {MAX_CHUNK_TASKS} tasks in a chunk")
+    more = []
+    for item in spec.more:
+        if isinstance(item, list):
+            if len(item) != len(_CHUNK_ITEM_SCHEMA):
+                raise ProtocolError("tasks[].more: each entry is [attempt, task, index, input, restore]")
+            item = {name: value for (name, _, _), value in zip(_CHUNK_ITEM_SCHEMA, item, strict=True)}
+        more.append(ChunkItem(**_check_fields("tasks[].more[]", _obj(item), _CHUNK_ITEM_SCHEMA)))
+    spec.more = more
+    return spec
+
+
+def split_results(outcomes: list, most: int = MAX_RESULTS_PER_MESSAGE, budget: int = MAX_MESSAGE_BYTES // 2) -> list:
+    """Outcomes in groups that each fit one ``results`` message: at most ``most`` and about ``budget``
+    characters of result and output (a chunk's results go in one message when they are small)."""
+    groups: list[list] = [[]]
+    size = 0
+    for outcome in outcomes:
+        weight = 200 + len(outcome.output) + len(outcome.error or "") + len(json.dumps(outcome.result))
+        if groups[-1] and (len(groups[-1]) >= most or size + weight > budget):
+            groups.append([])
+            size = 0
+        groups[-1].append(outcome)
+        size += weight
+    return [g for g in groups if g]
 
 
 def _job_ids(value: list) -> list:

@@ -22,7 +22,9 @@ def free_port() -> int:
 class ServerProcess:
     """``uvm-compute serve`` in a subprocess; ``start``/``stop`` may be called again (restart)."""
 
-    def __init__(self, env: dict[str, str], port: int | None = None, args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, env: dict[str, str], port: int | None = None, args: tuple[str, ...] = (), python: tuple[str, ...] = ()
+    ) -> None:
         # One replica per task unless a test says otherwise: only tests/test_verify.py is about validation.
         base = {k: v for k, v in os.environ.items() if not k.startswith("UVM_")} | {"UVM_DEFAULT_REPLICATION": "1"}
         self.env = base | env
@@ -30,13 +32,14 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
         self.args = args  # more `serve` options (--processes N)
+        self.python = python  # options for the interpreter before `-m server.cli` (bench: -m cProfile -o FILE)
         self.log = Path(env.get("UVM_DATA_DIR", "/tmp")) / f"server-{self.port}.log"
 
     def start(self) -> ServerProcess:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         out = open(self.log, "ab")  # noqa: SIM115 - closed with the process
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "serve", "--port", str(self.port), *self.args],
+            [sys.executable, *self.python, "-m", "server.cli", "serve", "--port", str(self.port), *self.args],
             cwd=ROOT,
             env=self.env,
             stdout=out,

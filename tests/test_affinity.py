@@ -85,9 +85,10 @@ async def test_ready_jobs_bad_values_are_refused_and_the_connection_stays(serve)
 
 async def _switches(api, tokens: list[str], affinity: bool) -> tuple[int, int]:  # noqa: ANN001
     """Three researchers' jobs of 40 tasks, run by four one-worker simulated volunteers; their job
-    switches (a task of another job than the one its worker ran last) and tasks done."""
+    switches (a task of another job than the one its worker ran last) and tasks done. Protocol 4: one
+    task at a time, as affinity alone hands them out (chunks keep a volunteer on its job too)."""
     jobs = [await submit_as(api, token, 40) for token in tokens]
-    sims = [SimVolunteer(api.url, prefetch=2, affinity=affinity) for _ in range(4)]
+    sims = [SimVolunteer(api.url, prefetch=2, affinity=affinity, protocol=4) for _ in range(4)]
     stop = asyncio.Event()
     async with aiohttp.ClientSession() as session:
         runs = [asyncio.create_task(_run_until(sim, session, stop)) for sim in sims]

@@ -397,3 +397,38 @@ async def test_redis_affinity_trusts_the_researchers_zset_not_the_job_index(redi
     got = await lease_for(queue, 3, "v", jobs=(1,))
     assert first.task == 1 and [le.task for le in got] == [2, 3]
     assert await queue.live([first.attempt]) != {} and await queue.ready_count() == 0
+
+
+# ----------------------------------------------------------------------- chunked hand-out
+async def test_lease_more_takes_the_jobs_next_tasks_in_order_skipping_exclusions(queue):
+    await queue.push(owned(1, researcher=7, n=20, start=1))
+    await queue.push(owned(2, researcher=8, n=5, start=100))
+    (head,) = await lease_n(queue, 1)
+    assert head.task == 1
+    await queue.exclude([(3, "v")])
+    more = await queue.lease_more("v", 1, ["m1", "m2", "m3"], now=0.0, head=head.attempt)
+    assert [le.task for le in more] == [2, 4, 5]  # consecutive, but never an excluded task
+    assert all(le.volunteer == "v" and le.job == 1 for le in more)
+    assert (await queue.running([1]))[1] == 4 and await queue.ready_count() == 16 + 5
+    assert [le.task for le in await queue.lease_more("w", 1, ["w1"], now=0.0)] == [3]  # another may take it
+    # fair share counts tasks: researcher 7 had 5 (1 + 3 + 1), so researcher 8's 5 go first
+    assert [le.job for le in await lease_n(queue, 6, "x")] == [2, 2, 2, 2, 2, 1]
+    await queue.cancel_job(1)
+    assert await queue.lease_more("v", 1, ["m4"], now=0.0) == []
+
+
+async def test_a_chunks_leases_may_last_its_tasks_one_after_another(queue):
+    """Heartbeats keep a chunk of k tasks alive up to start + (k + LEASE_SPAN) * timeout + grace, the head
+    included; requeueing them makes every task ready again."""
+    from server.queue.base import LEASE_SPAN
+
+    await queue.push(items(1, 6, timeout=10.0))
+    (head,) = await queue.lease("v", ["h"], now=1000.0)
+    more = await queue.lease_more("v", 1, ["m1", "m2", "m3"], now=1000.0, head="h")
+    chunk = ["h"] + [le.attempt for le in more]
+    limit = 1000.0 + (3 + LEASE_SPAN) * 10.0 + 5.0
+    for now in range(1010, int(limit), 10):  # past a single task's limit (1025): still alive
+        await queue.extend(chunk, now=float(now))
+    assert await queue.expire(now=limit - 0.01) == []
+    assert sorted(le.attempt for le in await queue.expire(now=limit + 0.01)) == sorted(chunk)
+    assert await queue.ready_count() == 6

@@ -143,3 +143,30 @@ def test_handle_speaks_json_strings() -> None:
     first = json.loads(handle(json.dumps({"code_hash": "hh", "source": "def main(x): return x + 1", "input": 1})))
     again = json.loads(handle(json.dumps({"code_hash": "hh", "input": 2})))  # source sent once
     assert (first["result"], again["result"]) == (2, 3)
+
+
+def test_a_chunk_runs_in_one_call_each_task_with_its_own_outcome() -> None:
+    """``run_many``: a fresh namespace, output and error per task; a task past its timeout gets a
+    timeout error; uvm updates say which task of the chunk they are of."""
+    code = (
+        "import time, uvm\n"
+        "seen = []\n"
+        "def main(x):\n"
+        "    seen.append(x)\n"
+        "    print('x', x)\n"
+        "    if x == 2:\n"
+        "        raise KeyError(x)\n"
+        "    if x == 3:\n"
+        "        time.sleep(0.05)\n"
+        "    uvm.partial(x)\n"
+        "    return len(seen)\n"
+    )
+    sent: list[str] = []
+    request = {"code_hash": "chunk", "source": code, "job": 9, "items": [{"input": i} for i in range(5)]}
+    answer = json.loads(handle(json.dumps({**request, "timeout": 0.03, "every": 0}), sent.append))
+    outcomes = answer["outcomes"]
+    assert [o["result"] for o in outcomes] == [1, 1, None, None, 1]  # a fresh namespace each time
+    assert [o["output"] for o in outcomes] == [f"x {i}\n" for i in range(5)]
+    assert "KeyError: 2" in outcomes[2]["error"] and "timeout" not in outcomes[2]
+    assert outcomes[3]["timeout"] is True and outcomes[3]["error"] == "timed out after 0.03 s"
+    assert [json.loads(text)["item"] for text in sent] == [0, 1, 3, 4]  # each update names its task

@@ -66,3 +66,17 @@ async def test_a_stopped_worker_settles_what_was_open() -> None:
     assert [f.cancelled() or f.result()["stopped"] for f in futures] == [True, True, True]
     assert not calls.pending
     await asyncio.sleep(0)
+
+
+async def test_a_chunks_answer_is_one_outcome_per_task_and_nothing_else() -> None:
+    calls = Calls()
+    request, future = calls.open()
+    forged = {**OUTCOME, "timeout": True, "crashed": False, "evil": 1}
+    many = {"outcomes": [OUTCOME, forged, {**OUTCOME, "error": "boom", "timeout": True}]}
+    assert calls.settle({"id": request, "result": json.dumps(many)})
+    first, second, third = future.result()["outcomes"]
+    assert first == OUTCOME and second == OUTCOME  # a timeout without an error, and extra keys: dropped
+    assert third == {**OUTCOME, "error": "boom", "timeout": True}
+    bad, bad_future = calls.open()
+    assert calls.settle({"id": bad, "result": json.dumps({"outcomes": [1, 2]})})
+    assert bad_future.result()["crashed"] is True

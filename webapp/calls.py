@@ -97,11 +97,24 @@ def _outcome(fields: dict[str, Any]) -> dict:
         outcome = None
     if not isinstance(outcome, dict):
         return {"error": "worker error: the answer is not an outcome", "crashed": True}
-    # Only what a task's outcome holds: ``timeout``, ``stopped`` and ``crashed`` are the page's to say.
+    if "outcomes" in outcome:  # a chunk's: one outcome per task, in order
+        many = outcome["outcomes"]
+        if not isinstance(many, list) or not all(isinstance(o, dict) for o in many):
+            return {"error": "worker error: the answer is not a chunk's outcomes", "crashed": True}
+        return {"outcomes": [_fields_of(o) for o in many]}
+    return _fields_of(outcome)
+
+
+def _fields_of(outcome: dict) -> dict:
+    # Only what a task's outcome holds: ``stopped`` and ``crashed`` are the page's to say; ``timeout``
+    # only as the runner says it of a task of a chunk that ran past its timeout.
     error, output, elapsed = outcome.get("error"), outcome.get("output"), outcome.get("elapsed")
-    return {
+    fields = {
         "result": outcome.get("result"),
         "output": output if isinstance(output, str) else "",
         "error": error if isinstance(error, str) else None,
         "elapsed": float(elapsed) if type(elapsed) in (int, float) else 0.0,
     }
+    if outcome.get("timeout") is True and fields["error"] is not None:
+        fields["timeout"] = True
+    return fields

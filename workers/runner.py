@@ -13,7 +13,8 @@ belongs to (two jobs with the same code share a hash, so the compiled code is na
 job that runs it).
 
 This is the only code that runs ``main(x)``: the browser's workers and ``volunteer-sim`` both use
-it. The server never runs research code; it only checks what a volunteer sends back.
+it. The server never runs research code; it only checks what a volunteer sends back. A chunk of a
+job's tasks (protocol 5) runs in one request (``Runner.run_many``), each task as it would alone.
 
 Long tasks: while a task runs, research code can ``import uvm`` (a module made for that one task,
 see ``TaskContext``) to report progress, save a checkpoint, restore the last one and append partial
@@ -256,6 +257,45 @@ class Runner:
             )
         return _outcome(result=json.loads(encoded), output=out.getvalue(), elapsed=elapsed)
 
+    def run_many(
+        self,
+        code_hash: str,
+        items: list[dict],
+        job: int | None = None,
+        timeout: float | None = None,
+        emit: Callable[[str], Any] | None = None,
+        every: float = CHECKPOINT_EVERY,
+    ) -> list[dict]:
+        """Run ``main(x)`` for each item of a chunk (``{"input", "restore"?}``), one after another in
+        this one call; returns one outcome per item, as ``run`` gives, in order.
+
+        Each task keeps what a task run alone has: a fresh namespace, its own output, error and
+        ``uvm`` module, and its own timeout: a task that ran past ``timeout`` seconds gets a timeout
+        error (``timeout: True``), as if stopped then (its result is not kept). Its ``uvm`` updates
+        go to ``emit`` carrying ``"item": i``, the index of the task in the chunk.
+        """
+        outcomes = []
+        for i, item in enumerate(items):
+            restore = item.get("restore")
+            tag = None if emit is None else _tagged(emit, i)
+            context = TaskContext(restore if isinstance(restore, str) else None, tag, every)
+            outcome = self.run(code_hash, item.get("input"), job, context)
+            if timeout is not None and outcome["elapsed"] > timeout:
+                outcome = _outcome(output=outcome["output"], error=timed_out_error(timeout), elapsed=timeout)
+                outcome["timeout"] = True
+            outcomes.append(outcome)
+        return outcomes
+
+
+def _tagged(emit: Callable[[str], Any], item: int) -> Callable[[str], Any]:
+    """``emit`` for the ``item``-th task of a chunk: its updates say which task they are of."""
+    return lambda text: emit(text[:-1] + f',"item":{item}}}')
+
+
+def timed_out_error(timeout: float) -> str:
+    """The error of a task of a chunk that ran past its timeout."""
+    return f"timed out after {timeout:g} s"
+
 
 class Stopped(BaseException):  # noqa: N818 - not an error: the carrier of the task went away
     """Raised by an ``emit`` whose task was stopped from outside (volunteer-sim's killed volunteer)."""
@@ -293,16 +333,22 @@ def handle(request: str, emit: Callable[[str], Any] | None = None) -> str:
     ``{"code_hash", "input", "job"?, "source"?, "restore"?, "every"?}``: ``source`` is sent only
     the first time this worker sees a job; later tasks of the job reuse the compiled code.
     ``restore`` is the JSON text of the task's last checkpoint; ``emit`` receives its updates.
+
+    A chunk (``"items": [{"input", "restore"?}, ...]`` and ``"timeout"``, in place of ``input``) runs
+    all its tasks in this one call (``Runner.run_many``); the answer is ``{"outcomes": [...]}``.
     """
     data = json.loads(request)
     code_hash = data["code_hash"]
     if data.get("source") is not None and not _RUNNER.has(code_hash):
         _RUNNER.load(code_hash, data["source"], data.get("job"))
-    restore = data.get("restore")
     every = data.get("every")
-    context = TaskContext(
-        restore if isinstance(restore, str) else None,
-        emit,
-        float(every) if isinstance(every, int | float) and not isinstance(every, bool) else CHECKPOINT_EVERY,
-    )
+    every = float(every) if isinstance(every, int | float) and not isinstance(every, bool) else CHECKPOINT_EVERY
+    items = data.get("items")
+    if isinstance(items, list):
+        timeout = data.get("timeout")
+        timeout = float(timeout) if isinstance(timeout, int | float) and not isinstance(timeout, bool) else None
+        outcomes = _RUNNER.run_many(code_hash, items, data.get("job"), timeout, emit, every)
+        return json.dumps({"outcomes": outcomes}, allow_nan=False)
+    restore = data.get("restore")
+    context = TaskContext(restore if isinstance(restore, str) else None, emit, every)
     return json.dumps(_RUNNER.run(code_hash, data.get("input"), data.get("job"), context), allow_nan=False)

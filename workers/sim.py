@@ -1,8 +1,10 @@
 """Headless volunteers: the browser's protocol, with tasks run in native CPython.
 
 Tasks run through ``workers/runner.py``, the same code the browser's Pyodide workers run, so tests
-with simulated volunteers exercise it. For tests, load tests and benchmarks with TRUSTED jobs only:
-the code runs in this process with no sandbox and no timeout enforcement. A task runs in a thread:
+with simulated volunteers exercise it; a chunk (protocol 5) in one call, as the page's worker does.
+For tests, load tests and benchmarks with TRUSTED jobs only: the code runs in this process with no
+sandbox and no timeout enforcement (a chunk's tasks are only marked timed out afterwards). A task
+runs in a thread:
 research code's ``uvm`` calls (progress, checkpoints, partials) go out on the socket as ``update``
 messages while it runs, as the browser's do.
 
@@ -60,6 +62,7 @@ class SimVolunteer:
         affinity: bool = True,
         leave_after: int | None = None,
         trace: bool = False,
+        protocol: int = P.PROTOCOL_VERSION,
     ):
         self.url = server.rstrip("/").replace("http://", "ws://").replace("https://", "wss://") + "/ws/volunteer"
         self.prefetch = prefetch
@@ -76,6 +79,8 @@ class SimVolunteer:
         self.affinity = affinity
         self.loaded: int | None = None  # the job its worker ran last
         self.switches = 0  # tasks whose job was not the loaded one (a fresh worker in the browser)
+        self.chunks = 0  # chunks run (protocol 5: several tasks of a job in one call of the runner)
+        self.sizes: list[int] = []  # tasks in each task or chunk handed to it, in order
         self.lies: set[int] = set()  # tasks it forged a result for
         self._rng = random.Random(seed)
         self.done = 0
@@ -93,6 +98,7 @@ class SimVolunteer:
         self.received: collections.Counter = collections.Counter()  # message types from the server
         self.sent: collections.Counter = collections.Counter()  # message types it sent
         self.trace: list[str] | None = [] if trace else None
+        self.protocol = protocol  # the hello's version: below CHUNKS_SINCE it is never handed chunks
         self.task_ids: list[int] = []
         self.runner = Runner()  # compiled job code by hash, as in a browser's worker
         self._inbox: dict[str, asyncio.Queue] = {}
@@ -127,7 +133,7 @@ class SimVolunteer:
             reader = asyncio.create_task(self._reader(ws))
             try:
                 capabilities = {"cores": 1, "workers": 1, "prefetch": max(0, self.prefetch - 1), "sim": True}
-                await self._send(ws, P.Hello(self.token, capabilities))
+                await self._send(ws, P.Hello(self.token, capabilities, protocol=self.protocol))
                 welcome = await self._first_of("welcome", "error")
                 if not isinstance(welcome, P.Welcome):  # the server failed to handle the hello: come back
                     raise ConnectionError(f"hello not answered: {welcome.message}")
@@ -160,35 +166,46 @@ class SimVolunteer:
                 self.pushed.append(time.time())
             else:
                 self.latencies.append(time.perf_counter() - sent)
-            self.leased += len(batch.tasks)
+            self.sizes += [1 + len(spec.more) for spec in batch.tasks]
+            self.leased += sum(1 + len(spec.more) for spec in batch.tasks)
             if self.crash_after is not None and self.leased >= self.crash_after:
                 return  # vanish holding the leases: the socket closes with no results
-            outcomes = []
-            # One worker: one task of the batch runs at a time, the rest wait (the server counts 1 running).
-            tasks = batch.tasks
-            held = [spec.attempt for spec in tasks]
-            await self._send(ws, P.Heartbeat(held, held[:1]))
-            self.unrun = len(tasks)
-            for spec in tasks:
-                if not await self._load(ws, spec):  # refused (the job was cancelled meanwhile): drop the task
-                    self.unrun -= 1
-                    continue
-                if self.loaded is not None and spec.job != self.loaded:
-                    self.switches += 1
-                self.loaded = spec.job
-                outcome = await self._run_task(ws, spec)
+            outcomes = await self._run_batch(ws, batch.tasks)
+            if outcomes is None:
+                return  # vanished mid-task (crash_after_checkpoints)
+            acked: set[str] = set()
+            for group in P.split_results(outcomes):  # a chunk's results in one message when they fit
+                acked.update((await self._send_results(ws, group)).attempts)
+            self.batches += 1
+            self.done += len(acked)
+            self.errors += sum(1 for o in outcomes if o.error is not None)
+            self.task_ids += [o.task for o in outcomes if o.attempt in acked and o.error is None]
+
+    async def _run_batch(self, ws: aiohttp.ClientWebSocketResponse, tasks: list[P.TaskSpec]) -> list[P.Outcome] | None:
+        """Run a batch of tasks (and chunks) one after another; None if it vanished mid-task."""
+        outcomes = []
+        # One worker: one task of the batch runs at a time, the rest wait (the server counts 1 running).
+        held = [spec.attempt for spec in tasks]  # a chunk's first attempt stands for all of its tasks
+        await self._send(ws, P.Heartbeat(held, held[:1]))
+        self.unrun = len(tasks)
+        for spec in tasks:
+            if not await self._load(ws, spec):  # refused (the job was cancelled meanwhile): drop the task
                 self.unrun -= 1
-                if outcome is None:
-                    return  # vanished mid-task (crash_after_checkpoints)
+                continue
+            if self.loaded is not None and spec.job != self.loaded:
+                self.switches += 1
+            self.loaded = spec.job
+            ran = await self._run_task(ws, spec)  # a chunk: all its tasks, in one call of the runner
+            self.unrun -= 1
+            if ran is None:
+                return None
+            self.chunks += bool(spec.more)
+            for outcome in ran:
                 if self.lie_rate and outcome.error is None and self._rng.random() < self.lie_rate:
                     outcome.result = self._rng.random()  # a forged result
-                    self.lies.add(spec.task)
+                    self.lies.add(outcome.task)
                 outcomes.append(outcome)
-            ack = await self._send_results(ws, outcomes)
-            self.batches += 1
-            self.done += len(ack.attempts)
-            self.errors += sum(1 for o in outcomes if o.error is not None)
-            self.task_ids += [o.task for o in outcomes if o.attempt in set(ack.attempts) and o.error is None]
+        return outcomes
 
     def _ready(self) -> P.Ready:
         if self.affinity and self.loaded is not None:
@@ -214,13 +231,19 @@ class SimVolunteer:
                 return msg, waited
             # an error about another message (an update, a throttle) is not the answer
 
-    def _run_locked(self, spec: P.TaskSpec, context: TaskContext) -> P.Outcome:
+    def _run_locked(self, spec: P.TaskSpec, emit: Any) -> list[P.Outcome]:
+        """One task, or (protocol 5) a chunk's tasks in one call of the runner, as the browser's worker."""
         with _RUNNER_LOCK:
-            ran = self.runner.run(spec.code_hash, spec.input, spec.job, context)  # {result, output, error, elapsed}
-        return P.Outcome(spec.attempt, spec.task, **ran)
+            if spec.more:
+                items = [{"input": item.input, "restore": item.restore} for item in spec.items()]
+                ran = self.runner.run_many(spec.code_hash, items, spec.job, spec.timeout, emit, self.every)
+                return [P.Outcome(item.attempt, item.task, **r) for item, r in zip(spec.items(), ran, strict=True)]
+            context = TaskContext(spec.restore, emit, self.every)
+            one = self.runner.run(spec.code_hash, spec.input, spec.job, context)  # {result, output, error, elapsed}
+        return [P.Outcome(spec.attempt, spec.task, **one)]
 
-    async def _run_task(self, ws: aiohttp.ClientWebSocketResponse, spec: P.TaskSpec) -> P.Outcome | None:
-        """Run one task in a thread, sending its updates as they come; None if it vanished meanwhile."""
+    async def _run_task(self, ws: aiohttp.ClientWebSocketResponse, spec: P.TaskSpec) -> list[P.Outcome] | None:
+        """Run one task (or a chunk) in a thread, sending updates as they come; None if it vanished meanwhile."""
         loop = asyncio.get_running_loop()
         updates: asyncio.Queue = asyncio.Queue()
         stopped = threading.Event()
@@ -230,7 +253,7 @@ class SimVolunteer:
                 raise Stopped()
             loop.call_soon_threadsafe(updates.put_nowait, text)
 
-        work = loop.run_in_executor(None, self._run_locked, spec, TaskContext(spec.restore, emit, self.every))
+        work = loop.run_in_executor(None, self._run_locked, spec, emit)
         while True:
             get = asyncio.ensure_future(updates.get())
             done, _ = await asyncio.wait({work, get}, return_when=asyncio.FIRST_COMPLETED)
@@ -253,7 +276,8 @@ class SimVolunteer:
         if data["state"] is not None:
             self.checkpoints += 1
             self.last_state = data["state"]
-        await self._send(ws, P.Update(spec.attempt, data["state"], data["progress"], data["partials"]))
+        attempt = spec.attempts()[data["item"]] if "item" in data else spec.attempt  # a chunk's task
+        await self._send(ws, P.Update(attempt, data["state"], data["progress"], data["partials"]))
 
     async def _send_results(self, ws: aiohttp.ClientWebSocketResponse, outcomes: list[P.Outcome]) -> P.Ack:
         """Send results until they are acknowledged. ``hold`` (the server's database is away): keep

@@ -5,6 +5,10 @@ through in-process intake queues: submissions are verified and saved one job at 
 tasks inserted in chunks), outcomes are committed in batches, one transaction per batch. A caller
 awaits its future, so nothing is acknowledged before it is committed.
 
+Chunked hand-out (protocol 5): a lease may take the job's next tasks with it as one chunk, sized by
+``server.jobs.chunks``; each task keeps its own attempt and lease, and the chunk is one slot of the
+connection's lease cap (``VolunteerSocket.slots``).
+
 Every background loop (the two intake consumers, the lease reaper, the bus relay, the events
 listener) runs under ``supervise.Supervisor``: a failing loop is logged and restarted with backoff,
 and ``Dispatcher.loops`` holds each loop's state for ``/api/health`` and ``/metrics``.
@@ -26,6 +30,7 @@ import weakref
 from typing import Any
 
 from server.config import Config
+from server.jobs.chunks import ChunkSizer
 from server.jobs.feeder import Feeder
 from server.jobs.metrics import Metrics
 from server.jobs.outage import DatabaseAway, DbHealth, is_outage
@@ -33,6 +38,10 @@ from server.jobs.supervise import Supervisor
 from server.jobs.validator import Validator
 from server.jobs.waiting import Waiters
 from server.protocol import (
+    CHUNKS_SINCE,
+    MAX_CHUNK_INPUT_BYTES,
+    MAX_CHUNK_TASKS,
+    MAX_MESSAGE_BYTES,
     MAX_READY_JOBS,
     MAX_WORKERS,
     PROTOCOL_VERSION,
@@ -40,6 +49,7 @@ from server.protocol import (
     AttemptOutcome,
     Cancel,
     Capabilities,
+    ChunkItem,
     Outcome,
     ProtocolError,
     Tasks,
@@ -69,6 +79,10 @@ STRAY_LIMIT = 128  # results for attempts a connection never held, beyond its ac
 STRIKES_KEPT = 100_000  # volunteers whose expired leases are remembered (oldest forgotten first)
 STRIKE_HALF_LIFE = 600.0  # seconds: expiries are forgiven with time (slowly), and by delivered results
 COMPUTING_TTL_BEATS = 3  # a connection's "computing now" report lasts this many heartbeat periods
+# Chunked hand-out (protocol 5): a chunk is one slot of the lease cap, and a connection holds at most
+# this many tasks in all, chunks included; one `tasks` message's chunks carry at most this much input.
+MAX_HELD_TASKS = 4 * MAX_CHUNK_TASKS
+MESSAGE_INPUT_BUDGET = MAX_MESSAGE_BYTES // 2
 
 
 class Misbehaving(Exception):
@@ -109,6 +123,58 @@ class VolunteerSocket:
     # Jobs this connection was handed tasks of, the latest last: the only ones its `ready` may name as
     # loaded (job affinity), so that no volunteer can pick which job's tasks it gets.
     handed: dict[int, None] = dataclasses.field(default_factory=dict)
+    # Chunks (protocol 5): first attempt -> every attempt of the chunk; attempt -> its chunk's first;
+    # first attempt -> how many of the chunk it still holds. ``extra``: held attempts beyond one per
+    # chunk, so that a chunk counts as one slot of the lease cap (``slots``).
+    chunks: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    chunk_of: dict[str, str] = dataclasses.field(default_factory=dict)
+    chunk_left: dict[str, int] = dataclasses.field(default_factory=dict)
+    extra: int = 0
+    delivered: int = 0  # results of this connection committed (acknowledged): its chunks hold at most 1 + this
+
+    def hold_chunk(self, attempts: list[str], job: int) -> None:
+        """This connection holds these attempts of ``job`` as one chunk (the first names it)."""
+        head = attempts[0]
+        for attempt in attempts:
+            self.hold(attempt, job)
+            self.chunk_of[attempt] = head
+        self.chunks[head] = list(attempts)
+        self.chunk_left[head] = len(attempts)
+        self.extra += len(attempts) - 1
+
+    def unhold(self, attempt: str) -> int | None:
+        """This connection no longer holds ``attempt``; returns its job (None if it did not hold it)."""
+        job = self.held.pop(attempt, None)
+        head = self.chunk_of.pop(attempt, None) if job is not None else None
+        if head is not None:
+            left = self.chunk_left[head]
+            if left >= 2:
+                self.extra -= 1
+                self.chunk_left[head] = left - 1
+            else:
+                del self.chunk_left[head], self.chunks[head]
+        return job
+
+    def unhold_all(self) -> list[str]:
+        """It holds nothing any more (its socket closed); returns what it held."""
+        held = list(self.held)
+        self.held, self.chunks, self.chunk_of, self.chunk_left, self.extra = {}, {}, {}, {}, 0
+        return held
+
+    def slots(self) -> int:
+        """Slots of the lease cap in use: a task held alone is one, a chunk is one."""
+        return len(self.held) - self.extra
+
+    def expand(self, attempts: list[str]) -> list[str]:
+        """Attempts it holds among ``attempts``, a chunk's first standing for every task of its chunk."""
+        out = []
+        for attempt in attempts:
+            members = self.chunks.get(attempt)
+            if members is not None:
+                out += [a for a in members if a in self.held]
+            elif attempt in self.held:
+                out.append(attempt)
+        return out
 
     def hold(self, attempt: str, job: int) -> None:
         """This connection holds ``attempt`` of ``job`` now (leased or resumed)."""
@@ -147,7 +213,7 @@ class VolunteerSocket:
         """These leases ended without a result (expired, cancelled): remember them a while, so
         that a late result for one is neither a stray nor credited beyond its job's timeout."""
         for attempt in attempts:
-            job = self.held.pop(attempt, None)
+            job = self.unhold(attempt)
             if job is not None:
                 self.recent[attempt] = job
         while len(self.recent) > RECENT_ATTEMPTS:
@@ -177,6 +243,7 @@ class Dispatcher:
         self.db_health = DbHealth()
         self.metrics = Metrics()
         self.validator = Validator(storage, config)
+        self.chunk_sizer = ChunkSizer(config.chunk_target)
         self.waiters = Waiters(self._fill, lambda: self.queue.ready_count())
         self._seen: dict[str, dict] = {}  # volunteers who said hello, not yet written (see seen())
         self._seen_wake = asyncio.Event()
@@ -495,8 +562,8 @@ class Dispatcher:
         time), less what it holds; and its volunteer id's connections together never above HARD_CAP.
         """
         cap = int(sock.declared_cap() // (1.0 + self._strikes(sock.volunteer)))
-        by_id = sum(len(c.held) for c in self._by_volunteer.get(sock.volunteer, ()))
-        return max(0, min(cap - len(sock.held), HARD_CAP - by_id))
+        by_id = sum(c.slots() for c in self._by_volunteer.get(sock.volunteer, ()))
+        return max(0, min(cap - sock.slots(), HARD_CAP - by_id))
 
     # ----------------------------------------------------------------- idle volunteers wait
     async def ready(self, sock: VolunteerSocket, n: int, jobs: list[int] | None = None) -> None:
@@ -558,8 +625,9 @@ class Dispatcher:
             return []
         attempts = [secrets.token_hex(8) for _ in range(n)]
         loaded = sock.loaded(jobs or [])
+        network = self._network_rule(sock)  # once per lease call: it looks at every connected socket
         try:
-            leases = await self.queue.lease(sock.volunteer, attempts, time.time(), self._network_rule(sock), loaded)
+            leases = await self.queue.lease(sock.volunteer, attempts, time.time(), network, loaded)
         except Exception:
             # The answer was lost (a Redis connection cut mid-call), not necessarily the leases: give back
             # whatever these attempt ids took, or those tasks would wait for their deadline with no holder.
@@ -570,53 +638,112 @@ class Dispatcher:
             return []
         for lease in leases:
             sock.hold(lease.attempt, lease.job)
-        self.feeder.leased(leases)  # near the end of a job's ready window: the next one is made ready
+        groups = [[lease] for lease in leases]
         try:
-            specs = await self._specs(sock, leases)
+            if sock.protocol >= CHUNKS_SINCE and self.config.chunk_target > 0:
+                await self._chunk(sock, groups, network)
+            everything = [lease for group in groups for lease in group]
+            self.feeder.leased(everything)  # near the end of a job's ready window: the next one is made ready
+            specs = await self._specs(sock, groups)
         except Exception as exc:
+            everything = [lease for group in groups for lease in group]
+            for lease in everything:
+                sock.unhold(lease.attempt)
             if not is_outage(exc):
+                with contextlib.suppress(Exception):
+                    await self.work_arrived(len(await self.queue.requeue([le.attempt for le in everything])))
                 raise
             # An outage began after the leases were taken (reading the tasks' jobs, inputs or checkpoints):
             # give every one back and answer "none now". Kept, they would wait for their deadline while
             # the volunteer, never told of them, asked for more: the job could not end before that.
             self.db_health.failed(exc)
-            for lease in leases:
-                sock.held.pop(lease.attempt, None)
-            await self.queue.requeue([le.attempt for le in leases])
-            logger.info("database away while handing out %d tasks: back in the queue", len(leases))
+            await self.queue.requeue([le.attempt for le in everything])
+            logger.info("database away while handing out %d tasks: back in the queue", len(everything))
             return []
-        self.metrics.handed_out.inc(len(leases))
+        handed = sum(1 + len(spec.more) for spec in specs)
+        self.metrics.handed_out.inc(handed)
         if loaded:
-            self.metrics.affine.inc(sum(1 for le in leases if le.job in loaded))
+            self.metrics.affine.inc(sum(1 + len(spec.more) for spec in specs if spec.job in loaded))
         return specs
 
-    async def _specs(self, sock: VolunteerSocket, leases: list[Lease]) -> list[TaskSpec]:
-        """What the volunteer is sent for these leases: each task's input, code hash and last checkpoint."""
+    async def _chunk(self, sock: VolunteerSocket, groups: list[list[Lease]], network: str) -> None:
+        """Chunked hand-out (protocol 5): each lease becomes the first of a chunk of its job's next
+        ready tasks, as many as the job's measured run times ask for (``ChunkSizer``), within
+        MAX_CHUNK_TASKS and the connection's MAX_HELD_TASKS, and at most one more than the results the
+        connection delivered: a newcomer (or a volunteer that keeps no promises) starts with single tasks,
+        so neither a hoarder nor the results adaptive replication must check before trusting a volunteer
+        grow by a chunk at once. A chunk takes one slot of the lease cap.
+        ``groups`` (one lease each) grow in place, so that a failure half way leaves what was taken."""
+        now = time.time()
+        for g, (lease,) in enumerate(groups):
+            size = min(
+                self.chunk_sizer.size(lease.job),
+                MAX_CHUNK_TASKS,
+                MAX_HELD_TASKS - len(sock.held) + 1,
+                1 + sock.delivered,
+            )
+            more = []
+            if size > 1:
+                attempts = [secrets.token_hex(8) for _ in range(size - 1)]
+                try:
+                    more = await self.queue.lease_more(sock.volunteer, lease.job, attempts, now, network, lease.attempt)
+                except Exception:  # the answer was lost, maybe not the leases: give back what these ids took
+                    with contextlib.suppress(Exception):
+                        await self.work_arrived(len(await self.queue.requeue(attempts)))
+                    raise
+            if more:
+                groups[g] = [lease, *more]
+                sock.unhold(lease.attempt)
+                sock.hold_chunk([le.attempt for le in groups[g]], lease.job)
+
+    async def _specs(self, sock: VolunteerSocket, groups: list[list[Lease]]) -> list[TaskSpec]:
+        """What the volunteer is sent for these leases, each group one spec (a chunk when it holds more
+        than one): each task's input, code hash and last checkpoint. A chunk whose stored inputs pass
+        MAX_CHUNK_INPUT_BYTES (or the message's budget) is cut there, its other tasks requeued."""
+        leases = [lease for group in groups for lease in group]
         infos = {job: await self.storage.job_info(job) for job in {le.job for le in leases}}
         stored = [le.task for le in leases if (info := infos[le.job]) is not None and info.inputs_kind in STORED_INPUTS]
         inputs = await self.storage.task_inputs(stored)  # range and none inputs are computed, not read
         owners = {le.task: self._owner(infos[le.job], sock) for le in leases if infos[le.job] is not None}
         restores = await live.restore(self.storage, owners)
-        specs = []
-        for lease in leases:
-            info = infos[lease.job]
+        specs, cut = [], []
+        budget = MESSAGE_INPUT_BUDGET
+        for first, *more in groups:
+            info = infos[first.job]
             if info is None:
                 continue
-            value = inputs[lease.task] if lease.task in inputs else info.input_at(lease.index)
-            specs.append(
-                TaskSpec(
-                    attempt=lease.attempt,
-                    task=lease.task,
-                    job=lease.job,
-                    index=lease.index,
-                    input=value,
-                    code_hash=info.code_hash,
-                    timeout=lease.timeout,
-                    deadline=lease.deadline,
-                    requirements=info.requirements,
-                    restore=restores.get(lease.task),
-                )
+            value = inputs[first.task] if first.task in inputs else info.input_at(first.index)
+            spec = TaskSpec(
+                attempt=first.attempt,
+                task=first.task,
+                job=first.job,
+                index=first.index,
+                input=value,
+                code_hash=info.code_hash,
+                timeout=first.timeout,
+                deadline=first.deadline,
+                requirements=info.requirements,
+                restore=restores.get(first.task),
             )
+            specs.append(spec)
+            if not more:
+                continue
+            size = 0
+            for i, lease in enumerate(more):
+                if lease.task in inputs:
+                    value = inputs[lease.task]
+                    size += len(json.dumps(value, separators=(",", ":")))
+                    if size > min(MAX_CHUNK_INPUT_BYTES, budget):
+                        cut += more[i:]
+                        break
+                else:
+                    value = info.input_at(lease.index)
+                spec.more.append(ChunkItem(lease.attempt, lease.task, lease.index, value, restores.get(lease.task)))
+            budget -= size
+        if cut:  # inputs too large to go along: back to the queue, for the next chunks
+            for lease in cut:
+                sock.unhold(lease.attempt)
+            await self.work_arrived(len(await self.queue.requeue([le.attempt for le in cut])))
         return specs
 
     @staticmethod
@@ -676,7 +803,7 @@ class Dispatcher:
                 sock.hold(attempt, lease.job)
                 for old in self._by_volunteer.get(sock.volunteer, ()):
                     if old is not sock:  # its close must not requeue what this socket now holds
-                        old.held.pop(attempt, None)
+                        old.unhold(attempt)
         for attempt, item in await self.storage.resumable(sock.volunteer, [a for a in attempts if a not in sock.held]):
             claimed = await self.queue.claim(sock.volunteer, attempt, item, now)
             if claimed is not None:
@@ -685,7 +812,7 @@ class Dispatcher:
         return len(sock.held)
 
     async def heartbeat(self, sock: VolunteerSocket, attempts: list[str], running: list[str] | None = None) -> int:
-        mine = [a for a in attempts if a in sock.held]
+        mine = sock.expand(attempts)  # a chunk's first attempt stands for the whole chunk
         extended = await self.queue.extend(mine, time.time())
         await self.report_computing(sock, running)
         return extended
@@ -727,7 +854,7 @@ class Dispatcher:
             if not same:
                 del self._by_volunteer[sock.volunteer]
         async with sock.lock:  # a lease for it under way (its ready being filled) ends first
-            held, sock.held = list(sock.held), {}
+            held = sock.unhold_all()
         await self.queue.computing(sock.key, sock.volunteer, {}, list(sock.reported), 0)
         leases = await self.queue.requeue(held)
         if leases:
@@ -756,17 +883,24 @@ class Dispatcher:
         """
         self.db_health.check()
         never_held = set()
+        timeouts: dict[int, float] = {}  # job -> its timeout, read once per message
         for outcome in outcomes:
             validate_received_result(outcome, self.config.max_result_bytes)
             job = sock.job_of(outcome.attempt)
             if job is None:
                 never_held.add(outcome.attempt)
-            await self._clamp_elapsed(outcome, job)
+            elif job not in timeouts:
+                info = await self.storage.job_info(job)
+                timeouts[job] = 0.0 if info is None else float(info.timeout)
+            _clamp_elapsed(outcome, 0.0 if job is None else timeouts[job])
+            if job is not None:  # its run time, a claim clamped, sizes the job's chunks
+                self.chunk_sizer.measured(job, outcome.elapsed, outcome.timeout)
         future = asyncio.get_running_loop().create_future()
         await self._outcomes.put((sock, outcomes, future))
         rec = await future
         for attempt in rec.acked + rec.ignored:
-            sock.held.pop(attempt, None)
+            sock.unhold(attempt)
+        sock.delivered += len(rec.acked)
         await self.report_computing(sock)
         if rec.acked and sock.volunteer in self.strikes:
             self._strike(sock.volunteer, -len(rec.acked))
@@ -774,14 +908,6 @@ class Dispatcher:
         if sock.strays > STRAY_LIMIT:
             raise Misbehaving("too many results for attempts this connection does not hold")
         return rec
-
-    async def _clamp_elapsed(self, outcome: Outcome, job: int | None) -> None:
-        """The reported CPU time is a claim: within [0, the job's timeout], and 0 for an attempt
-        this connection never held (it earns no credit)."""
-        info = None if job is None else await self.storage.job_info(job)
-        top = 0.0 if info is None else float(info.timeout)
-        elapsed = outcome.elapsed if outcome.elapsed == outcome.elapsed else 0.0  # NaN
-        outcome.elapsed = min(max(0.0, float(elapsed)), top)
 
     async def _run_outcomes(self) -> None:
         """Commit outcomes in batches of up to ``intake_batch``, one transaction per batch."""
@@ -955,6 +1081,13 @@ def validate_received_result(outcome: Outcome, limit: int) -> None:
     if size > limit:
         outcome.result = None
         outcome.error = f"ValueError: the result of main() is {size} bytes of JSON; the limit is {limit}"
+
+
+def _clamp_elapsed(outcome: Outcome, top: float) -> None:
+    """The reported run time is a claim: within [0, the job's timeout] (``top``), and 0 for an attempt
+    this connection never held (it earns no credit)."""
+    elapsed = outcome.elapsed if outcome.elapsed == outcome.elapsed else 0.0  # NaN
+    outcome.elapsed = min(max(0.0, float(elapsed)), top)
 
 
 def _default(value: Any, default: Any) -> Any:

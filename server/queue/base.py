@@ -118,6 +118,16 @@ class Queue(abc.ABC):
         the first ``MAX_AFFINITY_JOBS`` count."""
 
     @abc.abstractmethod
+    async def lease_more(
+        self, volunteer: str, job: int, attempts: list[str], now: float, network: str = "", head: str = ""
+    ) -> list[Lease]:
+        """Chunked hand-out: lease up to ``len(attempts)`` further tasks of ``job``, its next ready ones
+        in order, to go with the lease ``head`` as one chunk. Exclusions hold as in ``lease``; the
+        job's researcher's pass grows by 1/share per task (fair share counts tasks, not chunks).
+        The chunk's leases, ``head`` included, may last ``len(attempts) + LEASE_SPAN`` timeouts
+        (plus grace): its tasks run one after another. Nothing for a cancelled job."""
+
+    @abc.abstractmethod
     async def set_shares(self, shares: dict[int, float]) -> None:
         """Set researchers' weights in fair share (> 0); the others weigh ``DEFAULT_SHARE``."""
 

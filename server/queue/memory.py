@@ -9,6 +9,7 @@ from collections.abc import Iterable, Sequence
 from server.queue.base import (
     AFFINITY_SLACK,
     DEFAULT_SHARE,
+    LEASE_SPAN,
     MAX_AFFINITY_JOBS,
     MAX_SKIPPED,
     Lease,
@@ -169,6 +170,42 @@ class MemoryQueue(Queue):
         for owner in [o for o in self._passes if not self._heaps.get(o)]:
             del self._passes[owner]  # no ready task left: it rejoins at the lowest pass
             self._heaps.pop(owner, None)
+        return out
+
+    async def lease_more(
+        self, volunteer: str, job: int, attempts: list[str], now: float, network: str = "", head: str = ""
+    ) -> list[Lease]:
+        out: list[Lease] = []
+        if not attempts or job in self._cancelled:
+            return out
+        skipped: list[Entry] = []
+        heap = self._job_heaps.get(job, [])
+        span = len(attempts) + LEASE_SPAN
+        while heap and len(out) < len(attempts) and len(skipped) < MAX_SKIPPED:
+            score, member = heapq.heappop(heap)
+            if member not in self._ready:
+                continue
+            task, timeout = int(member.split(":")[1]), float(member.split(":")[3])
+            excluded = self._excluded.get(task)
+            if excluded and (volunteer in excluded or (network and network in excluded)):
+                skipped.append((score, member))
+                continue
+            self._unready(member)
+            attempt = attempts[len(out)]
+            self._leases[attempt] = (score, member, volunteer)
+            self._leased_tasks[task] = attempt
+            self._deadlines[attempt] = now + timeout + self.grace
+            self._limits[attempt] = now + span * timeout + self.grace
+            out.append(self._lease_of(attempt, self._leases[attempt]))
+        for entry in skipped:
+            heapq.heappush(self._job_heaps.setdefault(job, []), entry)
+        if out:
+            self._running[job] = self._running.get(job, 0) + len(out)
+            if head in self._leases:
+                self._limits[head] = self._limits[out[-1].attempt]
+            owner = self._owner.get(job, 0)
+            if owner in self._passes:
+                self._passes[owner] += len(out) / self._shares.get(owner, DEFAULT_SHARE)
         return out
 
     def _affine(

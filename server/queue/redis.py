@@ -167,6 +167,54 @@ end
 return out
 """
 
+# KEYS: leases, deadlines, cancelled, running, leased_tasks, limits ; ARGV: now, grace, volunteer,
+# instance, network tag, excluded-set prefix, max skipped, job, span (timeouts the chunk's leases may
+# last), the chunk's first attempt, then the attempt ids. The job's next ready tasks in order (a task
+# excluding this volunteer or network is put back); its researcher's pass grows by 1/share each.
+_LUA_LEASE_MORE = """
+local now, grace, vol, inst, net = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], ARGV[4], ARGV[5]
+local excl, max_skipped, job, span, head = ARGV[6], tonumber(ARGV[7]), ARGV[8], tonumber(ARGV[9]), ARGV[10]
+local out, skipped = {}, {}
+if redis.call('SISMEMBER', KEYS[3], job) == 1 then return out end
+local r = owner_of(job)
+local i, n, limit = 0, #ARGV - 10, nil
+while i < n and #skipped < max_skipped do
+  local popped = redis.call('ZPOPMIN', READY_JOB .. job, 1)
+  if #popped == 0 then break end
+  local member, score = popped[1], popped[2]
+  if redis.call('ZREM', READY .. r, member) == 1 then  -- else a stale index entry: dropped
+    local task, timeout = string.match(member, '^%d+:(%d+):%d+:(.+)$')
+    if redis.call('SISMEMBER', excl .. task, vol) == 1
+        or (net ~= '' and redis.call('SISMEMBER', excl .. task, net) == 1) then
+      table.insert(skipped, {score, member})
+    else
+      i = i + 1
+      local attempt = ARGV[10 + i]
+      local deadline = now + tonumber(timeout) + grace
+      limit = now + span * tonumber(timeout) + grace
+      redis.call('HSET', KEYS[6], attempt, tostring(limit))
+      redis.call('HSET', KEYS[1], attempt, score .. '|' .. member .. '|' .. vol .. '|' .. inst)
+      redis.call('HSET', KEYS[5], task, attempt)
+      redis.call('ZADD', KEYS[2], deadline, attempt)
+      table.insert(out, attempt)
+      table.insert(out, score .. '|' .. member .. '|' .. vol .. '|' .. inst)
+      table.insert(out, tostring(deadline))
+    end
+  end
+end
+for _, e in ipairs(skipped) do make_ready(r, job, e[1], e[2]) end
+if i > 0 then
+  redis.call('HINCRBY', KEYS[4], job, i)
+  if redis.call('HEXISTS', KEYS[1], head) == 1 then redis.call('HSET', KEYS[6], head, tostring(limit)) end
+  if redis.call('ZSCORE', ACTIVE, r) then
+    local share = tonumber(redis.call('HGET', SHARES, r) or 'DEFAULT_SHARE')
+    redis.call('ZINCRBY', ACTIVE, i / share, r)
+  end
+end
+if redis.call('EXISTS', READY .. r) == 0 then redis.call('ZREM', ACTIVE, r) end
+return out
+"""
+
 # KEYS: leases, deadlines, running, leased_tasks, limits ; ARGV[1]: 1 = requeue, then attempts
 _LUA_END = """
 local requeue = ARGV[1] == '1'
@@ -284,6 +332,8 @@ class RedisQueue(Queue):
             .replace("SHIFT", str(PRIORITY_SHIFT))
         )
         self._lease = redis.register_script(_PRELUDE + lease)
+        more = _LUA_LEASE_MORE.replace("DEFAULT_SHARE", repr(DEFAULT_SHARE))
+        self._lease_more = redis.register_script(_PRELUDE + more)
         self._end = redis.register_script(_PRELUDE + _LUA_END)
         self._due = redis.register_script(_LUA_DUE)
         self._extend = redis.register_script(_LUA_EXTEND)
@@ -317,6 +367,16 @@ class RedisQueue(Queue):
         flat = await self._lease(
             keys=_LEASE_KEYS, args=[*head, repr(self.affinity_slack), len(loaded), *loaded, *attempts]
         )
+        return self._leases(flat)
+
+    async def lease_more(
+        self, volunteer: str, job: int, attempts: list[str], now: float, network: str = "", head: str = ""
+    ) -> list[Lease]:
+        if not attempts:
+            return []
+        span = len(attempts) + LEASE_SPAN
+        head_args = [repr(now), repr(self.grace), volunteer, self.instance, network, keys.EXCLUDED, MAX_SKIPPED]
+        flat = await self._lease_more(keys=_LEASE_KEYS, args=[*head_args, job, span, head, *attempts])
         return self._leases(flat)
 
     async def exclude(self, pairs: list[tuple[int, str]]) -> None:

@@ -12,6 +12,8 @@ on an idle worker; its outcome is stored, then sent; it is forgotten only on ``a
 to hand out the server answers ``wait`` and holds the ready (protocol 4): the page does not ask
 again, it sends a ``heartbeat`` when each ``wait`` says, and the server pushes ``tasks`` when work
 comes. A ready is sent again only when what the plan wants changes (``ready {0}`` when paused).
+A chunk (protocol 5: a task with ``more``) runs on one worker in one call; its results are kept in
+memory only (no vault writes), sent together, and dropped if the socket closes first.
 """
 
 from __future__ import annotations
@@ -107,8 +109,13 @@ class App:
         self.arrived: dict[str, float] = {}  # attempt -> when its task arrived (job switch timings)
         self.restored_tasks: list[int] = []  # tasks this page found in its vault when it opened
         self.held_at_stop: list[int] = []  # tasks held (running or waiting) when Stop was last pressed
-        self.task_seconds: float | None = None  # moving average of one task's time here
+        self.task_seconds: float | None = None  # moving average of one task's (or chunk's) time here
         self.results: dict[str, dict] = {}  # attempt -> Outcome dict, not yet acknowledged
+        # Chunks (protocol 5) live in memory only: about a second of work, neither put in the vault nor
+        # kept across a closed socket (the server requeued them). Their attempts whose results wait:
+        self.chunked: set[str] = set()
+        self.link_epoch = 0  # closed sockets so far: a chunk that ends after one drops its results
+        self.chunks_seen = False  # the server hands out chunks: results may go up to its larger cap
         self.in_flight: set[str] = set()  # attempts sent, waiting for their ack
         self.oldest_result: float | None = None
         self.awaiting_tasks = False
@@ -131,6 +138,9 @@ class App:
             "code_messages": 0,
             "results_messages": 0,
             "holds": 0,
+            "chunks": 0,  # chunks run (protocol 5): several tasks in one call of a worker
+            "chunked_tasks": 0,
+            "chunk_seconds": 0.0,
         }
         self.first_result_at: float | None = None
         self.opened_at = time.monotonic()
@@ -149,7 +159,7 @@ class App:
         stale = []
         for key, text in json.loads(await self.vault.all("tasks")):
             spec = protocol.TaskSpec(**json.loads(text))
-            if spec.deadline + STALE_TASK_SECONDS < now:
+            if spec.more or spec.deadline + STALE_TASK_SECONDS < now:  # a chunk is never kept: see chunked
                 stale.append(key)
             else:
                 self.queue.append(spec)
@@ -183,7 +193,7 @@ class App:
         self.pump()
         if not running:
             self.held_at_stop = [s.task for s in self.running_specs.values()] + [s.task for s in self.queue]
-            self.resumed.update(self.held_attempts())
+            self.resumed.update(self.held_attempts(chunks=False))
             self.pool.discard_prewarmed()
             self.pool.stop_all()
             self.link.stop()
@@ -275,8 +285,11 @@ class App:
         self.tick()
 
     # ------------------------------------------------------------------ the loop
-    def held_attempts(self) -> list[str]:
-        return list(self.running_specs) + [s.attempt for s in self.queue]
+    def held_attempts(self, chunks: bool = True) -> list[str]:
+        """Attempts held (running or queued), a chunk by its first; ``chunks=False``: not chunks, which
+        are not kept across a closed socket."""
+        specs = [*self.running_specs.values(), *self.queue]
+        return [s.attempt for s in specs if chunks or not s.more]
 
     def pump(self) -> None:
         """Bring everything in line with the plan; called after every event."""
@@ -370,19 +383,26 @@ class App:
         age = time.monotonic() - self.oldest_result if self.oldest_result else 0.0
         if not self.welcomed or not supervisor.should_flush(len(waiting), age, self.plan.batch_results):
             return
-        for start in range(0, len(waiting), protocol.MAX_TASKS_PER_MESSAGE):
-            chunk = waiting[start : start + protocol.MAX_TASKS_PER_MESSAGE]
-            outcomes = [protocol.Outcome(**self.results[a]) for a in chunk]
+        most = protocol.MAX_RESULTS_PER_MESSAGE if self.chunks_seen else protocol.MAX_TASKS_PER_MESSAGE
+        for outcomes in protocol.split_results([protocol.Outcome(**self.results[a]) for a in waiting], most):
             if not self.link.send(protocol.Results(results=outcomes)):
                 return
             self.counts["results_messages"] += 1
-            self.in_flight.update(chunk)
+            self.in_flight.update(o.attempt for o in outcomes)
         self.oldest_result = None
 
     def on_update(self, spec, text: str) -> None:
         """A running task's uvm update: throttled to the server; its checkpoint into the vault, so
         that a reload of this tab resumes from it with no server round trip."""
         if spec.attempt not in self.running_specs:
+            return
+        if spec.more:  # a task of a chunk: the runner said which one; kept in memory only
+            data = json.loads(text)
+            attempts = spec.attempts()
+            item = data.pop("item", None)
+            if type(item) is int and 0 <= item < len(attempts):
+                self.updates.add(attempts[item], json.dumps(data))
+            self.pump()
             return
         state = self.updates.add(spec.attempt, text)
         if state is not None:
@@ -397,14 +417,21 @@ class App:
             self.link.send(update)
 
     async def run_task(self, slot, spec) -> None:
+        epoch = self.link_epoch
+        begun = time.monotonic()
         try:
             arrived = self.arrived.pop(spec.attempt, None)
             answer = await self.pool.execute(slot, spec, self.codes[spec.code_hash], arrived)
         finally:
             self.running_specs.pop(spec.attempt, None)
-            last = self.updates.finish(spec.attempt)  # the partials its end flushed go before its result
-            if last is not None and self.welcomed:
-                self.link.send(last)
+            for attempt in spec.attempts():
+                last = self.updates.finish(attempt)  # the partials its end flushed go before its result
+                if last is not None and self.welcomed:
+                    self.link.send(last)
+        if spec.more:
+            self.counts["chunk_seconds"] += time.monotonic() - begun  # in the worker, for bench/browser.py
+            self.chunk_ended(spec, answer, epoch)
+            return
         if answer.get("stopped"):  # cancelled, or the volunteer pressed Stop: no outcome
             if spec.attempt not in self.cancelled:
                 self.queue.insert(0, spec)  # runs again after Start, from the vault after a reload
@@ -430,9 +457,57 @@ class App:
         await self.vault.put("results", spec.attempt, json.dumps(outcome))
         await self.vault.remove("tasks", json.dumps([spec.attempt]))
 
-    def count(self, outcome: dict) -> None:
-        elapsed = outcome["elapsed"]
-        self.task_seconds = elapsed if self.task_seconds is None else 0.8 * self.task_seconds + 0.2 * elapsed
+    def chunk_ended(self, spec, answer: dict, epoch: int) -> None:  # noqa: ANN001
+        """A chunk ran: one result per task, kept in memory (no vault write per task).
+
+        Dropped when the socket closed meanwhile (the server put the chunk back in its queue) or when
+        it was cancelled or stopped. A worker that failed (timed out, crashed) gives each task its error:
+        the server then hands that job's tasks out one at a time, and errors need corroboration."""
+        if answer.get("stopped") or epoch != self.link_epoch or spec.attempt in self.cancelled:
+            self.pump()
+            return
+        items = spec.items()
+        many = answer.get("outcomes")
+        if not isinstance(many, list) or len(many) != len(items):
+            failed = {k: answer.get(k) for k in ("error", "output", "elapsed", "timeout")}
+            failed["error"] = failed["error"] or "worker error: no outcome for this chunk"
+            many = [failed] * len(items)
+        outcomes = []
+        for item, ran in zip(items, many, strict=True):
+            outcome = {
+                "attempt": item.attempt,
+                "task": item.task,
+                "result": ran.get("result"),
+                "output": ran.get("output") or "",
+                "error": ran.get("error"),
+                "timeout": bool(ran.get("timeout", False)),
+                "elapsed": float(ran.get("elapsed") or 0.0),
+            }
+            self.results[item.attempt] = outcome
+            self.chunked.add(item.attempt)
+            outcomes.append(outcome)
+        self.count_many(outcomes)
+        self.counts["chunks"] += 1
+        self.counts["chunked_tasks"] += len(outcomes)
+        if self.oldest_result is None:
+            self.oldest_result = time.monotonic()
+        self.pump()
+
+    def count_many(self, outcomes: list[dict]) -> None:
+        """``count`` for a chunk's outcomes, with one write of the totals. The plan's prefetch is in
+        slots, and a chunk is one: its average time is the chunk's, not its tasks'."""
+        for outcome in outcomes:
+            self.count(outcome, save=False)
+        self._average(sum(o["elapsed"] for o in outcomes))
+        _save(TOTALS_KEY, self.totals)
+
+    def _average(self, seconds: float) -> None:
+        """The moving average of one hand-out's time here (a task's, or a chunk's): it sizes prefetch."""
+        self.task_seconds = seconds if self.task_seconds is None else 0.8 * self.task_seconds + 0.2 * seconds
+
+    def count(self, outcome: dict, save: bool = True) -> None:
+        if save:  # a task alone (a chunk's tasks are averaged together by count_many)
+            self._average(outcome["elapsed"])
         if self.first_result_at is None:
             self.first_result_at = time.monotonic() - self.opened_at
         self.session["tasks"] += 1
@@ -441,7 +516,8 @@ class App:
         self.session["timeouts"] += outcome["timeout"]
         self.totals["tasks"] += 1
         self.totals["elapsed"] += outcome["elapsed"]
-        _save(TOTALS_KEY, self.totals)
+        if save:
+            _save(TOTALS_KEY, self.totals)
 
     # ------------------------------------------------------------------ the socket
     def on_open(self) -> None:
@@ -451,12 +527,18 @@ class App:
             "battery_api": self.device.battery is not None,
             "network_api": self.device.network is not None,
             "user_agent": str(window.navigator.userAgent)[:200],
-            "resume": self.held_attempts()[: protocol.MAX_TASKS_PER_MESSAGE],
+            "resume": self.held_attempts(chunks=False)[: protocol.MAX_TASKS_PER_MESSAGE],
         }
         self.link.send(protocol.Hello(volunteer=self.volunteer, capabilities=capabilities))
 
     def on_close(self) -> None:
-        self.resumed.update(self.held_attempts())
+        # Chunks are not kept across a closed socket: the server requeued them (see ``chunked``).
+        self.link_epoch += 1
+        self.queue = [s for s in self.queue if not s.more]
+        for attempt in self.chunked:
+            self.results.pop(attempt, None)
+        self.chunked.clear()
+        self.resumed.update(self.held_attempts(chunks=False))
         self.welcomed = False
         self.awaiting_tasks = False
         self.held_ready = 0
@@ -522,7 +604,10 @@ class App:
             if spec.attempt not in held:
                 self.queue.append(spec)
                 self.arrived[spec.attempt] = time.monotonic()
-                await self.vault.put("tasks", spec.attempt, json.dumps(dataclasses.asdict(spec)))
+                if spec.more:  # a chunk: in memory only
+                    self.chunks_seen = True
+                else:
+                    await self.vault.put("tasks", spec.attempt, json.dumps(dataclasses.asdict(spec)))
 
     async def on_code(self, msg: protocol.Code) -> None:
         self.counts["code_messages"] += 1
@@ -535,7 +620,10 @@ class App:
         for attempt in done:
             self.results.pop(attempt, None)
             self.in_flight.discard(attempt)
-        await self.vault.remove("results", json.dumps(done))
+        kept = [a for a in done if a not in self.chunked]  # a chunk's results were never in the vault
+        self.chunked.difference_update(done)
+        if kept:
+            await self.vault.remove("results", json.dumps(kept))
 
     async def on_cancel(self, msg: protocol.Cancel) -> None:
         attempts = set(msg.attempts)

@@ -181,7 +181,8 @@ class Pool:
         return slot.worker.ready and not slot.worker.stopped
 
     async def execute(self, slot: Slot, spec, code, arrived: float | None = None) -> dict:  # noqa: ANN001
-        """Run one task on ``slot``; returns ``{result, output, error, elapsed, timeout}``.
+        """Run one task on ``slot``; returns ``{result, output, error, elapsed, timeout}``, or for a
+        chunk (protocol 5) ``{"outcomes": [...]}``, one per task, unless its worker failed.
 
         The task runs on a worker of its own job (switching workers if needed); the source goes
         along only the first time that worker sees the job. Past the task's timeout the worker is
@@ -198,9 +199,10 @@ class Pool:
                 worker = slot.worker
                 answer = await self._run(worker, spec, code)
         except TimeoutError:
-            seconds = f"{spec.timeout:g}"
+            seconds = f"{spec.timeout * (1 + len(spec.more)):g}"
+            what = f"its chunk of {1 + len(spec.more)} tasks" if spec.more else "it"
             answer = {
-                "error": f"timed out after {seconds} s: the worker running it was stopped",
+                "error": f"timed out after {seconds} s: the worker running {what} was stopped",
                 "timeout": True,
                 "elapsed": spec.timeout,
                 "crashed": True,
@@ -222,10 +224,17 @@ class Pool:
             "restore": spec.restore,  # the last checkpoint: from the server, or this page's vault
             "every": self.every,
         }
+        tasks = 1 + len(spec.more)
+        if spec.more:  # a chunk: every task in this one call; each has its own timeout in the runner
+            del payload["input"], payload["restore"]
+            payload["items"] = [{"input": item.input, "restore": item.restore} for item in spec.items()]
+            payload["timeout"] = spec.timeout
         if spec.code_hash not in worker.codes:
             payload["source"] = code.source
         on_update = self.on_update
         listener = None if on_update is None else (lambda text: on_update(spec, text))
-        answer = await asyncio.wait_for(worker.run(spec.job, payload, listener), timeout=max(0.1, spec.timeout))
+        # A chunk's tasks run one after another: the worker is stopped once all of them could have timed out.
+        run = worker.run(spec.job, payload, listener)
+        answer = await asyncio.wait_for(run, timeout=max(0.1, spec.timeout * tasks))
         worker.codes.add(spec.code_hash)
         return answer
