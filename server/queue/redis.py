@@ -8,7 +8,9 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError
 
+from server.batching import Batcher
 from server.queue import redis_keys as keys
 from server.queue.base import (
     AFFINITY_SLACK,
@@ -284,6 +286,7 @@ class RedisQueue(Queue):
             .replace("SHIFT", str(PRIORITY_SHIFT))
         )
         self._lease = redis.register_script(_PRELUDE + lease)
+        self._lease_calls = Batcher(self._lease_pipeline)  # lease calls made together: one round trip
         self._end = redis.register_script(_PRELUDE + _LUA_END)
         self._due = redis.register_script(_LUA_DUE)
         self._extend = redis.register_script(_LUA_EXTEND)
@@ -314,10 +317,23 @@ class RedisQueue(Queue):
             return []
         loaded = [str(int(j)) for j in dict.fromkeys(jobs[:MAX_AFFINITY_JOBS])]
         head = [repr(now), repr(self.grace), volunteer, self.instance, network, keys.EXCLUDED, MAX_SKIPPED]
-        flat = await self._lease(
-            keys=_LEASE_KEYS, args=[*head, repr(self.affinity_slack), len(loaded), *loaded, *attempts]
-        )
+        flat = await self._lease_calls.call([*head, repr(self.affinity_slack), len(loaded), *loaded, *attempts])
         return self._leases(flat)
+
+    async def _lease_pipeline(self, calls: list[list[Any]]) -> list[Any]:
+        """Lease calls made together (a wake leases for many waiters at once): the script once per call,
+        in order, in one pipeline; each call stays atomic and gets its own answer or error."""
+        if len(calls) == 1:
+            return [await self._lease(keys=_LEASE_KEYS, args=calls[0])]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for args in calls:
+                pipe.evalsha(self._lease.sha, len(_LEASE_KEYS), *_LEASE_KEYS, *args)
+            answers = await pipe.execute(raise_on_error=False)
+        # Redis lost its scripts (a restart, SCRIPT FLUSH): nothing ran for those; once more, loading it
+        return [
+            await self._lease(keys=_LEASE_KEYS, args=args) if isinstance(answer, NoScriptError) else answer
+            for args, answer in zip(calls, answers, strict=True)
+        ]
 
     async def exclude(self, pairs: list[tuple[int, str]]) -> None:
         if not pairs:

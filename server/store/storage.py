@@ -7,6 +7,7 @@ Values that hold research data (code, inputs, results, output, errors) are seale
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable
 from typing import Any
@@ -15,6 +16,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from server.batching import Coalescer
 from server.crypto import Box, code_hash
 from server.protocol import JOB_TERMINAL, AttemptOutcome, JobState, TaskState
 from server.queue import ReadyItem
@@ -44,6 +46,9 @@ class Storage(Accounts, Outcomes, Credit):
         self.engine = engine
         self.box = box
         self._jobs: dict[int, JobInfo] = {}
+        # Inputs and checkpoints of the tasks leased: one query for all the leases made at once (a wake)
+        self._input_reads: Coalescer[int, Any] = Coalescer(self._read_inputs)
+        self.checkpoint_reads: Coalescer[int, str] = Coalescer(functools.partial(live.read_checkpoints, self))
 
     # -------------------------------------------------------------------------------- jobs
     async def create_job(self, researcher_id: int, spec: JobSpec, limit: int) -> int:
@@ -393,9 +398,12 @@ class Storage(Accounts, Outcomes, Credit):
         return out
 
     async def task_inputs(self, task_ids: list[int]) -> dict[int, Any]:
-        """Decrypted inputs of list-input tasks (other kinds have no stored input)."""
-        if not task_ids:
-            return {}
+        """Decrypted inputs of list-input tasks (other kinds have no stored input); the calls made
+        together share one query."""
+        return await self._input_reads.load(dict.fromkeys(task_ids))
+
+    async def _read_inputs(self, wanted: dict[int, None]) -> dict[int, Any]:
+        task_ids = list(wanted)
         async with self.engine.connect() as conn:
             rows = (
                 await conn.execute(
