@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 SWEEP = 5.0  # seconds between two looks for ready work that no signal announced
-BATCH = 512  # waiters leased for at once in a round of a pass (their calls share round trips)
+BATCH = 1024  # waiters leased for at once in a round of a pass (their calls share round trips)
 MISSES = 16  # waiters that got nothing while the queue held work (all excluded), none woken since: stop
 JITTER = 0.2  # an idle interval is shortened by up to this fraction at random
 

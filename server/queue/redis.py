@@ -286,7 +286,7 @@ class RedisQueue(Queue):
             .replace("SHIFT", str(PRIORITY_SHIFT))
         )
         self._lease = redis.register_script(_PRELUDE + lease)
-        self._lease_calls = Batcher(self._lease_pipeline)  # lease calls made together: one round trip
+        self._script_calls = Batcher(self._scripts_pipeline)  # script calls made together: one round trip
         self._end = redis.register_script(_PRELUDE + _LUA_END)
         self._due = redis.register_script(_LUA_DUE)
         self._extend = redis.register_script(_LUA_EXTEND)
@@ -317,22 +317,24 @@ class RedisQueue(Queue):
             return []
         loaded = [str(int(j)) for j in dict.fromkeys(jobs[:MAX_AFFINITY_JOBS])]
         head = [repr(now), repr(self.grace), volunteer, self.instance, network, keys.EXCLUDED, MAX_SKIPPED]
-        flat = await self._lease_calls.call([*head, repr(self.affinity_slack), len(loaded), *loaded, *attempts])
-        return self._leases(flat)
+        args = [*head, repr(self.affinity_slack), len(loaded), *loaded, *attempts]
+        return self._leases(await self._script_calls.call((self._lease, _LEASE_KEYS, args)))
 
-    async def _lease_pipeline(self, calls: list[list[Any]]) -> list[Any]:
-        """Lease calls made together (a wake leases for many waiters at once): the script once per call,
-        in order, in one pipeline; each call stays atomic and gets its own answer or error."""
+    async def _scripts_pipeline(self, calls: list[tuple[Any, list[str], list[Any]]]) -> list[Any]:
+        """Script calls made together (a wake leases for many waiters at once; their heartbeats then
+        come together): each script once per call, in order, in one pipeline. Each call stays atomic
+        and gets its own answer or error."""
         if len(calls) == 1:
-            return [await self._lease(keys=_LEASE_KEYS, args=calls[0])]
+            script, names, args = calls[0]
+            return [await script(keys=names, args=args)]
         async with self.redis.pipeline(transaction=False) as pipe:
-            for args in calls:
-                pipe.evalsha(self._lease.sha, len(_LEASE_KEYS), *_LEASE_KEYS, *args)
+            for script, names, args in calls:
+                pipe.evalsha(script.sha, len(names), *names, *args)
             answers = await pipe.execute(raise_on_error=False)
-        # Redis lost its scripts (a restart, SCRIPT FLUSH): nothing ran for those; once more, loading it
+        # Redis lost its scripts (a restart, SCRIPT FLUSH): nothing ran for those; once more, loading them
         return [
-            await self._lease(keys=_LEASE_KEYS, args=args) if isinstance(answer, NoScriptError) else answer
-            for args, answer in zip(calls, answers, strict=True)
+            await script(keys=names, args=args) if isinstance(answer, NoScriptError) else answer
+            for (script, names, args), answer in zip(calls, answers, strict=True)
         ]
 
     async def exclude(self, pairs: list[tuple[int, str]]) -> None:
@@ -372,11 +374,8 @@ class RedisQueue(Queue):
     async def extend(self, attempts: list[str], now: float) -> int:
         if not attempts:
             return 0
-        return int(
-            await self._extend(
-                keys=[keys.LEASES, keys.DEADLINES, keys.LIMITS], args=[repr(now), repr(self.grace), *attempts]
-            )
-        )
+        names = [keys.LEASES, keys.DEADLINES, keys.LIMITS]
+        return int(await self._script_calls.call((self._extend, names, [repr(now), repr(self.grace), *attempts])))
 
     async def live(self, attempts: list[str]) -> dict[str, Lease]:
         if not attempts:
