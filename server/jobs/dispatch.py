@@ -703,6 +703,8 @@ class Dispatcher:
         Written when it changed, and again each heartbeat period so the report does not expire."""
         if running is not None:
             sock.running = {a for a in running if a in sock.held}
+        if not sock.held and not sock.reported:
+            return  # nothing to tell, nothing told: an idle volunteer's heartbeats cost no Redis call
         now = time.time()
         per_job = sock.computing()
         if per_job == sock.reported and now - sock.reported_at < self.config.heartbeat:
