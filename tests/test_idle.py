@@ -4,6 +4,7 @@ that grow apart, and a handler's error that never drops the socket."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -88,6 +89,26 @@ async def test_2000_idle_volunteers_hear_only_heartbeats_then_get_work_pushed(se
         assert len(sim.pushed) == 1 and sim.latencies == []
     assert dispatcher.waiters.woken >= N
     assert reads <= N / 20, f"{reads} checkpoint reads for {N} volunteers woken"  # 2,000 one by one
+
+
+async def test_a_3_task_job_wakes_2_of_20_waiting_volunteers_and_tries_no_others(serve):
+    """No thundering herd: 20 volunteers wait, each asking for 2; a job of 3 tasks is pushed to the 2
+    oldest (2 tasks and 1), the wake leases for those 2 only, and the 18 others hear nothing."""
+    api, app = await serve()
+    waiters = app[K.dispatcher].waiters
+    async with contextlib.AsyncExitStack() as stack:
+        sockets = [await stack.enter_async_context(api.session.ws_connect(ws_url(api))) for _ in range(20)]
+        for ws in sockets:  # one after the other: the first is the oldest waiter
+            await hello(ws, workers=1, prefetch=1)
+            assert (await ask(ws, P.Ready(2)))["type"] == "wait"
+        await api.submit(CODE, [1, 2, 3])
+        await until(lambda: waiters.woken == 2, 30, "two volunteers woken")
+        pushed = [json.loads((await ws.receive(timeout=10)).data) for ws in sockets[:2]]
+        assert [(p["type"], len(p["tasks"])) for p in pushed] == [("tasks", 2), ("tasks", 1)]
+        for ws in sockets[2:]:
+            with pytest.raises(asyncio.TimeoutError):
+                await ws.receive(timeout=0.05)  # still waiting: nothing pushed, nothing empty
+        assert waiters.tried == 2 and len(waiters) == 18
 
 
 # ------------------------------------------------------------------------------ other instances

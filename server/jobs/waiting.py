@@ -3,11 +3,12 @@
 A ``ready`` that finds nothing to hand out is answered by ``wait`` and kept here, in arrival order.
 Work arriving (a submission, a requeue: lease expiry, abandon, retry, a pipeline stage fed) sets
 ``work``: locally, and on every other instance through the bus (``Dispatcher.work_arrived``). One
-loop per instance then wakes its waiters oldest first, leasing for each in turn, and stops as soon
-as the ready queue is empty: as many volunteers are woken as there is work, never all 10,000 of
-them for one task (no thundering herd). Instances race for the work through the same atomic lease.
-A sweep every ``SWEEP`` seconds catches what no signal announced (a lost pub/sub message, the
-database back after an outage, a volunteer's strikes forgiven with time).
+loop per instance then wakes its waiters oldest first, in rounds of as many as the ready tasks would
+fill (their leases and reads sent together), and stops as soon as the ready queue is empty: as many
+volunteers are woken as there is work, never all 10,000 of them for one task (no thundering herd).
+Instances race for the work through the same atomic lease. A sweep every ``SWEEP`` seconds catches
+what no signal announced (a lost pub/sub message, the database back after an outage, a volunteer's
+strikes forgiven with time).
 
 While waiting, a volunteer sends a ``heartbeat`` with no attempts every so often; each is answered
 by another ``wait`` whose interval doubles, from ``UVM_HEARTBEAT`` up to ``UVM_IDLE_HEARTBEAT``
@@ -49,6 +50,7 @@ class Waiters:
         self._fill = fill
         self._ready_count = ready_count
         self.woken = 0  # waiters given tasks by a pass (for /metrics and the tests)
+        self.tried = 0  # waiters leased for by a pass (woken or not): as many as the work would fill
         self.passes = 0
 
     def __len__(self) -> int:
@@ -108,6 +110,7 @@ class Waiters:
                 if sock.wants and sock in self.held:
                     batch.append(sock)
                     ready -= sock.wants
+            self.tried += len(batch)
             got = await asyncio.gather(*(self._fill(sock) for sock in batch), return_exceptions=True)
             empty = []
             failed = next((specs for specs in got if isinstance(specs, BaseException)), None)
