@@ -43,7 +43,8 @@ async def run(volunteers: int, rounds: int) -> None:
     from server.web import appkeys as K
     from server.web.app import create_app
 
-    env = fresh_mariadb_redis(DATABASE, REDIS_URL) | {"UVM_DATA_DIR": tempfile.mkdtemp(prefix="uvm-bench-wake-")}
+    data = tempfile.TemporaryDirectory(prefix="uvm-bench-wake-")
+    env = fresh_mariadb_redis(DATABASE, REDIS_URL) | {"UVM_DATA_DIR": data.name}
     config = Config.from_env(env | {"UVM_DEFAULT_REPLICATION": "1"})
     app = create_app(config)
     runner = web.AppRunner(app)
@@ -85,6 +86,7 @@ async def run(volunteers: int, rounds: int) -> None:
             )
     finally:
         await runner.cleanup()
+        data.cleanup()
 
 
 def main() -> None:
