@@ -111,9 +111,6 @@ class VolunteerSocket:
     # loaded (job affinity), so that no volunteer can pick which job's tasks it gets.
     handed: dict[int, None] = dataclasses.field(default_factory=dict)
 
-    def __post_init__(self) -> None:
-        self.network = network_of(self.address)
-
     def hold(self, attempt: str, job: int) -> None:
         """This connection holds ``attempt`` of ``job`` now (leased or resumed)."""
         self.held[attempt] = job
@@ -161,6 +158,9 @@ class VolunteerSocket:
         """The job of an attempt this connection holds or recently lost; None if never held here."""
         job = self.held.get(attempt)
         return self.recent.get(attempt) if job is None else job
+
+    def __post_init__(self) -> None:
+        self.network = network_of(self.address)
 
 
 class Dispatcher:
