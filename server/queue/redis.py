@@ -286,7 +286,6 @@ class RedisQueue(Queue):
             .replace("SHIFT", str(PRIORITY_SHIFT))
         )
         self._lease = redis.register_script(_PRELUDE + lease)
-        self._script_calls = Batcher(self._scripts_pipeline)  # script calls made together: one round trip
         self._end = redis.register_script(_PRELUDE + _LUA_END)
         self._due = redis.register_script(_LUA_DUE)
         self._extend = redis.register_script(_LUA_EXTEND)
@@ -294,6 +293,7 @@ class RedisQueue(Queue):
         self._claim = redis.register_script(_PRELUDE + _LUA_CLAIM)
         self._drop = redis.register_script(_PRELUDE + _LUA_DROP)
         self._count = redis.register_script(_PRELUDE + _LUA_COUNT)
+        self._script_calls = Batcher(self._scripts_pipeline)  # script calls made together: one round trip
 
     @staticmethod
     def _leases(flat: list) -> list[Lease]:
