@@ -3,7 +3,8 @@
 Prints the time for all of them to connect and wait, the server's memory per connection, its CPU
 (% of one core) and the messages per second while everyone is idle, and -- once a job of
 ``--tasks`` tasks is submitted -- the p50/p99 from the submit to each volunteer's first pushed
-``tasks``. Not a test: it asserts nothing, it measures.
+``tasks``, and from a ``ready`` to its ``tasks`` for the readies answered at once (volunteers that
+finished their tasks and asked again while work was there). Not a test: it asserts nothing, it measures.
 
     ulimit -n 30000   # each socket is a file descriptor in the server and in a volunteer process
     .venv/bin/python bench/idle.py --volunteers 10000 --tasks 20000
@@ -56,6 +57,8 @@ def _volunteers(url: str, count: int, ramp: float, commands, out) -> None:  # no
                 )
             elif command == "pushed":
                 out.put([s.pushed[0] for s in sims if s.pushed])
+            elif command == "latencies":  # `ready` -> `tasks` of the readies answered at once (work was there)
+                out.put([x for s in sims for x in s.latencies])
             elif command == "stop":
                 stop.set()
                 await run
@@ -101,6 +104,12 @@ def main() -> None:
     p.add_argument("--procs", type=int, default=2, help="processes the volunteers are spread over")
     p.add_argument("--ramp", type=float, default=10.0, help="seconds over which volunteers first connect")
     p.add_argument("--idle", type=float, default=30.0, help="seconds of idle measurement")
+    p.add_argument(
+        "--settle",
+        type=float,
+        default=0.0,
+        help="seconds idle before measuring (the idle heartbeats' intervals grow to UVM_IDLE_HEARTBEAT first)",
+    )
     args = p.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     need = args.volunteers + 1000
@@ -139,7 +148,7 @@ def main() -> None:
             time.sleep(0.5)
             waiting = _metric(server.url, "uvm_volunteers_waiting")
         connected_in = time.perf_counter() - t0
-        time.sleep(3)  # let the last hellos settle
+        time.sleep(3 + args.settle)  # let the last hellos settle (and the intervals grow, with --settle)
         rss1 = _rss(server.proc.pid)
         before = _ask(procs, "counts")
         cpu0, w0 = _tree_cpu(server.proc.pid), time.perf_counter()
@@ -155,6 +164,7 @@ def main() -> None:
             time.sleep(0.25)
         finished = time.time() - submitted
         pushed = sorted(t - submitted for chunk in _ask(procs, "pushed") for t in chunk)
+        answered = sorted(x for chunk in _ask(procs, "latencies") for x in chunk)
         _ask(procs, "stop")
     finally:
         server.stop()
@@ -166,13 +176,20 @@ def main() -> None:
     print(f"server memory: +{(rss1 - rss0) / 2**20:.0f} MiB RSS, {per:.1f} KiB per connection")
     idle = w1 - w0
     cpu = 100 * (cpu1 - cpu0) / idle
-    print(f"idle {idle:.0f} s: server CPU {cpu:.1f} % of a core, {messages / idle:.0f} messages/s")
+    settled = f", from {args.settle:g} s after all connected" if args.settle else ""
+    print(f"idle {idle:.0f} s{settled}: server CPU {cpu:.1f} % of a core, {messages / idle:.0f} messages/s")
     print(f"job of {args.tasks} tasks: POST {posted:.2f} s, done after {finished:.1f} s")
     if pushed:
         q = statistics.quantiles(pushed, n=100)
         print(
             f"submit -> first pushed tasks: {len(pushed)} volunteers, p50 {q[49] * 1000:.0f} ms, "
             f"p99 {q[98] * 1000:.0f} ms, last {pushed[-1] * 1000:.0f} ms"
+        )
+    if len(answered) > 1:
+        q = statistics.quantiles(answered, n=100)
+        print(
+            f"ready -> tasks answered at once during the job: {len(answered)} readies, p50 {q[49] * 1000:.0f} ms, "
+            f"p99 {q[98] * 1000:.0f} ms"
         )
 
 

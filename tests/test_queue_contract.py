@@ -115,6 +115,21 @@ async def test_concurrent_leases_never_share_a_task(queue):
     assert len(tasks) == 500 and len(set(tasks)) == 500
 
 
+async def test_leases_made_together_each_get_their_own_under_the_same_rules(queue):
+    """Leases made at once (a wake: Redis sends them in one pipeline) are answered as if made one after
+    another in that order: each caller gets its own attempts, fair share alternates, exclusions hold."""
+    await queue.push(owned(1, researcher=7, n=20, start=1))
+    await queue.push(owned(2, researcher=8, n=20, start=100))
+    await queue.exclude([(1, "v0"), (100, "v1")])  # each of the first two takes the next task instead
+    got = await asyncio.gather(*(queue.lease(f"v{i}", [f"v{i}-a", f"v{i}-b"], now=0.0) for i in range(8)))
+    for i, leases in enumerate(got):
+        assert [(le.attempt, le.volunteer) for le in leases] == [(f"v{i}-a", f"v{i}"), (f"v{i}-b", f"v{i}")]
+    assert [le.job for leases in got for le in leases] == [1, 2] * 8
+    assert 1 not in [le.task for le in got[0]] and 100 not in [le.task for le in got[1]]
+    tasks = [le.task for leases in got for le in leases]
+    assert len(set(tasks)) == 16 and {1, 100} <= set(tasks)
+
+
 async def test_redis_leases_across_two_clients(redis_client):
     """Two server instances = two connections: the Lua lease is atomic between them."""
     other = aioredis.from_url(REDIS_URL)

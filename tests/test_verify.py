@@ -319,9 +319,10 @@ def test_replicas_avoid_the_network_of_a_reporter_when_others_are_connected(tmp_
     dispatcher = Dispatcher(Config(data_dir=tmp_path), None, None, None)  # type: ignore[arg-type]
     home, neighbour = VolunteerSocket("a", None, address="192.0.2.1"), VolunteerSocket("b", None, address="192.0.2.9")
     elsewhere = VolunteerSocket("c", None, address="10.1.1.1")
-    dispatcher.sockets = {home, neighbour}
+    dispatcher.connect(home)
+    dispatcher.connect(neighbour)
     assert dispatcher._network_rule(home) == ""  # one network only: distinct volunteers will do
-    dispatcher.sockets.add(elsewhere)
+    dispatcher.connect(elsewhere)
     assert dispatcher._network_rule(neighbour) == "net:192.0.2.0/24"
 
 

@@ -104,6 +104,7 @@ class VolunteerSocket:
     capabilities: Capabilities = dataclasses.field(default_factory=Capabilities)
     throttle: ThrottleState | None = None
     address: str = "?"  # the client's address (behind a trusted proxy: from X-Forwarded-For)
+    network: str = dataclasses.field(init=False, default="")  # network_of(address), once
     connected_at: float = dataclasses.field(default_factory=time.time)
     recent: collections.OrderedDict = dataclasses.field(default_factory=collections.OrderedDict)  # attempt -> job
     strays: int = 0  # results for attempts never held here, less those acknowledged
@@ -224,6 +225,9 @@ class VolunteerSocket:
         job = self.held.get(attempt)
         return self.recent.get(attempt) if job is None else job
 
+    def __post_init__(self) -> None:
+        self.network = network_of(self.address)
+
 
 class Dispatcher:
     def __init__(self, config: Config, storage: Storage, queue: Queue, bus: Bus) -> None:
@@ -232,6 +236,7 @@ class Dispatcher:
         self.queue = queue
         self.bus = bus
         self.sockets: set[VolunteerSocket] = set()
+        self._networks: collections.Counter[str] = collections.Counter()  # the sockets' networks ("": loopback)
         self._by_volunteer: dict[str, set[VolunteerSocket]] = {}
         # abandon() of closed sockets -> their volunteer; awaited at shutdown and by that volunteer's resume
         self._leaving: dict[asyncio.Task, str] = {}
@@ -535,6 +540,8 @@ class Dispatcher:
     # ----------------------------------------------------------------- connections, caps
     def connect(self, sock: VolunteerSocket) -> None:
         """A volunteer said hello on this instance."""
+        if sock not in self.sockets:
+            self._networks[sock.network] += 1
         self.sockets.add(sock)
         self._by_volunteer.setdefault(sock.volunteer, set()).add(sock)
 
@@ -785,8 +792,8 @@ class Dispatcher:
     def _network_rule(self, sock: VolunteerSocket) -> str:
         """The network tag replicas must avoid for this volunteer, when volunteers of other networks
         are connected (replicas go to distinct networks when they can); "" when they cannot."""
-        tag = network_of(sock.address)
-        if not tag or not any(network_of(c.address) not in ("", tag) for c in self.sockets):
+        tag = sock.network
+        if not tag or not any(net not in ("", tag) for net in self._networks):  # stops at the first other one
             return ""
         return tag
 
@@ -823,6 +830,8 @@ class Dispatcher:
         Written when it changed, and again each heartbeat period so the report does not expire."""
         if running is not None:
             sock.running = {a for a in running if a in sock.held}
+        if not sock.held and not sock.reported:
+            return  # nothing to tell, nothing told: an idle volunteer's heartbeats cost no Redis call
         now = time.time()
         per_job = sock.computing()
         if per_job == sock.reported and now - sock.reported_at < self.config.heartbeat:
@@ -846,7 +855,11 @@ class Dispatcher:
 
     async def abandon(self, sock: VolunteerSocket) -> None:
         """The socket closed: its leases go back to the ready queue at once."""
-        self.sockets.discard(sock)
+        if sock in self.sockets:
+            self.sockets.discard(sock)
+            self._networks[sock.network] -= 1
+            if self._networks[sock.network] <= 0:
+                del self._networks[sock.network]
         self._unwait(sock)
         same = self._by_volunteer.get(sock.volunteer)
         if same is not None:

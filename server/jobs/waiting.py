@@ -3,11 +3,12 @@
 A ``ready`` that finds nothing to hand out is answered by ``wait`` and kept here, in arrival order.
 Work arriving (a submission, a requeue: lease expiry, abandon, retry, a pipeline stage fed) sets
 ``work``: locally, and on every other instance through the bus (``Dispatcher.work_arrived``). One
-loop per instance then wakes its waiters oldest first, leasing for each in turn, and stops as soon
-as the ready queue is empty: as many volunteers are woken as there is work, never all 10,000 of
-them for one task (no thundering herd). Instances race for the work through the same atomic lease.
-A sweep every ``SWEEP`` seconds catches what no signal announced (a lost pub/sub message, the
-database back after an outage, a volunteer's strikes forgiven with time).
+loop per instance then wakes its waiters oldest first, in rounds of as many as the ready tasks would
+fill (their leases and reads sent together), and stops as soon as the ready queue is empty: as many
+volunteers are woken as there is work, never all 10,000 of them for one task (no thundering herd).
+Instances race for the work through the same atomic lease. A sweep every ``SWEEP`` seconds catches
+what no signal announced (a lost pub/sub message, the database back after an outage, a volunteer's
+strikes forgiven with time).
 
 While waiting, a volunteer sends a ``heartbeat`` with no attempts every so often; each is answered
 by another ``wait`` whose interval doubles, from ``UVM_HEARTBEAT`` up to ``UVM_IDLE_HEARTBEAT``
@@ -28,8 +29,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 SWEEP = 5.0  # seconds between two looks for ready work that no signal announced
-CONCURRENCY = 16  # waiters leased for at once in a pass (overlaps the queue's round trips)
-MISSES = 16  # waiters in a row that got nothing while the queue holds work (all excluded): stop the pass
+BATCH = 1024  # waiters leased for at once in a round of a pass (their calls share round trips)
+MISSES = 16  # waiters that got nothing while the queue held work (all excluded), none woken since: stop
 JITTER = 0.2  # an idle interval is shortened by up to this fraction at random
 
 
@@ -49,6 +50,7 @@ class Waiters:
         self._fill = fill
         self._ready_count = ready_count
         self.woken = 0  # waiters given tasks by a pass (for /metrics and the tests)
+        self.tried = 0  # waiters leased for by a pass (woken or not): as many as the work would fill
         self.passes = 0
 
     def __len__(self) -> int:
@@ -83,28 +85,45 @@ class Waiters:
             alive()
 
     async def wake(self) -> int:
-        """One pass over the waiters, oldest first, until the work runs out; returns how many got tasks."""
+        """One pass over the waiters, oldest first, until the work runs out; returns how many got tasks.
+
+        In rounds: each takes as many waiters as the ready tasks would fill (by what each asks for, at
+        most ``BATCH``) and leases for all of them at once, so that their lease calls, input reads and
+        checkpoint reads each go to Redis and the database together (``server.batching``). A waiter
+        that got nothing while the queue still held work (every task there excludes it) goes to the
+        back; ``MISSES`` of those in a row end the pass."""
         self.passes += 1
-        order = iter(list(self.held))
-        state = {"misses": 0, "woken": 0}
-
-        async def one_by_one() -> None:
-            for sock in order:  # shared by the pass's coroutines: each takes the next waiter
-                if state["misses"] >= MISSES:
-                    return
-                got = await self._fill(sock)
-                if got is None:
-                    continue
-                if got:
-                    state["misses"] = 0
-                    state["woken"] += 1
-                    continue
-                if await self._ready_count() == 0:
-                    state["misses"] = MISSES  # the work ran out: the others keep waiting
-                    return
-                state["misses"] += 1
+        order = list(self.held)
+        at, woken, misses = 0, 0, 0
+        empty: list[VolunteerSocket] = []  # got nothing in the last round
+        while at < len(order) and misses < MISSES:
+            ready = await self._ready_count()
+            if ready <= 0:
+                break  # the work ran out: the others keep waiting
+            for sock in empty:  # work is left, yet they got none: excluded from all of it
+                misses += 1
                 self._to_back(sock)
-
-        await asyncio.gather(*(one_by_one() for _ in range(CONCURRENCY)))
-        self.woken += state["woken"]
-        return state["woken"]
+            batch: list[VolunteerSocket] = []
+            while at < len(order) and ready > 0 and len(batch) < BATCH:
+                sock = order[at]
+                at += 1
+                if sock.wants and sock in self.held:
+                    batch.append(sock)
+                    ready -= sock.wants
+            self.tried += len(batch)
+            got = await asyncio.gather(*(self._fill(sock) for sock in batch), return_exceptions=True)
+            empty = []
+            failed = next((specs for specs in got if isinstance(specs, BaseException)), None)
+            for sock, specs in zip(batch, got, strict=True):
+                if isinstance(specs, BaseException):
+                    continue
+                if specs:
+                    woken += 1
+                    misses = 0
+                elif specs is not None:
+                    empty.append(sock)
+            if failed is not None:
+                self.woken += woken
+                raise failed  # the supervisor logs it and restarts the loop (the others were served)
+        self.woken += woken
+        return woken

@@ -8,7 +8,9 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError
 
+from server.batching import Batcher
 from server.queue import redis_keys as keys
 from server.queue.base import (
     AFFINITY_SLACK,
@@ -341,6 +343,7 @@ class RedisQueue(Queue):
         self._claim = redis.register_script(_PRELUDE + _LUA_CLAIM)
         self._drop = redis.register_script(_PRELUDE + _LUA_DROP)
         self._count = redis.register_script(_PRELUDE + _LUA_COUNT)
+        self._script_calls = Batcher(self._scripts_pipeline)  # script calls made together: one round trip
 
     @staticmethod
     def _leases(flat: list) -> list[Lease]:
@@ -364,10 +367,25 @@ class RedisQueue(Queue):
             return []
         loaded = [str(int(j)) for j in dict.fromkeys(jobs[:MAX_AFFINITY_JOBS])]
         head = [repr(now), repr(self.grace), volunteer, self.instance, network, keys.EXCLUDED, MAX_SKIPPED]
-        flat = await self._lease(
-            keys=_LEASE_KEYS, args=[*head, repr(self.affinity_slack), len(loaded), *loaded, *attempts]
-        )
-        return self._leases(flat)
+        args = [*head, repr(self.affinity_slack), len(loaded), *loaded, *attempts]
+        return self._leases(await self._script_calls.call((self._lease, _LEASE_KEYS, args)))
+
+    async def _scripts_pipeline(self, calls: list[tuple[Any, list[str], list[Any]]]) -> list[Any]:
+        """Script calls made together (a wake leases for many waiters at once; their heartbeats then
+        come together): each script once per call, in order, in one pipeline. Each call stays atomic
+        and gets its own answer or error."""
+        if len(calls) == 1:
+            script, names, args = calls[0]
+            return [await script(keys=names, args=args)]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for script, names, args in calls:
+                pipe.evalsha(script.sha, len(names), *names, *args)
+            answers = await pipe.execute(raise_on_error=False)
+        # Redis lost its scripts (a restart, SCRIPT FLUSH): nothing ran for those; once more, loading them
+        return [
+            await script(keys=names, args=args) if isinstance(answer, NoScriptError) else answer
+            for (script, names, args), answer in zip(calls, answers, strict=True)
+        ]
 
     async def lease_more(
         self, volunteer: str, job: int, attempts: list[str], now: float, network: str = "", head: str = ""
@@ -416,11 +434,8 @@ class RedisQueue(Queue):
     async def extend(self, attempts: list[str], now: float) -> int:
         if not attempts:
             return 0
-        return int(
-            await self._extend(
-                keys=[keys.LEASES, keys.DEADLINES, keys.LIMITS], args=[repr(now), repr(self.grace), *attempts]
-            )
-        )
+        names = [keys.LEASES, keys.DEADLINES, keys.LIMITS]
+        return int(await self._script_calls.call((self._extend, names, [repr(now), repr(self.grace), *attempts])))
 
     async def live(self, attempts: list[str]) -> dict[str, Lease]:
         if not attempts:

@@ -85,9 +85,13 @@ async def save(
 async def restore(storage: Storage, wanted: dict[int, str]) -> dict[int, str]:
     """The JSON text of the last checkpoint of each task's lineage (``{task: owner}``), where there is one.
 
-    One query for a whole lease batch: a job that never checkpoints pays one indexed look-up per batch."""
-    if not wanted:
-        return {}
+    One query for a whole lease batch, and for the lease batches of many volunteers at once when they
+    come together (a wake): a job that never checkpoints pays one indexed look-up per batch."""
+    return await storage.checkpoint_reads.load(wanted)
+
+
+async def read_checkpoints(storage: Storage, wanted: dict[int, str]) -> dict[int, str]:
+    """``restore``'s query, for the calls ``storage.checkpoint_reads`` merged."""
     query = sa.select(checkpoints.c.task_id, checkpoints.c.owner, checkpoints.c.state_ct).where(
         checkpoints.c.task_id.in_(list(wanted)), checkpoints.c.state_ct.is_not(None)
     )

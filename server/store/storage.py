@@ -7,6 +7,7 @@ Values that hold research data (code, inputs, results, output, errors) are seale
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable
 from typing import Any
@@ -15,6 +16,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from server.batching import Coalescer
 from server.crypto import Box, code_hash
 from server.protocol import JOB_TERMINAL, AttemptOutcome, JobState, TaskState
 from server.queue import ReadyItem
@@ -28,6 +30,7 @@ from server.store.outcomes import Outcomes
 from server.store.tables import attempts, jobs, tasks
 
 INSERT_CHUNK = 1000
+CODE_KEPT = 32  # jobs whose code (at most UVM_MAX_CODE_BYTES each), name and description are kept decrypted
 TXN_TASKS = 20_000  # tasks saved per transaction when a job has more
 # Tasks made ready at a time (server/jobs/feeder.py): a range job's task rows and ready-queue entries
 # are created window by window as hand-out reaches them; a list job's rows all at submit (its inputs
@@ -44,6 +47,12 @@ class Storage(Accounts, Outcomes, Credit):
         self.engine = engine
         self.box = box
         self._jobs: dict[int, JobInfo] = {}
+        # Inputs and checkpoints of the tasks leased: one query for all the leases made at once (a wake)
+        self._input_reads: Coalescer[int, Any] = Coalescer(self._read_inputs)
+        self._info_reads: Coalescer[int, JobInfo] = Coalescer(self._read_infos)
+        self.checkpoint_reads: Coalescer[int, str] = Coalescer(functools.partial(live.read_checkpoints, self))
+        self._shown: dict[int, tuple[str, str, str]] = {}  # job -> code, name, description (see _job_shown)
+        self._shown_reads: Coalescer[int, tuple[str, str, str]] = Coalescer(self._read_shown)
 
     # -------------------------------------------------------------------------------- jobs
     async def create_job(self, researcher_id: int, spec: JobSpec, limit: int) -> int:
@@ -170,46 +179,64 @@ class Storage(Accounts, Outcomes, Credit):
         info = self._jobs.get(job_id)
         if info is not None and info.state not in JOB_TERMINAL:
             return info
-        async with self.engine.connect() as conn:
-            row = (await conn.execute(sa.select(jobs).where(jobs.c.id == job_id))).first()
-        if row is None:
-            return None
-        info = JobInfo(
-            row.id,
-            row.researcher_id,
-            row.state,
-            row.code_hash,
-            row.inputs_kind,
-            row.range_start or 0,
-            row.range_step or 1,
-            row.timeout,
-            row.priority,
-            row.max_attempts,
-            json.loads(row.requirements),
-            _verification(row),
-        )
-        if len(self._jobs) > 10_000:
-            self._jobs.clear()
-        self._jobs[job_id] = info
+        info = (await self._info_reads.load({job_id: None})).get(job_id)
+        if info is not None:
+            if len(self._jobs) > 10_000:
+                self._jobs.clear()
+            self._jobs[job_id] = info
         return info
+
+    async def _read_infos(self, wanted: dict[int, None]) -> dict[int, JobInfo]:
+        """``job_info``'s query, for the calls made together (a wake's leases of a new job)."""
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(sa.select(jobs).where(jobs.c.id.in_(list(wanted))))).all()
+        return {
+            row.id: JobInfo(
+                row.id,
+                row.researcher_id,
+                row.state,
+                row.code_hash,
+                row.inputs_kind,
+                row.range_start or 0,
+                row.range_step or 1,
+                row.timeout,
+                row.priority,
+                row.max_attempts,
+                json.loads(row.requirements),
+                _verification(row),
+            )
+            for row in rows
+        }
 
     def forget_job(self, job_id: int) -> None:
         self._jobs.pop(job_id, None)
 
     async def job_code(self, job_id: int) -> str:
-        async with self.engine.connect() as conn:
-            blob = (await conn.execute(sa.select(jobs.c.code_ct).where(jobs.c.id == job_id))).scalar()
-        if blob is None:
-            raise NotFound(f"no job {job_id}")
-        return self.box.open_text(blob, f"job:{job_id}:code")
+        return (await self._job_shown(job_id))[0]
 
     async def job_about(self, job_id: int) -> tuple[str, str]:
         """A job's name and public description: what its volunteers are shown."""
+        _, name, description = await self._job_shown(job_id)
+        return name, description
+
+    async def _job_shown(self, job_id: int) -> tuple[str, str, str]:
+        """A job's code, name and description (none of which change), kept for the last CODE_KEPT jobs:
+        the volunteers a wake gave a new job's tasks all ask for its code at once."""
+        shown = self._shown.get(job_id)
+        if shown is None:
+            found = await self._shown_reads.load({job_id: None})
+            if job_id not in found:
+                raise NotFound(f"no job {job_id}")
+            shown = self._shown[job_id] = found[job_id]
+            while len(self._shown) > CODE_KEPT:
+                del self._shown[next(iter(self._shown))]
+        return shown
+
+    async def _read_shown(self, wanted: dict[int, None]) -> dict[int, tuple[str, str, str]]:
+        query = sa.select(jobs.c.id, jobs.c.code_ct, jobs.c.name, jobs.c.description).where(jobs.c.id.in_(list(wanted)))
         async with self.engine.connect() as conn:
-            row = (await conn.execute(sa.select(jobs.c.name, jobs.c.description).where(jobs.c.id == job_id))).first()
-        if row is None:
-            raise NotFound(f"no job {job_id}")
-        return row.name, row.description
+            rows = (await conn.execute(query)).all()
+        return {r.id: (self.box.open_text(r.code_ct, f"job:{r.id}:code"), r.name, r.description) for r in rows}
 
     async def get_job(self, researcher_id: int | None, job_id: int) -> dict:
         where = [jobs.c.id == job_id]
@@ -393,9 +420,12 @@ class Storage(Accounts, Outcomes, Credit):
         return out
 
     async def task_inputs(self, task_ids: list[int]) -> dict[int, Any]:
-        """Decrypted inputs of list-input tasks (other kinds have no stored input)."""
-        if not task_ids:
-            return {}
+        """Decrypted inputs of list-input tasks (other kinds have no stored input); the calls made
+        together share one query."""
+        return await self._input_reads.load(dict.fromkeys(task_ids))
+
+    async def _read_inputs(self, wanted: dict[int, None]) -> dict[int, Any]:
+        task_ids = list(wanted)
         async with self.engine.connect() as conn:
             rows = (
                 await conn.execute(
