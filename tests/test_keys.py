@@ -175,7 +175,10 @@ async def test_rotate_key_while_volunteers_work(serve, caplog):
     server that knows only k2 reads everything."""
     code = "def main(x):\n    return x * x\n"
     async with aiohttp.ClientSession() as session:
-        api1, app1 = await serve(key=K1, key_id="k1")
+        # no chunks on the first server: its two volunteers, told to stop at 60 results, finish what they
+        # hold first, and chunks of hundreds of tiny tasks would have finished the job (the key must
+        # rotate while it runs); the second server hands out in chunks as usual
+        api1, app1 = await serve(key=K1, key_id="k1", chunk_target=0.0)
         finished = await api1.submit(code, list(range(40)))
         running = await api1.submit(code, list(range(600)), max_attempts=5)
         stop = asyncio.Event()
