@@ -171,7 +171,12 @@ async def test_redis_connections_killed_mid_job_hand_out_resumes(serve, voluntee
             for client in await killer.client_list():  # the server's connections, pub/sub and pool
                 if client["name"] == f"uvm-{app[K.config].instance}":
                     await killer.client_kill_filter(_id=client["id"])
-            await _until(lambda n=n: bus.restarts >= n and bus.state == "running", "the bus loop to restart")
+            # restarted and subscribed again (alive since its restart): a kill before its new connection
+            # exists would miss it, and the next round would wait for a restart that never comes
+            await _until(
+                lambda n=n: bus.restarts >= n and bus.state == "running" and (bus.last_ok or 0) >= bus.started_at,
+                "the bus loop to restart",
+            )
     finally:
         await killer.aclose()
 

@@ -114,7 +114,9 @@ def test_protocol_caps_output_and_rejects_unserialisable():
     with pytest.raises(P.ProtocolError, match="too large"):
         P.decode("x" * (P.MAX_MESSAGE_BYTES + 1))
     with pytest.raises(P.ProtocolError, match="at most"):
-        P.decode(json.dumps({"type": "results", "results": [{"attempt": "a", "task": 1}] * 65}))
+        P.decode(
+            json.dumps({"type": "results", "results": [{"attempt": "a", "task": 1}] * (P.MAX_RESULTS_PER_MESSAGE + 1)})
+        )
 
 
 def test_state_enums_have_terminal_sets():
