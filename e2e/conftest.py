@@ -13,7 +13,9 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import http.server
+import io
 import json
 import os
 import socket
@@ -24,6 +26,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -59,18 +62,37 @@ def free_port() -> int:
 
 
 class _IndexHandler(http.server.BaseHTTPRequestHandler):
-    """A stand-in package index: records what is asked, has nothing (404). These machines have no
-    internet and the npm Pyodide holds no packages; Pyodide's own wheels (checked against the pinned
-    lock's sha256) are not on PyPI, so nothing here could serve one that loads."""
+    """A stand-in package index: records what is asked, serves its ``files``, 404 for the rest."""
 
     def do_GET(self) -> None:  # noqa: N802 -- http.server's naming
         self.server.asked.append(self.path)  # type: ignore[attr-defined]
-        self.send_response(404)
+        body = self.server.files.get(self.path.rsplit("/", 1)[-1])  # type: ignore[attr-defined]
+        self.send_response(404 if body is None else 200)
         self.send_header("Access-Control-Allow-Origin", "*")
+        self.send_header("Content-Length", str(len(body or b"")))
         self.end_headers()
+        self.wfile.write(body or b"")
 
     def log_message(self, *args: object) -> None:
         pass
+
+
+DEMO_PACKAGE = "uvm-demo-pkg"  # the one package the stand-in index has (built here: pure Python)
+
+
+def _demo_wheel() -> tuple[str, bytes]:
+    """A minimal pure-Python wheel: ``import uvm_demo_pkg; uvm_demo_pkg.ANSWER == 42``."""
+    name = "uvm_demo_pkg-1.0-py3-none-any.whl"
+    info = "uvm_demo_pkg-1.0.dist-info"
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as wheel:
+        wheel.writestr("uvm_demo_pkg/__init__.py", "ANSWER = 42\n")
+        wheel.writestr(f"{info}/METADATA", "Metadata-Version: 2.1\nName: uvm-demo-pkg\nVersion: 1.0\n")
+        wheel.writestr(
+            f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: uvm-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+        )
+        wheel.writestr(f"{info}/RECORD", "")
+    return name, buffer.getvalue()
 
 
 @dataclasses.dataclass
@@ -81,11 +103,29 @@ class PackageIndex:
 
 @pytest.fixture(scope="module")
 def package_index() -> Iterator[PackageIndex]:
-    """A stand-in for UVM_PACKAGE_INDEX_URL; ``asked`` lists the paths the workers requested."""
+    """A stand-in for an operator's own Pyodide distribution (UVM_PACKAGE_INDEX_URL with
+    UVM_PACKAGE_LOCK=index): its ``pyodide-lock.json`` is our pinned lock plus ``uvm-demo-pkg``,
+    whose wheel it serves; anything else (Pyodide's own wheels: not on these offline machines) is a
+    404. ``asked`` lists the paths the workers requested."""
+    wheel_name, wheel = _demo_wheel()
+    lock = json.loads((ROOT / "public" / "node_modules" / "pyodide" / "pyodide-lock.json").read_text())
+    lock["packages"][DEMO_PACKAGE] = {
+        "name": DEMO_PACKAGE,
+        "version": "1.0",
+        "file_name": wheel_name,
+        "install_dir": "site",
+        "sha256": hashlib.sha256(wheel).hexdigest(),
+        "package_type": "package",
+        "imports": ["uvm_demo_pkg"],
+        "depends": [],
+        "unvendored_tests": False,
+        "tool": {},
+    }
     port = free_port()
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", port), _IndexHandler)
     index = PackageIndex(f"http://127.0.0.1:{port}/pyodide-packages/")
     httpd.asked = index.asked  # type: ignore[attr-defined]
+    httpd.files = {"pyodide-lock.json": json.dumps(lock).encode(), wheel_name: wheel}  # type: ignore[attr-defined]
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     yield index
     httpd.shutdown()

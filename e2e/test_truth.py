@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from e2e.conftest import ROOT, LiveServer, _cli, fake_device, open_volunteer_page, wait_state
+from e2e.conftest import DEMO_PACKAGE, ROOT, LiveServer, _cli, fake_device, open_volunteer_page, wait_state
 
 PASSWORD = "truth-pass-1"
 READY_MS = 90_000
@@ -29,7 +29,7 @@ BAD = "def main(x):\n    if x >= 0:\n        raise ValueError(f'bad value {x}')\
 @pytest.fixture(scope="module")
 def server(live_server, package_index) -> LiveServer:
     """The server, with a dashboard account whose token submits the jobs the dashboard shows."""
-    base = live_server(UVM_PACKAGE_INDEX_URL=package_index.url)
+    base = live_server(UVM_PACKAGE_INDEX_URL=package_index.url, UVM_PACKAGE_LOCK="index")
     email = f"truth-{uuid.uuid4().hex[:8]}@example.org"
     token = _cli(base.env, "researcher", "add", email, "--password-stdin", stdin=PASSWORD + "\n").splitlines()[-1]
     server = dataclasses.replace(base, token=token.strip())
@@ -182,6 +182,20 @@ def test_try_loads_requirements_and_says_when_code_does_not_compile(dashboard, p
     page.wait_for_selector("#try-output[data-outcome=error]", timeout=READY_MS)
     assert "The code does not compile" in page.inner_text("#try-output")
     shot(page, screenshots, "try-does-not-compile")
+    # a package of the index's own lock file is loaded from it, and the code imports it
+    write("import uvm_demo_pkg\n\ndef main(x):\n    return uvm_demo_pkg.ANSWER + x\n")
+    page.fill("#opt-requirements", DEMO_PACKAGE)
+    page.evaluate("document.getElementById('try-output').hidden = true")
+    page.click("#try-button")
+    page.wait_for_selector("#try-output[data-outcome=ok]:not([hidden])", timeout=READY_MS)
+    assert page.inner_text("#try-output .result").strip() == "43"  # ANSWER + the first input, 1
+    asked = package_index.asked
+    assert (
+        "/pyodide-packages/pyodide-lock.json" in asked
+        and "/pyodide-packages/uvm_demo_pkg-1.0-py3-none-any.whl" in asked
+    )
+    shot(page, screenshots, "try-requirements")
+    # one the index lists but cannot serve: a clear error naming it and the index
     write("import six\n\ndef main(x):\n    return six.PY3\n")
     page.fill("#opt-requirements", "six")
     page.click("#try-button")
@@ -190,9 +204,7 @@ def test_try_loads_requirements_and_says_when_code_does_not_compile(dashboard, p
         timeout=READY_MS,
     )
     assert f"could not load requirements six from {package_index.url}" in page.inner_text("#try-output")
-    asked = package_index.asked
     assert "/pyodide-packages/six-1.17.0-py2.py3-none-any.whl" in asked, asked
-    shot(page, screenshots, "try-requirements")
     page.fill("#opt-requirements", "")
 
 

@@ -11,6 +11,9 @@
 const params = new URL(self.location.href).searchParams;
 const pyodideURL = params.get("pyodide");
 const packageIndexURL = params.get("index") || undefined;
+// "index" (UVM_PACKAGE_LOCK): the operator's own Pyodide distribution, whose lock file lists its
+// packages; otherwise the lock file of our pinned npm Pyodide checks every package loaded.
+const lockFileURL = params.get("lock") === "index" && packageIndexURL ? `${packageIndexURL}pyodide-lock.json` : undefined;
 const early = [];
 let handle = (event) => early.push(event);
 self.onmessage = (event) => handle(event);
@@ -66,7 +69,7 @@ function contain() {
 async function boot() {
   const started = performance.now();
   const { loadPyodide } = await import(`${pyodideURL}pyodide.mjs`);
-  const pyodide = await loadPyodide({ indexURL: pyodideURL, packageBaseUrl: packageIndexURL });
+  const pyodide = await loadPyodide({ indexURL: pyodideURL, packageBaseUrl: packageIndexURL, lockFileURL });
   const source = await (await fetch("/py/runner.py")).text();
   contain();
   pyodide.FS.writeFile("/home/pyodide/uvm_runner.py", source);

@@ -48,6 +48,7 @@ class Config:
     listen_backlog: int = 4096  # pending TCP connections the kernel queues (capped by net.core.somaxconn)
     event_loop: str = "uvloop"  # uvloop when installed (faster websockets), or asyncio
     package_index_url: str = ""  # empty: Pyodide's CDN for the pinned Pyodide version (server/web/static.py)
+    package_lock: str = "pinned"  # pinned: our npm Pyodide's lock file; index: the index's own pyodide-lock.json
     public_url: str = ""  # the origin people reach us at (https://compute.example.edu); empty: the listen address
     trusted_proxies: tuple[str, ...] = ()  # networks whose X-Forwarded-For/-Proto are believed
     metrics_token: str = ""  # Bearer token that may read /metrics
@@ -110,6 +111,7 @@ class Config:
             "UVM_CHECKPOINT_EVERY": ("checkpoint_every", _positive_float),
             "UVM_LISTEN_BACKLOG": ("listen_backlog", _positive_int),
             "UVM_PACKAGE_INDEX_URL": ("package_index_url", str),
+            "UVM_PACKAGE_LOCK": ("package_lock", _package_lock),
             "UVM_EVENT_LOOP": ("event_loop", _event_loop),
             "UVM_PUBLIC_URL": ("public_url", _public_url),
             "UVM_TRUSTED_PROXIES": ("trusted_proxies", _networks),
@@ -140,6 +142,11 @@ class Config:
             raise ConfigError(
                 f"UVM_IDLE_HEARTBEAT={config.idle_heartbeat:g} is below UVM_HEARTBEAT={config.heartbeat:g}: "
                 "idle volunteers' heartbeats only grow apart"
+            )
+        if config.package_lock == "index" and not config.package_index_url:
+            raise ConfigError(
+                "UVM_PACKAGE_LOCK=index needs UVM_PACKAGE_INDEX_URL: the lock file of your own Pyodide "
+                "distribution is read from there (the default CDN's packages are checked against our pinned lock)"
             )
         if any(kid == config.key_id for kid, _ in config.old_keys):
             raise ConfigError(f"UVM_OLD_KEYS names {config.key_id!r}, the current UVM_KEY_ID; give old keys other ids")
@@ -222,6 +229,12 @@ def _networks(raw: str) -> tuple[str, ...]:
 def _token(raw: str) -> str:
     if raw and len(raw) < 16:
         raise ValueError("use at least 16 characters (python3 -c 'import secrets; print(secrets.token_urlsafe())')")
+    return raw
+
+
+def _package_lock(raw: str) -> str:
+    if raw not in ("pinned", "index"):
+        raise ValueError("expected pinned or index")
     return raw
 
 

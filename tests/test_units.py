@@ -165,6 +165,8 @@ def test_passwords_hashed_with_salt():
         ({"UVM_HEARTBEAT": "30", "UVM_IDLE_HEARTBEAT": "20"}, "is below UVM_HEARTBEAT"),
         ({"UVM_MAX_BODY_BYTES": "lots"}, "UVM_MAX_BODY_BYTES"),
         ({"UVM_ALLOWED_ORIGINS": "evil.example"}, "http://"),
+        ({"UVM_PACKAGE_LOCK": "cdn"}, "expected pinned or index"),
+        ({"UVM_PACKAGE_LOCK": "index"}, "UVM_PACKAGE_LOCK=index needs UVM_PACKAGE_INDEX_URL"),
     ],
 )
 def test_config_fails_loudly(env, needle):

@@ -173,6 +173,7 @@ def page_vars(config: Config | None, public_dir: Path, root: Path, app_name: str
         "%PYODIDE_URL%": urls["pyodide"],
         "%PYSCRIPT_URL%": urls["pyscript"],
         "%PACKAGE_INDEX_URL%": package_index_url(config, public_dir),
+        "%PACKAGE_LOCK%": config.package_lock if config is not None else "pinned",
         "%PYSCRIPT_FILES%": pyscript_files(python_sources(root), app_name),
     }
 

@@ -646,7 +646,7 @@ async def main() -> None:
     base = str(window.location.origin)
     worker_url = (
         f"{base}/static/worker.js?pyodide={js.encodeURIComponent(config.pyodide)}"
-        f"&index={js.encodeURIComponent(config.packageIndex)}"
+        f"&index={js.encodeURIComponent(config.packageIndex)}&lock={js.encodeURIComponent(config.packageLock)}"
     )
     app = Dashboard(worker_url)
     window.uvm_dashboard = create_proxy(lambda: json.dumps({"view": app.view, "me": app.me, "job": app.job}))

@@ -738,7 +738,7 @@ async def main() -> None:
     base = str(window.location.origin)
     worker_url = (
         f"{base}/static/worker.js?pyodide={js.encodeURIComponent(config.pyodide)}"
-        f"&index={js.encodeURIComponent(config.packageIndex)}"
+        f"&index={js.encodeURIComponent(config.packageIndex)}&lock={js.encodeURIComponent(config.packageLock)}"
     )
     socket_url = base.replace("http", "ws", 1) + "/ws/volunteer"
     # ?spare=0 turns the pre-booted spare worker off (bench/browser.py measures job switches both ways).
