@@ -52,6 +52,18 @@ local function activate(r)
     redis.call('ZADD', ACTIVE, low[2] or 0, r)
   end
 end
+-- the lease scripts' record of one leased task (their KEYS: leases, deadlines, cancelled, running,
+-- leased_tasks, limits), and its answer (attempt, entry, deadline) appended to ``out``
+local function hold(out, attempt, score, member, task, vol, inst, deadline, limit)
+  local entry = score .. '|' .. member .. '|' .. vol .. '|' .. inst
+  redis.call('HSET', KEYS[6], attempt, tostring(limit))
+  redis.call('HSET', KEYS[1], attempt, entry)
+  redis.call('HSET', KEYS[5], task, attempt)
+  redis.call('ZADD', KEYS[2], deadline, attempt)
+  table.insert(out, attempt)
+  table.insert(out, entry)
+  table.insert(out, tostring(deadline))
+end
 """
 
 # KEYS: leases, deadlines, cancelled, running, leased_tasks, limits ; ARGV: now, grace, volunteer,
@@ -147,14 +159,8 @@ while i < n and #skipped + wasted < max_skipped do
       pass[r] = pass[r] + 1 / tonumber(redis.call('HGET', SHARES, r) or 'DEFAULT_SHARE')
       local attempt = ARGV[first + i]
       local deadline = now + tonumber(timeout) + grace
-      redis.call('HSET', KEYS[6], attempt, tostring(now + SPAN * tonumber(timeout) + grace))
-      redis.call('HSET', KEYS[1], attempt, score .. '|' .. member .. '|' .. vol .. '|' .. inst)
-      redis.call('HSET', KEYS[5], task, attempt)
-      redis.call('ZADD', KEYS[2], deadline, attempt)
+      hold(out, attempt, score, member, task, vol, inst, deadline, now + SPAN * tonumber(timeout) + grace)
       redis.call('HINCRBY', KEYS[4], job, 1)
-      table.insert(out, attempt)
-      table.insert(out, score .. '|' .. member .. '|' .. vol .. '|' .. inst)
-      table.insert(out, tostring(deadline))
     end
   end
 end
@@ -194,13 +200,7 @@ while i < n and #skipped < max_skipped do
       local attempt = ARGV[10 + i]
       local deadline = now + tonumber(timeout) + grace
       limit = now + span * tonumber(timeout) + grace
-      redis.call('HSET', KEYS[6], attempt, tostring(limit))
-      redis.call('HSET', KEYS[1], attempt, score .. '|' .. member .. '|' .. vol .. '|' .. inst)
-      redis.call('HSET', KEYS[5], task, attempt)
-      redis.call('ZADD', KEYS[2], deadline, attempt)
-      table.insert(out, attempt)
-      table.insert(out, score .. '|' .. member .. '|' .. vol .. '|' .. inst)
-      table.insert(out, tostring(deadline))
+      hold(out, attempt, score, member, task, vol, inst, deadline, limit)
     end
   end
 end
