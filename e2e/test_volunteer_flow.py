@@ -53,16 +53,22 @@ def start(page) -> None:  # noqa: ANN001
     wait_state(page, lambda s: s["running"])
 
 
-def test_two_pages_complete_a_200_task_job_like_native(browser, server) -> None:
-    inputs = list(range(200))
-    job = server.submit(SQUARES, inputs, name="squares", timeout=30, max_attempts=2)
+def started_pages(browser, server, n: int, cores: int) -> list:  # noqa: ANN001
+    """``n`` volunteer pages, each in a context of its own on a device of ``cores``, all started."""
     pages = []
-    for _ in range(2):
+    for _ in range(n):
         context = browser.new_context()
-        context.add_init_script(fake_device(cores=2))
+        context.add_init_script(fake_device(cores=cores))
         pages.append(open_volunteer_page(context, server))
     for page in pages:
         start(page)
+    return pages
+
+
+def test_two_pages_complete_a_200_task_job_like_native(browser, server) -> None:
+    inputs = list(range(200))
+    job = server.submit(SQUARES, inputs, name="squares", timeout=30, max_attempts=2)
+    pages = started_pages(browser, server, 2, cores=2)
     done = server.wait(job, timeout=90, page=pages[0])
     assert done["state"] == "done", done
     results = server.results(job)
@@ -242,13 +248,7 @@ def test_pages_run_a_chunked_job_in_few_worker_calls(browser, server) -> None:
     right and recorded once, and a task's error stays that task's (two pages corroborate it)."""
     inputs = list(range(600))
     job = server.submit(TINY, inputs, name="tiny", timeout=30, max_attempts=2)
-    pages = []
-    for _ in range(2):
-        context = browser.new_context()
-        context.add_init_script(fake_device(cores=1))
-        pages.append(open_volunteer_page(context, server))
-    for page in pages:
-        start(page)
+    pages = started_pages(browser, server, 2, cores=1)
     done = server.wait(job, timeout=120, page=pages[0])
     assert done["state"] == "failed" and done["counts"]["done"] == 599 and done["counts"]["failed"] == 1, done
     results = server.results(job)
