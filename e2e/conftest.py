@@ -347,6 +347,22 @@ def browser() -> Iterator[object]:
         chromium.close()
 
 
+@pytest.fixture(autouse=True)
+def _close_test_contexts(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Close every browser context a test opened, even when it failed before its own close: a page
+    left open stays a connected volunteer and would take the next test's tasks from the module's
+    shared server. Contexts of module fixtures (opened before the test) are left alone."""
+    if "browser" not in request.fixturenames:
+        yield
+        return
+    chromium = request.getfixturevalue("browser")
+    before = set(chromium.contexts)
+    yield
+    for context in chromium.contexts:
+        if context not in before:
+            context.close()
+
+
 @pytest.fixture(scope="session")
 def screenshots() -> Path:
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)

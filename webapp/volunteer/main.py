@@ -108,7 +108,9 @@ class App:
         self.running_specs: dict[str, protocol.TaskSpec] = {}
         self.arrived: dict[str, float] = {}  # attempt -> when its task arrived (job switch timings)
         self.restored_tasks: list[int] = []  # tasks this page found in its vault when it opened
-        self.held_at_stop: list[int] = []  # tasks held (running or waiting) when Stop was last pressed
+        # single tasks held (running or waiting) when Stop was last pressed: kept to run after Start
+        # (a chunk is not kept: the server requeues it when the socket closes)
+        self.held_at_stop: list[int] = []
         self.task_seconds: float | None = None  # moving average of one task's (or chunk's) time here
         self.results: dict[str, dict] = {}  # attempt -> Outcome dict, not yet acknowledged
         # Chunks (protocol 5) live in memory only: about a second of work, neither put in the vault nor
@@ -192,7 +194,7 @@ class App:
             self.link.start()
         self.pump()
         if not running:
-            self.held_at_stop = [s.task for s in self.running_specs.values()] + [s.task for s in self.queue]
+            self.held_at_stop = self.kept_tasks()
             self.resumed.update(self.held_attempts(chunks=False))
             self.pool.discard_prewarmed()
             self.pool.stop_all()
@@ -290,6 +292,11 @@ class App:
         are not kept across a closed socket."""
         specs = [*self.running_specs.values(), *self.queue]
         return [s.attempt for s in specs if chunks or not s.more]
+
+    def kept_tasks(self) -> list[int]:
+        """Held single tasks (running or queued): the vault keeps them across a reload or a Stop; a
+        chunk is not kept (the server requeues it when the socket closes)."""
+        return [s.task for s in [*self.running_specs.values(), *self.queue] if not s.more]
 
     def pump(self) -> None:
         """Bring everything in line with the plan; called after every event."""
@@ -714,6 +721,7 @@ class App:
             "queued": [s.attempt for s in self.queue],
             "queued_tasks": [s.task for s in self.queue],
             "running_tasks": [s.task for s in self.running_specs.values()],
+            "kept_tasks": self.kept_tasks(),
             "restored_tasks": list(self.restored_tasks),
             "held_at_stop": list(self.held_at_stop),
             "unacked": list(self.results),
