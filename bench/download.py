@@ -54,26 +54,27 @@ def _rss_mib() -> float:
 
 
 async def make_job(storage: Storage, rows: int) -> int:
-    """A range job of ``rows`` tasks, all done, with their results sealed per task."""
+    """A range job of ``rows`` tasks, every one materialised (a task row) and done, with its result
+    sealed as the server seals it. Range jobs are materialised lazily in windows (server/jobs/feeder.py)
+    and a download renders the indices with no row yet without reading anything, so every row is
+    written here: the download then reads, decrypts and renders ``rows`` stored results."""
     researcher = await storage.add_researcher("bench@example.org", "x", hash_token(TOKEN))
     job = await storage.create_job(
         researcher, JobSpec(code="def main(x):\n    return x\n", inputs_kind="range", range_stop=rows), 1024
     )
-    async with storage.engine.connect() as conn:
-        ids = [r.id for r in await conn.execute(sa.select(tasks.c.id, tasks.c.idx).where(tasks.c.job_id == job))]
+    async with storage.engine.begin() as conn:
+        await conn.execute(tasks.delete().where(tasks.c.job_id == job))  # the first window, made anew below
     base = {"job_id": job, "state": "done", "attempts": 1, "replicas": 1, "accepted": "1/1", "finished_at": 1.0}
-    for start in range(0, len(ids), 5000):
+    for start in range(0, rows, 5000):
         batch = []
-        for task_id in ids[start : start + 5000]:
-            idx = task_id - ids[0]
+        for idx in range(start, min(rows, start + 5000)):
+            task_id = idx + 1  # a fresh database holds this job alone
             result = storage.box.seal_json(idx * idx + 1, f"task:{task_id}:result")
             batch.append({**base, "id": task_id, "idx": idx, "result_ct": result})
-        stmt = mysql_insert(tasks).values(batch)
-        stmt = stmt.on_duplicate_key_update(state=stmt.inserted.state, result_ct=stmt.inserted.result_ct)
         async with storage.engine.begin() as conn:
-            await conn.execute(stmt)
+            await conn.execute(mysql_insert(tasks).values(batch))
     async with storage.engine.begin() as conn:
-        await conn.execute(jobs.update().where(jobs.c.id == job).values(state="done", n_done=rows))
+        await conn.execute(jobs.update().where(jobs.c.id == job).values(state="done", n_done=rows, materialised=rows))
     return job
 
 
@@ -94,10 +95,10 @@ async def existing_job(engine, rows: int) -> int | None:  # noqa: ANN001
     """The job a ``--keep`` run left, if it has ``rows`` tasks."""
     try:
         async with engine.connect() as conn:
-            n = (await conn.execute(sa.select(jobs.c.n_done).where(jobs.c.id == 1))).scalar()
+            row = (await conn.execute(sa.select(jobs.c.n_done, jobs.c.materialised).where(jobs.c.id == 1))).first()
     except sa.exc.SQLAlchemyError:
         return None
-    return 1 if n == rows else None
+    return 1 if row is not None and row.n_done == row.materialised == rows else None
 
 
 async def main(args: argparse.Namespace) -> None:

@@ -9,6 +9,7 @@ lets a download pass 100,000 rows/s (``bench/download.py``). The texts are the o
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import json
@@ -74,7 +75,8 @@ async def result_pages(
     storage: Storage, job_id: int, start: int = 0, limit: int | None = None, page: int | None = None
 ) -> AsyncIterator[list[ResultRow]]:
     """The tasks of a job from index ``start`` in input order (at most ``limit``), decrypted, one page
-    of ``page`` (default ``PAGE``) rows at a time: memory stays that of one page whatever the job's size."""
+    of ``page`` (default ``PAGE``) rows at a time, the next page read while this one is rendered: memory
+    stays that of two pages whatever the job's size."""
     page = page or PAGE
     info = await storage.job_info(job_id)
     window = await storage.window_of(job_id)
@@ -83,35 +85,49 @@ async def result_pages(
     # a range job's inputs are not stored; a job of no inputs has the one input None
     first, step = (info.range_start, info.range_step) if info.inputs_kind == "range" else (None, 0)
     open_, new_row = storage.box.opener(), tuple.__new__  # (the hot loop below: ~1 µs a row saved each)
-    last = start - 1
-    left = limit
-    while left is None or left > 0:
-        query = page_query(job_id, last, page if left is None else min(page, left))
+
+    async def fetch(after: int, n: int) -> list:
         async with storage.engine.connect() as conn:
-            rows = (await conn.execute(query)).all()
-        if not rows:
-            if first is not None:  # a range job's indices that hand-out has not reached: no rows yet
-                async for out in _unmaterialised(window, first, step, last + 1, left, page):
-                    yield out
-            return
-        parts = await _partial_texts(storage, job_id, rows[0].idx, rows[-1].idx)
-        with _collector_paused():
-            out = []
-            # one decryption per stored value, no call for a NULL column
-            for tid, idx, state, _attempts, input_ct, result_ct, output_ct, error_ct, replicas, accepted in rows:
-                if input_ct is not None:
-                    input_text = json_text(open_(input_ct, b"job:%d:input:%d" % (job_id, idx)))
-                else:
-                    input_text = "null" if first is None else str(first + idx * step)
-                result = json_text(open_(result_ct, b"task:%d:result" % tid)) if result_ct is not None else None
-                error = (open_(error_ct, b"task:%d:error" % tid).decode() or None) if error_ct is not None else None
-                output = open_(output_ct, b"task:%d:output" % tid).decode() if output_ct is not None else ""
-                fields = (idx, input_text, state, result, error, output, accepted, replicas, parts.get(idx, NONE))
-                out.append(new_row(ResultRow, fields))
-        yield out
-        last = rows[-1].idx
-        if left is not None:
-            left -= len(rows)
+            return (await conn.execute(page_query(job_id, after, n))).all()
+
+    # The next page's query runs (in the database, on another core) while this page is decrypted
+    # and rendered: two pages in memory at most, and the database's time hidden behind ours.
+    left = limit
+    pending: asyncio.Future | None = asyncio.ensure_future(fetch(start - 1, page if left is None else min(page, left)))
+    try:
+        while pending is not None:
+            rows = await pending
+            pending = None
+            if not rows:
+                if first is not None:  # a range job's indices that hand-out has not reached: no rows yet
+                    async for out in _unmaterialised(window, first, step, start, left, page):
+                        yield out
+                return
+            start = rows[-1].idx + 1
+            if left is not None:
+                left -= len(rows)
+            if left is None or left > 0:
+                pending = asyncio.ensure_future(fetch(start - 1, page if left is None else min(page, left)))
+            parts = await _partial_texts(storage, job_id, rows[0].idx, rows[-1].idx)
+            with _collector_paused():
+                out = []
+                # one decryption per stored value, no call for a NULL column
+                for tid, idx, state, _attempts, input_ct, result_ct, output_ct, error_ct, replicas, accepted in rows:
+                    if input_ct is not None:
+                        input_text = json_text(open_(input_ct, b"job:%d:input:%d" % (job_id, idx)))
+                    else:
+                        input_text = "null" if first is None else str(first + idx * step)
+                    result = json_text(open_(result_ct, b"task:%d:result" % tid)) if result_ct is not None else None
+                    error = (open_(error_ct, b"task:%d:error" % tid).decode() or None) if error_ct is not None else None
+                    output = open_(output_ct, b"task:%d:output" % tid).decode() if output_ct is not None else ""
+                    fields = (idx, input_text, state, result, error, output, accepted, replicas, parts.get(idx, NONE))
+                    out.append(new_row(ResultRow, fields))
+            yield out
+    finally:
+        if pending is not None:  # the reader went away (a closed download): no query left running
+            pending.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await pending
 
 
 async def _unmaterialised(

@@ -477,16 +477,7 @@ class Storage(Accounts, Outcomes, Credit):
         (the end of the job when everything after ``start`` was seen). Lets a client fetch each
         result once, by range, instead of every row on every change.
         """
-        query = (
-            sa.select(tasks.c.idx)
-            .where(
-                tasks.c.job_id == job_id,
-                tasks.c.idx >= start,
-                tasks.c.state.in_([TaskState.DONE.value, TaskState.FAILED.value]),
-            )
-            .order_by(tasks.c.idx)
-            .limit(limit)
-        )
+        query = finished_query(job_id, start, limit)
         async with self.engine.connect() as conn:
             indices = (await conn.execute(query)).scalars().all()
         runs: list[list[int]] = []
@@ -609,16 +600,40 @@ _JOB_COLUMNS = (
 PAGE = 2000  # rows per page of ``iter_tasks`` (a job's errors, the inputs of a ``results_of`` job)
 
 
+def _walk(query: sa.Select, index: str) -> sa.Select:
+    """On MySQL/MariaDB, read ``query`` as a range on ``index``: for a job that is most of the table,
+    MariaDB otherwise picks `ref` on job_id alone and reads every row of the job from its first one
+    up to the page (ANALYZE does not change that), so a download of 1M rows read 100M index entries."""
+    hint = f"FORCE INDEX ({index})"
+    return query.with_hint(tasks, hint, "mysql").with_hint(tasks, hint, "mariadb")
+
+
+def finished_query(job_id: int, start: int, limit: int) -> sa.Select:
+    """Indices ``>= start`` of a job's finished tasks, in order (``Storage.finished_runs``)."""
+    return _walk(
+        sa.select(tasks.c.idx)
+        .where(
+            tasks.c.job_id == job_id,
+            tasks.c.idx >= start,
+            tasks.c.state.in_([TaskState.DONE.value, TaskState.FAILED.value]),
+        )
+        .order_by(tasks.c.idx)
+        .limit(limit),
+        "uq_tasks_job_idx",
+    )
+
+
 def queued_page_query(job_id: int, after: int, limit: int, below: int | None = None) -> sa.Select:
     """A page of a job's open tasks in input order, of indices below ``below`` when given (what the
     ready queue is filled from): a range on ``ix_tasks_job_state_idx`` (job_id, state, idx), so each
     page reads its own rows only; on (job_id, state) alone every page read and sorted all the open
     tasks left (the 1M-task submit)."""
-    query = (
+    query = _walk(
         sa.select(tasks.c.id, tasks.c.idx)
         .where(tasks.c.job_id == job_id, tasks.c.state == TaskState.OPEN.value, tasks.c.idx > after)
         .order_by(tasks.c.idx)
-        .limit(limit)
+        .limit(limit),
+        "ix_tasks_job_state_idx",
     )
     return query if below is None else query.where(tasks.c.idx < below)
 
@@ -644,6 +659,7 @@ def page_query(job_id: int, after: int, limit: int, only_errors: bool = False) -
         .order_by(tasks.c.idx)
         .limit(limit)
     )
+    query = _walk(query, "uq_tasks_job_idx")
     return query.where(tasks.c.error_ct.is_not(None)) if only_errors else query
 
 
