@@ -104,6 +104,39 @@ def test_the_server_words_a_refused_result_as_the_runner_does(value: object) -> 
     assert received.result is None and received.error == ran["error"]
 
 
+@pytest.mark.parametrize(
+    "value",
+    [
+        None,
+        True,
+        10**299,
+        10**400,  # past the quick bound: written out, and within the limit
+        -1.5e308,
+        float("inf"),
+        float("-inf"),
+        "z" * 100,
+        "\U0001f600" * 40,  # 12 characters of JSON each: a pair of escapes
+        "\U0001f600" * 43,
+        "\u00e9" * 20,
+        [1, 2],
+    ],
+)
+def test_the_quick_checks_of_small_results_agree_with_writing_them_out(value: object) -> None:
+    """Small results pass without being written out as JSON; at a limit of 500 bytes, each is
+    refused or kept exactly as measuring its JSON would decide."""
+    limit = 500
+    try:
+        size = len(json.dumps(value, allow_nan=False, separators=(",", ":")))
+    except ValueError:
+        size = None
+    received = P.Outcome("a", 1, result=value)
+    validate_received_result(received, limit)
+    if size is not None and size <= limit:
+        assert received.error is None and received.result == value
+    else:
+        assert received.result is None and received.error.startswith("ValueError: the result of main() is")
+
+
 def _calls(path: Path) -> set[str]:
     tree = ast.parse(path.read_text())
     return {n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}

@@ -304,7 +304,14 @@ class Validator:
         self._verdicts(batch, decision, replicas)
         own = o.output if o.output else None
         if decision.kind == ACCEPT:
-            chosen = next((r for r in replicas if r.error is None and agree(r.result, decision.value, None)), None)
+            chosen = next(
+                (
+                    r
+                    for r in replicas
+                    if r.error is None and (r.result is decision.value or agree(r.result, decision.value, None))
+                ),
+                None,
+            )
             output = own if chosen is not None and chosen.volunteer == volunteer else None
             writes.decide(
                 TaskDecision(

@@ -184,6 +184,10 @@ class Outcomes:
         for a in writes.attempts:
             o, task = a["outcome"], a["task"]
             reported = a["reported"]
+            verdict = writes.verdicts.get(o.attempt, "pending") if reported is not None else None
+            # A lone result accepted under replication 1 is never compared again: the task row holds
+            # it, so its attempt keeps only the verdict (one seal a task less).
+            kept = reported if verdict != "single" else None
             rows.append(
                 {
                     "id": o.attempt,
@@ -194,9 +198,9 @@ class Outcomes:
                     "elapsed": o.elapsed,
                     "finished_at": now,
                     "reported_ct": (
-                        self.box.seal_json(reported, f"attempt:{o.attempt}:reported") if reported is not None else None
+                        self.box.seal_json(kept, f"attempt:{o.attempt}:reported") if kept is not None else None
                     ),
-                    "verdict": writes.verdicts.get(o.attempt, "pending") if reported is not None else None,
+                    "verdict": verdict,
                     "credit": writes.credit.get(o.attempt),
                 }
             )
