@@ -130,6 +130,7 @@ def run_job(context, server: LiveServer, code: str, n: int, cores: int) -> dict:
     counts = last["counts"]
     return {
         "chunk_ms": 1000 * counts.get("chunk_seconds", 0) / max(1, counts.get("chunked_tasks", 0)),
+        "results_ms": 1000 * counts.get("results_seconds", 0) / max(1, counts.get("chunked_tasks", 0)),
         "workers": len(last["workers"]),
         "tasks_per_s": done / wall,
         "per_task_ms": 1000 * wall / done,
@@ -269,7 +270,8 @@ def print_trivial(browser, server: LiveServer, n: int) -> None:  # noqa: ANN001
     print(
         f"trivial task, 1 worker, {n} tasks: {trivial['per_task_ms']:.3f} ms per task end to end "
         f"({trivial['tasks_per_s']:.1f} tasks/s; main() itself {trivial['utilisation']:.1%} of the time; "
-        f"a chunk's call into the worker {trivial['chunk_ms']:.3f} ms a task); "
+        f"a chunk's call into the worker {trivial['chunk_ms']:.3f} ms a task, "
+        f"the page's handling of its results {trivial['results_ms']:.3f} ms a task); "
         f"load {os.getloadavg()[0]:.2f}"
     )
     context.close()

@@ -143,6 +143,7 @@ class App:
             "chunks": 0,  # chunks run (protocol 5): several tasks in one call of a worker
             "chunked_tasks": 0,
             "chunk_seconds": 0.0,
+            "results_seconds": 0.0,  # this page's own handling of results: collecting and sending them
         }
         self.first_result_at: float | None = None
         self.opened_at = time.monotonic()
@@ -390,13 +391,17 @@ class App:
         age = time.monotonic() - self.oldest_result if self.oldest_result else 0.0
         if not self.welcomed or not supervisor.should_flush(len(waiting), age, self.plan.batch_results):
             return
+        begun = time.monotonic()
         most = protocol.MAX_RESULTS_PER_MESSAGE if self.chunks_seen else protocol.MAX_TASKS_PER_MESSAGE
-        for outcomes in protocol.split_results([protocol.Outcome(**self.results[a]) for a in waiting], most):
-            if not self.link.send(protocol.Results(results=outcomes)):
-                return
-            self.counts["results_messages"] += 1
-            self.in_flight.update(o.attempt for o in outcomes)
-        self.oldest_result = None
+        try:
+            for outcomes in protocol.split_results([protocol.Outcome(**self.results[a]) for a in waiting], most):
+                if not self.link.send(protocol.Results(results=outcomes)):
+                    return
+                self.counts["results_messages"] += 1
+                self.in_flight.update(o.attempt for o in outcomes)
+            self.oldest_result = None
+        finally:
+            self.counts["results_seconds"] += time.monotonic() - begun
 
     def on_update(self, spec, text: str) -> None:
         """A running task's uvm update: throttled to the server; its checkpoint into the vault, so
@@ -473,6 +478,7 @@ class App:
         if answer.get("stopped") or epoch != self.link_epoch or spec.attempt in self.cancelled:
             self.pump()
             return
+        begun = time.monotonic()
         items = spec.items()
         many = answer.get("outcomes")
         if not isinstance(many, list) or len(many) != len(items):
@@ -498,6 +504,7 @@ class App:
         self.counts["chunked_tasks"] += len(outcomes)
         if self.oldest_result is None:
             self.oldest_result = time.monotonic()
+        self.counts["results_seconds"] += time.monotonic() - begun
         self.pump()
 
     def count_many(self, outcomes: list[dict]) -> None:
