@@ -154,6 +154,48 @@ async def test_a_closed_socket_requeues_its_whole_chunk(serve):
     assert [r["result"] for r in rows] == [x * x + 1 for x in range(200)]
 
 
+async def test_a_chunk_stopped_as_a_whole_charges_none_of_its_tasks(serve, backend):
+    """The page stops a chunk's worker once the whole chunk could have timed out; every task then
+    reports that timeout. None is charged an attempt (most ran fine): even with max_attempts=1 they
+    go back to the queue and are done later. A task that timed out alone in a chunk is charged."""
+    api, app = await serve(chunk_target=1.0)
+    job = await api.submit(TINY, list(range(60)), timeout=30, max_attempts=1)
+    async with api.session.ws_connect(_url(api)) as ws:
+        await _hello(ws)
+        warm = await _warm(ws)
+        (chunk,) = await _lease(ws, 1)
+        items = chunk.items()
+        assert len(items) > 1
+        error = f"timed out after {30 * len(items)} s: the worker running its chunk of {len(items)} tasks was stopped"
+        stopped = [P.Outcome(i.attempt, i.task, error=error, timeout=True, elapsed=30) for i in items]
+        await ws.send_str(P.encode(P.Results(stopped)))
+        ack = await _next(ws, "ack")
+        assert ack["attempts"] == [] and sorted(ack["ignored"]) == sorted(i.attempt for i in items)
+        status = await api.job(job)
+        assert status["counts"]["failed"] == 0 and status["counts"]["queued"] == 60 - warm, status["counts"]
+        rows = await _done_attempts(app, job, ("abandoned",))
+        assert sorted(task for task, _ in rows) == sorted(i.task for i in items)
+        # back to single tasks (a timeout was measured); warm again, then a chunk where one task timed
+        # out in the runner and the others returned: that one alone is charged (and fails: 1 attempt)
+        await _warm(ws, rounds=4)
+        (chunk,) = await _lease(ws, 1)
+        items = chunk.items()
+        assert len(items) > 1
+        mixed = [P.Outcome(items[0].attempt, items[0].task, error="timed out after 30 s", timeout=True, elapsed=30)]
+        mixed += [P.Outcome(i.attempt, i.task, result=i.input * i.input + 1, elapsed=0.001) for i in items[1:]]
+        await ws.send_str(P.encode(P.Results(mixed)))
+        ack = await _next(ws, "ack")
+        assert sorted(ack["attempts"]) == sorted(i.attempt for i in items)
+        assert (await api.job(job))["counts"]["failed"] == 1
+        while (await api.job(job))["state"] not in ("done", "failed"):  # the rest, answered honestly
+            specs = await _lease(ws, 1)
+            if specs:
+                await _report(ws, specs)
+    rows = json.loads(await api.results(job))
+    assert [r["index"] for r in rows if r["state"] == "failed"] == [items[0].index]
+    assert [r["result"] for r in rows if r["state"] == "done"] == [x * x + 1 for x in range(60) if x != items[0].index]
+
+
 async def test_caps_bound_a_hoarder_asking_for_chunks(serve):
     """A chunk is one slot of the lease cap; its size is bounded by MAX_CHUNK_TASKS and by the
     results the connection delivered; more asks get nothing while the slot is taken."""

@@ -909,9 +909,16 @@ class Dispatcher:
             _clamp_elapsed(outcome, 0.0 if job is None else timeouts[job])
             if job is not None:  # its run time, a claim clamped, sizes the job's chunks
                 self.chunk_sizer.measured(job, outcome.elapsed, outcome.timeout)
-        future = asyncio.get_running_loop().create_future()
-        await self._outcomes.put((sock, outcomes, future))
-        rec = await future
+        stopped = _stopped_chunks(sock, outcomes)
+        if stopped:
+            outcomes = [o for o in outcomes if o.attempt not in stopped]
+            await self._give_back(sock, stopped)
+        rec = Recorded()
+        if outcomes:
+            future = asyncio.get_running_loop().create_future()
+            await self._outcomes.put((sock, outcomes, future))
+            rec = await future
+        rec.ignored += stopped  # the volunteer forgets them: they are in the queue again
         for attempt in rec.acked + rec.ignored:
             sock.unhold(attempt)
         sock.delivered += len(rec.acked)
@@ -922,6 +929,30 @@ class Dispatcher:
         if sock.strays > STRAY_LIMIT:
             raise Misbehaving("too many results for attempts this connection does not hold")
         return rec
+
+    async def _give_back(self, sock: VolunteerSocket, attempts: list[str]) -> None:
+        """A chunk's worker was stopped as a whole (the page's timeout for the chunk): which of its
+        tasks hung is unknown, and most ran fine, so none is charged an attempt. They go back to the
+        queue at once, recorded as abandoned; the timeouts already sent the job back to single tasks
+        (``ChunkSizer.measured``), where the task that hangs is found and charged alone."""
+        sock.lose(attempts)  # a late result for one is then neither a stray nor credited
+        leases = await self.queue.requeue(attempts)
+        if not leases:
+            return
+        logger.info(
+            "volunteer %s: a chunk stopped as a whole, %d tasks back in the queue, none charged",
+            sock.volunteer,
+            len(leases),
+            extra={"volunteer": sock.volunteer, "attempts": [le.attempt for le in leases]},
+        )
+        self.metrics.attempts.labels("abandoned").inc(len(leases))
+        try:
+            await self.storage.record_lost(leases, AttemptOutcome.ABANDONED)
+        except Exception as exc:  # requeued already; only the attempts' record is missing
+            if not is_outage(exc):
+                raise
+            self.db_health.failed(exc)
+        await self.work_arrived(len(leases))
 
     async def _run_outcomes(self) -> None:
         """Commit outcomes in batches of up to ``intake_batch``, one transaction per batch."""
@@ -1078,6 +1109,24 @@ def network_of(address: str) -> str:
         ip = ip.ipv4_mapped
     prefix = 24 if ip.version == 4 else 64
     return "net:" + str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
+
+
+def _stopped_chunks(sock: VolunteerSocket, outcomes: list[Outcome]) -> list[str]:
+    """Attempts of chunks this message reports as stopped as a whole: two or more tasks of one chunk
+    held here, every one of them a timeout. The runner gives a task that overran its own timeout
+    alone; when the page stops the chunk's worker, every task gets the same timeout."""
+    by_chunk: dict[str, list[Outcome]] = {}
+    for outcome in outcomes:
+        head = sock.chunk_of.get(outcome.attempt)
+        if head is not None and outcome.attempt in sock.held:
+            by_chunk.setdefault(head, []).append(outcome)
+    stopped = [
+        o.attempt
+        for mine in by_chunk.values()
+        if len(mine) >= 2 and all(o.timeout and o.error is not None for o in mine)
+        for o in mine
+    ]
+    return list(dict.fromkeys(stopped))
 
 
 def validate_received_result(outcome: Outcome, limit: int) -> None:

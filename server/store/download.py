@@ -88,7 +88,7 @@ async def result_pages(
 
     async def fetch(after: int, n: int) -> list:
         async with storage.engine.connect() as conn:
-            return (await conn.execute(page_query(job_id, after, n))).all()
+            return list((await conn.execute(page_query(job_id, after, n))).all())
 
     # The next page's query runs (in the database, on another core) while this page is decrypted
     # and rendered: two pages in memory at most, and the database's time hidden behind ours.
