@@ -40,7 +40,11 @@ async def test_heartbeat_keeps_a_lease_and_silence_expires_it(serve):
         for _ in range(16):
             await ws.send_str(P.encode(P.Heartbeat([a["attempt"]])))
             await asyncio.sleep(0.1)
-        status = await api.job(job)
+        for _ in range(20):  # what a connection computes is written within COMPUTING_EVERY of a change
+            status = await api.job(job)
+            if status["counts"]["running"] == 1:
+                break
+            await asyncio.sleep(0.05)
         assert status["counts"]["running"] == 1 and status["counts"]["queued"] == 1  # b expired, requeued
         ack = P.Outcome(a["attempt"], a["task"], result=a["input"])
         await ws.send_str(P.encode(P.Results([ack])))

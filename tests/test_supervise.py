@@ -209,6 +209,7 @@ async def test_redis_connections_killed_mid_job_hand_out_resumes(serve, voluntee
     bus = health["loops"]["bus"]
     assert bus["state"] == "running" and bus["restarts"] >= 3
     assert "Connection" in bus["last_error"]
-    assert set(health["loops"]) == {"submissions", "outcomes", "reaper", "feeder", "bus", "events", "wake", "seen"}
+    loops = {"submissions", "outcomes", "reaper", "feeder", "bus", "events", "wake", "seen", "computing"}
+    assert set(health["loops"]) == loops
     assert all(loop["state"] == "running" for loop in health["loops"].values())
     assert health["ready"] == 0 and health["ok"] is True

@@ -186,6 +186,11 @@ class Queue(abc.ABC):
         tasks of each job now (workers busy, prefetch not counted), until ``ttl`` seconds from now
         unless told again; for the jobs in ``gone`` it computes nothing any more."""
 
+    async def computing_many(self, entries: list[tuple[str, str, dict[int, int], list[int]]], ttl: float) -> None:
+        """``computing`` for many connections: (key, volunteer, per_job, gone) each, in one call."""
+        for key, volunteer, per_job, gone in entries:
+            await self.computing(key, volunteer, per_job, gone, ttl)
+
     @abc.abstractmethod
     async def computing_counts(self, jobs: list[int]) -> dict[int, tuple[int, int]]:
         """Per job: (distinct volunteers computing it, tasks being computed), from live reports."""

@@ -481,14 +481,19 @@ class RedisQueue(Queue):
     async def computing(
         self, key: str, volunteer: str, per_job: dict[int, int], gone: Iterable[int], ttl: float
     ) -> None:
+        await self.computing_many([(key, volunteer, per_job, list(gone))], ttl)
+
+    async def computing_many(self, entries: list[tuple[str, str, dict[int, int], list[int]]], ttl: float) -> None:
         expires = time.time() + ttl
         async with self.redis.pipeline(transaction=False) as pipe:
-            for job in gone:
-                pipe.hdel(f"{keys.COMPUTING}{job}", key)
-            for job, n in per_job.items():
-                pipe.hset(f"{keys.COMPUTING}{job}", key, computing_entry(volunteer, n, expires))
-                pipe.expire(f"{keys.COMPUTING}{job}", int(ttl) + 1)  # a job nobody reports on goes away
-            await pipe.execute()
+            for key, volunteer, per_job, gone in entries:
+                for job in gone:
+                    pipe.hdel(f"{keys.COMPUTING}{job}", key)
+                for job, n in per_job.items():
+                    pipe.hset(f"{keys.COMPUTING}{job}", key, computing_entry(volunteer, n, expires))
+                    pipe.expire(f"{keys.COMPUTING}{job}", int(ttl) + 1)  # a job nobody reports on goes away
+            if len(pipe):
+                await pipe.execute()
 
     async def computing_counts(self, jobs: list[int]) -> dict[int, tuple[int, int]]:
         if not jobs:
