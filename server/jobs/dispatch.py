@@ -911,22 +911,28 @@ class Dispatcher:
         sock.closed = True
         self._computing_due.pop(sock, None)
         await self._write_computing([sock])
-        leases = await self.queue.requeue(held)
-        if leases:
-            logger.info(
-                "volunteer %s left holding %d attempts: back in the queue",
-                sock.volunteer,
-                len(leases),
-                extra={"volunteer": sock.volunteer, "attempts": [le.attempt for le in leases]},
-            )
-            self.metrics.attempts.labels("abandoned").inc(len(leases))
-            try:
-                await asyncio.shield(self.storage.record_lost(leases, AttemptOutcome.ABANDONED))
-            except Exception as exc:  # requeued already; only the attempt's record is missing
-                if not is_outage(exc):
-                    raise
-                self.db_health.failed(exc)
-            await self.work_arrived(len(leases))  # after the record: see _reap
+        await self._put_back(sock, held, "volunteer %s left holding %d attempts: back in the queue")
+
+    async def _put_back(self, sock: VolunteerSocket, attempts: list[str], message: str) -> None:
+        """These attempts of ``sock`` end without a result and without charging their tasks: back in
+        the ready queue at once, recorded as abandoned, the waiting volunteers woken."""
+        leases = await self.queue.requeue(attempts)
+        if not leases:
+            return
+        logger.info(
+            message,
+            sock.volunteer,
+            len(leases),
+            extra={"volunteer": sock.volunteer, "attempts": [le.attempt for le in leases]},
+        )
+        self.metrics.attempts.labels("abandoned").inc(len(leases))
+        try:
+            await asyncio.shield(self.storage.record_lost(leases, AttemptOutcome.ABANDONED))
+        except Exception as exc:  # requeued already; only the attempts' record is missing
+            if not is_outage(exc):
+                raise
+            self.db_health.failed(exc)
+        await self.work_arrived(len(leases))  # after the record: see _reap
 
     # -------------------------------------------------------------------------- outcomes
     async def report(self, sock: VolunteerSocket, outcomes: list[Outcome]) -> Recorded:
@@ -977,23 +983,7 @@ class Dispatcher:
         queue at once, recorded as abandoned; the timeouts already sent the job back to single tasks
         (``ChunkSizer.measured``), where the task that hangs is found and charged alone."""
         sock.lose(attempts)  # a late result for one is then neither a stray nor credited
-        leases = await self.queue.requeue(attempts)
-        if not leases:
-            return
-        logger.info(
-            "volunteer %s: a chunk stopped as a whole, %d tasks back in the queue, none charged",
-            sock.volunteer,
-            len(leases),
-            extra={"volunteer": sock.volunteer, "attempts": [le.attempt for le in leases]},
-        )
-        self.metrics.attempts.labels("abandoned").inc(len(leases))
-        try:
-            await self.storage.record_lost(leases, AttemptOutcome.ABANDONED)
-        except Exception as exc:  # requeued already; only the attempts' record is missing
-            if not is_outage(exc):
-                raise
-            self.db_health.failed(exc)
-        await self.work_arrived(len(leases))
+        await self._put_back(sock, attempts, "volunteer %s: a chunk stopped as a whole, %d tasks back in the queue")
 
     async def _run_outcomes(self) -> None:
         """Commit outcomes in batches of up to ``intake_batch``, one transaction per batch."""
