@@ -875,9 +875,11 @@ class Dispatcher:
             self._computing_due.clear()
             try:
                 await self._write_computing(due)
-            except Exception:  # Redis away: written again next time (the reports expire meanwhile)
+            except Exception as exc:  # Redis away: tried again in a while (the reports expire meanwhile)
+                logger.warning("could not write what %d connections compute: %s", len(due), exc)
                 self._computing_due.update(dict.fromkeys(sock for sock in due if not sock.closed))
-                raise
+                self._computing_wake.set()
+                continue
             self.loops["computing"].ok()
 
     def leave(self, sock: VolunteerSocket) -> asyncio.Task:
