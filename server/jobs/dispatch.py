@@ -867,6 +867,7 @@ class Dispatcher:
             await self._write_computing(late)
 
     async def _run_computing(self) -> None:
+        failing = False
         while True:
             await self._computing_wake.wait()
             self._computing_wake.clear()
@@ -876,10 +877,13 @@ class Dispatcher:
             try:
                 await self._write_computing(due)
             except Exception as exc:  # Redis away: tried again in a while (the reports expire meanwhile)
-                logger.warning("could not write what %d connections compute: %s", len(due), exc)
+                if not failing:  # once an outage, not four times a second
+                    logger.warning("could not write what %d connections compute: %s", len(due), exc)
+                failing = True
                 self._computing_due.update(dict.fromkeys(sock for sock in due if not sock.closed))
                 self._computing_wake.set()
                 continue
+            failing = False
             self.loops["computing"].ok()
 
     def leave(self, sock: VolunteerSocket) -> asyncio.Task:
