@@ -316,8 +316,10 @@ class Dashboard:
         await self.update_job(job, force=True)
 
     async def update_job(self, job: dict, force: bool = False) -> None:
-        self.job = job
         self.jobs[job["id"]] = job
+        if job["id"] != self.job_id:  # an answer that arrived after another job was opened
+            return
+        self.job = job
         _el("job-title").textContent = views.job_name(job)
         state = _el("job-state")
         text, css = views.state_label(job)
@@ -373,6 +375,8 @@ class Dashboard:
 
     async def load_errors(self, job_id: int) -> None:
         body = await api("GET", f"/api/jobs/{job_id}/errors")
+        if self.job_id != job_id:  # another job was opened meanwhile: this answer is not its
+            return
         _el("job-errors-card").hidden = not body.get("groups")
         _el("job-errors").innerHTML = views.errors_html(body)
         self.no_agreement = sum(g.get("count", 0) for g in body.get("groups") or [] if g.get("type") == "NoAgreement")
@@ -383,6 +387,8 @@ class Dashboard:
         if not any(verify.results_key(job)):
             return
         rows = await ndjson_rows(f"/api/jobs/{job['id']}/results?format=ndjson", limit=views.PREVIEW_ROWS)
+        if self.job_id != job["id"]:  # another job was opened meanwhile
+            return
         _el("job-results").innerHTML = views.results_table(rows, job["n_tasks"])
 
     async def cancel(self) -> None:
