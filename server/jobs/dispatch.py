@@ -253,7 +253,13 @@ class Dispatcher:
         self._seen: dict[str, dict] = {}  # volunteers who said hello, not yet written (see seen())
         self._seen_wake = asyncio.Event()
         self._passes: set[asyncio.Task] = set()  # reaper passes under way (see _run_reaper)
-        self.feeder = Feeder(storage, self.make_ready, lambda jobs: self.queue.running(jobs), config.reaper_interval)
+        self.feeder = Feeder(
+            storage,
+            self.make_ready,
+            lambda jobs: self.queue.running(jobs),
+            config.reaper_interval,
+            wanted=lambda: self.waiters.wanted,
+        )
         self.supervisor = self._supervise()
         self.loops = self.supervisor.loops  # name -> LoopState: /api/health and /metrics read these
         self.metrics.attach(self)

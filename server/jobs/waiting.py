@@ -45,7 +45,8 @@ class Waiters:
     def __init__(
         self, fill: Callable[[VolunteerSocket], Awaitable[list | None]], ready_count: Callable[[], Awaitable[int]]
     ) -> None:
-        self.held: dict[VolunteerSocket, None] = {}  # an ordered set: oldest first
+        self.held: dict[VolunteerSocket, int] = {}  # oldest first -> the tasks each asked for
+        self.wanted = 0  # the tasks the waiters ask for together (the feeder makes that many ready ahead)
         self.work = asyncio.Event()
         self._fill = fill
         self._ready_count = ready_count
@@ -57,15 +58,18 @@ class Waiters:
         return len(self.held)
 
     def hold(self, sock: VolunteerSocket) -> None:
-        self.held[sock] = None
+        self.drop(sock)
+        self.held[sock] = sock.wants
+        self.wanted += sock.wants
 
     def drop(self, sock: VolunteerSocket) -> None:
-        self.held.pop(sock, None)
+        self.wanted -= self.held.pop(sock, 0)
 
     def _to_back(self, sock: VolunteerSocket) -> None:
         """Tried and got nothing while the queue held work: the next pass tries others first."""
-        if self.held.pop(sock, 0) is None:
-            self.held[sock] = None
+        wants = self.held.pop(sock, None)
+        if wants is not None:
+            self.held[sock] = wants
 
     @staticmethod
     def interval(sock: VolunteerSocket, base: float, most: float) -> float:

@@ -36,6 +36,9 @@ TXN_TASKS = 20_000  # tasks saved per transaction when a job has more
 # are created window by window as hand-out reaches them; a list job's rows all at submit (its inputs
 # are the researcher's data), its ready-queue entries window by window.
 WINDOW = 2_000  # small: a window is one short transaction (SQLite has one writer), and the submit makes one
+# ...and when many volunteers wait, the feeder makes windows one after the other until what they ask
+# for is ready (10,000 waiters at prefetch 2: 20,000), at most this many tasks of a job ahead of hand-out
+AHEAD_MOST = 25 * WINDOW
 THROUGHPUT_WINDOW = 30.0  # seconds: a running job's throughput is over this much of its latest run
 __all__ = ["Conflict", "JobInfo", "NotFound", "Recorded", "Researcher", "Storage"]
 
@@ -280,9 +283,9 @@ class Storage(Accounts, Outcomes, Credit):
                     sa.select(jobs.c.timeout, jobs.c.priority, jobs.c.materialised).where(jobs.c.id == job_id)
                 )
             ).one()
-            # at most two windows are open in a job hand-out is going through (a job from before 0008
-            # may have more: the ready queue skips those of a cancelled job when it meets them)
-            query = queued_page_query(job_id, -1, 4 * WINDOW, below=job.materialised)
+            # at most AHEAD_MOST and two windows are open in a job hand-out is going through (a job from
+            # before 0008 may have more: the ready queue skips those of a cancelled job when it meets them)
+            query = queued_page_query(job_id, -1, AHEAD_MOST + 4 * WINDOW, below=job.materialised)
             ready = (await conn.execute(query)).all()
             await conn.execute(
                 tasks.update()
