@@ -14,6 +14,7 @@ import pytest
 from server import protocol as P
 from server.config import Config, ConfigError
 from server.crypto import Box, DecryptError, check_password, hash_password
+from server.jobs.dispatch import attempt_ids
 from server.web.app import create_app
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -272,3 +273,10 @@ def test_a_second_test_run_on_the_same_redis_stops_and_says_why() -> None:
     )
     assert other.returncode == 3, other.stdout + other.stderr
     assert "another test run uses the Redis on port" in other.stdout + other.stderr
+
+
+def test_attempt_ids_read_in_one_go_are_16_hex_digits_each_and_distinct() -> None:
+    ids = attempt_ids(1000)
+    assert len(ids) == 1000 and len(set(ids)) == 1000
+    assert all(len(a) == 16 and int(a, 16) >= 0 for a in ids)
+    assert attempt_ids(0) == []

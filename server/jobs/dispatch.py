@@ -636,7 +636,7 @@ class Dispatcher:
         n = min(n, self.lease_room(sock))
         if n <= 0:
             return []
-        attempts = [secrets.token_hex(8) for _ in range(n)]
+        attempts = attempt_ids(n)
         loaded = sock.loaded(jobs or [])
         network = self._network_rule(sock)  # once per lease call: it looks at every connected socket
         try:
@@ -697,7 +697,7 @@ class Dispatcher:
             )
             more = []
             if size > 1:
-                attempts = [secrets.token_hex(8) for _ in range(size - 1)]
+                attempts = attempt_ids(size - 1)
                 try:
                     more = await self.queue.lease_more(sock.volunteer, lease.job, attempts, now, network, lease.attempt)
                 except Exception:  # the answer was lost, maybe not the leases: give back what these ids took
@@ -1068,6 +1068,13 @@ class Dispatcher:
         jobs = await self.storage.list_jobs(researcher_id)
         await self._add_running(jobs)
         return jobs
+
+
+def attempt_ids(n: int) -> list[str]:
+    """``n`` new attempt ids (16 hex digits each) from one read of the system's randomness: a wake
+    leases for 10,000 volunteers, and a system call per id was a tenth of its time."""
+    raw = secrets.token_hex(8 * n)
+    return [raw[i : i + 16] for i in range(0, 16 * n, 16)]
 
 
 def network_of(address: str) -> str:
