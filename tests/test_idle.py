@@ -14,6 +14,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from server import protocol as P
+from server.jobs.dispatch import VolunteerSocket
+from server.jobs.waiting import Waiters
 from server.queue import redis_keys
 from server.web import appkeys as K
 from workers.sim import SimVolunteer, run_volunteers
@@ -81,7 +83,7 @@ async def test_2000_idle_volunteers_hear_only_heartbeats_then_get_work_pushed(se
         assert before[:4] == [">hello", "<welcome", ">ready", "<wait"] and before.count(">ready") == 1
         # every heartbeat answered by a `wait` (the last answer may still have been on its way)
         assert before.count("<wait") - before.count(">heartbeat") in (0, 1)
-        assert sim.waits[0] < sim.waits[1] < sim.waits[2] <= 4.0  # idle heartbeats grow apart
+        assert 1.0 <= sim.waits[0] <= 4.0 and 0.8 * min(4.0, 2 * sim.waits[0]) <= sim.waits[1] <= 4.0
         trace = sim.trace or []
         first = trace.index("<tasks")  # the job reached it: pushed, not asked for
         assert trace[:first].count(">ready") == 1 and "<tasks:0" not in trace
@@ -141,7 +143,7 @@ async def test_a_ready_at_its_cap_is_held_and_filled_when_results_are_acknowledg
         await hello(ws, workers=1, prefetch=0)  # a cap of one task
         (task,) = (await ask(ws, P.Ready(4)))["tasks"]
         wait = await ask(ws, P.Ready(4))
-        assert wait["type"] == "wait" and 0 < wait["heartbeat"] <= 10.0  # at its cap: held
+        assert wait["type"] == "wait" and 0 < wait["heartbeat"] <= 60.0  # at its cap: held
         await ask(ws, P.NeedCode(job, task["code_hash"]))
         ack = await ask(ws, P.Results([P.Outcome(task["attempt"], task["task"], result=task["input"] * 3)]))
         assert ack["type"] == "ack" and ack["attempts"] == [task["attempt"]]
@@ -171,13 +173,34 @@ async def test_ready_0_withdraws_a_held_ready_and_idle_heartbeats_grow(serve):
             reply = await ask(ws, P.Heartbeat([]))
             assert reply["type"] == "wait"
             beats.append(reply["heartbeat"])
-        assert 1.6 <= beats[0] <= 2.0 and 3.2 <= beats[1] <= 4.0 and 4.0 <= beats[2] <= 5.0 and beats[3] <= 5.0
+        assert 2.0 <= beats[0] <= 5.0  # the first: at random in [UVM_HEARTBEAT, UVM_IDLE_HEARTBEAT]
+        for last, beat in zip(beats, beats[1:], strict=False):  # then doubling up to 5, less up to a fifth
+            assert 0.8 * min(5.0, 2 * last) - 0.01 <= beat <= 5.0
         assert await ask(ws, P.Ready(0)) == {"type": "tasks", "tasks": []}  # withdrawn
         assert len(app[K.dispatcher].waiters) == 0
         await ws.send_str(P.encode(P.Heartbeat([])))  # not waiting: a heartbeat is not answered
         await api.submit(CODE, [1])
         with pytest.raises(asyncio.TimeoutError):
             await ws.receive(timeout=1.0)
+
+
+def test_idle_intervals_start_spread_over_a_whole_period_then_double_to_the_longest() -> None:
+    """10,000 volunteers that connect together must not beat in step: their first idle intervals are
+    spread over [UVM_IDLE_HEARTBEAT / 4, UVM_IDLE_HEARTBEAT] (never below UVM_HEARTBEAT), then each
+    doubles up to UVM_IDLE_HEARTBEAT, less up to a fifth; none is ever longer."""
+    socks = [VolunteerSocket(f"v{i}", send=None, capabilities=P.Capabilities()) for i in range(2000)]
+    first = [Waiters.interval(sock, 10.0, 60.0) for sock in socks]
+    assert 15.0 <= min(first) < 17.0 and 58.0 < max(first) <= 60.0
+    assert 0.2 < sum(f < 30.0 for f in first) / len(first) < 0.47  # a third of [15, 60]: spread, not in step
+    second = [Waiters.interval(sock, 10.0, 60.0) for sock in socks]
+    doubled = [min(60.0, 2 * a) for a in first]
+    assert all(0.8 * d - 0.01 <= b <= d + 0.01 for d, b in zip(doubled, second, strict=True))
+    later = [Waiters.interval(sock, 10.0, 60.0) for sock in socks for _ in range(3)]
+    assert min(later) >= 48.0 and max(later) <= 60.0
+    sock = VolunteerSocket("short", send=None, capabilities=P.Capabilities())
+    assert all(10.0 <= Waiters.interval(sock, 10.0, 20.0) <= 20.0 for _ in range(5))  # never below UVM_HEARTBEAT
+    sock.beat = 0.0  # tasks came: the next idle stretch starts over
+    assert Waiters.interval(sock, 10.0, 20.0) <= 20.0
 
 
 # ------------------------------------------------------------------- an error never drops the socket

@@ -118,7 +118,7 @@ class VolunteerSocket:
     protocol: int = PROTOCOL_VERSION  # the hello's version: below WAITING_SINCE, an idle ready is not held
     wants: int = 0  # the n of its held ready (protocol 4); 0: none held
     wants_jobs: list[int] = dataclasses.field(default_factory=list)  # the jobs that ready named as loaded
-    beat: float = 0.0  # the idle heartbeat interval last given in `wait` (server.jobs.waiting)
+    beat: float = 0.0  # its last `wait`'s idle interval before jitter; 0: not idle (server.jobs.waiting)
     lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)  # one lease at a time for it
 
     # Jobs this connection was handed tasks of, the latest last: the only ones its `ready` may name as

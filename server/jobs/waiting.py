@@ -11,8 +11,13 @@ what no signal announced (a lost pub/sub message, the database back after an out
 strikes forgiven with time).
 
 While waiting, a volunteer sends a ``heartbeat`` with no attempts every so often; each is answered
-by another ``wait`` whose interval doubles, from ``UVM_HEARTBEAT`` up to ``UVM_IDLE_HEARTBEAT``
-(less up to a fifth at random, so that volunteers who connected together drift apart).
+by another ``wait`` whose interval grows while it stays idle (``Waiters.interval``). The first is
+drawn at random over ``[UVM_IDLE_HEARTBEAT / 4, UVM_IDLE_HEARTBEAT]`` (not below ``UVM_HEARTBEAT``):
+10,000 volunteers that connected within seconds of each other (a page shared, a server restarted)
+then spread their beats over a whole period instead of beating in step, 10 s after connecting, then
+20 s, then 40. Each later one doubles the last up to ``UVM_IDLE_HEARTBEAT``, less up to a fifth at
+random. A volunteer gone silent is still found by the socket's own ping, after ``UVM_IDLE_HEARTBEAT
++ UVM_HEARTBEAT`` seconds of silence, as before: no interval given is longer than that.
 """
 
 from __future__ import annotations
@@ -31,7 +36,8 @@ logger = logging.getLogger(__name__)
 SWEEP = 5.0  # seconds between two looks for ready work that no signal announced
 BATCH = 1024  # waiters leased for at once in a round of a pass (their calls share round trips)
 MISSES = 16  # waiters that got nothing while the queue held work (all excluded), none woken since: stop
-JITTER = 0.2  # an idle interval is shortened by up to this fraction at random
+JITTER = 0.2  # an idle interval after the first is shortened by up to this fraction at random
+FIRST = 0.25  # the first idle interval is drawn from [this fraction of the longest, the longest]
 
 
 class Waiters:
@@ -73,8 +79,12 @@ class Waiters:
 
     @staticmethod
     def interval(sock: VolunteerSocket, base: float, most: float) -> float:
-        """The next idle heartbeat interval for this socket: ``base`` first, then doubling up to ``most``."""
-        sock.beat = base if sock.beat <= 0 else min(most, max(base, sock.beat * 2))
+        """The next idle heartbeat interval for this socket: the first at random in
+        ``[max(base, most * FIRST), most]``, then doubling up to ``most``, less up to ``JITTER``."""
+        if sock.beat <= 0:
+            sock.beat = random.uniform(min(most, max(base, most * FIRST)), most)
+            return round(sock.beat, 2)
+        sock.beat = min(most, sock.beat * 2)
         return round(sock.beat * (1.0 - JITTER * random.random()), 2)
 
     async def run(self, alive: Callable[[], None]) -> None:
