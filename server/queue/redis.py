@@ -344,6 +344,7 @@ class RedisQueue(Queue):
         self._drop = redis.register_script(_PRELUDE + _LUA_DROP)
         self._count = redis.register_script(_PRELUDE + _LUA_COUNT)
         self._script_calls = Batcher(self._scripts_pipeline)  # script calls made together: one round trip
+        self.reports = Batcher(self._reports_pipeline)  # `computing` reports made together: one round trip
 
     @staticmethod
     def _leases(flat: list) -> list[Lease]:
@@ -481,14 +482,21 @@ class RedisQueue(Queue):
     async def computing(
         self, key: str, volunteer: str, per_job: dict[int, int], gone: Iterable[int], ttl: float
     ) -> None:
-        expires = time.time() + ttl
+        await self.reports.call((key, volunteer, per_job, list(gone), ttl))
+
+    async def _reports_pipeline(self, calls: list[tuple[str, str, dict[int, int], list[int], float]]) -> list[Any]:
+        """The ``computing`` reports of many connections in one pipeline: 10,000 volunteers woken at
+        once report together (each its own pipeline was a seventh of the server's time then)."""
         async with self.redis.pipeline(transaction=False) as pipe:
-            for job in gone:
-                pipe.hdel(f"{keys.COMPUTING}{job}", key)
-            for job, n in per_job.items():
-                pipe.hset(f"{keys.COMPUTING}{job}", key, computing_entry(volunteer, n, expires))
-                pipe.expire(f"{keys.COMPUTING}{job}", int(ttl) + 1)  # a job nobody reports on goes away
+            for key, volunteer, per_job, gone, ttl in calls:
+                expires = time.time() + ttl
+                for job in gone:
+                    pipe.hdel(f"{keys.COMPUTING}{job}", key)
+                for job, n in per_job.items():
+                    pipe.hset(f"{keys.COMPUTING}{job}", key, computing_entry(volunteer, n, expires))
+                    pipe.expire(f"{keys.COMPUTING}{job}", int(ttl) + 1)  # a job nobody reports on goes away
             await pipe.execute()
+        return [None] * len(calls)
 
     async def computing_counts(self, jobs: list[int]) -> dict[int, tuple[int, int]]:
         if not jobs:

@@ -349,8 +349,8 @@ class Storage(Accounts, Outcomes, Credit):
                 return None
             if job.inputs_kind == "range":
                 for chunk in _chunks(range(seen, upto), INSERT_CHUNK):
-                    rows = [{"job_id": job_id, "idx": i, "state": TaskState.OPEN.value, "attempts": 0} for i in chunk]
-                    await conn.execute(tasks.insert(), [{**row, "replicas": 0} for row in rows])
+                    row = {"job_id": job_id, "state": TaskState.OPEN.value, "attempts": 0, "replicas": 0}
+                    await conn.execute(tasks.insert(), [{**row, "idx": i} for i in chunk])
             window = (await conn.execute(queued_page_query(job_id, seen - 1, WINDOW, below=upto))).all()
             items = [ReadyItem(job_id, r.id, r.idx, job.timeout, job.priority, job.researcher_id) for r in window]
             return upto, job.n_tasks, items
