@@ -382,6 +382,22 @@ class Storage(Accounts, Outcomes, Credit):
                 out.append((job.id, job.materialised, job.n_tasks, n_open))
         return out
 
+    async def open_counts(self) -> dict[int, int]:
+        """Per running job, its open tasks made ready (below ``materialised``): what the safety net
+        (``Dispatcher.restore_strays``) compares with the job's live leases before reading them all."""
+        query = (
+            sa.select(tasks.c.job_id, sa.func.count())
+            .select_from(tasks.join(jobs, jobs.c.id == tasks.c.job_id))
+            .where(
+                jobs.c.state == JobState.RUNNING.value,
+                tasks.c.state == TaskState.OPEN.value,
+                tasks.c.idx < jobs.c.materialised,
+            )
+            .group_by(tasks.c.job_id)
+        )
+        async with self.engine.connect() as conn:
+            return {job: n for job, n in (await conn.execute(query)).all()}
+
     async def window_of(self, job_id: int) -> tuple[str, int, int] | None:
         """(state, materialised, n_tasks) of a job; None if there is no such job."""
         async with self.engine.connect() as conn:
