@@ -27,8 +27,9 @@ PROTOCOL_VERSION = 5
 #    job affinity; a ``ready`` without it still works).
 # 4: idle volunteers wait instead of polling: a `ready` with nothing to hand out is answered by
 #    `wait` and held; the server pushes `tasks` when work arrives. An idle volunteer's `heartbeat`
-#    (no attempts) is answered by another `wait`, whose interval grows while it stays idle. A hello
-#    of version 3 or older keeps the old rule (an empty `tasks`: ask again later)
+#    (no attempts) is answered by another `wait`, whose interval grows while it stays idle; once it
+#    is the server's longest, heartbeats are not answered and the volunteer keeps its last interval.
+#    A hello of version 3 or older keeps the old rule (an empty `tasks`: ask again later)
 # 5: chunked hand-out: a `TaskSpec` may carry ``more``, further tasks of the same job leased with it
 #    (one slot of the lease cap, one message, one worker call). Each keeps its own attempt and gets
 #    its own result; a `heartbeat` naming a chunk's first attempt extends them all. A hello of
@@ -322,7 +323,8 @@ class Wait:
     """Server -> volunteer (protocol 4): nothing to hand out now; the ``ready`` is held, and ``tasks``
     will be pushed as soon as there is work (do not ask again). Send a ``heartbeat`` (with no
     attempts, while holding none) within ``heartbeat`` seconds: it is answered by another ``wait``
-    with a longer interval, up to the server's idle limit, while the volunteer stays idle."""
+    with a longer interval, up to the server's idle limit, while the volunteer stays idle. A heartbeat
+    not answered means: keep the interval of the last ``wait``."""
 
     heartbeat: float
     TYPE = "wait"

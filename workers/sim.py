@@ -9,7 +9,8 @@ research code's ``uvm`` calls (progress, checkpoints, partials) go out on the so
 messages while it runs, as the browser's do.
 
 Idle, it waits as the browser does (protocol 4): its ``ready`` answered by ``wait``, it sends only
-``heartbeat``s, at the interval each ``wait`` gives, until the server pushes ``tasks``. Many of
+``heartbeat``s, at the interval the last ``wait`` gave (a heartbeat at the server's longest
+interval is not answered), until the server pushes ``tasks``. Many of
 them share one process and one event loop (``run_volunteers``), connecting at random moments spread
 over ``ramp`` seconds, and reconnecting with jittered backoff.
 """

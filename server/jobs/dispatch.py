@@ -606,9 +606,12 @@ class Dispatcher:
             await sock.send(Wait(self.waiters.interval(sock, self.config.heartbeat, self.config.idle_heartbeat)))
 
     async def idle_heartbeat(self, sock: VolunteerSocket) -> None:
-        """A heartbeat with no attempts: a waiting volunteer is told to wait, a little longer each time."""
+        """A heartbeat with no attempts: a waiting volunteer is told to wait, a little longer each time.
+        Once its interval is the longest, its heartbeats are not answered: it keeps the interval of
+        its last ``wait`` (the page and volunteer-sim both do), so a long wait costs one message a
+        beat, not two (the socket's write is most of a message's cost)."""
         async with sock.lock:
-            if sock.wants:
+            if sock.wants and sock.beat < self.config.idle_heartbeat:
                 await sock.send(Wait(self.waiters.interval(sock, self.config.heartbeat, self.config.idle_heartbeat)))
 
     def _unwait(self, sock: VolunteerSocket) -> None:

@@ -16,8 +16,10 @@ drawn at random over ``[UVM_IDLE_HEARTBEAT / 4, UVM_IDLE_HEARTBEAT]`` (not below
 10,000 volunteers that connected within seconds of each other (a page shared, a server restarted)
 then spread their beats over a whole period instead of beating in step, 10 s after connecting, then
 20 s, then 40. Each later one doubles the last up to ``UVM_IDLE_HEARTBEAT``, less up to a fifth at
-random. A volunteer gone silent is still found by the socket's own ping, after ``UVM_IDLE_HEARTBEAT
-+ UVM_HEARTBEAT`` seconds of silence, as before: no interval given is longer than that.
+random; from there on heartbeats are not answered, and the volunteer keeps that interval
+(``Dispatcher.idle_heartbeat``). A volunteer gone silent is still found by the socket's own ping,
+after ``UVM_IDLE_HEARTBEAT + UVM_HEARTBEAT`` seconds of silence, as before: no interval given is
+longer than that.
 """
 
 from __future__ import annotations

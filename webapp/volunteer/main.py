@@ -10,8 +10,9 @@ without being downloaded again; then ``ready {n, jobs}`` asks for what the plan 
 jobs its workers have loaded (the server prefers their tasks: fewer job switches). Each task runs
 on an idle worker; its outcome is stored, then sent; it is forgotten only on ``ack``. With nothing
 to hand out the server answers ``wait`` and holds the ready (protocol 4): the page does not ask
-again, it sends a ``heartbeat`` when each ``wait`` says, and the server pushes ``tasks`` when work
-comes. A ready is sent again only when what the plan wants changes (``ready {0}`` when paused).
+again, it sends a ``heartbeat`` when the last ``wait`` says (again at that interval while they go
+unanswered, as they do at the server's longest), and the server pushes ``tasks`` when work comes.
+A ready is sent again only when what the plan wants changes (``ready {0}`` when paused).
 A chunk (protocol 5: a task with ``more``) runs on one worker in one call; its results are kept in
 memory only (no vault writes), sent together, and dropped if the socket closes first.
 """
