@@ -55,9 +55,10 @@ async def ask(ws, msg: object) -> dict:  # noqa: ANN001
 @pytest.mark.parametrize("backend", ["mariadb"])
 async def test_2000_idle_volunteers_hear_only_heartbeats_then_get_work_pushed(serve):
     """2,000 simulated volunteers in this one process connect (spread over 8 s) and wait. While there
-    is no work, the server sends each nothing but its `welcome` and `wait`s (one per ready, one per
-    idle heartbeat, each longer than the last); then a 4,000-task job is pushed to every one of them:
-    no volunteer asks twice, none ever gets an empty `tasks`. (Each does one batch and leaves.)
+    is no work, the server sends each nothing but its `welcome` and one `wait` (the ready's: each
+    idle heartbeat after it, each longer than the last, goes unanswered); then a 4,000-task job is
+    pushed to every one of them: no volunteer asks twice, none ever gets an empty `tasks`. (Each
+    does one batch and leaves.)
     The wake leases for many waiters at once: their checkpoint reads are a few queries, not one each."""
     api, app = await serve(heartbeat=1.0, idle_heartbeat=4.0)
     dispatcher, storage = app[K.dispatcher], app[K.storage]
@@ -67,9 +68,8 @@ async def test_2000_idle_volunteers_hear_only_heartbeats_then_get_work_pushed(se
     run = asyncio.create_task(run_volunteers(api.url, 0, stop=stop, ramp=N / 250, sims=sims, quiet=True))
     try:
         await until(lambda: len(dispatcher.waiters) == N, 300, f"{N} volunteers waiting")
-        # idle long enough for three heartbeats each (1 to 4 s apart): the last at the longest interval,
-        # not answered (the volunteer beats again at the interval it has)
-        await until(lambda: all((s.trace or []).count(">heartbeat") >= 3 for s in sims), 300, "three beats each")
+        # idle long enough for three heartbeats each, 1 to 4 s apart (each doubles the last, up to 4 s)
+        await until(lambda: all(len(s.beats) >= 3 for s in sims), 300, "three beats each")
         idle = [list(s.trace or []) for s in sims]
         reads = storage.checkpoint_reads.batches
         job = await api.submit(CODE, {"range": [2 * N]})
@@ -82,9 +82,9 @@ async def test_2000_idle_volunteers_hear_only_heartbeats_then_get_work_pushed(se
     for sim, before in zip(sims, idle, strict=True):
         assert set(before) == {">hello", "<welcome", ">ready", "<wait", ">heartbeat"}, before
         assert before[:4] == [">hello", "<welcome", ">ready", "<wait"] and before.count(">ready") == 1
-        # heartbeats answered while the interval grows (once or twice), not at the longest
-        assert 2 <= before.count("<wait") <= 3 <= before.count(">heartbeat")
-        assert 1.0 <= sim.waits[0] <= 4.0 and 0.8 * min(4.0, 2 * sim.waits[0]) - 0.01 <= sim.waits[1] <= 4.0
+        # one `wait`, the ready's: the volunteer grows its interval itself, no heartbeat is answered
+        assert before.count("<wait") == 1 and before.count(">heartbeat") >= 3
+        assert 1.0 <= sim.waits[0] <= 4.0 and sim.beats[:3] == [sim.waits[0], *(min(4.0, 2 * b) for b in sim.beats[:2])]
         trace = sim.trace or []
         first = trace.index("<tasks")  # the job reached it: pushed, not asked for
         assert trace[:first].count(">ready") == 1 and "<tasks:0" not in trace
@@ -166,9 +166,10 @@ async def test_a_protocol_3_volunteer_still_gets_an_empty_tasks(serve):
 
 
 async def test_ready_0_withdraws_a_held_ready_and_idle_heartbeats_grow_until_unanswered(serve):
+    """A volunteer of protocol 5 (a page open during an upgrade) is told each longer interval."""
     api, app = await serve(heartbeat=2.0, idle_heartbeat=5.0)
     async with api.session.ws_connect(ws_url(api)) as ws:
-        await hello(ws)
+        await hello(ws, protocol=5)
         beats = [(await ask(ws, P.Ready(1)))["heartbeat"]]
         assert 2.0 <= beats[0] <= 5.0  # the first: at random in [UVM_HEARTBEAT, UVM_IDLE_HEARTBEAT]
         while True:  # then each heartbeat gets a longer one (doubling up to 5, less up to a fifth)...
@@ -188,6 +189,24 @@ async def test_ready_0_withdraws_a_held_ready_and_idle_heartbeats_grow_until_una
         await api.submit(CODE, [1])
         with pytest.raises(asyncio.TimeoutError):
             await ws.receive(timeout=1.0)
+
+
+async def test_a_protocol_6_volunteer_grows_its_idle_interval_itself_and_hears_nothing_until_work(serve):
+    """Its `wait` says the longest interval; none of its idle heartbeats is answered; it is still held,
+    and work is pushed to it."""
+    api, app = await serve(heartbeat=2.0, idle_heartbeat=5.0)
+    async with api.session.ws_connect(ws_url(api)) as ws:
+        await hello(ws)
+        wait = await ask(ws, P.Ready(1))
+        assert wait["type"] == "wait" and 2.0 <= wait["heartbeat"] <= 5.0 and wait["longest"] == 5.0
+        for _ in range(3):
+            await ws.send_str(P.encode(P.Heartbeat([])))
+            with pytest.raises(TimeoutError):
+                await ws.receive(timeout=0.3)
+        assert len(app[K.dispatcher].waiters) == 1
+        await api.submit(CODE, [1])
+        pushed = json.loads((await ws.receive(timeout=10)).data)
+        assert pushed["type"] == "tasks" and len(pushed["tasks"]) == 1
 
 
 def test_idle_intervals_start_spread_over_a_whole_period_then_double_to_the_longest() -> None:

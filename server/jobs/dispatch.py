@@ -39,6 +39,7 @@ from server.jobs.validator import Validator
 from server.jobs.waiting import Waiters
 from server.protocol import (
     CHUNKS_SINCE,
+    IDLE_GROWS_SINCE,
     MAX_CHUNK_INPUT_BYTES,
     MAX_CHUNK_TASKS,
     MAX_MESSAGE_BYTES,
@@ -603,16 +604,24 @@ class Dispatcher:
                 return
             sock.wants, sock.wants_jobs = n, list(jobs or [])
             self.waiters.hold(sock)
-            await sock.send(Wait(self.waiters.interval(sock, self.config.heartbeat, self.config.idle_heartbeat)))
+            await sock.send(self._wait(sock))
+
+    def _wait(self, sock: VolunteerSocket) -> Wait:
+        """The ``wait`` for this socket: its next idle interval, and (protocol 6) the longest, up to
+        which it grows the interval itself."""
+        longest = self.config.idle_heartbeat
+        interval = self.waiters.interval(sock, self.config.heartbeat, longest)
+        return Wait(interval, longest if sock.protocol >= IDLE_GROWS_SINCE else 0.0)
 
     async def idle_heartbeat(self, sock: VolunteerSocket) -> None:
-        """A heartbeat with no attempts: a waiting volunteer is told to wait, a little longer each time.
-        Once its interval is the longest, its heartbeats are not answered: it keeps the interval of
-        its last ``wait`` (the page and volunteer-sim both do), so a long wait costs one message a
-        beat, not two (the socket's write is most of a message's cost)."""
+        """A heartbeat with no attempts. A volunteer of protocol 6 grows its interval itself: not
+        answered, so a waiting volunteer costs one message a beat, not two (the socket's write is
+        most of a message's cost). An older one is told to wait, a little longer each time, until
+        its interval is the longest; from there it is not answered either and keeps its interval
+        (the pages and volunteer-sims of protocols 4 and 5 do)."""
         async with sock.lock:
-            if sock.wants and sock.beat < self.config.idle_heartbeat:
-                await sock.send(Wait(self.waiters.interval(sock, self.config.heartbeat, self.config.idle_heartbeat)))
+            if sock.wants and sock.protocol < IDLE_GROWS_SINCE and sock.beat < self.config.idle_heartbeat:
+                await sock.send(self._wait(sock))
 
     def _unwait(self, sock: VolunteerSocket) -> None:
         sock.wants = 0
