@@ -10,16 +10,17 @@ Instances race for the work through the same atomic lease. A sweep every ``SWEEP
 what no signal announced (a lost pub/sub message, the database back after an outage, a volunteer's
 strikes forgiven with time).
 
-While waiting, a volunteer sends a ``heartbeat`` with no attempts every so often; each is answered
-by another ``wait`` whose interval grows while it stays idle (``Waiters.interval``). The first is
+While waiting, a volunteer sends a ``heartbeat`` with no attempts every so often, further apart
+each time (``Waiters.interval``). The first interval, in the ``wait`` answering its ready, is
 drawn at random over ``[UVM_IDLE_HEARTBEAT / 4, UVM_IDLE_HEARTBEAT]`` (not below ``UVM_HEARTBEAT``):
 10,000 volunteers that connected within seconds of each other (a page shared, a server restarted)
 then spread their beats over a whole period instead of beating in step, 10 s after connecting, then
-20 s, then 40. Each later one doubles the last up to ``UVM_IDLE_HEARTBEAT``, less up to a fifth at
-random; from there on heartbeats are not answered, and the volunteer keeps that interval
-(``Dispatcher.idle_heartbeat``). A volunteer gone silent is still found by the socket's own ping,
-after ``UVM_IDLE_HEARTBEAT + UVM_HEARTBEAT`` seconds of silence, as before: no interval given is
-longer than that.
+20 s, then 40. Each later one doubles the last up to ``UVM_IDLE_HEARTBEAT``: a volunteer of
+protocol 6 doubles it itself (its ``wait`` says the longest) and no idle heartbeat of its is
+answered; an older one gets a ``wait`` with the doubled interval, less up to a fifth at random,
+until it is the longest, then no answer: it keeps that interval (``Dispatcher.idle_heartbeat``).
+A volunteer gone silent is still found by the socket's own ping, after ``UVM_IDLE_HEARTBEAT +
+UVM_HEARTBEAT`` seconds of silence, as before: no interval given is longer than that.
 """
 
 from __future__ import annotations
