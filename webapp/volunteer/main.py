@@ -138,6 +138,7 @@ class App:
             "tasks_messages": 0,
             "empty_tasks": 0,
             "wait_messages": 0,
+            "idle_heartbeats": 0,  # sent while waiting and holding nothing
             "ready_messages": 0,
             "code_messages": 0,
             "results_messages": 0,
@@ -287,6 +288,7 @@ class App:
             self.idle_beat = protocol.next_idle_beat(self.idle_beat, self.idle_longest)  # not answered
             self.idle_beat_at = now + self.idle_beat
             self.link.send(protocol.Heartbeat(attempts=[]))  # idle: still here
+            self.counts["idle_heartbeats"] += 1
         self.tick()
 
     # ------------------------------------------------------------------ the loop
@@ -732,6 +734,7 @@ class App:
             "totals": dict(self.totals),
             "replaced": self.pool.replaced,
             "counts": dict(self.counts),
+            "idle_beat": self.idle_beat,  # seconds to the next idle heartbeat while waiting
             "first_result_at": self.first_result_at,
             "settings": {
                 "cpu_cap": self.settings.cpu_cap,
