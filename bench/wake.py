@@ -36,6 +36,7 @@ async def run(volunteers: int, rounds: int) -> None:
     from aiohttp import web
 
     from server import protocol as P
+    from server.cli import tune_gc
     from server.config import Config
     from server.crypto import hash_password, hash_token, new_token
     from server.jobs.dispatch import VolunteerSocket
@@ -47,6 +48,7 @@ async def run(volunteers: int, rounds: int) -> None:
     env = fresh_mariadb_redis(DATABASE, REDIS_URL) | {"UVM_DATA_DIR": data.name}
     config = Config.from_env(env | {"UVM_DEFAULT_REPLICATION": "1"})
     app = create_app(config)
+    tune_gc()  # as `serve` does
     runner = web.AppRunner(app)
     await runner.setup()  # the engine, Redis and the dispatcher's loops, as `serve` starts them
     try:

@@ -16,7 +16,7 @@ import json
 from enum import Enum
 from typing import Any
 
-PROTOCOL_VERSION = 5
+PROTOCOL_VERSION = 6
 # 1: first release.
 # 2: `update` (progress, checkpoints, partial results), TaskSpec.restore, Welcome.every
 # 3: a result's run time is `elapsed` (wall-clock seconds), no longer `cpu`; a page of version 2
@@ -27,14 +27,20 @@ PROTOCOL_VERSION = 5
 #    job affinity; a ``ready`` without it still works).
 # 4: idle volunteers wait instead of polling: a `ready` with nothing to hand out is answered by
 #    `wait` and held; the server pushes `tasks` when work arrives. An idle volunteer's `heartbeat`
-#    (no attempts) is answered by another `wait`, whose interval grows while it stays idle. A hello
-#    of version 3 or older keeps the old rule (an empty `tasks`: ask again later)
+#    (no attempts) is answered by another `wait`, whose interval grows while it stays idle; once it
+#    is the server's longest, heartbeats are not answered and the volunteer keeps its last interval.
+#    A hello of version 3 or older keeps the old rule (an empty `tasks`: ask again later)
 # 5: chunked hand-out: a `TaskSpec` may carry ``more``, further tasks of the same job leased with it
 #    (one slot of the lease cap, one message, one worker call). Each keeps its own attempt and gets
 #    its own result; a `heartbeat` naming a chunk's first attempt extends them all. A hello of
 #    version 4 or older never gets chunks.
+# 6: `wait` carries ``longest``: the volunteer grows its idle heartbeat interval itself (doubling
+#    after each idle heartbeat, up to ``longest``: ``next_idle_beat``), and the server answers none
+#    of its idle heartbeats, so a waiting volunteer costs one message a beat. A hello of version 5
+#    or older gets a `wait` without it, and an answer to each idle heartbeat, as before.
 WAITING_SINCE = 4  # the first protocol version whose idle volunteers wait (older ones poll)
 CHUNKS_SINCE = 5  # the first protocol version that may be handed chunks
+IDLE_GROWS_SINCE = 6  # the first protocol version that grows its idle heartbeat interval itself
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # one websocket message; larger closes with 1009
 MAX_TASKS_PER_MESSAGE = 64
 MAX_CHUNK_TASKS = 500  # tasks in one chunk (a TaskSpec and its ``more``)
@@ -321,11 +327,20 @@ class Tasks:
 class Wait:
     """Server -> volunteer (protocol 4): nothing to hand out now; the ``ready`` is held, and ``tasks``
     will be pushed as soon as there is work (do not ask again). Send a ``heartbeat`` (with no
-    attempts, while holding none) within ``heartbeat`` seconds: it is answered by another ``wait``
-    with a longer interval, up to the server's idle limit, while the volunteer stays idle."""
+    attempts, while holding none) within ``heartbeat`` seconds. With ``longest`` (protocol 6) no
+    idle heartbeat is answered: each next interval is ``next_idle_beat`` of the last. Without it
+    (older volunteers) each is answered by another ``wait`` with a longer interval, up to the
+    server's idle limit; a heartbeat not answered means: keep the interval of the last ``wait``."""
 
     heartbeat: float
+    longest: float = 0.0  # protocol 6: the longest idle interval (0: not sent, for older volunteers)
     TYPE = "wait"
+
+
+def next_idle_beat(beat: float, longest: float) -> float:
+    """A waiting volunteer's next idle heartbeat interval after sending one: doubled, up to the
+    ``longest`` its last ``wait`` gave (protocol 6); the same again when that gave none."""
+    return min(longest, beat * 2) if longest > 0 else beat
 
 
 @dataclasses.dataclass
@@ -491,7 +506,7 @@ _SCHEMA: dict[str, list[tuple[str, tuple, bool]]] = {
     ],
     "ready": [("n", (int,), True), ("running", (list, type(None)), False), ("jobs", (list,), False)],
     "tasks": [("tasks", (list,), True)],
-    "wait": [("heartbeat", (int, float), True)],
+    "wait": [("heartbeat", (int, float), True), ("longest", (int, float), False)],
     "need_code": [("job", (int,), True), ("code_hash", (str,), True)],
     "code": [
         ("job", (int,), True),
@@ -604,6 +619,8 @@ def to_dict(msg: Any) -> dict:
         elif isinstance(value, Capabilities | ThrottleState):
             value = value.to_wire()
         data[name] = value
+    if type(msg) is Wait and not msg.longest:
+        del data["longest"]  # what a page of version 5 or older reads
     return data
 
 
@@ -650,8 +667,9 @@ def from_dict(data: Any) -> Any:  # noqa: C901 - one flat check per message kind
         if not 0 <= fields["n"] <= MAX_TASKS_PER_MESSAGE:
             raise ProtocolError(f"ready: n must be between 0 and {MAX_TASKS_PER_MESSAGE}")
         fields["jobs"] = _job_ids(fields.get("jobs", []))
-    if kind == "wait" and not 0 < fields["heartbeat"] <= MAX_IDLE_HEARTBEAT:  # NaN fails this too
-        raise ProtocolError(f"wait: heartbeat must be a number of seconds in (0, {MAX_IDLE_HEARTBEAT}]")
+    for name in ("heartbeat", "longest") if kind == "wait" else ():
+        if not 0 < fields.get(name, 1) <= MAX_IDLE_HEARTBEAT:  # NaN fails this too
+            raise ProtocolError(f"wait: {name} must be a number of seconds in (0, {MAX_IDLE_HEARTBEAT}]")
     if kind == "hello":
         if len(fields["volunteer"]) > 64:
             raise ProtocolError("hello: volunteer id must be at most 64 characters")

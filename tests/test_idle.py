@@ -14,6 +14,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from server import protocol as P
+from server.jobs.dispatch import VolunteerSocket
+from server.jobs.waiting import Waiters
 from server.queue import redis_keys
 from server.web import appkeys as K
 from workers.sim import SimVolunteer, run_volunteers
@@ -53,9 +55,10 @@ async def ask(ws, msg: object) -> dict:  # noqa: ANN001
 @pytest.mark.parametrize("backend", ["mariadb"])
 async def test_2000_idle_volunteers_hear_only_heartbeats_then_get_work_pushed(serve):
     """2,000 simulated volunteers in this one process connect (spread over 8 s) and wait. While there
-    is no work, the server sends each nothing but its `welcome` and `wait`s (one per ready, one per
-    idle heartbeat, each longer than the last); then a 4,000-task job is pushed to every one of them:
-    no volunteer asks twice, none ever gets an empty `tasks`. (Each does one batch and leaves.)
+    is no work, the server sends each nothing but its `welcome` and one `wait` (the ready's: each
+    idle heartbeat after it, each longer than the last, goes unanswered); then a 4,000-task job is
+    pushed to every one of them: no volunteer asks twice, none ever gets an empty `tasks`. (Each
+    does one batch and leaves.)
     The wake leases for many waiters at once: their checkpoint reads are a few queries, not one each."""
     api, app = await serve(heartbeat=1.0, idle_heartbeat=4.0)
     dispatcher, storage = app[K.dispatcher], app[K.storage]
@@ -65,8 +68,8 @@ async def test_2000_idle_volunteers_hear_only_heartbeats_then_get_work_pushed(se
     run = asyncio.create_task(run_volunteers(api.url, 0, stop=stop, ramp=N / 250, sims=sims, quiet=True))
     try:
         await until(lambda: len(dispatcher.waiters) == N, 300, f"{N} volunteers waiting")
-        # idle long enough for three `wait`s each: the ready's and two heartbeats' (about 1 + 2 s)
-        await until(lambda: all(len(s.waits) >= 3 for s in sims), 300, "three waits each")
+        # idle long enough for three heartbeats each, 1 to 4 s apart (each doubles the last, up to 4 s)
+        await until(lambda: all(len(s.beats) >= 3 for s in sims), 300, "three beats each")
         idle = [list(s.trace or []) for s in sims]
         reads = storage.checkpoint_reads.batches
         job = await api.submit(CODE, {"range": [2 * N]})
@@ -79,9 +82,9 @@ async def test_2000_idle_volunteers_hear_only_heartbeats_then_get_work_pushed(se
     for sim, before in zip(sims, idle, strict=True):
         assert set(before) == {">hello", "<welcome", ">ready", "<wait", ">heartbeat"}, before
         assert before[:4] == [">hello", "<welcome", ">ready", "<wait"] and before.count(">ready") == 1
-        # every heartbeat answered by a `wait` (the last answer may still have been on its way)
-        assert before.count("<wait") - before.count(">heartbeat") in (0, 1)
-        assert sim.waits[0] < sim.waits[1] < sim.waits[2] <= 4.0  # idle heartbeats grow apart
+        # one `wait`, the ready's: the volunteer grows its interval itself, no heartbeat is answered
+        assert before.count("<wait") == 1 and before.count(">heartbeat") >= 3
+        assert 1.0 <= sim.waits[0] <= 4.0 and sim.beats[:3] == [sim.waits[0], *(min(4.0, 2 * b) for b in sim.beats[:2])]
         trace = sim.trace or []
         first = trace.index("<tasks")  # the job reached it: pushed, not asked for
         assert trace[:first].count(">ready") == 1 and "<tasks:0" not in trace
@@ -141,7 +144,7 @@ async def test_a_ready_at_its_cap_is_held_and_filled_when_results_are_acknowledg
         await hello(ws, workers=1, prefetch=0)  # a cap of one task
         (task,) = (await ask(ws, P.Ready(4)))["tasks"]
         wait = await ask(ws, P.Ready(4))
-        assert wait["type"] == "wait" and 0 < wait["heartbeat"] <= 10.0  # at its cap: held
+        assert wait["type"] == "wait" and 0 < wait["heartbeat"] <= 60.0  # at its cap: held
         await ask(ws, P.NeedCode(job, task["code_hash"]))
         ack = await ask(ws, P.Results([P.Outcome(task["attempt"], task["task"], result=task["input"] * 3)]))
         assert ack["type"] == "ack" and ack["attempts"] == [task["attempt"]]
@@ -162,22 +165,67 @@ async def test_a_protocol_3_volunteer_still_gets_an_empty_tasks(serve):
         assert len((await ask(ws, P.Ready(2)))["tasks"]) == 1
 
 
-async def test_ready_0_withdraws_a_held_ready_and_idle_heartbeats_grow(serve):
+async def test_ready_0_withdraws_a_held_ready_and_idle_heartbeats_grow_until_unanswered(serve):
+    """A volunteer of protocol 5 (a page open during an upgrade) is told each longer interval."""
     api, app = await serve(heartbeat=2.0, idle_heartbeat=5.0)
     async with api.session.ws_connect(ws_url(api)) as ws:
-        await hello(ws)
+        await hello(ws, protocol=5)
         beats = [(await ask(ws, P.Ready(1)))["heartbeat"]]
-        for _ in range(3):
-            reply = await ask(ws, P.Heartbeat([]))
-            assert reply["type"] == "wait"
+        assert 2.0 <= beats[0] <= 5.0  # the first: at random in [UVM_HEARTBEAT, UVM_IDLE_HEARTBEAT]
+        while True:  # then each heartbeat gets a longer one (doubling up to 5, less up to a fifth)...
+            await ws.send_str(P.encode(P.Heartbeat([])))
+            try:
+                reply = json.loads((await ws.receive(timeout=0.5)).data)
+            except TimeoutError:
+                break  # ...until the longest: not answered, the volunteer keeps the interval it has
+            assert reply["type"] == "wait" and 0.8 * min(5.0, 2 * beats[-1]) - 0.01 <= reply["heartbeat"] <= 5.0
             beats.append(reply["heartbeat"])
-        assert 1.6 <= beats[0] <= 2.0 and 3.2 <= beats[1] <= 4.0 and 4.0 <= beats[2] <= 5.0 and beats[3] <= 5.0
+            assert len(beats) <= 3
+        assert len(beats) >= 2 and beats[-1] >= 4.0
+        assert len(app[K.dispatcher].waiters) == 1  # still held: an unanswered heartbeat changes nothing
         assert await ask(ws, P.Ready(0)) == {"type": "tasks", "tasks": []}  # withdrawn
         assert len(app[K.dispatcher].waiters) == 0
         await ws.send_str(P.encode(P.Heartbeat([])))  # not waiting: a heartbeat is not answered
         await api.submit(CODE, [1])
         with pytest.raises(asyncio.TimeoutError):
             await ws.receive(timeout=1.0)
+
+
+async def test_a_protocol_6_volunteer_grows_its_idle_interval_itself_and_hears_nothing_until_work(serve):
+    """Its `wait` says the longest interval; none of its idle heartbeats is answered; it is still held,
+    and work is pushed to it."""
+    api, app = await serve(heartbeat=2.0, idle_heartbeat=5.0)
+    async with api.session.ws_connect(ws_url(api)) as ws:
+        await hello(ws)
+        wait = await ask(ws, P.Ready(1))
+        assert wait["type"] == "wait" and 2.0 <= wait["heartbeat"] <= 5.0 and wait["longest"] == 5.0
+        for _ in range(3):
+            await ws.send_str(P.encode(P.Heartbeat([])))
+            with pytest.raises(TimeoutError):
+                await ws.receive(timeout=0.3)
+        assert len(app[K.dispatcher].waiters) == 1
+        await api.submit(CODE, [1])
+        pushed = json.loads((await ws.receive(timeout=10)).data)
+        assert pushed["type"] == "tasks" and len(pushed["tasks"]) == 1
+
+
+def test_idle_intervals_start_spread_over_a_whole_period_then_double_to_the_longest() -> None:
+    """10,000 volunteers that connect together must not beat in step: their first idle intervals are
+    spread over [UVM_IDLE_HEARTBEAT / 4, UVM_IDLE_HEARTBEAT] (never below UVM_HEARTBEAT), then each
+    doubles up to UVM_IDLE_HEARTBEAT, less up to a fifth; none is ever longer."""
+    socks = [VolunteerSocket(f"v{i}", send=None, capabilities=P.Capabilities()) for i in range(2000)]
+    first = [Waiters.interval(sock, 10.0, 60.0) for sock in socks]
+    assert 15.0 <= min(first) < 17.0 and 58.0 < max(first) <= 60.0
+    assert 0.2 < sum(f < 30.0 for f in first) / len(first) < 0.47  # a third of [15, 60]: spread, not in step
+    second = [Waiters.interval(sock, 10.0, 60.0) for sock in socks]
+    doubled = [min(60.0, 2 * a) for a in first]
+    assert all(0.8 * d - 0.01 <= b <= d + 0.01 for d, b in zip(doubled, second, strict=True))
+    later = [Waiters.interval(sock, 10.0, 60.0) for sock in socks for _ in range(3)]
+    assert min(later) >= 48.0 and max(later) <= 60.0
+    sock = VolunteerSocket("short", send=None, capabilities=P.Capabilities())
+    assert all(10.0 <= Waiters.interval(sock, 10.0, 20.0) <= 20.0 for _ in range(5))  # never below UVM_HEARTBEAT
+    sock.beat = 0.0  # tasks came: the next idle stretch starts over
+    assert Waiters.interval(sock, 10.0, 20.0) <= 20.0
 
 
 # ------------------------------------------------------------------- an error never drops the socket

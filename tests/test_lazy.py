@@ -141,3 +141,36 @@ async def test_cancelling_frees_what_was_made_ready_and_no_window_follows(serve,
     assert status["state"] == "cancelled" and status["counts"]["cancelled"] == 350
     rows = [json.loads(line) for line in (await api.results(job, "ndjson")).splitlines()]
     assert [(r["index"], r["state"]) for r in rows] == [(i, "cancelled") for i in range(350)]
+
+
+async def test_the_feeder_makes_what_the_waiting_volunteers_ask_for_ready_in_one_look(serve):
+    """When more volunteers wait than a window serves, one look makes windows back to back until all
+    they ask for is ready (a window of 100 here, 450 tasks asked for: four more windows), not one
+    window per lease that reaches the end of the last; cancelling then frees all of them."""
+    api, app = await serve(reaper_interval=3600.0)
+    dispatcher = app[K.dispatcher]
+    dispatcher.feeder.wanted = lambda: 450  # what Waiters.wanted says while 225 volunteers wait for 2 each
+    job = await api.submit(CODE, {"range": [0, 1000]})
+    assert (await dispatcher.queue.lease("v1", ["a1"], now=0.0))[0].index == 0
+    windows = dispatcher.feeder.windows
+    assert await dispatcher.feeder.look() == 4 * W  # 99 ready, 450 wanted: 4 windows in this one look
+    assert dispatcher.feeder.windows - windows == 4
+    assert await _materialised(app, job) == 5 * W and await dispatcher.queue.ready_count() == 5 * W - 1
+    assert await dispatcher.feeder.look() == 0  # enough ready for everyone waiting
+    async with api.session.post(f"{api.url}/api/jobs/{job}/cancel", headers=api.headers()) as resp:
+        assert resp.status == 200
+    assert await dispatcher.queue.ready_count() == 0  # every window made ahead is taken out
+
+
+async def test_what_is_made_ready_ahead_for_waiters_is_bounded(serve, monkeypatch: pytest.MonkeyPatch):
+    """However many ask, a job is made ready at most AHEAD_MOST tasks ahead of hand-out: a million
+    waiting volunteers do not expand a 1M-task range job."""
+    monkeypatch.setattr(feeder, "AHEAD_MOST", 3 * W)
+    api, app = await serve(reaper_interval=3600.0)
+    dispatcher = app[K.dispatcher]
+    dispatcher.feeder.wanted = lambda: 2_000_000
+    job = await api.submit(CODE, {"range": [1_000_000]})
+    await dispatcher.queue.lease("v1", ["a1"], now=0.0)
+    assert await dispatcher.feeder.look() == 3 * W  # 99 ready: 199, 299, then 399 >= 300
+    assert await _materialised(app, job) == 4 * W
+    assert await dispatcher.feeder.look() == 0

@@ -256,3 +256,26 @@ async def test_open_tasks_the_queue_lost_go_back_and_the_job_ends(serve, volunte
     assert [r["result"] for r in json.loads(await api.results(job, "json"))] == list(range(12))
     assert dispatcher.metrics.strays._value.get() >= 5  # (a lease released at the same moment may count too)
     assert any("neither ready nor leased" in r.getMessage() for r in caplog.records)
+
+
+async def test_the_safety_net_reads_only_jobs_with_more_open_tasks_than_leases(serve, monkeypatch):
+    """Nothing ready and every open task of a job leased (10,000 volunteers on a job): the sweep reads
+    none of its tasks. A job with open tasks neither ready nor leased is read, alone, and they go back."""
+    import time
+
+    api, app = await serve(reaper_interval=3600.0)  # the sweeps are ours
+    dispatcher = app[K.dispatcher]
+    storage, queue = dispatcher.storage, dispatcher.queue
+    busy = await api.submit(CODE, list(range(6)))
+    assert len(await queue.lease("v1", [f"a{i}" for i in range(6)], now=time.time())) == 6
+    assert await queue.ready_count() == 0
+    read: list = []
+    ready_items = storage.ready_items
+    monkeypatch.setattr(storage, "ready_items", lambda job_ids=None: read.append(job_ids) or ready_items(job_ids))
+    assert await dispatcher.restore_strays() == 0 and read == []  # every open task leased: nothing read
+    lost = await api.submit(CODE, [1, 2, 3])
+    await queue.drop([item async for chunk in ready_items([lost]) for item in chunk])  # as a lost write would
+    assert await queue.ready_count() == 0
+    read.clear()  # (the submit read its own tasks to push them)
+    assert await dispatcher.restore_strays() == 3 and read == [[lost]] and busy != lost
+    assert await queue.ready_count() == 3

@@ -414,6 +414,17 @@ async def test_redis_affinity_trusts_the_researchers_zset_not_the_job_index(redi
     assert await queue.live([first.attempt]) != {} and await queue.ready_count() == 0
 
 
+async def test_computing_reports_made_together_are_each_counted(queue):
+    """10,000 woken volunteers report what they compute at once: on Redis in one round trip (not one
+    pipeline each), and every report counts, as does every one withdrawn."""
+    await asyncio.gather(*(queue.computing(f"k{i}", f"v{i}", {1: 2}, [], 30.0) for i in range(100)))
+    assert await queue.computing_counts([1]) == {1: (100, 200)}
+    if isinstance(queue, RedisQueue):
+        assert 1 <= queue.reports.batches <= 2
+    await asyncio.gather(*(queue.computing(f"k{i}", f"v{i}", {}, [1], 30.0) for i in range(60)))
+    assert await queue.computing_counts([1]) == {1: (40, 80)}
+
+
 # ----------------------------------------------------------------------- chunked hand-out
 async def test_lease_more_takes_the_jobs_next_tasks_in_order_skipping_exclusions(queue):
     await queue.push(owned(1, researcher=7, n=20, start=1))

@@ -14,6 +14,7 @@ import pytest
 from server import protocol as P
 from server.config import Config, ConfigError
 from server.crypto import Box, DecryptError, check_password, hash_password
+from server.jobs.dispatch import attempt_ids
 from server.web.app import create_app
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,6 +28,7 @@ def test_protocol_round_trip_every_message():
         P.Ready(3),
         P.Tasks([P.TaskSpec("a", 1, 2, 0, {"x": [1]}, "h", 5.0, 99.5, ["numpy"], restore='{"step":3}')]),
         P.Wait(12.5),
+        P.Wait(12.5, longest=60.0),
         P.NeedCode(2, "h"),
         P.Code(2, "h", "def main(x): pass", []),
         P.Heartbeat(["a"]),
@@ -93,6 +95,18 @@ def test_capabilities_and_throttle_are_typed_and_cut():
         assert all(len(r) == P.MAX_TEXT_CHARS for r in state.state.reasons)
     ok = P.decode('{"type": "throttle", "state": {"battery": {"level": 0.25, "charging": "yes"}, "cpu_cap": 900}}')
     assert ok.state.battery == P.Battery(0.25, False) and ok.state.cpu_cap == 100
+
+
+def test_a_wait_says_longest_only_to_volunteers_that_grow_their_idle_interval():
+    """Protocol 6: ``longest`` goes only when set (a page of version 5 refuses an unknown field), is
+    checked like ``heartbeat``, and the volunteer doubles its interval up to it (or keeps it)."""
+    assert json.loads(P.encode(P.Wait(12.5))) == {"type": "wait", "heartbeat": 12.5}
+    assert json.loads(P.encode(P.Wait(12.5, 60.0))) == {"type": "wait", "heartbeat": 12.5, "longest": 60.0}
+    for bad in (0, -1.0, 3601.0):
+        with pytest.raises(P.ProtocolError, match="longest"):
+            P.decode(json.dumps({"type": "wait", "heartbeat": 12.5, "longest": bad}))
+    assert [P.next_idle_beat(b, 60.0) for b in (12.5, 25.0, 50.0, 60.0)] == [25.0, 50.0, 60.0, 60.0]
+    assert P.next_idle_beat(12.5, 0.0) == 12.5  # an older server's wait: the same again
 
 
 def test_protocol_module_is_stdlib_only_for_pyodide():
@@ -272,3 +286,10 @@ def test_a_second_test_run_on_the_same_redis_stops_and_says_why() -> None:
     )
     assert other.returncode == 3, other.stdout + other.stderr
     assert "another test run uses the Redis on port" in other.stdout + other.stderr
+
+
+def test_attempt_ids_read_in_one_go_are_16_hex_digits_each_and_distinct() -> None:
+    ids = attempt_ids(1000)
+    assert len(ids) == 1000 and len(set(ids)) == 1000
+    assert all(len(a) == 16 and int(a, 16) >= 0 for a in ids)
+    assert attempt_ids(0) == []

@@ -9,7 +9,8 @@ research code's ``uvm`` calls (progress, checkpoints, partials) go out on the so
 messages while it runs, as the browser's do.
 
 Idle, it waits as the browser does (protocol 4): its ``ready`` answered by ``wait``, it sends only
-``heartbeat``s, at the interval each ``wait`` gives, until the server pushes ``tasks``. Many of
+``heartbeat``s, the first when the ``wait`` says, then (protocol 6) at intervals it doubles up to the
+``longest`` that gave, unanswered, until the server pushes ``tasks``. Many of
 them share one process and one event loop (``run_volunteers``), connecting at random moments spread
 over ``ramp`` seconds, and reconnecting with jittered backoff.
 """
@@ -93,6 +94,7 @@ class SimVolunteer:
         self.latencies: list[float] = []  # seconds from `ready` to `tasks` answered at once (not pushed)
         self.pushed: list[float] = []  # when (time.time()) tasks were pushed to it after a `wait`
         self.waits: list[float] = []  # the intervals the server's `wait`s gave, in order
+        self.beats: list[float] = []  # the idle intervals it waited before each idle heartbeat, in order
         self.batches = 0  # `tasks` messages with work, done and acknowledged
         self.leave_after = leave_after
         self.received: collections.Counter = collections.Counter()  # message types from the server
@@ -215,17 +217,21 @@ class SimVolunteer:
     async def _tasks(self, ws: aiohttp.ClientWebSocketResponse, stop: asyncio.Event) -> tuple[Any, bool] | None:
         """The answer to a ``ready``: (``tasks`` or ``error``, whether the tasks were pushed after a
         ``wait``); None if stopped first. While waiting it sends a ``heartbeat`` (no attempts) each
-        time the interval of the last ``wait`` passes, and nothing else."""
+        time its idle interval passes, and nothing else: the last ``wait``'s, then (protocol 6) doubled
+        after each heartbeat up to the ``longest`` it gave (``protocol.next_idle_beat``)."""
         beat: float | None = None
+        longest = 0.0
         waited = False
         while True:
             msg = await self._first_of("tasks", "wait", "error", patience=beat, stop=stop)
             if msg is None:
-                if stop.is_set():
+                if stop.is_set() or beat is None:
                     return None
-                await self._send(ws, P.Heartbeat([]))  # still here; answered by the next `wait`
+                await self._send(ws, P.Heartbeat([]))  # still here (an older server answers with a `wait`)
+                self.beats.append(beat)
+                beat = P.next_idle_beat(beat, longest)
             elif isinstance(msg, P.Wait):
-                waited, beat = True, msg.heartbeat
+                waited, beat, longest = True, msg.heartbeat, msg.longest
                 self.waits.append(msg.heartbeat)
             elif isinstance(msg, P.Tasks) or msg.ref == "ready":
                 return msg, waited

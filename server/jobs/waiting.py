@@ -10,9 +10,17 @@ Instances race for the work through the same atomic lease. A sweep every ``SWEEP
 what no signal announced (a lost pub/sub message, the database back after an outage, a volunteer's
 strikes forgiven with time).
 
-While waiting, a volunteer sends a ``heartbeat`` with no attempts every so often; each is answered
-by another ``wait`` whose interval doubles, from ``UVM_HEARTBEAT`` up to ``UVM_IDLE_HEARTBEAT``
-(less up to a fifth at random, so that volunteers who connected together drift apart).
+While waiting, a volunteer sends a ``heartbeat`` with no attempts every so often, further apart
+each time (``Waiters.interval``). The first interval, in the ``wait`` answering its ready, is
+drawn at random over ``[UVM_IDLE_HEARTBEAT / 4, UVM_IDLE_HEARTBEAT]`` (not below ``UVM_HEARTBEAT``):
+10,000 volunteers that connected within seconds of each other (a page shared, a server restarted)
+then spread their beats over a whole period instead of beating in step, 10 s after connecting, then
+20 s, then 40. Each later one doubles the last up to ``UVM_IDLE_HEARTBEAT``: a volunteer of
+protocol 6 doubles it itself (its ``wait`` says the longest) and no idle heartbeat of its is
+answered; an older one gets a ``wait`` with the doubled interval, less up to a fifth at random,
+until it is the longest, then no answer: it keeps that interval (``Dispatcher.idle_heartbeat``).
+A volunteer gone silent is still found by the socket's own ping, after ``UVM_IDLE_HEARTBEAT +
+UVM_HEARTBEAT`` seconds of silence, as before: no interval given is longer than that.
 """
 
 from __future__ import annotations
@@ -31,7 +39,8 @@ logger = logging.getLogger(__name__)
 SWEEP = 5.0  # seconds between two looks for ready work that no signal announced
 BATCH = 1024  # waiters leased for at once in a round of a pass (their calls share round trips)
 MISSES = 16  # waiters that got nothing while the queue held work (all excluded), none woken since: stop
-JITTER = 0.2  # an idle interval is shortened by up to this fraction at random
+JITTER = 0.2  # an idle interval after the first is shortened by up to this fraction at random
+FIRST = 0.25  # the first idle interval is drawn from [this fraction of the longest, the longest]
 
 
 class Waiters:
@@ -45,7 +54,8 @@ class Waiters:
     def __init__(
         self, fill: Callable[[VolunteerSocket], Awaitable[list | None]], ready_count: Callable[[], Awaitable[int]]
     ) -> None:
-        self.held: dict[VolunteerSocket, None] = {}  # an ordered set: oldest first
+        self.held: dict[VolunteerSocket, int] = {}  # oldest first -> the tasks each asked for
+        self.wanted = 0  # the tasks the waiters ask for together (the feeder makes that many ready ahead)
         self.work = asyncio.Event()
         self._fill = fill
         self._ready_count = ready_count
@@ -57,20 +67,27 @@ class Waiters:
         return len(self.held)
 
     def hold(self, sock: VolunteerSocket) -> None:
-        self.held[sock] = None
+        self.drop(sock)
+        self.held[sock] = sock.wants
+        self.wanted += sock.wants
 
     def drop(self, sock: VolunteerSocket) -> None:
-        self.held.pop(sock, None)
+        self.wanted -= self.held.pop(sock, 0)
 
     def _to_back(self, sock: VolunteerSocket) -> None:
         """Tried and got nothing while the queue held work: the next pass tries others first."""
-        if self.held.pop(sock, 0) is None:
-            self.held[sock] = None
+        wants = self.held.pop(sock, None)
+        if wants is not None:
+            self.held[sock] = wants
 
     @staticmethod
     def interval(sock: VolunteerSocket, base: float, most: float) -> float:
-        """The next idle heartbeat interval for this socket: ``base`` first, then doubling up to ``most``."""
-        sock.beat = base if sock.beat <= 0 else min(most, max(base, sock.beat * 2))
+        """The next idle heartbeat interval for this socket: the first at random in
+        ``[max(base, most * FIRST), most]``, then doubling up to ``most``, less up to ``JITTER``."""
+        if sock.beat <= 0:
+            sock.beat = random.uniform(min(most, max(base, most * FIRST)), most)
+            return round(sock.beat, 2)
+        sock.beat = min(most, sock.beat * 2)
         return round(sock.beat * (1.0 - JITTER * random.random()), 2)
 
     async def run(self, alive: Callable[[], None]) -> None:

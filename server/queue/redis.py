@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -344,6 +345,7 @@ class RedisQueue(Queue):
         self._drop = redis.register_script(_PRELUDE + _LUA_DROP)
         self._count = redis.register_script(_PRELUDE + _LUA_COUNT)
         self._script_calls = Batcher(self._scripts_pipeline)  # script calls made together: one round trip
+        self.reports = Batcher(self._reports_pipeline)  # `computing` reports made together: one round trip
 
     @staticmethod
     def _leases(flat: list) -> list[Lease]:
@@ -481,12 +483,18 @@ class RedisQueue(Queue):
     async def computing(
         self, key: str, volunteer: str, per_job: dict[int, int], gone: Iterable[int], ttl: float
     ) -> None:
-        await self.computing_many([(key, volunteer, per_job, list(gone))], ttl)
+        await self.reports.call((key, volunteer, per_job, list(gone), ttl))
 
     async def computing_many(self, entries: list[tuple[str, str, dict[int, int], list[int]]], ttl: float) -> None:
-        expires = time.time() + ttl
+        if entries:  # many connections' reports at once: one pipeline, with any made meanwhile
+            await asyncio.gather(*(self.reports.call((*entry, ttl)) for entry in entries))
+
+    async def _reports_pipeline(self, calls: list[tuple[str, str, dict[int, int], list[int], float]]) -> list[Any]:
+        """The ``computing`` reports of many connections in one pipeline: 10,000 volunteers woken at
+        once report together (each its own pipeline was a seventh of the server's time then)."""
         async with self.redis.pipeline(transaction=False) as pipe:
-            for key, volunteer, per_job, gone in entries:
+            for key, volunteer, per_job, gone, ttl in calls:
+                expires = time.time() + ttl
                 for job in gone:
                     pipe.hdel(f"{keys.COMPUTING}{job}", key)
                 for job, n in per_job.items():
@@ -494,6 +502,7 @@ class RedisQueue(Queue):
                     pipe.expire(f"{keys.COMPUTING}{job}", int(ttl) + 1)  # a job nobody reports on goes away
             if len(pipe):
                 await pipe.execute()
+        return [None] * len(calls)
 
     async def computing_counts(self, jobs: list[int]) -> dict[int, tuple[int, int]]:
         if not jobs:

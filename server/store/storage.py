@@ -36,6 +36,9 @@ TXN_TASKS = 20_000  # tasks saved per transaction when a job has more
 # are created window by window as hand-out reaches them; a list job's rows all at submit (its inputs
 # are the researcher's data), its ready-queue entries window by window.
 WINDOW = 2_000  # small: a window is one short transaction (SQLite has one writer), and the submit makes one
+# ...and when many volunteers wait, the feeder makes windows one after the other until what they ask
+# for is ready (10,000 waiters at prefetch 2: 20,000), at most this many tasks of a job ahead of hand-out
+AHEAD_MOST = 25 * WINDOW
 THROUGHPUT_WINDOW = 30.0  # seconds: a running job's throughput is over this much of its latest run
 __all__ = ["Conflict", "JobInfo", "NotFound", "Recorded", "Researcher", "Storage"]
 
@@ -280,9 +283,9 @@ class Storage(Accounts, Outcomes, Credit):
                     sa.select(jobs.c.timeout, jobs.c.priority, jobs.c.materialised).where(jobs.c.id == job_id)
                 )
             ).one()
-            # at most two windows are open in a job hand-out is going through (a job from before 0008
-            # may have more: the ready queue skips those of a cancelled job when it meets them)
-            query = queued_page_query(job_id, -1, 4 * WINDOW, below=job.materialised)
+            # at most AHEAD_MOST and two windows are open in a job hand-out is going through (a job from
+            # before 0008 may have more: the ready queue skips those of a cancelled job when it meets them)
+            query = queued_page_query(job_id, -1, AHEAD_MOST + 4 * WINDOW, below=job.materialised)
             ready = (await conn.execute(query)).all()
             await conn.execute(
                 tasks.update()
@@ -346,8 +349,8 @@ class Storage(Accounts, Outcomes, Credit):
                 return None
             if job.inputs_kind == "range":
                 for chunk in _chunks(range(seen, upto), INSERT_CHUNK):
-                    rows = [{"job_id": job_id, "idx": i, "state": TaskState.OPEN.value, "attempts": 0} for i in chunk]
-                    await conn.execute(tasks.insert(), [{**row, "replicas": 0} for row in rows])
+                    row = {"job_id": job_id, "state": TaskState.OPEN.value, "attempts": 0, "replicas": 0}
+                    await conn.execute(tasks.insert(), [{**row, "idx": i} for i in chunk])
             window = (await conn.execute(queued_page_query(job_id, seen - 1, WINDOW, below=upto))).all()
             items = [ReadyItem(job_id, r.id, r.idx, job.timeout, job.priority, job.researcher_id) for r in window]
             return upto, job.n_tasks, items
@@ -378,6 +381,22 @@ class Storage(Accounts, Outcomes, Credit):
                 ).scalar_one()
                 out.append((job.id, job.materialised, job.n_tasks, n_open))
         return out
+
+    async def open_counts(self) -> dict[int, int]:
+        """Per running job, its open tasks made ready (below ``materialised``): what the safety net
+        (``Dispatcher.restore_strays``) compares with the job's live leases before reading them all."""
+        query = (
+            sa.select(tasks.c.job_id, sa.func.count())
+            .select_from(tasks.join(jobs, jobs.c.id == tasks.c.job_id))
+            .where(
+                jobs.c.state == JobState.RUNNING.value,
+                tasks.c.state == TaskState.OPEN.value,
+                tasks.c.idx < jobs.c.materialised,
+            )
+            .group_by(tasks.c.job_id)
+        )
+        async with self.engine.connect() as conn:
+            return {job: n for job, n in (await conn.execute(query)).all()}
 
     async def window_of(self, job_id: int) -> tuple[str, int, int] | None:
         """(state, materialised, n_tasks) of a job; None if there is no such job."""

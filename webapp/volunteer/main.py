@@ -10,8 +10,9 @@ without being downloaded again; then ``ready {n, jobs}`` asks for what the plan 
 jobs its workers have loaded (the server prefers their tasks: fewer job switches). Each task runs
 on an idle worker; its outcome is stored, then sent; it is forgotten only on ``ack``. With nothing
 to hand out the server answers ``wait`` and holds the ready (protocol 4): the page does not ask
-again, it sends a ``heartbeat`` when each ``wait`` says, and the server pushes ``tasks`` when work
-comes. A ready is sent again only when what the plan wants changes (``ready {0}`` when paused).
+again, it sends a ``heartbeat`` when the last ``wait`` says, then (protocol 6) at intervals it doubles
+up to the ``longest`` that gave, unanswered, and the server pushes ``tasks`` when work comes.
+A ready is sent again only when what the plan wants changes (``ready {0}`` when paused).
 A chunk (protocol 5: a task with ``more``) runs on one worker in one call; its results are kept in
 memory only (no vault writes), sent together, and dropped if the socket closes first.
 """
@@ -124,7 +125,8 @@ class App:
         self.sent_running: set[str] | None = None  # the running attempts the server was last told of
         self.asked = 0  # n of the last ready sent
         self.held_ready = 0  # n of the ready the server holds (after its `wait`); 0: none
-        self.idle_beat = 0.0  # seconds between idle heartbeats, from the last `wait`
+        self.idle_beat = 0.0  # seconds to the next idle heartbeat, from the last `wait` (then grown)
+        self.idle_longest = 0.0  # the longest idle interval the last `wait` gave (protocol 6; 0: none)
         self.idle_beat_at = 0.0  # when the next idle heartbeat is due
         self.empty_replies = 0  # empty `tasks` in a row from a server of protocol 3 (it is polled)
         self.next_ask = 0.0
@@ -136,6 +138,7 @@ class App:
             "tasks_messages": 0,
             "empty_tasks": 0,
             "wait_messages": 0,
+            "idle_heartbeats": 0,  # sent while waiting and holding nothing
             "ready_messages": 0,
             "code_messages": 0,
             "results_messages": 0,
@@ -283,8 +286,10 @@ class App:
         if self.welcomed and self.credit.due():
             asyncio.ensure_future(self.credit.refresh(self.volunteer))
         if self.welcomed and self.held_ready and not self.held_attempts() and now >= self.idle_beat_at:
-            self.idle_beat_at = now + self.idle_beat  # the same again if no `wait` answers it
+            self.idle_beat = protocol.next_idle_beat(self.idle_beat, self.idle_longest)  # not answered
+            self.idle_beat_at = now + self.idle_beat
             self.link.send(protocol.Heartbeat(attempts=[]))  # idle: still here
+            self.counts["idle_heartbeats"] += 1
         self.tick()
 
     # ------------------------------------------------------------------ the loop
@@ -597,7 +602,7 @@ class App:
         if self.awaiting_tasks:  # the answer to our ready (else: to an idle heartbeat)
             self.awaiting_tasks = False
             self.held_ready = self.asked
-        self.idle_beat = float(msg.heartbeat)
+        self.idle_beat, self.idle_longest = float(msg.heartbeat), float(msg.longest)
         self.idle_beat_at = time.monotonic() + self.idle_beat
 
     async def on_tasks(self, msg: protocol.Tasks) -> None:
@@ -736,6 +741,7 @@ class App:
             "totals": dict(self.totals),
             "replaced": self.pool.replaced,
             "counts": dict(self.counts),
+            "idle_beat": self.idle_beat,  # seconds to the next idle heartbeat while waiting
             "first_result_at": self.first_result_at,
             "settings": {
                 "cpu_cap": self.settings.cpu_cap,
