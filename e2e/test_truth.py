@@ -120,6 +120,37 @@ def test_one_tab_is_one_volunteer_and_sees_the_job_by_name(browser, dashboard, s
     server.request("POST", f"/api/jobs/{job}/cancel")
 
 
+def test_an_answer_for_a_job_no_longer_open_is_not_shown(dashboard, server) -> None:
+    """Open job A, its status still on the way (held here), then job B: when A's answer comes at
+    last, B's view stays B's (it once took A's name, and A's error counts)."""
+    first = server.submit(SLOW, [1], name="alpha, opened first")
+    second = server.submit(SLOW, [2], name="beta, opened second")
+    held = []
+    dashboard.route(f"**/api/jobs/{first}", lambda route: held.append(route))
+    dashboard.evaluate(f"location.hash = '#/job/{first}'")
+    # the job view opened, its title a placeholder until the (held) status arrives
+    dashboard.wait_for_function(f"document.getElementById('job-title').textContent === 'Job {first}'")
+    assert held, "the dashboard never asked for the first job"
+    open_job(dashboard, second)
+    dashboard.wait_for_function(
+        "document.getElementById('job-title').textContent === 'beta, opened second'", timeout=STEP_MS
+    )
+    # every title the view shows from now on (a stale answer may be drawn, then drawn over)
+    dashboard.evaluate(
+        """() => { window.titles = [];
+        new MutationObserver(() => window.titles.push(document.getElementById('job-title').textContent))
+            .observe(document.getElementById('job-title'), {childList: true, characterData: true, subtree: true}); }"""
+    )
+    for route in held:
+        route.continue_()
+    dashboard.unroute(f"**/api/jobs/{first}")
+    dashboard.wait_for_timeout(1500)  # the first job's answer arrives and is handled meanwhile
+    assert dashboard.inner_text("#job-title") == "beta, opened second"
+    assert "alpha, opened first" not in dashboard.evaluate("window.titles"), dashboard.evaluate("window.titles")
+    for job in (first, second):
+        server.request("POST", f"/api/jobs/{job}/cancel")
+
+
 def test_errors_group_show_source_and_partial_failure_is_amber(browser, dashboard, server, screenshots) -> None:
     many = server.submit(BAD, list(range(200)), name="bad values", max_attempts=1)
     partial = server.submit(BAD, list(range(-8, 4)), name="partly bad", max_attempts=1)
