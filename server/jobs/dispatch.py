@@ -865,7 +865,8 @@ class Dispatcher:
     async def report_computing(self, sock: VolunteerSocket, running: list[str] | None = None) -> None:
         """Publish what this connection computes now (``running`` from its ready or heartbeat, when
         it says), so that every instance's job status counts volunteers and running tasks, not leases.
-        Written when it changed, and again each heartbeat period so the report does not expire."""
+        Written when it changed (at once after a quiet spell, else within ``COMPUTING_EVERY`` by
+        ``_run_computing``), and again each heartbeat period so the report does not expire."""
         if running is not None:
             sock.running = {a for a in running if a in sock.held}
         if not sock.held and not sock.reported:
