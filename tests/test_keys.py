@@ -17,6 +17,7 @@ import sqlalchemy as sa
 from server import protocol as P
 from server.config import Config, ConfigError
 from server.crypto import key_id_of
+from server.queue import redis_keys
 from server.store import rotation
 from server.store.keys import KeyProblem, box_for, check_keys
 from server.store.tables import key_fingerprints
@@ -135,7 +136,34 @@ class Holder:
 
 
 async def _sims(url: str, n: int, stop: asyncio.Event, session: aiohttp.ClientSession) -> list[asyncio.Task]:
-    return [asyncio.create_task(SimVolunteer(url, prefetch=4).run(session, stop)) for _ in range(n)]
+    sims = [SimVolunteer(url, prefetch=4) for _ in range(n)]
+    tasks = [asyncio.create_task(sim.run(session, stop)) for sim in sims]
+    SIMS.update(zip(tasks, sims, strict=True))
+    return tasks
+
+
+SIMS: dict[asyncio.Task, SimVolunteer] = {}  # each sim's run -> the sim, for `_why_not_finished`
+
+
+async def _why_not_finished(app, job: int, sims: list[asyncio.Task]) -> str:  # noqa: ANN001
+    """What holds the job's open tasks, for a failure's message: every live lease of the job (its
+    volunteer and server instance) and each sim's state, with the error its run ended on, if any."""
+    queue = app[K.dispatcher].queue
+    if hasattr(queue, "redis"):
+        raw = await queue.redis.hgetall(redis_keys.LEASES)
+        leases = [(k.decode(), v.decode()) for k, v in raw.items()]
+    else:
+        leases = [(a, f"{score}|{member}|{who}|") for a, (score, member, who) in queue._leases.items()]
+    mine = [(a, v) for a, v in leases if v.split("|")[1].startswith(f"{job}:")]
+    lines = [f"live leases of job {job}: {mine}"]
+    for run in sims:
+        sim = SIMS[run]
+        ended = repr(run.exception()) if run.done() and not run.cancelled() else "running"
+        lines.append(
+            f"sim {sim.volunteer}: {ended}; leased {sim.leased}, done {sim.done}, unrun {sim.unrun}, "
+            f"holds {sim.holds}, refusals {sim.refusals[-3:]}, received {dict(sim.received)}"
+        )
+    return "\n".join(lines)
 
 
 async def _values(engine) -> list[tuple[str, bytes]]:  # noqa: ANN001
@@ -188,6 +216,7 @@ async def test_rotate_key_while_volunteers_work(serve, caplog):
             await asyncio.sleep(0.05)
         stop.set()
         await asyncio.gather(*sims, return_exceptions=True)
+        first = sims
 
         api2, app2 = await serve(key=K2, key_id="k2", old_keys=(("k1", K1),))
         api2.token = api1.token
@@ -207,7 +236,10 @@ async def test_rotate_key_while_volunteers_work(serve, caplog):
 
         ack = await holder.finish(held.input * held.input)
         assert ack.attempts == [held.attempt]
-        await api2.wait(running)
+        try:
+            await api2.wait(running)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{await _why_not_finished(app2, running, [*first, *sims])}") from None
         stop.set()
         await asyncio.gather(*sims, return_exceptions=True)
 

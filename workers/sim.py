@@ -98,6 +98,7 @@ class SimVolunteer:
         self.batches = 0  # `tasks` messages with work, done and acknowledged
         self.leave_after = leave_after
         self.received: collections.Counter = collections.Counter()  # message types from the server
+        self.refusals: list[str] = []  # errors about a message other than the one awaited ("ref: message")
         self.sent: collections.Counter = collections.Counter()  # message types it sent
         self.trace: list[str] | None = [] if trace else None
         self.protocol = protocol  # the hello's version: below CHUNKS_SINCE it is never handed chunks
@@ -292,7 +293,7 @@ class SimVolunteer:
         while errors < 20:
             self.sends.append(time.monotonic())
             await self._send(ws, P.Results(outcomes))
-            answer = await self._first_of("ack", "hold", "error")
+            answer = await self._answer("ack", "results", "hold")
             if isinstance(answer, P.Ack):
                 return answer
             if isinstance(answer, P.Hold):
@@ -327,13 +328,29 @@ class SimVolunteer:
     async def _load(self, ws: aiohttp.ClientWebSocketResponse, spec: P.TaskSpec) -> bool:
         """Ask for a job's code the first time one of its tasks comes (``need_code``), as the page
         does; False if the server refused to send it."""
-        if not self.runner.has(spec.code_hash):
+        tries = 0
+        while not self.runner.has(spec.code_hash):
             await self._send(ws, P.NeedCode(spec.job, spec.code_hash))
-            reply = await self._first_of("code", "error")
-            if isinstance(reply, P.Error):
-                return False
-            self.runner.load(reply.code_hash, reply.source, reply.job)
+            reply = await self._answer("code", "need_code")
+            if isinstance(reply, P.Code):
+                self.runner.load(reply.code_hash, reply.source, reply.job)
+            elif reply.ref == "need_code" or tries >= 20:
+                return False  # refused: the job is gone, or was never this volunteer's
+            else:  # no ref: the server's database was away; ask again shortly, as the page does
+                tries += 1
+                await asyncio.sleep(min(0.1 * 2**tries, 2.0))
         return True
+
+    async def _answer(self, kind: str, ref: str, *more: str) -> Any:
+        """The answer to a message of type ``ref``: the first ``kind`` (or ``more``) message, or an
+        ``error`` about it (its ``ref``, or none: the server's database was away). An error about
+        another message (an ``update`` or ``heartbeat`` sent earlier) is not the answer: it is kept
+        in ``refusals`` and the wait goes on, as the page does (it reads every error's ``ref``)."""
+        while True:
+            msg = await self._first_of(kind, *more, "error")
+            if not isinstance(msg, P.Error) or msg.ref in (ref, None):
+                return msg
+            self.refusals.append(f"{msg.ref}: {msg.message}")
 
 
 async def run_volunteers(
