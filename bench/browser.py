@@ -58,7 +58,7 @@ def main(x):
 """
 
 
-def start_server(data: Path, chunk_target: float | None = None) -> LiveServer:
+def start_server(data: Path, chunk_target: float | None = None, profile: str | None = None) -> LiveServer:
     import subprocess
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("UVM_")}
@@ -70,7 +70,11 @@ def start_server(data: Path, chunk_target: float | None = None) -> LiveServer:
     port = free_port()
     log = data / "server.log"
     process = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+        [
+            sys.executable,
+            *(("-m", "cProfile", "-o", profile) if profile else ()),
+            *("-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(port)),
+        ],
         env=env,
         cwd=ROOT,
         stdout=log.open("w"),
@@ -310,6 +314,7 @@ def main() -> None:
     parser.add_argument("--only-switch", action="store_true", help="measure job switches only")
     parser.add_argument("--only-trivial", type=int, metavar="N", help="measure the per-task overhead only, N tasks")
     parser.add_argument("--chunk-target", type=float, help="UVM_CHUNK_TARGET for the server (0: no chunks)")
+    parser.add_argument("--profile", metavar="FILE", help="run the server under cProfile, its stats written to FILE")
     args = parser.parse_args()
     from playwright.sync_api import sync_playwright
 
@@ -317,7 +322,7 @@ def main() -> None:
         f"machine: {platform.machine()}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}, {platform.platform()}"
     )
     with tempfile.TemporaryDirectory() as tmp:
-        server = start_server(Path(tmp), args.chunk_target)
+        server = start_server(Path(tmp), args.chunk_target, args.profile)
         try:
             with sync_playwright() as pw:
                 browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
