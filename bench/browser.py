@@ -28,6 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.harness import cpu_seconds  # noqa: E402
 from e2e.conftest import (  # noqa: E402
     CHROMIUM,
     CHROMIUM_ARGS,
@@ -126,7 +127,9 @@ def run_job(context, server: LiveServer, code: str, n: int, cores: int) -> dict:
     base_tasks = state(page)["session"]["tasks"]
     job = server.submit(code, list(range(n)), name="measured", timeout=60)
     t0, first = poll(page, lambda s: s["session"]["tasks"] >= base_tasks + 1)
+    cpu0 = cpu_seconds(server.process.pid)
     t1, last = poll(page, lambda s: s["session"]["tasks"] >= base_tasks + n, timeout=600)
+    server_cpu = cpu_seconds(server.process.pid) - cpu0
     server.wait(job, timeout=60, page=page)
     page.close()
     done = n - 1  # tasks finished between the first result and the last
@@ -135,6 +138,7 @@ def run_job(context, server: LiveServer, code: str, n: int, cores: int) -> dict:
     return {
         "chunk_ms": 1000 * counts.get("chunk_seconds", 0) / max(1, counts.get("chunked_tasks", 0)),
         "results_ms": 1000 * counts.get("results_seconds", 0) / max(1, counts.get("chunked_tasks", 0)),
+        "server_ms": 1000 * server_cpu / done,  # the server's CPU (event loop and SQLite) a task
         "workers": len(last["workers"]),
         "tasks_per_s": done / wall,
         "per_task_ms": 1000 * wall / done,
@@ -275,7 +279,8 @@ def print_trivial(browser, server: LiveServer, n: int) -> None:  # noqa: ANN001
         f"trivial task, 1 worker, {n} tasks: {trivial['per_task_ms']:.3f} ms per task end to end "
         f"({trivial['tasks_per_s']:.1f} tasks/s; main() itself {trivial['utilisation']:.1%} of the time; "
         f"a chunk's call into the worker {trivial['chunk_ms']:.3f} ms a task, "
-        f"the page's handling of its results {trivial['results_ms']:.3f} ms a task); "
+        f"the page's handling of its results {trivial['results_ms']:.3f} ms a task; "
+        f"the server's CPU {trivial['server_ms']:.3f} ms a task); "
         f"load {os.getloadavg()[0]:.2f}"
     )
     context.close()

@@ -293,3 +293,24 @@ def test_attempt_ids_read_in_one_go_are_16_hex_digits_each_and_distinct() -> Non
     assert len(ids) == 1000 and len(set(ids)) == 1000
     assert all(len(a) == 16 and int(a, 16) >= 0 for a in ids)
     assert attempt_ids(0) == []
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", "mysql"])
+def test_statements_run_straight_through_the_driver_take_every_value_from_the_rows(dialect):
+    """The hot executemany statements are compiled once to positional SQL (outcomes.py); a literal
+    compiled into one would be a value no row gives: refused when it is compiled, not at run time."""
+    import sqlalchemy as sa
+    from sqlalchemy.dialects import mysql, sqlite
+
+    from server.store.outcomes import _positional
+    from server.store.tables import tasks
+
+    styles = {"sqlite": sqlite.dialect(paramstyle="qmark"), "mysql": mysql.dialect(paramstyle="format")}
+    engine_dialect = styles[dialect]
+    ok = tasks.update().where(tasks.c.id == sa.bindparam("tid")).values(state=sa.bindparam("v_state"))
+    compiled = _positional(ok, engine_dialect)
+    assert compiled.names == ("v_state", "tid")
+    assert compiled.sql.count("?" if dialect == "sqlite" else "%s") == 2
+    literal = tasks.update().where(tasks.c.id == sa.bindparam("tid"), tasks.c.state == "open").values(attempts=1)
+    with pytest.raises(TypeError, match="by name"):
+        _positional(literal, engine_dialect)

@@ -26,7 +26,7 @@ from server.store.accounts import Accounts
 from server.store.credit import Credit
 from server.store.models import Conflict, JobInfo, NotFound, Recorded, Researcher, inserted_id
 from server.store.models import now as _now
-from server.store.outcomes import Outcomes
+from server.store.outcomes import Outcomes, Positional
 from server.store.tables import attempts, jobs, tasks
 
 INSERT_CHUNK = 1000
@@ -56,6 +56,7 @@ class Storage(Accounts, Outcomes, Credit):
         self.checkpoint_reads: Coalescer[int, str] = Coalescer(functools.partial(live.read_checkpoints, self))
         self._shown: dict[int, tuple[str, str, str]] = {}  # job -> code, name, description (see _job_shown)
         self._shown_reads: Coalescer[int, tuple[str, str, str]] = Coalescer(self._read_shown)
+        self._compiled: dict[tuple, Positional] = {}  # hot executemany statements, compiled once (outcomes.py)
 
     # -------------------------------------------------------------------------------- jobs
     async def create_job(self, researcher_id: int, spec: JobSpec, limit: int) -> int:
@@ -143,7 +144,7 @@ class Storage(Accounts, Outcomes, Credit):
                         raise InvalidJob(f"input {index} is not valid JSON: {exc}", field="inputs") from None
                     row["input_ct"] = self.box.seal(data, f"job:{job_id}:input:{index}")
                 rows.append(row)
-            await conn.execute(tasks.insert(), rows)
+            await self._insert_many(conn, tasks, rows)
 
     async def _start_job(self, conn: AsyncConnection, job_id: int, spec: JobSpec) -> None:
         """Queued -> running (unless it was cancelled while its tasks were saved)."""
@@ -350,7 +351,7 @@ class Storage(Accounts, Outcomes, Credit):
             if job.inputs_kind == "range":
                 for chunk in _chunks(range(seen, upto), INSERT_CHUNK):
                     row = {"job_id": job_id, "state": TaskState.OPEN.value, "attempts": 0, "replicas": 0}
-                    await conn.execute(tasks.insert(), [{**row, "idx": i} for i in chunk])
+                    await self._insert_many(conn, tasks, [{**row, "idx": i} for i in chunk])
             window = (await conn.execute(queued_page_query(job_id, seen - 1, WINDOW, below=upto))).all()
             items = [ReadyItem(job_id, r.id, r.idx, job.timeout, job.priority, job.researcher_id) for r in window]
             return upto, job.n_tasks, items
