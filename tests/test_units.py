@@ -310,6 +310,9 @@ def test_statements_run_straight_through_the_driver_take_every_value_from_the_ro
     ok = tasks.update().where(tasks.c.id == sa.bindparam("tid")).values(state=sa.bindparam("v_state"))
     compiled = _positional(ok, engine_dialect)
     assert compiled.names == ("v_state", "tid")
+    assert compiled.values([{"tid": 7, "v_state": "done", "other": 1}]) == [("done", 7)]
+    one = _positional(tasks.delete().where(tasks.c.id == sa.bindparam("tid")), engine_dialect)
+    assert one.values([{"tid": 7}, {"tid": 8}]) == [(7,), (8,)]
     assert compiled.sql.count("?" if dialect == "sqlite" else "%s") == 2
     literal = tasks.update().where(tasks.c.id == sa.bindparam("tid"), tasks.c.state == "open").values(attempts=1)
     with pytest.raises(TypeError, match="by name"):

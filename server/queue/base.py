@@ -79,7 +79,13 @@ class Lease:
 
     @classmethod
     def parse(cls, attempt: str, value: str, deadline: float = 0.0) -> Lease:
+        """From a lease entry, ``score|member|volunteer|instance``."""
         _score, member, volunteer, _instance = value.split("|", 3)
+        return cls.of(attempt, member, volunteer, deadline)
+
+    @classmethod
+    def of(cls, attempt: str, member: str, volunteer: str, deadline: float = 0.0) -> Lease:
+        """From a ready member (``job:task:index:timeout``) and its volunteer."""
         job, task, index, timeout = member.split(":")
         return cls(attempt, int(job), int(task), int(index), float(timeout), volunteer, deadline)
 

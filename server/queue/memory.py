@@ -111,8 +111,8 @@ class MemoryQueue(Queue):
         return value
 
     def _lease_of(self, attempt: str, value: tuple[int, str, str]) -> Lease:
-        score, member, volunteer = value
-        return Lease.parse(attempt, f"{score}|{member}|{volunteer}|", self._deadlines.get(attempt, 0.0))
+        _score, member, volunteer = value
+        return Lease.of(attempt, member, volunteer, self._deadlines.get(attempt, 0.0))
 
     async def push(self, items: Iterable[ReadyItem]) -> int:
         return sum(self._add(item.score, item.member, item.researcher) for item in items)
@@ -273,7 +273,7 @@ class MemoryQueue(Queue):
             deadline = self._deadlines.get(attempt, 0.0)
             value = self._end(attempt)
             if value is not None:
-                out.append(Lease.parse(attempt, f"{value[0]}|{value[1]}|{value[2]}|", deadline))
+                out.append(Lease.of(attempt, value[1], value[2], deadline))
         return out
 
     async def requeue(self, attempts: list[str]) -> list[Lease]:
@@ -282,7 +282,7 @@ class MemoryQueue(Queue):
             value = self._end(attempt)
             if value is not None:
                 self._add(value[0], value[1])
-                out.append(Lease.parse(attempt, f"{value[0]}|{value[1]}|{value[2]}|"))
+                out.append(Lease.of(attempt, value[1], value[2]))
         return out
 
     async def expire(self, now: float, limit: int = 1000) -> list[Lease]:
