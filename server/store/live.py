@@ -90,13 +90,15 @@ async def restore(storage: Storage, wanted: dict[int, str]) -> dict[int, str]:
     return await storage.checkpoint_reads.load(wanted)
 
 
+_CHECKPOINTS = sa.select(checkpoints.c.task_id, checkpoints.c.owner, checkpoints.c.state_ct).where(
+    checkpoints.c.task_id.in_(sa.bindparam("ids", expanding=True)), checkpoints.c.state_ct.is_not(None)
+)  # built once: a lease batch's task ids go in as one expanding parameter
+
+
 async def read_checkpoints(storage: Storage, wanted: dict[int, str]) -> dict[int, str]:
     """``restore``'s query, for the calls ``storage.checkpoint_reads`` merged."""
-    query = sa.select(checkpoints.c.task_id, checkpoints.c.owner, checkpoints.c.state_ct).where(
-        checkpoints.c.task_id.in_(list(wanted)), checkpoints.c.state_ct.is_not(None)
-    )
     async with storage.engine.connect() as conn:
-        rows = (await conn.execute(query)).all()
+        rows = (await conn.execute(_CHECKPOINTS, {"ids": list(wanted)})).all()
     return {
         r.task_id: storage.box.open_text(r.state_ct, f"checkpoint:{r.task_id}:{r.owner}")
         for r in rows

@@ -64,6 +64,18 @@ async def _executemany(conn: AsyncConnection, sql: Positional, rows: list[dict])
     return result.rowcount
 
 
+# The statements of every results batch, built once; the ids go in as one expanding parameter (an
+# IN list of literals was a bound parameter made and coerced per id, in every statement).
+_KNOWN = sa.select(attempts.c.id, attempts.c.task_id, attempts.c.volunteer, attempts.c.outcome).where(
+    attempts.c.id.in_(sa.bindparam("ids", expanding=True))
+)
+_LOCK_TASKS = (
+    sa.select(tasks.c.id, tasks.c.job_id, tasks.c.idx, tasks.c.state, tasks.c.attempts, tasks.c.replicas)
+    .where(tasks.c.id.in_(sa.bindparam("ids", expanding=True)))
+    .with_for_update()
+)
+
+
 class Outcomes:
     """Mixed into ``Storage``; uses its ``engine``, ``box``, ``job_info``, ``forget_job`` and ``_retry``."""
 
@@ -88,16 +100,7 @@ class Outcomes:
         """The outcomes this volunteer may report: (volunteer, outcome, lease still live); the rest
         go to ``rec.ignored``. With its lease gone, an outcome counts only if its attempt was handed
         to this volunteer and then expired or was abandoned (not recorded yet)."""
-        known = {
-            r.id: r
-            for r in (
-                await conn.execute(
-                    sa.select(attempts.c.id, attempts.c.task_id, attempts.c.volunteer, attempts.c.outcome).where(
-                        attempts.c.id.in_([o.attempt for _, o in items])
-                    )
-                )
-            ).all()
-        }
+        known = {r.id: r for r in (await conn.execute(_KNOWN, {"ids": [o.attempt for _, o in items]})).all()}
         accepted = []
         for volunteer, o in items:
             lease = live.get(o.attempt)
@@ -119,11 +122,7 @@ class Outcomes:
 
     async def lock_tasks(self, conn: AsyncConnection, task_ids: list[int]) -> dict[int, TaskRow]:
         """The tasks, locked (one statement) until the transaction ends."""
-        rows = await conn.execute(
-            sa.select(tasks.c.id, tasks.c.job_id, tasks.c.idx, tasks.c.state, tasks.c.attempts, tasks.c.replicas)
-            .where(tasks.c.id.in_(task_ids))
-            .with_for_update()
-        )
+        rows = await conn.execute(_LOCK_TASKS, {"ids": task_ids})
         return {r.id: TaskRow(*r) for r in rows.all()}
 
     async def pending_reports(self, conn: AsyncConnection, task_ids: list[int]) -> dict[int, list[tuple]]:

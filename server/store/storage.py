@@ -43,6 +43,11 @@ THROUGHPUT_WINDOW = 30.0  # seconds: a running job's throughput is over this muc
 __all__ = ["Conflict", "JobInfo", "NotFound", "Recorded", "Researcher", "Storage"]
 
 
+_INPUTS = sa.select(tasks.c.id, tasks.c.job_id, tasks.c.idx, tasks.c.input_ct).where(
+    tasks.c.id.in_(sa.bindparam("ids", expanding=True)), tasks.c.input_ct.is_not(None)
+)  # built once: the ids of a lease batch go in as one expanding parameter
+
+
 class Storage(Accounts, Outcomes, Credit):
     """Jobs and tasks here; accounts, outcome recording and volunteers' credit in their own modules."""
 
@@ -447,13 +452,7 @@ class Storage(Accounts, Outcomes, Credit):
     async def _read_inputs(self, wanted: dict[int, None]) -> dict[int, Any]:
         task_ids = list(wanted)
         async with self.engine.connect() as conn:
-            rows = (
-                await conn.execute(
-                    sa.select(tasks.c.id, tasks.c.job_id, tasks.c.idx, tasks.c.input_ct).where(
-                        tasks.c.id.in_(task_ids), tasks.c.input_ct.is_not(None)
-                    )
-                )
-            ).all()
+            rows = (await conn.execute(_INPUTS, {"ids": task_ids})).all()
         return {r.id: self.box.open_json(r.input_ct, f"job:{r.job_id}:input:{r.idx}") for r in rows}
 
     async def retry_failed(self, researcher_id: int, job_id: int) -> int:
