@@ -268,3 +268,28 @@ def test_pages_run_a_chunked_job_in_few_worker_calls(browser, server) -> None:
     assert sum(c["tasks_messages"] for c in seen) < 150, seen  # not a message per task
     for page in pages:
         page.context.close()
+
+
+CRASHES = """
+import os
+
+def main(x):
+    if x == 150:
+        os._exit(1)  # the worker's interpreter exits: the worker fails, whatever else its chunk held
+    return x * x + 1
+"""
+
+
+def test_a_chunk_whose_worker_crashes_charges_only_the_task_that_crashes_it(browser, server) -> None:
+    """A task that crashes its worker, inside a chunk: the page reports the chunk's tasks ``lost``, the
+    server gives them all back uncharged and hands the job out one task at a time, where only the
+    task that crashes its worker is charged. With max_attempts=1, every other task is done."""
+    inputs = list(range(400))
+    job = server.submit(CRASHES, inputs, name="crashes", timeout=30, max_attempts=1)
+    (page,) = started_pages(browser, server, 1, cores=1)
+    done = server.wait(job, timeout=120, page=page)
+    assert done["counts"]["done"] == 399 and done["counts"]["failed"] == 1, done
+    failed = [r for r in server.results(job) if r["state"] == "failed"]
+    assert [r["index"] for r in failed] == [150] and "worker error" in failed[0]["error"], failed
+    counts = wait_state(page, lambda s: not s["unacked"])["counts"]
+    assert counts["lost_chunks"] >= 1 and counts["chunks"] >= 2, counts  # it crashed inside a chunk

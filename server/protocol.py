@@ -411,6 +411,9 @@ class Outcome:
     error: str | None = None
     timeout: bool = False  # the worker stopped it at its timeout
     elapsed: float = 0.0  # seconds of worker time spent
+    # Its chunk's worker failed (crashed) before the chunk's outcomes came back: this task's own is
+    # unknown. Sent only when true (a page of version 6 or older never sends it).
+    lost: bool = False
 
 
 @dataclasses.dataclass
@@ -539,6 +542,7 @@ _OUTCOME_SCHEMA = [
     ("error", (str, type(None)), False),
     ("timeout", (bool,), False),
     ("elapsed", (int, float), False),
+    ("lost", (bool,), False),
 ]
 _TASK_SCHEMA = [
     ("attempt", (str,), True),
@@ -606,6 +610,8 @@ def _flat(obj: Any) -> dict:
             data["more"] = [[m.attempt, m.task, m.index, m.input, m.restore] for m in obj.more]
         else:
             del data["more"]
+    elif type(obj) is Outcome and not obj.lost:
+        del data["lost"]
     return data
 
 

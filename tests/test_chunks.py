@@ -154,6 +154,26 @@ async def test_a_closed_socket_requeues_its_whole_chunk(serve):
     assert [r["result"] for r in rows] == [x * x + 1 for x in range(200)]
 
 
+async def _chunk_of(ws) -> list[P.ChunkItem]:  # noqa: ANN001
+    """The tasks of the chunk the next ``ready {1}`` gets (the volunteer is warm: it is a chunk)."""
+    (chunk,) = await _lease(ws, 1)
+    items = chunk.items()
+    assert len(items) > 1
+    return items
+
+
+async def _expect_given_back(ws, api, app, job: int, outcomes: list[P.Outcome], queued: int) -> None:  # noqa: ANN001
+    """Report a chunk's ``outcomes``: none is acknowledged or charged, all are back in the queue
+    (``queued`` open tasks), their attempts recorded as abandoned."""
+    await ws.send_str(P.encode(P.Results(outcomes)))
+    ack = await _next(ws, "ack")
+    assert ack["attempts"] == [] and sorted(ack["ignored"]) == sorted(o.attempt for o in outcomes)
+    status = await api.job(job)
+    assert status["counts"]["failed"] == 0 and status["counts"]["queued"] == queued, status["counts"]
+    rows = await _done_attempts(app, job, ("abandoned",))
+    assert sorted(task for task, _ in rows) == sorted(o.task for o in outcomes)
+
+
 async def test_a_chunk_stopped_as_a_whole_charges_none_of_its_tasks(serve, backend):
     """The page stops a chunk's worker once the whole chunk could have timed out; every task then
     reports that timeout. None is charged an attempt (most ran fine): even with max_attempts=1 they
@@ -163,24 +183,14 @@ async def test_a_chunk_stopped_as_a_whole_charges_none_of_its_tasks(serve, backe
     async with api.session.ws_connect(_url(api)) as ws:
         await _hello(ws)
         warm = await _warm(ws)
-        (chunk,) = await _lease(ws, 1)
-        items = chunk.items()
-        assert len(items) > 1
+        items = await _chunk_of(ws)
         error = f"timed out after {30 * len(items)} s: the worker running its chunk of {len(items)} tasks was stopped"
         stopped = [P.Outcome(i.attempt, i.task, error=error, timeout=True, elapsed=30) for i in items]
-        await ws.send_str(P.encode(P.Results(stopped)))
-        ack = await _next(ws, "ack")
-        assert ack["attempts"] == [] and sorted(ack["ignored"]) == sorted(i.attempt for i in items)
-        status = await api.job(job)
-        assert status["counts"]["failed"] == 0 and status["counts"]["queued"] == 60 - warm, status["counts"]
-        rows = await _done_attempts(app, job, ("abandoned",))
-        assert sorted(task for task, _ in rows) == sorted(i.task for i in items)
+        await _expect_given_back(ws, api, app, job, stopped, queued=60 - warm)
         # back to single tasks (a timeout was measured); warm again, then a chunk where one task timed
         # out in the runner and the others returned: that one alone is charged (and fails: 1 attempt)
         await _warm(ws, rounds=4)
-        (chunk,) = await _lease(ws, 1)
-        items = chunk.items()
-        assert len(items) > 1
+        items = await _chunk_of(ws)
         mixed = [P.Outcome(items[0].attempt, items[0].task, error="timed out after 30 s", timeout=True, elapsed=30)]
         mixed += [P.Outcome(i.attempt, i.task, result=i.input * i.input + 1, elapsed=0.001) for i in items[1:]]
         await ws.send_str(P.encode(P.Results(mixed)))
@@ -194,6 +204,46 @@ async def test_a_chunk_stopped_as_a_whole_charges_none_of_its_tasks(serve, backe
     rows = json.loads(await api.results(job))
     assert [r["index"] for r in rows if r["state"] == "failed"] == [items[0].index]
     assert [r["result"] for r in rows if r["state"] == "done"] == [x * x + 1 for x in range(60) if x != items[0].index]
+
+
+async def test_a_chunk_whose_worker_crashed_charges_none_of_its_tasks(serve, backend):
+    """The page's worker crashed while it ran a chunk: no task's own outcome is known, and the page
+    reports each as ``lost``. None is charged (even with max_attempts=1 they are done later), the
+    job goes back to single tasks, and there a task that crashes its worker alone is charged. A
+    chunk whose every task raised on its own (not lost) is charged task by task."""
+    api, app = await serve(chunk_target=1.0)
+    job = await api.submit(TINY, list(range(80)), timeout=30, max_attempts=1)
+    async with api.session.ws_connect(_url(api)) as ws:
+        await _hello(ws)
+        warm = await _warm(ws)
+        items = await _chunk_of(ws)
+        crashed = "worker error: Exit: Program terminated with exit(1)"
+        lost = [P.Outcome(i.attempt, i.task, error=crashed, elapsed=0.0, lost=True) for i in items]
+        assert all('"lost":true' in P.encode(P.Results([o])) for o in lost)
+        await _expect_given_back(ws, api, app, job, lost, queued=80 - warm)
+        (single,) = await _lease(ws, 1)  # back to single tasks: the one that crashes is found alone
+        assert not single.more
+        alone = P.Outcome(single.attempt, single.task, error=crashed, lost=True)  # lost, but no chunk
+        await ws.send_str(P.encode(P.Results([alone])))
+        assert (await _next(ws, "ack"))["attempts"] == [single.attempt]  # charged: it fails (1 attempt)
+        assert (await api.job(job))["counts"]["failed"] == 1
+        # warm again; a chunk whose every task raised on its own: each is charged, and fails
+        await _warm(ws, rounds=4)
+        raised = await _chunk_of(ws)
+        own = [P.Outcome(i.attempt, i.task, error="ValueError: bad input", elapsed=0.001) for i in raised]
+        await ws.send_str(P.encode(P.Results(own)))
+        assert sorted((await _next(ws, "ack"))["attempts"]) == sorted(i.attempt for i in raised)
+        assert (await api.job(job))["counts"]["failed"] == 1 + len(raised)
+        while (await api.job(job))["state"] not in ("done", "failed"):  # the rest, answered honestly
+            specs = await _lease(ws, 1)
+            if specs:
+                await _report(ws, specs)
+    rows = json.loads(await api.results(job))
+    failed = sorted(r["index"] for r in rows if r["state"] == "failed")
+    assert failed == sorted([single.index] + [i.index for i in raised])
+    assert all(r["result"] == r["index"] ** 2 + 1 for r in rows if r["state"] == "done")
+    others = {i.index for i in items} - {single.index}  # the crashed chunk's tasks, but the one charged alone
+    assert others and others.isdisjoint(failed)  # done later, by honest answers
 
 
 async def test_caps_bound_a_hoarder_asking_for_chunks(serve):

@@ -317,3 +317,16 @@ def test_statements_run_straight_through_the_driver_take_every_value_from_the_ro
     literal = tasks.update().where(tasks.c.id == sa.bindparam("tid"), tasks.c.state == "open").values(attempts=1)
     with pytest.raises(TypeError, match="by name"):
         _positional(literal, engine_dialect)
+
+
+def test_an_outcome_says_lost_only_when_its_chunks_worker_failed():
+    """``lost`` goes on the wire only when true (what a server of version 6 reads is unchanged), comes
+    back as sent, and must be a boolean."""
+    plain = P.Outcome("a1", 1, result=2)
+    assert "lost" not in P.encode(P.Results([plain]))
+    assert P.decode(P.encode(P.Results([plain]))).results[0].lost is False
+    lost = P.Outcome("a1", 1, error="worker error: crashed", lost=True)
+    assert P.decode(P.encode(P.Results([lost]))).results[0] == lost
+    bad = '{"type": "results", "results": [{"attempt": "a1", "task": 1, "error": "x", "lost": "yes"}]}'
+    with pytest.raises(P.ProtocolError, match="'lost' must be"):
+        P.decode(bad)

@@ -989,8 +989,8 @@ class Dispatcher:
                 info = await self.storage.job_info(job)
                 timeouts[job] = 0.0 if info is None else float(info.timeout)
             _clamp_elapsed(outcome, 0.0 if job is None else timeouts[job])
-            if job is not None:  # its run time, a claim clamped, sizes the job's chunks
-                self.chunk_sizer.measured(job, outcome.elapsed, outcome.timeout)
+            if job is not None:  # its run time, a claim clamped, sizes the job's chunks (none after a stop)
+                self.chunk_sizer.measured(job, outcome.elapsed, outcome.timeout or outcome.lost)
         stopped = _stopped_chunks(sock, outcomes)
         if stopped:
             outcomes = [o for o in outcomes if o.attempt not in stopped]
@@ -1013,10 +1013,11 @@ class Dispatcher:
         return rec
 
     async def _give_back(self, sock: VolunteerSocket, attempts: list[str]) -> None:
-        """A chunk's worker was stopped as a whole (the page's timeout for the chunk): which of its
-        tasks hung is unknown, and most ran fine, so none is charged an attempt. They go back to the
-        queue at once, recorded as abandoned; the timeouts already sent the job back to single tasks
-        (``ChunkSizer.measured``), where the task that hangs is found and charged alone."""
+        """A chunk's worker was stopped as a whole (the page's timeout for the chunk) or failed (it
+        crashed: ``lost``): which of its tasks did it is unknown, and most ran fine, so none is charged
+        an attempt. They go back to the queue at once, recorded as abandoned; the report already sent
+        the job back to single tasks (``ChunkSizer.measured``), where the task that hangs or crashes
+        its worker is found and charged alone."""
         sock.lose(attempts)  # a late result for one is then neither a stray nor credited
         await self._put_back(sock, attempts, "volunteer %s: a chunk stopped as a whole, %d tasks back in the queue")
 
@@ -1186,8 +1187,10 @@ def network_of(address: str) -> str:
 
 def _stopped_chunks(sock: VolunteerSocket, outcomes: list[Outcome]) -> list[str]:
     """Attempts of chunks this message reports as stopped as a whole: two or more tasks of one chunk
-    held here, every one of them a timeout. The runner gives a task that overran its own timeout
-    alone; when the page stops the chunk's worker, every task gets the same timeout."""
+    held here, every one of them an error that is a timeout or ``lost``. The runner gives a task
+    that overran its own timeout alone; when the page stops the chunk's worker, every task gets the
+    same timeout, and when the worker crashes, every task is lost. (A task's own exception is
+    neither: a chunk whose every task raised is charged, task by task.)"""
     by_chunk: dict[str, list[Outcome]] = {}
     for outcome in outcomes:
         head = sock.chunk_of.get(outcome.attempt)
@@ -1196,7 +1199,7 @@ def _stopped_chunks(sock: VolunteerSocket, outcomes: list[Outcome]) -> list[str]
     stopped = [
         o.attempt
         for mine in by_chunk.values()
-        if len(mine) >= 2 and all(o.timeout and o.error is not None for o in mine)
+        if len(mine) >= 2 and all((o.timeout or o.lost) and o.error is not None for o in mine)
         for o in mine
     ]
     return list(dict.fromkeys(stopped))

@@ -146,6 +146,7 @@ class App:
             "chunks": 0,  # chunks run (protocol 5): several tasks in one call of a worker
             "chunked_tasks": 0,
             "chunk_seconds": 0.0,
+            "lost_chunks": 0,  # chunks whose worker crashed: every task given back, none charged
             "results_seconds": 0.0,  # this page's own handling of results: collecting and sending them
         }
         self.first_result_at: float | None = None
@@ -489,6 +490,9 @@ class App:
         if not isinstance(many, list) or len(many) != len(items):
             failed = {k: answer.get(k) for k in ("error", "output", "elapsed", "timeout")}
             failed["error"] = failed["error"] or "worker error: no outcome for this chunk"
+            if answer.get("crashed"):  # the worker failed: no task's own outcome is known
+                failed["lost"] = True
+                self.counts["lost_chunks"] += 1
             many = [failed] * len(items)
         outcomes = []
         for item, ran in zip(items, many, strict=True):
@@ -501,6 +505,8 @@ class App:
                 "timeout": bool(ran.get("timeout", False)),
                 "elapsed": float(ran.get("elapsed") or 0.0),
             }
+            if ran.get("lost"):
+                outcome["lost"] = True
             self.results[item.attempt] = outcome
             self.chunked.add(item.attempt)
             outcomes.append(outcome)
@@ -531,7 +537,7 @@ class App:
             self.first_result_at = time.monotonic() - self.opened_at
         self.session["tasks"] += 1
         self.session["elapsed"] += outcome["elapsed"]
-        self.session["errors"] += outcome["error"] is not None and not outcome["timeout"]
+        self.session["errors"] += outcome["error"] is not None and not outcome["timeout"] and not outcome.get("lost")
         self.session["timeouts"] += outcome["timeout"]
         self.totals["tasks"] += 1
         self.totals["elapsed"] += outcome["elapsed"]
