@@ -203,3 +203,29 @@ def test_a_chunk_runs_in_one_call_each_task_with_its_own_outcome() -> None:
     assert "KeyError: 2" in outcomes[2]["error"] and "timeout" not in outcomes[2]
     assert outcomes[3]["timeout"] is True and outcomes[3]["error"] == "timed out after 0.03 s"
     assert [json.loads(text)["item"] for text in sent] == [0, 1, 3, 4]  # each update names its task
+
+
+@pytest.mark.parametrize(
+    ("returned", "sent"),
+    [
+        ("(1, 2)", [1, 2]),
+        ("{1: 'a'}", {"1": "a"}),
+        ("Flag.ON", 1),
+        ("Text('abc')", "abc"),
+        ("3", 3),
+        ("-1.5", -1.5),
+        ("'é'", "é"),
+        ("None", None),
+        ("True", True),
+    ],
+)
+def test_a_result_is_what_its_json_says(returned, sent):
+    """The outcome carries the result as its JSON reads back: a tuple a list, int keys strings, a
+    subclass of int or str its plain value (only exactly int, float, str, bool and None skip the
+    read back)."""
+    source = (
+        "import enum\n\nclass Flag(enum.IntEnum):\n    ON = 1\n\nclass Text(str):\n    pass\n\n"
+        f"def main(x):\n    return {returned}\n"
+    )
+    result = run(source)["result"]
+    assert result == sent and type(result) is type(sent)

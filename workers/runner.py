@@ -47,6 +47,8 @@ MAX_CHECKPOINT_BYTES = 1024 * 1024
 MAX_PARTIAL_BYTES = 64 * 1024
 MAX_PARTIALS_PER_TASK = 256
 CHECKPOINT_EVERY = 5.0  # seconds between two updates of one task (the server says how often in `welcome`)
+_ENCODE = json.JSONEncoder(allow_nan=False, separators=(",", ":")).encode  # made once: json.dumps makes one a call
+_PLAIN = frozenset({int, float, str, bool, type(None)})
 
 
 class CappedWriter:
@@ -248,14 +250,18 @@ class Runner:
         context.finish()
         elapsed = time.perf_counter() - start
         try:
-            encoded = json.dumps(result, allow_nan=False, separators=(",", ":"))
+            encoded = _ENCODE(result)
         except (TypeError, ValueError, RecursionError) as exc:
             return _outcome(output=out.getvalue(), error=not_json_error(exc), elapsed=elapsed)
         if len(encoded) > MAX_RESULT_BYTES:
             return _outcome(
                 output=out.getvalue(), error=too_large_error(len(encoded), MAX_RESULT_BYTES), elapsed=elapsed
             )
-        return _outcome(result=json.loads(encoded), output=out.getvalue(), elapsed=elapsed)
+        # What the server gets is the JSON: a tuple comes back a list, a dict's int keys strings. A
+        # number, string, bool or None is its own JSON value already (exactly these types: a subclass
+        # may encode otherwise), so it is not decoded again (a trivial task's largest cost).
+        value = result if type(result) in _PLAIN else json.loads(encoded)
+        return _outcome(result=value, output=out.getvalue(), elapsed=elapsed)
 
     def run_many(
         self,
