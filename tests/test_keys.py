@@ -151,7 +151,8 @@ async def _why_not_finished(app, job: int, sims: list[asyncio.Task]) -> str:  # 
     queue = app[K.dispatcher].queue
     if hasattr(queue, "redis"):
         raw = await queue.redis.hgetall(redis_keys.LEASES)
-        leases = [(k.decode(), v.decode()) for k, v in raw.items()]
+        text = lambda b: b.decode() if isinstance(b, bytes) else str(b)  # noqa: E731
+        leases = [(text(k), text(v)) for k, v in raw.items()]
     else:
         leases = [(a, f"{score}|{member}|{who}|") for a, (score, member, who) in queue._leases.items()]
     mine = [(a, v) for a, v in leases if v.split("|")[1].startswith(f"{job}:")]
