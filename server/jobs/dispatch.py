@@ -673,11 +673,12 @@ class Dispatcher:
         network = self._network_rule(sock)  # once per lease call: it looks at every connected socket
         try:
             leases = await self.queue.lease(sock.volunteer, attempts, time.time(), network, loaded)
-        except Exception:
-            # The answer was lost (a Redis connection cut mid-call), not necessarily the leases: give back
-            # whatever these attempt ids took, or those tasks would wait for their deadline with no holder.
-            with contextlib.suppress(Exception):
-                await self.work_arrived(len(await self.queue.requeue(attempts)))
+        except BaseException:
+            # The answer was lost (a Redis connection cut mid-call, or this call cancelled), not
+            # necessarily the leases: give back whatever these attempt ids took, or those tasks would
+            # wait for their deadline with no holder. In a task of its own: it runs even when this
+            # one was cancelled, and shutdown waits for it (``drain``).
+            self._requeue_lost(sock, attempts)
             raise
         if not leases:
             return []
@@ -918,10 +919,23 @@ class Dispatcher:
     def leave(self, sock: VolunteerSocket) -> asyncio.Task:
         """A socket closed: abandon its leases in a task that outlives the socket's handler (even
         one cancelled at shutdown) and that ``drain`` awaits before the queue and database close."""
-        task = asyncio.ensure_future(self.abandon(sock))
-        self._leaving[task] = sock.volunteer
+        return self._outliving(self.abandon(sock), sock.volunteer)
+
+    def _outliving(self, work: Any, volunteer: str) -> asyncio.Task:
+        """Run ``work`` (a socket's leases going back) in a task of its own, that ``drain`` awaits."""
+        task = asyncio.ensure_future(work)
+        self._leaving[task] = volunteer
         task.add_done_callback(lambda t: self._leaving.pop(t, None))
         return task
+
+    def _requeue_lost(self, sock: VolunteerSocket, attempts: list[str]) -> None:
+        """Requeue whatever leases these attempt ids took, in a task that outlives the caller."""
+
+        async def requeue() -> None:
+            with contextlib.suppress(Exception):
+                await self.work_arrived(len(await self.queue.requeue(attempts)))
+
+        self._outliving(requeue(), sock.volunteer)
 
     async def drain(self) -> None:
         """Shutdown: let the closed sockets' leases be requeued and recorded."""
@@ -945,8 +959,12 @@ class Dispatcher:
             held = sock.unhold_all()
         sock.closed = True
         self._computing_due.pop(sock, None)
-        await self._write_computing([sock])
+        # The leases first: what it computed is only a count on the job view, and expires on its own.
         await self._put_back(sock, held, "volunteer %s left holding %d attempts: back in the queue")
+        try:
+            await self._write_computing([sock])
+        except Exception as exc:  # Redis away: the report expires within COMPUTING_TTL_BEATS heartbeats
+            logger.warning("could not take back what volunteer %s computed: %s", sock.volunteer, exc)
 
     async def _put_back(self, sock: VolunteerSocket, attempts: list[str], message: str) -> None:
         """These attempts of ``sock`` end without a result and without charging their tasks: back in
