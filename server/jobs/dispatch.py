@@ -850,6 +850,12 @@ class Dispatcher:
                 for old in self._by_volunteer.get(sock.volunteer, ()):
                     if old is not sock:  # its close must not requeue what this socket now holds
                         old.unhold(attempt)
+        leaving = [t for t, who in self._leaving.items() if who == sock.volunteer]
+        if leaving:  # the old socket's close was seen meanwhile: its requeue may take back what was held above
+            await asyncio.wait(leaving, timeout=5.0)
+            live = await self.queue.live(list(sock.held))
+            for attempt in [a for a in sock.held if a not in live]:
+                sock.unhold(attempt)  # requeued and recorded abandoned: claimed back below
         for attempt, item in await self.storage.resumable(sock.volunteer, [a for a in attempts if a not in sock.held]):
             claimed = await self.queue.claim(sock.volunteer, attempt, item, now)
             if claimed is not None:
